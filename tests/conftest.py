@@ -1,0 +1,78 @@
+"""Shared fixtures. Keep this file to fixtures many test modules reuse."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def _char_tokenizer():
+    """A 64-token character-level tokenizer: 3 specials, then printable characters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    chars = list(string.digits + string.ascii_lowercase + " \n+-*/=().,:?<>{}[]\\!_#'\"")
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    assert len(vocab) == 64, len(vocab)
+
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # Every character is its own pre-token, so WordLevel maps characters to ids one to one.
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+
+
+@pytest.fixture(scope="session")
+def random_tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    """``(path, model, tokenizer)``: a random-init 2-layer Llama (hidden 64, 4 heads, vocab 64)
+    and a char-level tokenizer, both saved under ``path`` (loadable with ``from_pretrained``).
+
+    Shared by the whole session: a test that changes the model (mode, weights, config) must
+    restore it. The model is returned in eval mode, float32, on CPU.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        # Larger than the usual 0.02 so the random model's next-token distributions are
+        # peaked enough that greedy decoding has clear winners (robust to float noise).
+        initializer_range=0.2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):  # leave the global RNG where the session put it
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    model.eval()
+
+    path: Path = tmp_path_factory.mktemp("random_tiny_llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, model, tokenizer

@@ -1,0 +1,155 @@
+"""Recipe validation: defaults = Table 7, and every error names the file and the field path."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from urlvr.recipe import Recipe, RecipeError, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def error_of(tmp_path: Path, data: dict, overrides=()) -> str:
+    path = write(tmp_path, data)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, overrides)
+    return str(info.value).replace(str(path), "recipe.yaml")
+
+
+def test_defaults_are_the_papers_table_7():
+    recipe = Recipe()
+    assert recipe.algorithm.advantage == "grpo"
+    assert recipe.rollout.temperature == 1.0
+    assert recipe.trainer.prompts_per_step == 64
+    assert recipe.trainer.prompts_per_minibatch == 64  # pure on-policy
+    assert recipe.rollout.group_size == 8
+    assert recipe.algorithm.kl_coef == 0.0 and recipe.algorithm.entropy_coef == 0.0
+    assert recipe.data.max_prompt_length == 1024 and recipe.rollout.max_new_tokens == 7168
+    assert recipe.optim.lr == 1e-6
+    assert recipe.trainer.ppo_epochs == 1
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    message = error_of(tmp_path, {"trainer": {"prompts_per_stepp": 8}})
+    assert message.startswith("recipe.yaml: trainer.prompts_per_stepp: unknown field 'prompts_per_stepp'; "
+                              "did you mean 'prompts_per_step'?")
+
+
+def test_unknown_section(tmp_path):
+    message = error_of(tmp_path, {"optimizer": {}})
+    assert message.startswith("recipe.yaml: optimizer: unknown field 'optimizer'; did you mean 'optim'? (known: ")
+
+
+def test_bad_type(tmp_path):
+    message = error_of(tmp_path, {"rollout": {"group_size": "eight"}})
+    assert message == ("recipe.yaml: rollout.group_size: Input should be a valid integer, "
+                       "unable to parse string as an integer (got 'eight')")
+
+
+def test_unknown_reward_name(tmp_path):
+    message = error_of(tmp_path, {"reward": {"terms": [{"name": "majorty_vote"}]}})
+    assert message.startswith("recipe.yaml: reward.terms.0: unknown reward 'majorty_vote'; "
+                              "did you mean 'majority_vote'? (known: ")
+
+
+def test_reward_kwargs_checked_against_signature(tmp_path):
+    message = error_of(tmp_path, {"reward": {"terms": [{"name": "majority_vote", "kwargs": {"tie": "first"}}]}})
+    assert message == "recipe.yaml: reward.terms.0: reward 'majority_vote' takes no argument 'tie' (it takes: none)"
+
+
+def test_out_of_range(tmp_path):
+    message = error_of(tmp_path, {"rollout": {"temperature": 0}})
+    assert message == "recipe.yaml: rollout.temperature: Input should be greater than 0 (got 0)"
+
+
+def test_missing_data_file(tmp_path):
+    message = error_of(tmp_path, {"data": {"source": {"kind": "file", "path": "nowhere.jsonl"}}})
+    assert message == "recipe.yaml: data.source.file.path: file not found: nowhere.jsonl"
+
+
+def test_unknown_field_inside_a_union_variant(tmp_path):
+    message = error_of(tmp_path, {"data": {"source": {"kind": "arithmetic", "num_problem": 3}}})
+    assert message.startswith("recipe.yaml: data.source.arithmetic.num_problem: unknown field 'num_problem'; "
+                              "did you mean 'num_problems'?")
+
+
+def test_unknown_loss_and_advantage(tmp_path):
+    message = error_of(tmp_path, {"algorithm": {"advantage": "grpoo", "loss_aggregation": "token_mean"}})
+    lines = message.splitlines()
+    assert lines[0].startswith("recipe.yaml: algorithm.advantage: unknown advantage estimator 'grpoo'; did you mean 'grpo'?")
+    assert lines[1].startswith("recipe.yaml: algorithm.loss_aggregation: unknown loss aggregation 'token_mean'; "
+                               "did you mean 'token-mean'?")
+
+
+def test_minibatch_must_divide_step(tmp_path):
+    message = error_of(tmp_path, {"trainer": {"prompts_per_step": 10, "prompts_per_minibatch": 4}})
+    assert message == ("recipe.yaml: trainer: prompts_per_step (10) must be a multiple of "
+                       "prompts_per_minibatch (4)")
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match=r"nothere.yaml: recipe file not found"):
+        load_recipe(tmp_path / "nothere.yaml")
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("trainer:\n  total_steps: [1\n")
+    with pytest.raises(RecipeError, match=r"r.yaml: line \d+ not valid YAML"):
+        load_recipe(path)
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    path = write(tmp_path, {"trainer": {"total_steps": 3}})
+    recipe = load_recipe(path, ["trainer.total_steps=7", "rollout.stop_token_ids=[1, 2]", "eval.max_new_tokens=null",
+                                "algorithm.dual_clip_c=3"])
+    assert recipe.trainer.total_steps == 7
+    assert recipe.rollout.stop_token_ids == [1, 2]
+    assert recipe.algorithm.dual_clip_c == 3.0
+
+
+def test_bad_override_names_field(tmp_path):
+    message = error_of(tmp_path, {}, ["trainer.ppo_epochs=0"])
+    assert message == "recipe.yaml: trainer.ppo_epochs: Input should be greater than or equal to 1 (got 0)"
+
+
+def test_plugin_registers_a_reward(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards_plugin.py").write_text(
+        "from urlvr.rewards.base import reward\n"
+        "@reward('always_one_plugin')\n"
+        "def always_one(group, ctx, *, value: float = 1.0):\n"
+        "    return [value] * group.size\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = load_recipe({"plugins": ["my_rewards_plugin"],
+                          "reward": {"terms": [{"name": "always_one_plugin", "kwargs": {"value": 2.0}}]}})
+    assert recipe.reward.terms[0].kwargs == {"value": 2.0}
+
+
+def test_missing_plugin_is_one_line(tmp_path):
+    message = error_of(tmp_path, {"plugins": ["no_such_module_xyz"]})
+    assert message == "recipe.yaml: plugins.0: cannot import 'no_such_module_xyz': ModuleNotFoundError: No module named 'no_such_module_xyz'"
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert recipes, "no recipes shipped"
+    for path in recipes:
+        load_recipe(path)
+
+
+def test_schema_has_a_description_for_every_field():
+    schema = Recipe.model_json_schema()
+    missing = []
+    for name, definition in schema["$defs"].items():
+        for field, prop in definition.get("properties", {}).items():
+            if field != "kind" and "description" not in prop:
+                missing.append(f"{name}.{field}")
+    assert not missing, missing

@@ -1,0 +1,329 @@
+"""The transformers rollout engine against HF's own forward/generate, and collation by hand."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from urlvr.rollout import (
+    ROLLOUT_ENGINES,
+    Group,
+    PromptInput,
+    RolloutEngine,
+    Sample,
+    SamplingParams,
+    TransformersRolloutEngine,
+    collate_groups,
+    position_ids_from_attention_mask,
+)
+from urlvr.rollout.transformers_engine import filter_top_k_top_p
+
+QUESTIONS = ["1+2=", "what is 12*3?", "hi"]  # different lengths, so batches are left-padded
+
+
+@pytest.fixture(scope="module")
+def tiny(random_tiny_model):
+    _, model, tokenizer = random_tiny_model
+    prompts = [
+        PromptInput(prompt_id=f"p{i}", text=q, token_ids=tuple(tokenizer(q)["input_ids"]))
+        for i, q in enumerate(QUESTIONS)
+    ]
+    return model, tokenizer, prompts
+
+
+def make_engine(model, tokenizer, generation_batch_size: int = 64) -> TransformersRolloutEngine:
+    return TransformersRolloutEngine(model, tokenizer, generation_batch_size=generation_batch_size)
+
+
+def token_ids(groups: list[Group]) -> list[list[tuple[int, ...]]]:
+    return [[s.token_ids for s in g.samples] for g in groups]
+
+
+def test_registered_and_satisfies_protocol(tiny):
+    model, tokenizer, _ = tiny
+    assert ROLLOUT_ENGINES.get("transformers") is TransformersRolloutEngine
+    engine = make_engine(model, tokenizer)
+    assert isinstance(engine, RolloutEngine)
+    engine.sync_weights(model)
+    assert engine.model is model
+    other = torch.nn.Linear(1, 1)
+    engine.sync_weights(other)
+    assert engine.model is other
+
+
+def test_groups_whole_and_in_prompt_order(tiny):
+    model, tokenizer, prompts = tiny
+    # A chunk size of 5 cuts groups of 4 across chunks; groups must still come back whole.
+    groups = make_engine(model, tokenizer, generation_batch_size=5).generate(
+        prompts, 4, SamplingParams(max_new_tokens=8, seed=0)
+    )
+    assert [g.prompt.prompt_id for g in groups] == ["p0", "p1", "p2"]
+    assert [g.prompt for g in groups] == prompts
+    assert all(g.size == 4 for g in groups)
+    for group in groups:
+        for sample in group.samples:
+            assert 1 <= len(sample.token_ids) <= 8
+            assert len(sample.logprobs) == len(sample.token_ids)
+            assert sample.text == tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+            assert sample.finish_reason in ("eos", "stop", "length")
+
+
+def test_seed_reproducible_and_different_seeds_differ(tiny):
+    model, tokenizer, prompts = tiny
+    engine = make_engine(model, tokenizer)
+    first = engine.generate(prompts, 4, SamplingParams(max_new_tokens=12, seed=123))
+    again = engine.generate(prompts, 4, SamplingParams(max_new_tokens=12, seed=123))
+    other = engine.generate(prompts, 4, SamplingParams(max_new_tokens=12, seed=124))
+    assert first == again
+    assert token_ids(first) != token_ids(other)
+    # Samples within a group differ too (they are independent draws, not copies).
+    assert len(set(token_ids(first)[1])) > 1
+
+
+def test_unseeded_sampling_follows_the_global_rng(tiny):
+    model, tokenizer, prompts = tiny
+    engine = make_engine(model, tokenizer)
+    state = torch.get_rng_state()
+    first = engine.generate(prompts, 2, SamplingParams(max_new_tokens=6))
+    torch.set_rng_state(state)
+    again = engine.generate(prompts, 2, SamplingParams(max_new_tokens=6))
+    assert first == again
+
+
+def hf_greedy(model, tokenizer, token_ids: tuple[int, ...], max_new_tokens: int) -> tuple[int, ...]:
+    """HF's own greedy decoding of one unpadded prompt, up to and including eos."""
+    out = model.generate(
+        torch.tensor([token_ids]),
+        attention_mask=torch.ones(1, len(token_ids), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    response = out[0, len(token_ids) :].tolist()
+    if tokenizer.eos_token_id in response:
+        response = response[: response.index(tokenizer.eos_token_id) + 1]
+    return tuple(response)
+
+
+def test_greedy_matches_hf_generate_with_left_padding(tiny):
+    model, tokenizer, prompts = tiny
+    greedy = SamplingParams(max_new_tokens=16, greedy=True)
+    groups = make_engine(model, tokenizer).generate(prompts, 3, greedy)
+    for group in groups:
+        assert len({s.token_ids for s in group.samples}) == 1
+        assert group.samples[0].token_ids == hf_greedy(model, tokenizer, group.prompt.token_ids, 16)
+    # Chunking (here one sequence at a time, so no padding at all) changes nothing.
+    one_by_one = make_engine(model, tokenizer, generation_batch_size=1).generate(prompts, 1, greedy)
+    assert [g.samples[0].token_ids for g in one_by_one] == [g.samples[0].token_ids for g in groups]
+
+
+@pytest.mark.parametrize("top_k, top_p", [(1, 1.0), (0, 1e-6)], ids=["top_k=1", "top_p=1e-6"])
+def test_degenerate_filters_equal_greedy(tiny, top_k, top_p):
+    model, tokenizer, prompts = tiny
+    engine = make_engine(model, tokenizer)
+    greedy = engine.generate(prompts, 2, SamplingParams(max_new_tokens=10, greedy=True))
+    filtered = engine.generate(prompts, 2, SamplingParams(max_new_tokens=10, top_k=top_k, top_p=top_p, seed=7))
+    assert token_ids(filtered) == token_ids(greedy)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_match_a_full_forward(tiny, temperature):
+    """One uncached, unpadded forward per sample over prompt + response reproduces the
+    sampler's log-probs: checks left padding, position ids, the cache and the temperature."""
+    model, tokenizer, prompts = tiny
+    groups = make_engine(model, tokenizer).generate(
+        prompts, 3, SamplingParams(temperature=temperature, top_p=0.9, max_new_tokens=12, seed=1)
+    )
+    for group in groups:
+        for sample in group.samples:
+            ids = torch.tensor([group.prompt.token_ids + sample.token_ids])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0].float()  # [L, V]
+            p = len(group.prompt.token_ids)
+            logprobs = torch.log_softmax(logits[p - 1 : -1] / temperature, dim=-1)  # [T, V]
+            expected = logprobs.gather(-1, torch.tensor(sample.token_ids)[:, None]).squeeze(1)
+            torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=1e-5, rtol=0)
+
+
+def test_sampler_logprobs_match_the_collated_scoring_pass(tiny):
+    """The trainer's path: collate, one padded forward with position_ids_from_attention_mask."""
+    model, tokenizer, prompts = tiny
+    groups = make_engine(model, tokenizer).generate(prompts, 2, SamplingParams(max_new_tokens=10, seed=3))
+    batch = collate_groups(groups, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids_from_attention_mask(batch.attention_mask),
+        ).logits.float()
+    p, t = batch.prompt_length, batch.response_mask.shape[1]
+    logprobs = torch.log_softmax(logits[:, p - 1 : p + t - 1], dim=-1)  # [B*G, T, V]
+    scored = logprobs.gather(-1, batch.input_ids[:, p:, None]).squeeze(-1) * batch.response_mask
+    torch.testing.assert_close(scored, batch.sampler_logprobs, atol=1e-5, rtol=0)
+
+
+def test_max_new_tokens_and_length_reason(tiny):
+    model, tokenizer, prompts = tiny
+    groups = make_engine(model, tokenizer).generate(prompts, 4, SamplingParams(max_new_tokens=3, seed=0))
+    for sample in (s for g in groups for s in g.samples):
+        assert len(sample.token_ids) <= 3
+        last_is_terminal = sample.token_ids[-1] == tokenizer.eos_token_id
+        assert sample.finish_reason == ("eos" if last_is_terminal else "length")
+    assert any(s.finish_reason == "length" for g in groups for s in g.samples)
+
+
+def first_sampled_tokens(engine, prompts, sampling) -> list[int]:
+    groups = engine.generate(prompts, 4, sampling)
+    return [s.token_ids[0] for g in groups for s in g.samples]
+
+
+def test_stop_token_ids_end_with_reason_stop(tiny):
+    model, tokenizer, prompts = tiny
+    engine = make_engine(model, tokenizer)
+    # A token the random model samples early, declared a stop token.
+    firsts = first_sampled_tokens(engine, prompts, SamplingParams(max_new_tokens=1, seed=5))
+    stop = max(set(firsts) - {tokenizer.eos_token_id}, key=firsts.count)
+    groups = engine.generate(prompts, 4, SamplingParams(max_new_tokens=30, stop_token_ids=(stop,), seed=5))
+    stopped = [s for g in groups for s in g.samples if s.finish_reason == "stop"]
+    assert stopped
+    for sample in stopped:
+        assert sample.token_ids[-1] == stop and stop not in sample.token_ids[:-1]
+    for sample in (s for g in groups for s in g.samples if s.finish_reason == "length"):
+        assert stop not in sample.token_ids and len(sample.token_ids) == 30
+
+
+def test_eos_ends_with_reason_eos(tiny):
+    model, tokenizer, prompts = tiny
+    engine = make_engine(model, tokenizer)
+    # The random model rarely picks eos, so make its favourite first token the eos of a copy
+    # of the tokenizer.
+    firsts = first_sampled_tokens(engine, prompts, SamplingParams(max_new_tokens=1, seed=5))
+    frequent = max(set(firsts), key=firsts.count)
+    eos_tokenizer = copy.deepcopy(tokenizer)
+    eos_tokenizer.eos_token = tokenizer.convert_ids_to_tokens(frequent)
+    assert eos_tokenizer.eos_token_id == frequent
+    eos_engine = make_engine(model, eos_tokenizer)
+    # The model's generation_config still names the original eos: both end a response.
+    eos_ids = {frequent, tokenizer.eos_token_id}
+    assert eos_engine.eos_token_ids == eos_ids
+    groups = eos_engine.generate(prompts, 4, SamplingParams(max_new_tokens=30, seed=5))
+    ended = [s for g in groups for s in g.samples if s.finish_reason == "eos"]
+    assert any(s.token_ids[-1] == frequent for s in ended)
+    for sample in ended:
+        assert sample.token_ids[-1] in eos_ids and not eos_ids & set(sample.token_ids[:-1])
+    for sample in (s for g in groups for s in g.samples if s.finish_reason == "length"):
+        assert not eos_ids & set(sample.token_ids) and len(sample.token_ids) == 30
+    # Rows stop growing where they end: no padding in the records.
+    assert len({len(s.token_ids) for s in ended}) > 1
+
+
+def test_generation_config_eos_ids_also_end_with_reason_eos(tiny):
+    model, tokenizer, prompts = tiny
+    engine = make_engine(model, tokenizer)
+    firsts = first_sampled_tokens(engine, prompts, SamplingParams(max_new_tokens=1, seed=5))
+    frequent = max(set(firsts), key=firsts.count)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, frequent]
+    try:
+        assert engine.eos_token_ids == {tokenizer.eos_token_id, frequent}
+        groups = engine.generate(prompts, 4, SamplingParams(max_new_tokens=30, seed=5))
+    finally:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    assert any(s.finish_reason == "eos" and s.token_ids[-1] == frequent for g in groups for s in g.samples)
+
+
+@pytest.mark.parametrize("start_in_train_mode", [True, False])
+def test_model_mode_restored_and_cache_used_under_gradient_checkpointing(tiny, start_in_train_mode):
+    model, tokenizer, prompts = tiny
+    reference = make_engine(model, tokenizer).generate(prompts, 2, SamplingParams(max_new_tokens=8, seed=9))
+    model.activation_checkpointing_enable()  # the v5 name of gradient_checkpointing_enable
+    model.config.use_cache = False  # what trainers set alongside gradient checkpointing
+    model.train(start_in_train_mode)
+    if start_in_train_mode:
+        model.model.layers[0].mlp.eval()  # a submodule in its own mode must keep it
+    try:
+        before = {name: m.training for name, m in model.named_modules()}
+        groups = make_engine(model, tokenizer).generate(prompts, 2, SamplingParams(max_new_tokens=8, seed=9))
+        assert {name: m.training for name, m in model.named_modules()} == before
+        assert model.config.use_cache is False
+        assert groups == reference  # eval mode: no dropout, and the cache was used
+    finally:
+        model.activation_checkpointing_disable()
+        model.config.use_cache = True
+        model.eval()
+
+
+def test_invalid_arguments_refused(tiny):
+    model, tokenizer, prompts = tiny
+    engine = make_engine(model, tokenizer)
+    with pytest.raises(ValueError, match="group_size"):
+        engine.generate(prompts, 0, SamplingParams())
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate(prompts, 2, SamplingParams(temperature=0.0))
+    with pytest.raises(ValueError, match="no tokens"):
+        engine.generate([PromptInput("empty", "", ())], 2, SamplingParams())
+    assert engine.generate([], 2, SamplingParams()) == []
+
+
+def test_filter_top_k_top_p_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    inf = float("-inf")
+    assert filter_top_k_top_p(logits, top_k=2, top_p=1.0)[0, 2:].tolist() == [inf, inf]
+    # Mass above each token: 0, .5, .8, .95 -> top_p=0.8 keeps the first two.
+    kept = filter_top_k_top_p(logits, top_k=0, top_p=0.8).isfinite()[0].tolist()
+    assert kept == [True, True, False, False]
+    assert torch.equal(filter_top_k_top_p(logits, top_k=0, top_p=1.0), logits)
+
+
+# --------------------------------------------------------------------------- collate
+def hand_groups() -> list[Group]:
+    def sample(ids, lps, reason="eos"):
+        return Sample(token_ids=ids, logprobs=lps, text="", finish_reason=reason)
+
+    return [
+        Group(
+            prompt=PromptInput("a", "", (11, 12)),
+            samples=(sample((21,), (-0.1,)), sample((22, 23, 2), (-0.2, -0.3, -0.4))),
+        ),
+        Group(
+            prompt=PromptInput("b", "", (13, 14, 15)),
+            samples=(sample((24, 25), (-0.5, -0.6), "length"), sample((26, 2), (-0.7, -0.8))),
+        ),
+    ]
+
+
+def test_collate_shapes_masks_and_padding():
+    batch = collate_groups(hand_groups(), pad_token_id=0)
+    assert batch.prompt_length == 3 and batch.group_size == 2
+    assert batch.input_ids.tolist() == [
+        [0, 11, 12, 21, 0, 0],
+        [0, 11, 12, 22, 23, 2],
+        [13, 14, 15, 24, 25, 0],
+        [13, 14, 15, 26, 2, 0],
+    ]
+    assert batch.attention_mask.tolist() == [
+        [0, 1, 1, 1, 0, 0],
+        [0, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1, 0],
+    ]
+    assert batch.response_mask.tolist() == [[1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 1, 0]]
+    assert batch.sampler_logprobs.dtype == torch.float32
+    expected = torch.tensor([[-0.1, 0, 0], [-0.2, -0.3, -0.4], [-0.5, -0.6, 0], [-0.7, -0.8, 0]])
+    torch.testing.assert_close(batch.sampler_logprobs, expected)
+    assert position_ids_from_attention_mask(batch.attention_mask).tolist() == [
+        [0, 0, 1, 2, 2, 2],
+        [0, 0, 1, 2, 3, 4],
+        [0, 1, 2, 3, 4, 4],
+        [0, 1, 2, 3, 4, 4],
+    ]
+
+
+def test_collate_refuses_mismatched_group_sizes():
+    first, second = hand_groups()
+    with pytest.raises(ValueError, match="same size"):
+        collate_groups([first, Group(second.prompt, second.samples[:1])], pad_token_id=0)
+    with pytest.raises(ValueError, match="at least one"):
+        collate_groups([], pad_token_id=0)

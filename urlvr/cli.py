@@ -1,0 +1,86 @@
+"""`urlvr` command line: train, validate, schema, rewards.
+
+Errors a user can fix (bad recipe, missing file, bad data) print as one line naming the file and
+field, exit code 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="urlvr", description="GRPO trainer for unsupervised RL with verifiable rewards")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def recipe_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("recipe", help="recipe YAML file")
+        cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                         help="override a recipe field (repeatable); the value is parsed as YAML")
+        cmd.add_argument("--debug", action="store_true", help="show full tracebacks")
+        return cmd
+
+    train = recipe_command("train", "train with GRPO")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest complete checkpoint")
+    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    recipe_command("validate", "check a recipe and print it resolved")
+    sub.add_parser("schema", help="print the recipe's JSON schema")
+    sub.add_parser("rewards", help="list registered rewards")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("urlvr: interrupted; the last complete checkpoint is intact (resume with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        from urlvr.data.loaders import DataError
+        from urlvr.recipe import RecipeError
+
+        if isinstance(err, (RecipeError, DataError, FileNotFoundError)):
+            print(f"urlvr: error: {err}", file=sys.stderr)
+            return 2
+        print(f"urlvr: {type(err).__name__}: {err}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from urlvr.recipe import Recipe, load_recipe
+
+    if args.command == "schema":
+        print(json.dumps(Recipe.model_json_schema(), indent=2))
+        return 0
+    if args.command == "rewards":
+        import urlvr.builtins  # noqa: F401
+        from urlvr.rewards.base import REWARDS
+
+        for name in REWARDS.names():
+            spec = REWARDS.get(name)
+            print(f"{name:24s} {'[oracle] ' if spec.needs_label else ''}{spec.description}")
+        return 0
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.command == "validate":
+        import yaml
+
+        print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), end="")
+        print(f"# {args.recipe}: valid", file=sys.stderr)
+        return 0
+    from urlvr.trainer.run import train
+
+    result = train(recipe, resume=args.resume)
+    print(f"urlvr: run finished: {result.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

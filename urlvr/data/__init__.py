@@ -1,0 +1,25 @@
+"""Prompt data: loaders (file, datasets, synthetic) -> PromptRecords -> templates -> PromptStream."""
+
+from urlvr.data.loaders import (
+    DATA_SOURCES,
+    load_records,
+    load_records_from_datasets,
+    load_records_from_file,
+)
+from urlvr.data.records import DataError, PromptRecord
+from urlvr.data.stream import PromptStream
+from urlvr.data.templates import EncodedPrompts, check_template, encode_prompts, render_prompt
+
+__all__ = [
+    "DATA_SOURCES",
+    "DataError",
+    "EncodedPrompts",
+    "PromptRecord",
+    "PromptStream",
+    "check_template",
+    "encode_prompts",
+    "load_records",
+    "load_records_from_datasets",
+    "load_records_from_file",
+    "render_prompt",
+]

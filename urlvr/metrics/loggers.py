@@ -1,0 +1,78 @@
+"""Where per-step metrics go: metrics.jsonl (always), the console, wandb (optional)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from urlvr.recipe import Recipe
+
+
+class MetricsLogger(Protocol):
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+    def close(self) -> None: ...
+
+
+class JsonlLogger:
+    """One JSON object per step; keys are stable, NaN written as null."""
+
+    def __init__(self, path: Path, *, resume_from_step: int | None = None) -> None:
+        self.path = path
+        if resume_from_step is not None and path.is_file():
+            # drop lines written after the checkpoint we resume from: they will be written again
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_from_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self.file.write(json.dumps({"step": step, **clean}, sort_keys=True) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class WandbLogger:
+    def __init__(self, recipe: Recipe, run_dir: Path) -> None:
+        import wandb
+
+        cfg = recipe.logging.wandb
+        mode = cfg.mode if cfg.mode != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity, mode=mode, dir=str(run_dir), name=run_dir.name,
+            config=recipe.model_dump(mode="json"), resume="allow",
+        )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+CONSOLE_KEYS = (
+    ("reward/proxy_mean", "proxy"), ("reward/ground_truth_mean", "gt"), ("actor/entropy_mean", "ent"),
+    ("response/length_mean", "len"), ("loss/policy", "loss"), ("time/step", "s/step"),
+)
+
+
+def console_line(step: int, total: int, metrics: dict[str, float]) -> str:
+    parts = [f"step {step}/{total}"]
+    for key, short in CONSOLE_KEYS:
+        if key in metrics:
+            parts.append(f"{short} {metrics[key]:.4g}")
+    return "  ".join(parts)
+
+
+def make_loggers(recipe: Recipe, run_dir: Path, *, resume_from_step: int | None) -> list[Any]:
+    loggers: list[Any] = [JsonlLogger(run_dir / "metrics.jsonl", resume_from_step=resume_from_step)]
+    if recipe.logging.wandb.enabled:
+        try:
+            loggers.append(WandbLogger(recipe, run_dir))
+        except ImportError:
+            raise RuntimeError("logging.wandb.enabled is true but wandb is not installed: pip install 'urlvr[wandb]'") from None
+    return loggers

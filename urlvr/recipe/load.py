@@ -1,0 +1,153 @@
+"""Reading a recipe: YAML file (or dict) + `--set a.b=c` overrides + plugins -> validated Recipe.
+
+Every failure becomes one `RecipeError` whose message names the source file and the dotted
+field path, one readable line per problem, so the CLI can print it without a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from urlvr.recipe.sections import Recipe
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message is meant for the user as is."""
+
+
+def load_recipe(
+    source: str | Path | Mapping[str, Any] | Recipe, overrides: Sequence[str] = ()
+) -> Recipe:
+    """Build a validated Recipe from a YAML path, a dict, or a Recipe (returned as is)."""
+    if isinstance(source, Recipe) and not overrides:
+        return source
+    origin, data = _read(source)
+    for override in overrides:
+        _apply_override(data, override, origin)
+    _import_plugins(data.get("plugins", []), origin)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err, origin)) from None
+
+
+def _read(source: str | Path | Mapping[str, Any] | Recipe) -> tuple[str, dict[str, Any]]:
+    if isinstance(source, Recipe):
+        return "<recipe>", source.model_dump(mode="json")
+    if isinstance(source, Mapping):
+        return "<dict>", _deep_copy(source)
+    path = Path(source)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}:{where} not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return str(path), data
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _apply_override(data: dict[str, Any], override: str, origin: str) -> None:
+    """`section.field=value`; the value is parsed as YAML (numbers, bools, lists, null)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"{origin}: --set {override!r}: expected section.field=value")
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"{origin}: --set {override!r}: {part!r} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        node[parts[-1]] = raw
+
+
+def _import_plugins(plugins: Any, origin: str) -> None:
+    if not isinstance(plugins, list):
+        return  # pydantic reports the type error with its field path
+    for index, module in enumerate(plugins):
+        if not isinstance(module, str):
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # the plugin's own error, shown in one line
+            raise RecipeError(
+                f"{origin}: plugins.{index}: cannot import {module!r}: {type(err).__name__}: {err}"
+            ) from None
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    """One line per problem: `file: dotted.path: message`."""
+    lines = []
+    for problem in err.errors():
+        loc = [str(part) for part in problem["loc"]]
+        path = ".".join(loc) or "<root>"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = _unknown_field_message(loc)
+        elif problem["type"] == "union_tag_invalid":
+            message = f"unknown kind {problem['input'].get('kind')!r} ({problem['ctx']['expected_tags']})"
+        elif "input" in problem and problem["type"] not in ("missing", "value_error", "assertion_error"):
+            message += f" (got {problem['input']!r})"
+        lines.append(f"{origin}: {path}: {message}")
+    return "\n".join(lines)
+
+
+def _unknown_field_message(loc: list[str]) -> str:
+    model = _model_at(Recipe, loc[:-1])
+    known = sorted(model.model_fields) if model else []
+    close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown field {loc[-1]!r}{hint} (known: {', '.join(known)})"
+
+
+def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
+    """Walk section classes along a pydantic error location (list indices and union tags included)."""
+    candidates = [model]
+    for part in loc:
+        fields = [m.model_fields[part] for m in candidates if part in m.model_fields]
+        if fields:
+            candidates = _models_in(fields[0].annotation)
+        else:  # a list index, or the discriminator tag of a union variant
+            tagged = [m for m in candidates if _tag(m) == part]
+            candidates = tagged or candidates
+        if not candidates:
+            return None
+    return candidates[0]
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    from typing import get_args
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for arg in get_args(annotation):
+        found += _models_in(arg)
+    return found
+
+
+def _tag(model: type[BaseModel]) -> str | None:
+    kind = model.model_fields.get("kind")
+    return kind.default if kind is not None else None

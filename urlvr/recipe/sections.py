@@ -1,0 +1,389 @@
+"""The recipe: pydantic sections, the single source of truth for a run's configuration.
+
+Defaults are the paper's Table 7 (GRPO, temperature 1.0, 64 prompts per step, mini-batch 64 =
+pure on-policy, 8 samples per prompt, no KL/entropy regularisation, lr 1e-6, 1 epoch, max prompt
+1024 and response 7168 tokens). Every field carries a docstring (it becomes the JSON-schema
+description and the docs' recipe reference) and bounds; unknown keys are refused.
+Names of registered parts (rewards, losses, ...) are checked against their registries here, at
+load time, so a typo fails before step 1.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from urlvr.recipe.names import check_registered
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------- model
+class ModelSection(Section):
+    path: str = "urlvr/tiny"
+    """Local directory or hub id of a causal LM. `urlvr/tiny` is the embedded tiny model that
+    urlvr ships (no download)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    attn_implementation: str | None = None
+    """transformers attention backend (`sdpa`, `eager`, `flash_attention_2`); None = default."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint (needed by some hub models)."""
+
+
+# --------------------------------------------------------------------------- data
+class FileSource(Section):
+    kind: Literal["file"] = "file"
+    path: Path
+    """A local .jsonl, .json or .parquet file of prompts."""
+    prompt_field: str = "prompt"
+    """Column holding the question."""
+    label_field: str | None = "answer"
+    """Column holding the ground-truth answer, or null. Labels feed metrics and oracle rewards
+    only, never the training signal unless the recipe names an oracle reward."""
+    id_field: str | None = None
+    """Column with a stable prompt id; default `<file stem>-<row>`."""
+    limit: int | None = Field(None, ge=1)
+    """Use only the first N rows."""
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: Path) -> Path:
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
+
+
+class DatasetsSource(Section):
+    kind: Literal["datasets"] = "datasets"
+    name: str
+    """A `datasets` hub id (networked machines) or a local directory (save_to_disk or data files)."""
+    split: str = "train"
+    """Split to read."""
+    subset: str | None = None
+    """Dataset configuration name, if any."""
+    prompt_field: str = "prompt"
+    """Column holding the question."""
+    label_field: str | None = "answer"
+    """Column holding the ground-truth answer, or null (metrics and oracle rewards only)."""
+    id_field: str | None = None
+    """Column with a stable prompt id; default `<name>-<row>`."""
+    limit: int | None = Field(None, ge=1)
+    """Use only the first N rows."""
+
+
+class ArithmeticSource(Section):
+    kind: Literal["arithmetic"] = "arithmetic"
+    num_problems: int = Field(256, ge=1, le=10_000_000)
+    """How many synthetic two-operand arithmetic problems to generate."""
+    seed: int = 0
+    """Generator seed (the tiny model's warm-up used a different one: these are held out)."""
+
+
+class CountdownSource(Section):
+    kind: Literal["countdown"] = "countdown"
+    num_problems: int = Field(256, ge=1, le=10_000_000)
+    """How many synthetic Countdown problems (numbers + target) to generate."""
+    seed: int = 0
+    """Generator seed."""
+
+
+DataSource = Annotated[
+    Union[FileSource, DatasetsSource, ArithmeticSource, CountdownSource], Field(discriminator="kind")
+]
+
+
+class DataSection(Section):
+    source: DataSource = Field(default_factory=ArithmeticSource)
+    """Where prompts come from; `kind` picks the variant: file | datasets | arithmetic | countdown."""
+    template: str = "chat"
+    """`chat` = the tokenizer's chat template; anything else is a plain format string with a
+    single `{prompt}` field, e.g. `"Question: {prompt}\\nAnswer:"`."""
+    system_prompt: str | None = None
+    """Optional system message (chat template only)."""
+    prompt_suffix: str = ""
+    """Text appended to every question, e.g. an instruction to box the final answer."""
+    max_prompt_length: int = Field(1024, ge=1)
+    """Longest prompt in tokens (Table 7: 1024)."""
+    on_long_prompt: Literal["error", "skip"] = "error"
+    """What to do with a longer prompt: stop with an error naming it, or skip it (counted in the log)."""
+    shuffle: bool = True
+    """Shuffle prompts each epoch (seeded by the recipe's seed)."""
+
+
+# --------------------------------------------------------------------------- rollout
+class RolloutSection(Section):
+    engine: str = "transformers"
+    """Rollout engine by name (registry `rollout engine`)."""
+    group_size: int = Field(8, ge=1, le=1024)
+    """Samples per prompt, N (Table 7: 8)."""
+    temperature: float = Field(1.0, gt=0.0, le=10.0)
+    """Sampling temperature (Table 7: 1.0). The trainer scores log-probs at the same temperature."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling threshold; 1.0 = off."""
+    top_k: int = Field(0, ge=0)
+    """Top-k filter; 0 = off."""
+    max_new_tokens: int = Field(7168, ge=1)
+    """Longest response in tokens (Table 7: 7168)."""
+    stop_token_ids: list[int] = Field(default_factory=list)
+    """Extra token ids that end a response (the tokenizer's eos always does)."""
+    generation_batch_size: int = Field(64, ge=1)
+    """Sequences generated together by the transformers engine (memory knob)."""
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_known(cls, name: str) -> str:
+        return check_registered("rollout_engine", name)
+
+
+# --------------------------------------------------------------------------- reward
+class RewardTerm(Section):
+    name: str
+    """A registered reward (`urlvr rewards` lists them)."""
+    weight: float = 1.0
+    """Weight of this term in the summed reward."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the reward function, checked against its signature at load time."""
+
+    @model_validator(mode="after")
+    def _known_and_kwargs_fit(self) -> RewardTerm:
+        check_registered("reward", self.name)
+        from urlvr.rewards.base import REWARDS
+
+        spec = REWARDS.get(self.name)
+        params = inspect.signature(spec.fn).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            accepted = [n for n, p in list(params.items())[2:]]
+            for key in self.kwargs:
+                if key not in accepted:
+                    raise ValueError(
+                        f"reward {self.name!r} takes no argument {key!r} "
+                        f"(it takes: {', '.join(accepted) or 'none'})"
+                    )
+        return self
+
+
+class RewardSection(Section):
+    terms: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="majority_vote")], min_length=1)
+    """Reward terms; the training reward is their weighted sum."""
+    extractor: str = "boxed"
+    """Answer extractor by name (registry `extractor`), e.g. the last `\\boxed{...}`."""
+    oracle: str | None = "ground_truth"
+    """Reward computed alongside for METRICS ONLY where labels exist (ground-truth reward,
+    reward accuracy); null to skip. It never enters the training signal."""
+
+    @field_validator("extractor")
+    @classmethod
+    def _extractor_known(cls, name: str) -> str:
+        return check_registered("extractor", name)
+
+    @field_validator("oracle")
+    @classmethod
+    def _oracle_known(cls, name: str | None) -> str | None:
+        return None if name is None else check_registered("reward", name)
+
+
+# --------------------------------------------------------------------------- algorithm
+class AlgorithmSection(Section):
+    advantage: str = "grpo"
+    """Advantage estimator by name: `grpo` (group mean/std) or `dr_grpo` (mean only)."""
+    advantage_eps: float = Field(1e-6, gt=0.0, le=1.0)
+    """Added to the group std before dividing."""
+    loss: str = "ppo_clip"
+    """Policy loss by name."""
+    clip_eps_low: float = Field(0.2, ge=0.0, le=1.0)
+    """Lower clip range: ratio clipped at 1 - clip_eps_low."""
+    clip_eps_high: float = Field(0.2, ge=0.0, le=10.0)
+    """Upper clip range: ratio clipped at 1 + clip_eps_high (DAPO's clip-higher uses 0.28)."""
+    dual_clip_c: float | None = Field(None, gt=1.0)
+    """Dual-clip constant c > 1 bounding the loss for negative advantages; null = off."""
+    loss_aggregation: str = "token-mean"
+    """token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)."""
+    kl_coef: float = Field(0.0, ge=0.0)
+    """Weight of the KL penalty to the frozen initial policy (Table 7: none). >0 loads a reference model."""
+    kl_estimator: str = "k3"
+    """k1 | k2 | k3 (Schulman's estimators)."""
+    entropy_coef: float = Field(0.0, ge=0.0)
+    """Weight of the entropy bonus (Table 7: none)."""
+
+    @field_validator("advantage")
+    @classmethod
+    def _adv(cls, v: str) -> str:
+        return check_registered("advantage_estimator", v)
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: str) -> str:
+        return check_registered("policy_loss", v)
+
+    @field_validator("loss_aggregation")
+    @classmethod
+    def _agg(cls, v: str) -> str:
+        return check_registered("loss_aggregation", v)
+
+    @field_validator("kl_estimator")
+    @classmethod
+    def _kl(cls, v: str) -> str:
+        return check_registered("kl_estimator", v)
+
+
+# --------------------------------------------------------------------------- optim
+class DeepSpeedSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage: 0 plain data parallel, 1 optimizer state, 2 + gradients, 3 + parameters sharded."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Training precision; bf16 keeps fp32 master weights in the optimizer."""
+    offload_optimizer: bool = False
+    """Keep optimizer state on the CPU (ZeRO 1-3)."""
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+    """Raw DeepSpeed config keys merged last, for knobs urlvr does not model."""
+
+
+class OptimSection(Section):
+    lr: float = Field(1e-6, gt=0.0, le=1.0)
+    """Peak learning rate (Table 7: 1e-6)."""
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
+    """AdamW weight decay (veRL's default)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    adam_eps: float = Field(1e-8, gt=0.0)
+    """AdamW epsilon."""
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    """Clip the global gradient norm to this; null = off."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up, in optimizer steps."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """LR schedule after warm-up."""
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Cosine floor as a fraction of lr."""
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    """DeepSpeed engine settings."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, b: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= x < 1.0 for x in b):
+            raise ValueError("each beta must lie in [0, 1)")
+        return b
+
+
+# --------------------------------------------------------------------------- trainer
+class TrainerSection(Section):
+    total_steps: int | None = Field(None, ge=1)
+    """Rollout steps to run; null = as many as `data_epochs` passes over the prompts give."""
+    data_epochs: int = Field(1, ge=1)
+    """Passes over the prompt set when total_steps is null."""
+    prompts_per_step: int = Field(64, ge=1)
+    """Global batch: prompts rolled out per step, across all ranks (Table 7: 64)."""
+    prompts_per_minibatch: int = Field(64, ge=1)
+    """Prompts per optimizer step (Table 7: 64 = one update per rollout, pure on-policy)."""
+    ppo_epochs: int = Field(1, ge=1)
+    """Passes over each rollout batch (Table 7: 1)."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per forward/backward on each rank (gradient accumulation fills the mini-batch)."""
+    save_every: int = Field(50, ge=0)
+    """Checkpoint every K steps (and at the end); 0 = only at the end."""
+    keep_last: int = Field(2, ge=1)
+    """Checkpoints kept on disk; older ones are deleted after a newer one is complete."""
+    export_final_model: bool = True
+    """Write the trained model in HF format (safetensors + tokenizer) to `<output_dir>/final`."""
+
+    @model_validator(mode="after")
+    def _minibatches_divide(self) -> TrainerSection:
+        if self.prompts_per_step % self.prompts_per_minibatch:
+            raise ValueError(
+                f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
+                f"prompts_per_minibatch ({self.prompts_per_minibatch})"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- logging / eval
+class WandbSection(Section):
+    enabled: bool = False
+    """Log to Weights & Biases (needs the `wandb` extra)."""
+    project: str = "urlvr"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (team)."""
+    mode: Literal["auto", "online", "offline"] = "auto"
+    """`auto` = online when WANDB_API_KEY is set, offline otherwise."""
+
+
+class LoggingSection(Section):
+    console: bool = True
+    """Rich progress bar and per-step line on the console."""
+    completions_per_step: int = Field(4, ge=0)
+    """Sample completions written to `completions.jsonl` each step (0 = none)."""
+    wandb: WandbSection = Field(default_factory=WandbSection)
+    """Weights & Biases settings."""
+
+
+class EvalSection(Section):
+    every_steps: int = Field(0, ge=0)
+    """Evaluate every K steps (0 = never during training)."""
+    at_start: bool = False
+    """Evaluate before step 1 (the baseline)."""
+    at_end: bool = False
+    """Evaluate after the last step."""
+    source: DataSource | None = None
+    """Evaluation prompts (needs labels); null = no evaluation."""
+    samples_per_prompt: int = Field(32, ge=1)
+    """k for avg@k / maj@k (paper: 32)."""
+    temperature: float = Field(0.6, gt=0.0, le=10.0)
+    """Evaluation sampling temperature (paper: 0.6)."""
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    """Evaluation nucleus threshold (paper: 0.95)."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Response budget; null = rollout.max_new_tokens."""
+
+    @model_validator(mode="after")
+    def _needs_source(self) -> EvalSection:
+        if (self.every_steps or self.at_start or self.at_end) and self.source is None:
+            raise ValueError("evaluation is switched on but eval.source is not set")
+        return self
+
+
+# --------------------------------------------------------------------------- the recipe
+class Recipe(Section):
+    """A whole urlvr run."""
+
+    seed: int = 0
+    """Seeds data order, sampling and initialisation."""
+    output_dir: Path = Path("runs/urlvr")
+    """Run directory: resolved recipe, metrics.jsonl, completions, checkpoints, final model."""
+    plugins: list[str] = Field(default_factory=list)
+    """Importable module names that register extra rewards/losses/engines (imported first)."""
+    model: ModelSection = Field(default_factory=ModelSection)
+    """The policy to train."""
+    data: DataSection = Field(default_factory=DataSection)
+    """Training prompts and how they are templated."""
+    rollout: RolloutSection = Field(default_factory=RolloutSection)
+    """Sampling of grouped responses."""
+    reward: RewardSection = Field(default_factory=RewardSection)
+    """Reward terms, answer extractor and the metrics-only oracle."""
+    algorithm: AlgorithmSection = Field(default_factory=AlgorithmSection)
+    """Advantage estimator, policy loss, aggregation, regularisation."""
+    optim: OptimSection = Field(default_factory=OptimSection)
+    """Optimizer, schedule and DeepSpeed."""
+    trainer: TrainerSection = Field(default_factory=TrainerSection)
+    """Batch sizes, steps and checkpoints."""
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    """Console, completions and wandb."""
+    eval: EvalSection = Field(default_factory=EvalSection)
+    """Periodic evaluation."""
+
+    @model_validator(mode="after")
+    def _micro_batch_fits(self) -> Recipe:
+        samples = self.trainer.prompts_per_minibatch * self.rollout.group_size
+        if self.trainer.micro_batch_size > samples:
+            raise ValueError(
+                f"trainer.micro_batch_size ({self.trainer.micro_batch_size}) exceeds the "
+                f"sequences in one mini-batch ({samples} = prompts_per_minibatch x group_size)"
+            )
+        return self

@@ -1,0 +1,96 @@
+"""The rollout protocol: what every engine (transformers, vLLM) takes and returns.
+
+A ``Group`` holds all samples of one prompt and is the unit that crosses module boundaries:
+rewards see whole groups, mini-batches and ranks are cut between groups, never inside one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+from urlvr.registry import Registry
+
+FinishReason = Literal["eos", "stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. ``top_k = 0`` and ``top_p = 1.0`` switch those filters off."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    greedy: bool = False
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """One prompt as the engine needs it: already templated and tokenized."""
+
+    prompt_id: str
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled response. ``logprobs[t]`` is the sampler's log-probability of
+    ``token_ids[t]`` under the temperature-scaled distribution (before top-p/top-k)."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    text: str
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class Group:
+    """All ``group_size`` samples of one prompt."""
+
+    prompt: PromptInput
+    samples: tuple[Sample, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.samples)
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Samples grouped responses from the current policy."""
+
+    def generate(
+        self, prompts: Sequence[PromptInput], group_size: int, sampling: SamplingParams
+    ) -> list[Group]:
+        """Return one ``Group`` per prompt, in prompt order, each with ``group_size`` samples."""
+        ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Make the engine sample from ``model``'s current weights (a no-op when shared)."""
+        ...
+
+
+ROLLOUT_ENGINES: Registry = Registry("rollout engine")
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """Groups collated into right-padded tensors for the scoring and training passes.
+
+    Rows are ordered group by group: row ``g * group_size + j`` is sample ``j`` of group ``g``.
+    """
+
+    input_ids: torch.Tensor  # [B*G, P+T]   prompt left-padded, response right-padded
+    attention_mask: torch.Tensor  # [B*G, P+T]
+    response_mask: torch.Tensor  # [B*G, T]  1 on response tokens (incl. eos), 0 on padding
+    sampler_logprobs: torch.Tensor  # [B*G, T]
+    prompt_length: int  # P: response token t sits at column P + t
+    group_size: int
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,279 @@
+"""Rollouts with plain transformers: our own KV-cache sampling loop over the trainer's module.
+
+Why not ``model.generate``: GRPO needs more than tokens from its sampler. It needs the
+sampler's log-prob of every sampled token under the temperature-scaled distribution *before*
+top-p/top-k filtering (what the importance ratio and the on-policy check compare against),
+exact control of stop tokens and of the RNG, and the same position ids as the trainer's
+scoring pass (``position_ids_from_attention_mask``) so that, on-policy, the two agree to float
+noise. A 60-line loop gives all of that and hides nothing.
+
+The loop, per chunk of ``generation_batch_size`` sequences:
+  1. prefill each distinct prompt once (left-padded), then copy its KV cache to its samples;
+  2. sample one token per live row, record it and its log-prob;
+  3. drop rows that produced eos or a stop token from the batch (and the cache);
+  4. feed the new tokens with the cache; stop when no row is live or the budget is spent.
+
+ZeRO-3 note: every forward of a ZeRO-3 module all-gathers parameters, so ranks that stop at
+different steps would hang each other. Under ZeRO-3 call ``generate`` inside the actor's
+gathered-parameters context (as TRL's ``unwrap_model_for_generation`` does); ZeRO-1/2 need
+nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from urlvr.rollout.base import ROLLOUT_ENGINES, FinishReason, Group, PromptInput, Sample, SamplingParams
+from urlvr.rollout.collate import position_ids_from_attention_mask
+
+_REASONS: tuple[FinishReason, ...] = ("length", "eos", "stop")  # codes 0, 1, 2 in the loop
+
+
+@ROLLOUT_ENGINES.register("transformers")
+class TransformersRolloutEngine:
+    """Samples grouped responses from a causal LM with HF forward semantics.
+
+    The engine holds a reference to the very module the trainer optimizes (for DeepSpeed, the
+    engine's ``.module``), not a copy: optimizer steps update its parameters in place, so the
+    next ``generate`` already samples from the new policy and ``sync_weights`` has nothing to
+    copy. Passing a different module to ``sync_weights`` swaps the reference.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, generation_batch_size: int = 64) -> None:
+        if generation_batch_size < 1:
+            raise ValueError(f"generation_batch_size must be >= 1, got {generation_batch_size}")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos token; the engine needs one to end responses")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.generation_batch_size = generation_batch_size
+        self.pad_token_id: int = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """No copy: the engine samples from the trainer's own module (see the class docstring)."""
+        if model is not self.model:
+            self.model = model
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Ids that end a response with reason "eos": the tokenizer's eos plus the model's
+        ``generation_config.eos_token_id`` (chat models such as Qwen list several there)."""
+        ids = {int(self.tokenizer.eos_token_id)}
+        config_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if config_eos is not None:
+            ids.update(int(i) for i in ([config_eos] if isinstance(config_eos, int) else config_eos))
+        return frozenset(ids)
+
+    def generate(
+        self, prompts: Sequence[PromptInput], group_size: int, sampling: SamplingParams
+    ) -> list[Group]:
+        """One ``Group`` per prompt, in prompt order, each with ``group_size`` samples.
+
+        With ``sampling.seed`` set, a private generator makes the call reproducible on its own;
+        with ``seed=None`` the global torch RNG (CUDA's on GPU) is used, so a trainer that saves
+        and restores RNG state reproduces its rollouts.
+        """
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if sampling.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {sampling.max_new_tokens}")
+        if not sampling.greedy and sampling.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (or greedy=True), got {sampling.temperature}")
+        for prompt in prompts:
+            if not prompt.token_ids:
+                raise ValueError(f"prompt {prompt.prompt_id!r} has no tokens")
+        if not prompts:
+            return []
+
+        device = next(self.model.parameters()).device
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(sampling.seed)
+
+        # Sequence i is sample i % group_size of prompt i // group_size; chunks cut anywhere.
+        row_prompt = [p for p in range(len(prompts)) for _ in range(group_size)]
+        samples: list[Sample] = []
+        with _generation_mode(self.model):
+            for start in range(0, len(row_prompt), self.generation_batch_size):
+                chunk = row_prompt[start : start + self.generation_batch_size]
+                samples.extend(self._generate_chunk(prompts, chunk, sampling, generator, device))
+        return [
+            Group(prompt=prompt, samples=tuple(samples[p * group_size : (p + 1) * group_size]))
+            for p, prompt in enumerate(prompts)
+        ]
+
+    def _generate_chunk(
+        self,
+        prompts: Sequence[PromptInput],
+        row_prompt: list[int],
+        sampling: SamplingParams,
+        generator: torch.Generator | None,
+        device: torch.device,
+    ) -> list[Sample]:
+        """Sample one response per entry of ``row_prompt`` (indices into ``prompts``)."""
+        distinct = sorted(set(row_prompt))
+        input_ids, attention_mask = _left_pad([prompts[p].token_ids for p in distinct], self.pad_token_id)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)  # [U, P]
+        eos_ids = torch.tensor(sorted(self.eos_token_ids), device=device)
+        stop_ids = torch.tensor(sorted(set(sampling.stop_token_ids)), dtype=torch.long, device=device)
+
+        # 1. Prefill each distinct prompt once; its samples then share copies of its cache.
+        extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(self.model) else {}
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_attention_mask(attention_mask),
+            use_cache=True,
+            **extra,
+        )
+        cache = _checked_cache(out)
+        slot = {p: i for i, p in enumerate(distinct)}
+        expand = torch.tensor([slot[p] for p in row_prompt], device=device)  # [R]
+        cache.batch_select_indices(expand)
+        logits = out.logits[expand, -1]  # [R, V]
+        attention_mask = attention_mask[expand]  # [R, P]
+
+        rows, budget = len(row_prompt), sampling.max_new_tokens
+        tokens = torch.full((rows, budget), self.pad_token_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros((rows, budget), dtype=torch.float32, device=device)
+        lengths = torch.full((rows,), budget, dtype=torch.long, device=device)
+        reasons = torch.zeros((rows,), dtype=torch.long, device=device)  # index into _REASONS
+        live = torch.arange(rows, device=device)  # chunk row of each batch row still generating
+
+        for step in range(budget):
+            # 2. Sample and record.
+            next_tokens, next_logprobs = sample_next_tokens(logits, sampling, generator)  # [A], [A]
+            tokens[live, step] = next_tokens
+            logprobs[live, step] = next_logprobs
+            is_eos = torch.isin(next_tokens, eos_ids)
+            finished = is_eos | torch.isin(next_tokens, stop_ids)
+            if step == budget - 1:
+                break
+            # 3. Retire finished rows: they stop growing and leave the batch and the cache.
+            if finished.any():
+                lengths[live[finished]] = step + 1
+                reasons[live[finished]] = torch.where(is_eos[finished], 1, 2)
+                keep = (~finished).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                live, next_tokens, attention_mask = live[keep], next_tokens[keep], attention_mask[keep]
+                cache.batch_select_indices(keep)
+            # 4. One decode step for the live rows.
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live), 1))], dim=1)
+            out = self.model(
+                input_ids=next_tokens[:, None],
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_attention_mask(attention_mask)[:, -1:],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = _checked_cache(out)
+            logits = out.logits[:, -1]
+
+        # Rows that ended on the last step were not retired inside the loop (their length is
+        # already the full budget); rewriting the reasons of rows retired just before is harmless.
+        reasons[live[finished]] = torch.where(is_eos[finished], 1, 2)
+
+        lengths_list = lengths.tolist()
+        token_lists = [row[:n] for row, n in zip(tokens.tolist(), lengths_list)]
+        logprob_lists = [row[:n] for row, n in zip(logprobs.tolist(), lengths_list)]
+        texts = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
+        return [
+            Sample(token_ids=tuple(ids), logprobs=tuple(lps), text=text, finish_reason=_REASONS[code])
+            for ids, lps, text, code in zip(token_lists, logprob_lists, texts, reasons.tolist())
+        ]
+
+
+def sample_next_tokens(
+    logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """token ~ softmax(filter(logits / T)); logprob = log_softmax(logits / T)[token] (unfiltered).
+
+    ``logits``: [A, V]. Returns ``(tokens [A] int64, logprobs [A] float32)``. Greedy takes the
+    argmax and reports log-probs at temperature 1. The log-prob is taken before top-p/top-k
+    filtering, matching what the trainer's scoring pass can recompute from the logits alone.
+    """
+    if sampling.greedy:
+        logprobs_all = torch.log_softmax(logits.float(), dim=-1)  # [A, V]
+        tokens = logprobs_all.argmax(dim=-1)
+    else:
+        scaled = logits.float() / sampling.temperature  # [A, V]
+        logprobs_all = torch.log_softmax(scaled, dim=-1)
+        probs = torch.softmax(filter_top_k_top_p(scaled, sampling.top_k, sampling.top_p), dim=-1)
+        tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(1)
+
+
+def filter_top_k_top_p(scaled_logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top ``top_k`` and outside the nucleus of mass ``top_p``.
+
+    The nucleus keeps a token when the mass of the tokens ranked above it is below ``top_p``,
+    so the most likely token always survives (``top_p`` -> 0 is greedy). ``top_k = 0`` and
+    ``top_p >= 1`` switch the filters off. [A, V] -> [A, V].
+    """
+    logits = scaled_logits
+    if 0 < top_k < logits.shape[-1]:
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [A, 1]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [A, V]
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = mass_above >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _left_pad(sequences: Iterable[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (input_ids [N, L], attention_mask [N, L]), padded on the left."""
+    sequences = [list(s) for s in sequences]
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        input_ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, width - len(seq) :] = 1
+    return input_ids, attention_mask
+
+
+def _checked_cache(out):
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        raise TypeError(
+            "the model returned no transformers Cache (past_key_values) with use_cache=True; "
+            f"the transformers rollout engine needs one (got {type(cache).__name__})"
+        )
+    return cache
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether forward() can return logits for the last position only (saves a [U, P, V] tensor)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@contextlib.contextmanager
+def _generation_mode(model: torch.nn.Module) -> Iterator[None]:
+    """No grad, eval mode (no dropout; gradient checkpointing, which only acts in training mode,
+    then leaves the cache alone) and ``config.use_cache`` on; every module's own mode restored."""
+    modes = [(module, module.training) for module in model.modules()]
+    config = getattr(model, "config", None)
+    had_use_cache = hasattr(config, "use_cache")
+    use_cache = getattr(config, "use_cache", None)
+    model.eval()
+    if had_use_cache:
+        config.use_cache = True
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        if had_use_cache:
+            config.use_cache = use_cache

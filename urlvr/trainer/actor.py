@@ -1,0 +1,188 @@
+"""The actor: an HF causal LM trained under DeepSpeed, with one chunked scoring forward.
+
+`TokenScorer` wraps the HF model so that a forward returns per-token statistics of the
+response only: it runs the decoder, then applies the LM head chunk by chunk over response
+positions, so no `[T, V]` float32 logits tensor for a whole sequence is ever held at once
+(the decoder's hidden states are `[T, H]`, far smaller). The same module serves the no-grad
+scoring pass (old log-probs, entropies, self-certainty for rewards) and the training forward,
+so on-policy importance ratios are exactly 1.
+Limitation: logits are `lm_head(hidden)`; models that post-process logits (soft-capping,
+logit scaling) need their own scorer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from urlvr.recipe import Recipe
+from urlvr.trainer.token_stats import compute_token_stats
+
+SCORE_STATS = ("logprob", "entropy", "self_certainty", "top1_prob", "top2_prob")
+
+
+class TokenScorer(nn.Module):
+    """forward(...) -> {stat: [b, T]} for response positions, computed chunk-wise."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 512) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [b, P+T]
+        attention_mask: torch.Tensor,  # [b, P+T]
+        position_ids: torch.Tensor,  # [b, P+T]
+        prompt_length: int,
+        temperature: float,
+        stats: tuple[str, ...],
+    ) -> dict[str, torch.Tensor]:
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # [b, P+T, H]
+        targets = input_ids[:, prompt_length:]  # [b, T]
+        hidden = hidden[:, prompt_length - 1 : -1]  # position P-1+t predicts response token t
+        lm_head = self.model.get_output_embeddings()
+        chunks: dict[str, list[torch.Tensor]] = {name: [] for name in stats}
+        for start in range(0, targets.shape[1], self.chunk_size):
+            end = start + self.chunk_size
+            logits = lm_head(hidden[:, start:end]).float() / temperature  # [b, chunk, V]
+            for name, value in compute_token_stats(logits, targets[:, start:end], stats).items():
+                chunks[name].append(value)
+        return {name: torch.cat(parts, dim=1) for name, parts in chunks.items()}
+
+
+def lr_lambda(recipe: Recipe, total_optimizer_steps: int):
+    """Linear warm-up, then constant or cosine decay to min_lr_ratio."""
+    optim = recipe.optim
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        span = max(1, total_optimizer_steps - optim.warmup_steps)
+        progress = min(1.0, (step - optim.warmup_steps) / span)
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def deepspeed_config(recipe: Recipe, micro_batch_size: int, accumulation_steps: int, world_size: int) -> dict:
+    ds = recipe.optim.deepspeed
+    config: dict = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulation_steps,
+        "train_batch_size": micro_batch_size * accumulation_steps * world_size,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if recipe.optim.grad_clip is not None:
+        config["gradient_clipping"] = recipe.optim.grad_clip
+    if ds.offload_optimizer and ds.zero_stage > 0:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if ds.zero_stage == 3:
+        # gather whole parameters only when needed; keep small models unsharded-at-rest simple
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return _merge(config, ds.config_overrides)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+class Actor:
+    """DeepSpeed engine around `TokenScorer(model)`: scoring, one training micro-step, export."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, *, world_size: int, micro_steps_per_minibatch: int,
+                 total_optimizer_steps: int) -> None:
+        import deepspeed
+
+        self.recipe = recipe
+        if recipe.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+        self.scorer = TokenScorer(model)
+        optimizer = torch.optim.AdamW(
+            [p for p in self.scorer.parameters() if p.requires_grad],
+            lr=recipe.optim.lr, betas=recipe.optim.betas, eps=recipe.optim.adam_eps,
+            weight_decay=recipe.optim.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_optimizer_steps))
+        config = deepspeed_config(recipe, recipe.trainer.micro_batch_size, micro_steps_per_minibatch, world_size)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.scorer, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        )
+        # RL fine-tuning runs without dropout: the training forward must equal the scoring one
+        self.engine.eval()
+
+    @property
+    def model(self) -> nn.Module:
+        """The HF model inside the engine (what rollout engines sample from)."""
+        return self.engine.module.model
+
+    @property
+    def zero_stage(self) -> int:
+        return self.recipe.optim.deepspeed.zero_stage
+
+    def forward(self, micro: dict[str, torch.Tensor], stats: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        return self.engine(
+            input_ids=micro["input_ids"], attention_mask=micro["attention_mask"],
+            position_ids=micro["position_ids"], prompt_length=micro["prompt_length"],
+            temperature=self.recipe.rollout.temperature, stats=stats,
+        )
+
+    @torch.no_grad()
+    def score(self, micro: dict[str, torch.Tensor], stats: tuple[str, ...] = SCORE_STATS) -> dict[str, torch.Tensor]:
+        return self.forward(micro, stats)
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        """Accumulate one micro-batch; DeepSpeed applies the optimizer at the mini-batch boundary.
+
+        `scale_wrt_gas=False`: the loss is already weighted by mini-batch-wide token weights, so
+        DeepSpeed must not divide it again by the number of micro-batches.
+        """
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @contextlib.contextmanager
+    def generation_context(self) -> Iterator[nn.Module]:
+        """Yield the HF model ready for sampling. Under ZeRO-3 the parameters are gathered for
+        the whole generation and the per-module fetch hooks removed, so ranks that finish
+        decoding early do not deadlock the others in parameter all-gathers."""
+        if self.zero_stage != 3:
+            yield self.model
+            return
+        import deepspeed
+
+        offload = self.engine.optimizer.parameter_offload
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+            offload._remove_module_hooks()
+            try:
+                yield self.model
+            finally:
+                offload.setup_zero_stage3_hooks()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on every rank (gathered under ZeRO-3), on the CPU."""
+        with self.generation_context() as model:
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,111 @@
+"""Everything a run needs before step 1: model, tokenizer, prompts, engines, actor.
+
+Kept apart from the loop so that `loop.py` reads as the algorithm only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from urlvr.data.loaders import load_records
+from urlvr.data.records import PromptRecord
+from urlvr.data.stream import PromptStream
+from urlvr.data.templates import encode_prompts
+from urlvr.models.tiny import resolve_model_path
+from urlvr.recipe import Recipe
+from urlvr.rollout.base import ROLLOUT_ENGINES, PromptInput, RolloutEngine
+from urlvr.trainer.actor import Actor
+from urlvr.trainer.distributed import DistInfo
+
+
+@dataclass
+class RunParts:
+    tokenizer: Any
+    actor: Actor
+    reference: Any  # frozen initial policy (TokenScorer) when kl_coef > 0, else None
+    engine: RolloutEngine
+    records: dict[str, PromptRecord]
+    prompts: dict[str, PromptInput]
+    stream: PromptStream
+    total_steps: int
+    minibatches_per_step: int
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_model_and_tokenizer(recipe: Recipe):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(recipe.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs: dict[str, Any] = {"trust_remote_code": recipe.model.trust_remote_code, "dtype": torch.float32}
+    if recipe.model.attn_implementation:
+        kwargs["attn_implementation"] = recipe.model.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model, tokenizer
+
+
+def load_prompt_records(source, recipe: Recipe) -> list[PromptRecord]:
+    options = source.model_dump(exclude={"kind"})
+    return load_records(source.kind, **options)
+
+
+def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
+    seed_everything(recipe.seed)
+    model, tokenizer = load_model_and_tokenizer(recipe)
+    records = load_prompt_records(recipe.data.source, recipe)
+    # encode every prompt now: an over-long prompt fails before step 1, not at step 300
+    encoded = encode_prompts(
+        tokenizer, records, template=recipe.data.template, system_prompt=recipe.data.system_prompt,
+        suffix=recipe.data.prompt_suffix, max_prompt_length=recipe.data.max_prompt_length,
+        on_long_prompt=recipe.data.on_long_prompt,
+    )
+    by_id = {p.prompt_id: p for p in encoded.inputs}
+    records = list(encoded.records)
+    trainer = recipe.trainer
+    if trainer.prompts_per_step % dist.world_size or trainer.prompts_per_minibatch % dist.world_size:
+        raise ValueError(
+            f"trainer.prompts_per_step ({trainer.prompts_per_step}) and prompts_per_minibatch "
+            f"({trainer.prompts_per_minibatch}) must be multiples of the world size ({dist.world_size}): "
+            "groups are never split across ranks"
+        )
+    stream = PromptStream(
+        records, prompts_per_step=trainer.prompts_per_step, seed=recipe.seed, shuffle=recipe.data.shuffle,
+        epochs=None if trainer.total_steps else trainer.data_epochs, rank=dist.rank, world_size=dist.world_size,
+    )
+    total_steps = trainer.total_steps or stream.steps_available()
+    minibatches = trainer.prompts_per_step // trainer.prompts_per_minibatch
+    rows_per_minibatch = trainer.prompts_per_minibatch // dist.world_size * recipe.rollout.group_size
+    micro_steps = math.ceil(rows_per_minibatch / trainer.micro_batch_size)
+    reference = _frozen_reference(recipe, dist.device) if recipe.algorithm.kl_coef > 0 else None
+    actor = Actor(
+        model, recipe, world_size=dist.world_size, micro_steps_per_minibatch=micro_steps,
+        total_optimizer_steps=total_steps * minibatches * trainer.ppo_epochs,
+    )
+    engine_cls = ROLLOUT_ENGINES.get(recipe.rollout.engine)
+    engine = engine_cls(actor.model, tokenizer, generation_batch_size=recipe.rollout.generation_batch_size)
+    return RunParts(
+        tokenizer=tokenizer, actor=actor, reference=reference, engine=engine,
+        records={r.prompt_id: r for r in records}, prompts=by_id, stream=stream,
+        total_steps=total_steps, minibatches_per_step=minibatches,
+    )
+
+
+def _frozen_reference(recipe: Recipe, device: torch.device):
+    from urlvr.trainer.actor import TokenScorer
+
+    model, _ = load_model_and_tokenizer(recipe)
+    model.requires_grad_(False)
+    return TokenScorer(model).to(device).eval()

@@ -1,0 +1,135 @@
+"""A whole run: run directory, resume, the step loop, logging, checkpoints, final export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from urlvr.metrics.loggers import console_line, make_loggers
+from urlvr.recipe import Recipe, RecipeError, load_recipe
+from urlvr.trainer import checkpoint
+from urlvr.trainer.build import build_run
+from urlvr.trainer.distributed import barrier, init_distributed
+from urlvr.trainer.loop import grpo_step
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: list[dict[str, float]] = field(default_factory=list)  # this invocation's steps
+    final_model_dir: Path | None = None
+
+
+class Trainer:
+    """`Trainer(recipe).fit()`; `resume=RUN_DIR` continues that run from its latest checkpoint."""
+
+    def __init__(self, recipe: Recipe | str | Path | dict, *, resume: str | Path | None = None) -> None:
+        self.recipe = load_recipe(recipe)
+        if resume is not None:
+            self.recipe = self.recipe.model_copy(update={"output_dir": Path(resume)})
+        self.resume = resume is not None
+        self.run_dir = Path(self.recipe.output_dir)
+
+    def fit(self) -> RunResult:
+        recipe, run_dir = self.recipe, self.run_dir
+        dist = init_distributed()
+        resume_from = self._checkpoint_to_resume(dist.is_main)
+        barrier()
+        parts = build_run(recipe, dist)
+        start_step = 0
+        if resume_from is not None:
+            state = checkpoint.load_checkpoint(resume_from, parts.actor.engine, rank=dist.rank)
+            parts.stream.load_state_dict(state["stream"])
+            start_step = state["step"]
+        loggers = make_loggers(recipe, run_dir, resume_from_step=start_step if self.resume else None) if dist.is_main else []
+        result = RunResult(run_dir=run_dir)
+        progress = _progress(recipe.logging.console and dist.is_main, parts.total_steps, start_step)
+        completions = open(run_dir / "completions.jsonl", "a") if dist.is_main else None
+        last_saved = start_step
+        try:
+            for step in range(start_step + 1, parts.total_steps + 1):
+                metrics, samples = grpo_step(parts, recipe, dist, step)
+                result.metrics.append({"step": step, **metrics})
+                for logger in loggers:
+                    logger.log(step, metrics)
+                if completions:
+                    completions.writelines(json.dumps(s) + "\n" for s in samples)
+                    completions.flush()
+                if progress:
+                    progress.console.print(console_line(step, parts.total_steps, metrics))
+                    progress.advance(progress.task_ids[0])
+                if recipe.trainer.save_every and step % recipe.trainer.save_every == 0:
+                    self._save(parts, dist, step)
+                    last_saved = step
+            if last_saved != parts.total_steps:
+                self._save(parts, dist, parts.total_steps)
+            if recipe.trainer.export_final_model:
+                result.final_model_dir = export_model(parts, run_dir / "final", dist.is_main)
+        finally:
+            if progress:
+                progress.stop()
+            for logger in loggers:
+                logger.close()
+            if completions:
+                completions.close()
+        if dist.is_main:
+            summary = {"steps": parts.total_steps, "last_metrics": result.metrics[-1] if result.metrics else None}
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return result
+
+    def _checkpoint_to_resume(self, is_main: bool) -> Path | None:
+        run_dir = self.run_dir
+        if self.resume:
+            latest = checkpoint.latest_checkpoint(run_dir)
+            if latest is None:
+                raise RecipeError(f"{run_dir}: --resume given but the run has no complete checkpoint")
+            return latest
+        if is_main:
+            if (run_dir / "metrics.jsonl").exists() or checkpoint.complete_checkpoints(run_dir):
+                raise RecipeError(
+                    f"{run_dir}: run directory already holds a run; pass --resume {run_dir} to continue it "
+                    "or set output_dir to a new folder"
+                )
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
+        return None
+
+    def _save(self, parts, dist, step: int) -> None:
+        state = {"step": step, "stream": parts.stream.state_dict(), "time": time.time()}
+        checkpoint.save_checkpoint(self.run_dir, step, parts.actor.engine, state, rank=dist.rank,
+                                   keep_last=self.recipe.trainer.keep_last)
+
+
+def export_model(parts, out_dir: Path, is_main: bool) -> Path:
+    """HF format (safetensors + tokenizer), loadable by AutoModelForCausalLM.from_pretrained."""
+    state = parts.actor.full_state_dict()  # collective under ZeRO-3: every rank calls it
+    if is_main:
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        parts.actor.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        parts.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    barrier()
+    return out_dir
+
+
+def _progress(enabled: bool, total: int, done: int):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]urlvr"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    progress.add_task("train", total=total, completed=done)
+    progress.start()
+    return progress
+
+
+def train(recipe: Recipe | str | Path | dict, *, resume: str | Path | None = None) -> RunResult:
+    """Python API: train from a Recipe, a YAML path or a dict; returns the run directory and metrics."""
+    return Trainer(recipe, resume=resume).fit()
