@@ -76,3 +76,24 @@ def random_tiny_model(tmp_path_factory: pytest.TempPathFactory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path, model, tokenizer
+
+
+def small_run_recipe(model_path: Path, output_dir: Path, **sections) -> dict:
+    """A recipe dict for a few fast CPU steps on a saved tiny model (sections override by key)."""
+    recipe = {
+        "seed": 0,
+        "output_dir": str(output_dir),
+        "model": {"path": str(model_path)},
+        "data": {"source": {"kind": "arithmetic", "num_problems": 32, "seed": 3}},
+        "rollout": {"group_size": 4, "max_new_tokens": 12},
+        "trainer": {"total_steps": 2, "prompts_per_step": 4, "prompts_per_minibatch": 4, "micro_batch_size": 8,
+                    "save_every": 0},
+        "optim": {"lr": 1e-3},
+        "logging": {"console": False},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(recipe.get(section), dict):
+            recipe[section] = {**recipe[section], **values}
+        else:
+            recipe[section] = values
+    return recipe

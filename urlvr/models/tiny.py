@@ -101,9 +101,26 @@ def render_prompt(question: str) -> str:
 
 
 def target_response(record: PromptRecord) -> str:
-    """What the warm-up teaches: the sum written out, then the boxed answer."""
+    """What the warm-up teaches: a tens/units split, then the boxed answer.
+
+    ``23+48=(20+40)+(3+8)=60+11=71. The answer is \\boxed{71}.`` -- each step is a one-digit
+    fact or a carry, which a 2-layer model picks up in a few hundred steps; writing only
+    ``23+48=71`` asks it to carry in its head and stays near chance at this budget.
+    """
     meta = record.metadata
-    return f"{meta['left']}{meta['operator']}{meta['right']}={record.label}. The answer is \\boxed{{{record.label}}}."
+    left, op, right, answer = meta["left"], meta["operator"], meta["right"], record.label
+    if op in "+-":
+        tens = eval_int(left // 10 * 10, op, right // 10 * 10)
+        units = eval_int(left % 10, op, right % 10)
+        joined = f"{tens}{'+' if units >= 0 else '-'}{abs(units)}"
+        working = f"({left // 10 * 10}{op}{right // 10 * 10})+({left % 10}{op}{right % 10})={joined}="
+    else:
+        working = ""
+    return f"{left}{op}{right}={working}{answer}. The answer is \\boxed{{{answer}}}."
+
+
+def eval_int(left: int, op: str, right: int) -> int:
+    return {"+": left + right, "-": left - right, "*": left * right}[op]
 
 
 def boxed_answer(text: str) -> str | None:

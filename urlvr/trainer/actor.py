@@ -155,11 +155,18 @@ class Actor:
         DeepSpeed must not divide it again by the number of micro-batches.
         """
         self.engine.backward(loss, scale_wrt_gas=False)
+        if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            # DeepSpeed records the global norm only for ZeRO/fp16 optimizers; measure it here
+            params = [p for p in self.scorer.parameters() if p.grad is not None]
+            self._unsharded_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
         self.engine.step()
 
     def grad_norm(self) -> float:
+        """Global gradient norm (before clipping) of the last optimizer step."""
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        if norm is None:
+            norm = getattr(self, "_unsharded_grad_norm", float("nan"))
+        return float(norm)
 
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])

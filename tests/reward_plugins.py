@@ -1,0 +1,22 @@
+"""Rewards used by the training tests, loaded through the recipe's `plugins` (as users do).
+
+A random-init model never writes `\\boxed{}`, so majority vote would give all-zero rewards and
+zero gradients; these give every group a spread of rewards so updates actually move weights.
+"""
+
+from urlvr.rewards.base import reward
+
+SEEN_GROUPS: list[tuple[str, int, int]] = []  # (prompt_id, group size, distinct prompts seen in the call)
+
+
+@reward("test_short_response")
+def short_response(group, ctx, *, budget: float = 12.0):
+    """1 - len/budget: prefers short responses (varies within every group)."""
+    SEEN_GROUPS.append((group.prompt.prompt_id, group.size, len({id(group.prompt)})))
+    return [1.0 - len(s.token_ids) / budget for s in group.samples]
+
+
+@reward("test_peeks_at_label")
+def peeks_at_label(group, ctx):
+    """Illegal: reads the label without needs_label=True."""
+    return [float(ctx.label is not None)] * group.size

@@ -1,0 +1,138 @@
+"""End-to-end GRPO on CPU (single process): on-policy ratio, resume, atomic checkpoints, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import urlvr
+from conftest import small_run_recipe
+from urlvr.trainer.checkpoint import complete_checkpoints, latest_checkpoint
+
+TESTS = Path(__file__).resolve().parent
+REWARD = {"terms": [{"name": "test_short_response"}], "oracle": "ground_truth"}
+VOLATILE = ("time/", "perf/tokens_per_second")
+
+
+def recipe_for(random_tiny_model, out: Path, **sections) -> dict:
+    sections = {"plugins": ["reward_plugins"], "reward": REWARD, **sections}
+    return small_run_recipe(random_tiny_model[0], out, **sections)
+
+
+def stable(metrics: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if not k.startswith(VOLATILE)} for m in metrics]
+
+
+def test_on_policy_ratio_is_exactly_one(random_tiny_model, tmp_path):
+    result = urlvr.train(recipe_for(random_tiny_model, tmp_path / "run"))
+    for m in result.metrics:
+        assert m["actor/ratio_min"] == 1.0 and m["actor/ratio_max"] == 1.0
+        assert m["actor/clip_fraction"] == 0.0
+        assert m["actor/optimizer_steps_per_rollout"] == 1.0
+    assert result.metrics[0]["loss/policy"] != 0.0  # the reward varies, so the update is real
+
+
+def test_off_policy_minibatches_move_the_ratio(random_tiny_model, tmp_path):
+    """Control for the test above: with 2 mini-batches the second sees updated weights."""
+    recipe = recipe_for(random_tiny_model, tmp_path / "run", trainer={"prompts_per_minibatch": 2, "total_steps": 1})
+    result = urlvr.train(recipe)
+    assert result.metrics[0]["actor/optimizer_steps_per_rollout"] == 2.0
+    assert result.metrics[0]["actor/ratio_max"] > 1.0 or result.metrics[0]["actor/ratio_min"] < 1.0
+
+
+def test_rewards_see_whole_groups(random_tiny_model, tmp_path):
+    import reward_plugins
+
+    reward_plugins.SEEN_GROUPS.clear()
+    urlvr.train(recipe_for(random_tiny_model, tmp_path / "run"))
+    assert len(reward_plugins.SEEN_GROUPS) == 2 * 4  # steps x prompts: one call per group
+    assert all(size == 4 for _, size, _ in reward_plugins.SEEN_GROUPS)
+
+
+def test_a_reward_reading_labels_without_permission_fails(random_tiny_model, tmp_path):
+    from urlvr.rewards.base import LabelAccessError
+
+    recipe = recipe_for(random_tiny_model, tmp_path / "run", reward={"terms": [{"name": "test_peeks_at_label"}]})
+    with pytest.raises(LabelAccessError):
+        urlvr.train(recipe)
+
+
+def test_resume_continues_exactly(random_tiny_model, tmp_path):
+    straight = urlvr.train(recipe_for(random_tiny_model, tmp_path / "straight", trainer={"total_steps": 4}))
+    first = urlvr.train(recipe_for(random_tiny_model, tmp_path / "split", trainer={"total_steps": 2}))
+    assert [c.name for c in complete_checkpoints(first.run_dir)] == ["step-000002"]
+    resumed = urlvr.train(recipe_for(random_tiny_model, tmp_path / "ignored", trainer={"total_steps": 4}),
+                          resume=first.run_dir)
+    assert [m["step"] for m in resumed.metrics] == [3, 4]
+    assert stable(first.metrics + resumed.metrics) == stable(straight.metrics)
+    logged = [json.loads(line) for line in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]
+    a = load_file(straight.final_model_dir / "model.safetensors")
+    b = load_file(resumed.final_model_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_to_overwrite_a_run(random_tiny_model, tmp_path):
+    recipe = recipe_for(random_tiny_model, tmp_path / "run", trainer={"total_steps": 1})
+    urlvr.train(recipe)
+    with pytest.raises(urlvr.RecipeError, match="already holds a run; pass --resume"):
+        urlvr.train(recipe)
+
+
+def test_final_model_is_hf_loadable_and_trained(random_tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = urlvr.train(recipe_for(random_tiny_model, tmp_path / "run"))
+    model = AutoModelForCausalLM.from_pretrained(result.final_model_dir)
+    AutoTokenizer.from_pretrained(result.final_model_dir)
+    initial = random_tiny_model[1].state_dict()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, initial[k])]
+    assert changed, "training did not change any weight"
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_leaves_last_checkpoint_valid(random_tiny_model, tmp_path):
+    run_dir = tmp_path / "run"
+    recipe = recipe_for(random_tiny_model, run_dir, trainer={"total_steps": 200, "save_every": 1, "keep_last": 2})
+    recipe_path = tmp_path / "recipe.json"
+    recipe_path.write_text(json.dumps(recipe))
+    # a fresh world of one: drop the rendezvous variables this test process set for itself
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env["PYTHONPATH"] = f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    log = open(tmp_path / "child.log", "w")
+    code = ("import json,sys,urlvr; urlvr.train(json.load(open(sys.argv[1])))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(recipe_path)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    killed_mid_write = False
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            root = run_dir / "checkpoints"
+            tmp_dirs = list(root.glob(".tmp-step-*")) if root.is_dir() else []
+            if tmp_dirs and len(complete_checkpoints(run_dir)) >= 2:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_mid_write = True
+                break
+            time.sleep(0.0005)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    log.close()
+    assert killed_mid_write, (tmp_path / "child.log").read_text()[-3000:]
+    latest = latest_checkpoint(run_dir)
+    assert latest is not None and (latest / "COMPLETE").is_file()
+    saved_step = json.loads((latest / "trainer_state.json").read_text())["step"]
+    resumed = urlvr.train({**recipe, "trainer": {**recipe["trainer"], "total_steps": saved_step + 1}}, resume=run_dir)
+    assert [m["step"] for m in resumed.metrics] == [saved_step + 1]
+    assert not list((run_dir / "checkpoints").glob(".tmp-step-*"))  # the half-written one was swept
