@@ -270,7 +270,7 @@ def sample_answers(
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        output = model.generate(**batch, max_new_tokens=48, **sampling)
+        output = model.generate(**batch, max_new_tokens=96, **sampling)
     texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     answers = [boxed_answer(t) for t in texts]
     return [answers[i * group_size : (i + 1) * group_size] for i in range(len(records))]

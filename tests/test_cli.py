@@ -1,0 +1,43 @@
+"""The command line: one-line errors with file and field, schema, validate, rewards."""
+
+import json
+
+import yaml
+
+from urlvr.cli import main
+
+
+def test_validate_bad_recipe_prints_one_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"reward": {"terms": [{"name": "majorty_vote"}]}}))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"urlvr: error: {path}: reward.terms.0: unknown reward 'majorty_vote'; did you mean 'majority_vote'?")
+    assert "Traceback" not in err
+
+
+def test_validate_prints_resolved_recipe_with_overrides(tmp_path, capsys):
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"total_steps": 3}}))
+    assert main(["validate", str(path), "--set", "rollout.group_size=4"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["trainer"]["total_steps"] == 3 and resolved["rollout"]["group_size"] == 4
+    assert resolved["optim"]["lr"] == 1e-6
+
+
+def test_train_missing_recipe_is_one_line(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "none.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"urlvr: error: {tmp_path / 'none.yaml'}: recipe file not found"
+
+
+def test_schema_is_json_with_sections(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert {"model", "data", "rollout", "reward", "algorithm", "optim", "trainer", "logging", "eval"} <= set(schema["properties"])
+
+
+def test_rewards_lists_builtins(capsys):
+    assert main(["rewards"]) == 0
+    out = capsys.readouterr().out
+    assert "majority_vote" in out and "ground_truth" in out and "[oracle]" in out

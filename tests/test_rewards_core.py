@@ -1,0 +1,83 @@
+"""Minimal built-in rewards (majority vote, ground truth, format), extractors and composition."""
+
+import math
+
+import pytest
+import torch
+
+from urlvr.rewards.base import LabelAccessError, RewardContext
+from urlvr.rewards.compose import RewardTermSpec, score_batch
+from urlvr.rewards.extractors import extract_boxed, normalize_answer
+from urlvr.rewards.external import ground_truth
+from urlvr.rewards.voting import majority_answer, majority_vote
+from urlvr.rollout.base import Group, PromptInput, Sample
+
+
+def make_group(texts, prompt_id="p0"):
+    samples = tuple(Sample(token_ids=(1,), logprobs=(0.0,), text=t, finish_reason="eos") for t in texts)
+    return Group(prompt=PromptInput(prompt_id, "q", (5,)), samples=samples)
+
+
+def make_ctx(group, label=None):
+    answers = tuple(extract_boxed(s.text) for s in group.samples)
+    return RewardContext(answers=answers, response_mask=torch.ones(group.size, 1), token_stats={},
+                         extract_answer=extract_boxed, _label=label)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so \\boxed{71}.", "71"), ("\\boxed{ 71.0 }", "71"), ("\\boxed{1}\\boxed{2}", "2"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"), ("\\boxed{-05}", "-5"), ("no box", None), ("\\boxed{}", None),
+    ("\\boxed{12", None), ("$\\boxed{\\text{yes}}$", "yes"),
+])
+def test_boxed_extractor(text, expected):
+    assert extract_boxed(text) == expected
+
+
+def test_normalize_answer():
+    assert normalize_answer(" $42$ ") == "42" and normalize_answer("3.50") == "3.50"
+
+
+def test_majority_vote_rewards_the_majority():
+    group = make_group(["\\boxed{3}", "\\boxed{4}", "\\boxed{3}", "none"])
+    out = majority_vote(group, make_ctx(group))
+    assert list(out.scores) == [1.0, 0.0, 1.0, 0.0]
+    assert out.diagnostics["majority_ratio"][0] == 0.5
+
+
+def test_majority_vote_tie_goes_to_first_seen_and_no_answer_scores_zero():
+    assert majority_answer(["4", "3", "3", "4"]) == "4"
+    assert majority_answer([None, None]) is None
+    group = make_group(["a", "b"])  # no boxed answers at all
+    assert list(majority_vote(group, make_ctx(group)).scores) == [0.0, 0.0]
+
+
+def test_ground_truth_needs_the_label_and_normalises():
+    group = make_group(["\\boxed{7.0}", "\\boxed{8}", "x"])
+    ctx = make_ctx(group, label="7").with_label_access(True)
+    assert ground_truth(group, ctx) == [1.0, 0.0, 0.0]
+
+
+def test_label_is_hidden_from_non_oracle_rewards():
+    group = make_group(["\\boxed{7}"])
+    with pytest.raises(LabelAccessError):
+        make_ctx(group, label="7").label
+
+
+def test_score_batch_weights_terms_and_keeps_oracle_apart():
+    groups = [make_group(["\\boxed{1}", "\\boxed{1}", "\\boxed{2}"], "a"), make_group(["\\boxed{5}", "x", "\\boxed{5}"], "b")]
+    contexts = [make_ctx(groups[0], label="2"), make_ctx(groups[1], label=None)]
+    terms = [RewardTermSpec("majority_vote", 2.0, {}), RewardTermSpec("format", -0.5, {})]
+    out = score_batch(groups, contexts, terms, oracle="ground_truth")
+    assert out.total.tolist() == [[1.5, 1.5, -0.5], [1.5, 0.0, 1.5]]
+    assert out.oracle[0].tolist() == [0.0, 0.0, 1.0]
+    assert all(math.isnan(v) for v in out.oracle[1].tolist())  # no label: absent, not zero
+    assert out.diagnostics["majority_vote/majority_ratio"].shape == (2, 3)
+
+
+def test_reward_returning_wrong_count_is_refused():
+    from urlvr.rewards.base import RewardSpec, call_reward
+
+    spec = RewardSpec("bad", lambda group, ctx: [1.0], False, "")
+    group = make_group(["a", "b"])
+    with pytest.raises(ValueError, match="returned 1 scores for a group of 2"):
+        call_reward(spec, group, make_ctx(group), {})
