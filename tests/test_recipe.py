@@ -153,3 +153,9 @@ def test_schema_has_a_description_for_every_field():
             if field != "kind" and "description" not in prop:
                 missing.append(f"{name}.{field}")
     assert not missing, missing
+
+
+def test_docs_recipe_reference_is_current():
+    from urlvr.recipe.reference import render
+
+    assert (REPO / "docs" / "recipe.md").read_text() == render(), "run: python -m urlvr.recipe.reference > docs/recipe.md"

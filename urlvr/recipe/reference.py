@@ -1,0 +1,81 @@
+"""Generate the recipe reference (docs/recipe.md) from the pydantic schema, so docs never drift.
+
+    python -m urlvr.recipe.reference > docs/recipe.md
+"""
+
+from __future__ import annotations
+
+import json
+from typing import get_args
+
+from pydantic import BaseModel
+
+from urlvr.recipe.sections import Recipe
+
+
+def _type_name(annotation) -> str:
+    text = str(annotation).replace("typing.", "").replace("pathlib.", "")
+    if isinstance(annotation, type):
+        text = annotation.__name__
+    return text.replace("|", "\\|")
+
+
+def _default(field) -> str:
+    if field.default_factory is not None:
+        value = field.default_factory()
+        return "(section)" if isinstance(value, BaseModel) else f"`{json.dumps(_jsonable(value))}`"
+    if field.is_required():
+        return "required"
+    return f"`{json.dumps(_jsonable(field.default))}`"
+
+
+def _jsonable(value):
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, tuple):
+        return list(value)
+    return value if isinstance(value, (int, float, str, bool, dict, type(None))) else str(value)
+
+
+def _cell(text: str | None) -> str:
+    return (text or "").replace("\n", " ").replace("|", "\\|")
+
+
+def _models(annotation) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models(arg)]
+
+
+def section_table(model: type[BaseModel], prefix: str, out: list[str], seen: set) -> None:
+    rows, nested = [], []
+    for name, field in model.model_fields.items():
+        subs = _models(field.annotation)
+        if subs:
+            nested += [(f"{prefix}{name}", sub) for sub in subs]
+            if len(subs) > 1 or name in ("source",):
+                rows.append(f"| `{name}` | one of: {', '.join(s.__name__ for s in subs)} | {_default(field)} | {_cell(field.description)} |")
+            continue
+        rows.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {_cell(field.description)} |")
+    if rows:
+        title = f"`{prefix.rstrip('.')}` ({model.__name__})" if prefix else "Top level"
+        out += [f"## {title}", "", "| field | type | default | meaning |", "|---|---|---|---|", *rows, ""]
+    for path, sub in nested:
+        key = (path, sub)
+        if key not in seen:
+            seen.add(key)
+            section_table(sub, path + ".", out, seen)
+
+
+def render() -> str:
+    out = ["# Recipe reference", "",
+           "Generated from the pydantic schema by `python -m urlvr.recipe.reference`; do not edit by hand.",
+           "Every section refuses unknown keys. `urlvr schema` prints the same as JSON schema.", ""]
+    section_table(Recipe, "", out, set())
+    return "\n".join(line for line in out) + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")
