@@ -136,3 +136,26 @@ def test_kill_during_checkpoint_write_leaves_last_checkpoint_valid(random_tiny_m
     resumed = urlvr.train({**recipe, "trainer": {**recipe["trainer"], "total_steps": saved_step + 1}}, resume=run_dir)
     assert [m["step"] for m in resumed.metrics] == [saved_step + 1]
     assert not list((run_dir / "checkpoints").glob(".tmp-step-*"))  # the half-written one was swept
+
+
+def test_evaluation_before_during_and_after(random_tiny_model, tmp_path):
+    source = {"kind": "arithmetic", "num_problems": 3, "seed": 99}
+    recipe = recipe_for(random_tiny_model, tmp_path / "run", trainer={"total_steps": 2},
+                        eval={"at_start": True, "every_steps": 1, "at_end": True, "source": source,
+                              "samples_per_prompt": 2, "max_new_tokens": 6})
+    result = urlvr.train(recipe)
+    assert [e["step"] for e in result.evaluations] == [0, 1, 2]  # at_end does not repeat step 2
+    assert all(e["eval/prompts"] == 3.0 and 0.0 <= e["eval/avg@2"] <= e["eval/pass@2"] <= 1.0 for e in result.evaluations)
+    lines = (result.run_dir / "eval.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    assert all("eval/avg@2" not in m for m in result.metrics)  # metrics.jsonl keys stay stable
+
+
+def test_pass_at_k_unbiased_estimator():
+    from math import comb
+
+    from urlvr.metrics.evaluation import pass_at_k
+
+    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0
+    assert abs(pass_at_k(5, 2, 2) - (1 - comb(3, 2) / comb(5, 2))) < 1e-15  # = 0.7
+    assert abs(pass_at_k(8, 2, 1) - 0.25) < 1e-15

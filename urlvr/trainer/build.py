@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from urlvr.data.loaders import load_records
-from urlvr.data.records import PromptRecord
+from urlvr.data.records import DataError, PromptRecord
 from urlvr.data.stream import PromptStream
 from urlvr.data.templates import encode_prompts
 from urlvr.models.tiny import resolve_model_path
@@ -35,6 +35,8 @@ class RunParts:
     stream: PromptStream
     total_steps: int
     minibatches_per_step: int
+    eval_records: list[PromptRecord]  # this rank's shard of the evaluation prompts
+    eval_prompts: list[PromptInput]
 
 
 def seed_everything(seed: int) -> None:
@@ -96,11 +98,30 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
     )
     engine_cls = ROLLOUT_ENGINES.get(recipe.rollout.engine)
     engine = engine_cls(actor.model, tokenizer, generation_batch_size=recipe.rollout.generation_batch_size)
+    eval_records, eval_prompts = _evaluation_shard(recipe, tokenizer, dist)
     return RunParts(
         tokenizer=tokenizer, actor=actor, reference=reference, engine=engine,
         records={r.prompt_id: r for r in records}, prompts=by_id, stream=stream,
         total_steps=total_steps, minibatches_per_step=minibatches,
+        eval_records=eval_records, eval_prompts=eval_prompts,
     )
+
+
+def _evaluation_shard(recipe: Recipe, tokenizer, dist: DistInfo) -> tuple[list[PromptRecord], list[PromptInput]]:
+    if recipe.eval.source is None:
+        return [], []
+    records = load_prompt_records(recipe.eval.source, recipe)
+    unlabelled = [r.prompt_id for r in records if r.label is None]
+    if unlabelled:
+        raise DataError(f"eval.source: {len(unlabelled)} prompts have no label (first: {unlabelled[0]!r}); "
+                        "evaluation needs labels")
+    encoded = encode_prompts(
+        tokenizer, records, template=recipe.data.template, system_prompt=recipe.data.system_prompt,
+        suffix=recipe.data.prompt_suffix, max_prompt_length=recipe.data.max_prompt_length,
+        on_long_prompt=recipe.data.on_long_prompt,
+    )
+    shard = slice(dist.rank, None, dist.world_size)
+    return list(encoded.records[shard]), list(encoded.inputs[shard])
 
 
 def _frozen_reference(recipe: Recipe, device: torch.device):

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from urlvr.metrics.loggers import console_line, make_loggers
+from urlvr.metrics.evaluation import evaluate
+from urlvr.metrics.loggers import JsonlLogger, console_line, make_loggers
+from urlvr.rollout.base import SamplingParams
 from urlvr.recipe import Recipe, RecipeError, load_recipe
 from urlvr.trainer import checkpoint
 from urlvr.trainer.build import build_run
@@ -23,6 +25,7 @@ class RunResult:
     run_dir: Path
     metrics: list[dict[str, float]] = field(default_factory=list)  # this invocation's steps
     final_model_dir: Path | None = None
+    evaluations: list[dict[str, float]] = field(default_factory=list)  # this invocation's evaluations
 
 
 class Trainer:
@@ -47,11 +50,16 @@ class Trainer:
             parts.stream.load_state_dict(state["stream"])
             start_step = state["step"]
         loggers = make_loggers(recipe, run_dir, resume_from_step=start_step if self.resume else None) if dist.is_main else []
+        # evaluations go to eval.jsonl (and wandb), keeping metrics.jsonl one line per step
+        eval_log = ([JsonlLogger(run_dir / "eval.jsonl", resume_from_step=start_step if self.resume else None)]
+                    + loggers[1:]) if dist.is_main else []
         result = RunResult(run_dir=run_dir)
         progress = _progress(recipe.logging.console and dist.is_main, parts.total_steps, start_step)
         completions = open(run_dir / "completions.jsonl", "a") if dist.is_main else None
         last_saved = start_step
         try:
+            if recipe.eval.at_start and start_step == 0:
+                self._evaluate(parts, dist, 0, eval_log, result)
             for step in range(start_step + 1, parts.total_steps + 1):
                 metrics, samples = grpo_step(parts, recipe, dist, step)
                 result.metrics.append({"step": step, **metrics})
@@ -63,17 +71,22 @@ class Trainer:
                 if progress:
                     progress.console.print(console_line(step, parts.total_steps, metrics))
                     progress.advance(progress.task_ids[0])
+                if recipe.eval.every_steps and step % recipe.eval.every_steps == 0:
+                    self._evaluate(parts, dist, step, eval_log, result)
                 if recipe.trainer.save_every and step % recipe.trainer.save_every == 0:
                     self._save(parts, dist, step)
                     last_saved = step
             if last_saved != parts.total_steps:
                 self._save(parts, dist, parts.total_steps)
+            ran_last = recipe.eval.every_steps and parts.total_steps % recipe.eval.every_steps == 0
+            if recipe.eval.at_end and not ran_last:
+                self._evaluate(parts, dist, parts.total_steps, eval_log, result)
             if recipe.trainer.export_final_model:
                 result.final_model_dir = export_model(parts, run_dir / "final", dist.is_main)
         finally:
             if progress:
                 progress.stop()
-            for logger in loggers:
+            for logger in loggers + eval_log[:1]:
                 logger.close()
             if completions:
                 completions.close()
@@ -98,6 +111,24 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
         return None
+
+    def _run_eval(self, parts, dist) -> dict[str, float]:
+        ev = self.recipe.eval
+        sampling = SamplingParams(
+            temperature=ev.temperature, top_p=ev.top_p,
+            max_new_tokens=ev.max_new_tokens or self.recipe.rollout.max_new_tokens,
+            stop_token_ids=tuple(self.recipe.rollout.stop_token_ids), seed=self.recipe.seed + 17 * dist.rank,
+        )
+        with parts.actor.generation_context():
+            return evaluate(parts.engine, parts.eval_records, parts.eval_prompts, samples_per_prompt=ev.samples_per_prompt,
+                            sampling=sampling, extractor=self.recipe.reward.extractor)
+
+    def _evaluate(self, parts, dist, step: int, loggers, result: RunResult) -> None:
+        """One evaluation (before step 1, every K steps, or after the last step) -> eval.jsonl."""
+        metrics = self._run_eval(parts, dist)
+        result.evaluations.append({"step": step, **metrics})
+        for logger in loggers:
+            logger.log(step, metrics)
 
     def _save(self, parts, dist, step: int) -> None:
         state = {"step": step, "stream": parts.stream.state_dict(), "time": time.time()}
