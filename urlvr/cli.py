@@ -15,6 +15,8 @@ from collections.abc import Sequence
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="urlvr", description="GRPO trainer for unsupervised RL with verifiable rewards")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    # the deepspeed launcher puts --local_rank=N right after the program, before the command
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def recipe_command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -27,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
 
     train = recipe_command("train", "train with GRPO")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest complete checkpoint")
-    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # torchrun-style launchers
     recipe_command("validate", "check a recipe and print it resolved")
     sub.add_parser("schema", help="print the recipe's JSON schema")
     sub.add_parser("rewards", help="list registered rewards")

@@ -19,7 +19,13 @@ FinishReason = Literal["eos", "stop", "length"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample. ``top_k = 0`` and ``top_p = 1.0`` switch those filters off."""
+    """How to sample. ``top_k = 0`` and ``top_p = 1.0`` switch those filters off.
+
+    ``prompt_seeds``, when given, holds one seed per prompt of the ``generate`` call and takes
+    precedence over ``seed``: each sample then draws from its own generator, seeded by its
+    prompt's seed and its index in the group, so a prompt's samples do not depend on which
+    other prompts share the call (nor, in a trainer, on the world size).
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -28,6 +34,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     greedy: bool = False
+    prompt_seeds: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

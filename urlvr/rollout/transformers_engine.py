@@ -22,6 +22,7 @@ nothing.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -77,7 +78,8 @@ class TransformersRolloutEngine:
 
         With ``sampling.seed`` set, a private generator makes the call reproducible on its own;
         with ``seed=None`` the global torch RNG (CUDA's on GPU) is used, so a trainer that saves
-        and restores RNG state reproduces its rollouts.
+        and restores RNG state reproduces its rollouts. With ``sampling.prompt_seeds`` every
+        sample has its own generator, so its draws do not depend on how rows are batched.
         """
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -88,21 +90,29 @@ class TransformersRolloutEngine:
         for prompt in prompts:
             if not prompt.token_ids:
                 raise ValueError(f"prompt {prompt.prompt_id!r} has no tokens")
+        if sampling.prompt_seeds is not None and len(sampling.prompt_seeds) != len(prompts):
+            raise ValueError(f"prompt_seeds has {len(sampling.prompt_seeds)} seeds for {len(prompts)} prompts")
         if not prompts:
             return []
 
         device = next(self.model.parameters()).device
-        generator = None
-        if sampling.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(sampling.seed)
-
         # Sequence i is sample i % group_size of prompt i // group_size; chunks cut anywhere.
         row_prompt = [p for p in range(len(prompts)) for _ in range(group_size)]
+        generators: torch.Generator | list[torch.Generator] | None = None
+        if sampling.prompt_seeds is not None:
+            generators = [
+                torch.Generator(device=device).manual_seed(sample_seed(sampling.prompt_seeds[i // group_size], i % group_size))
+                for i in range(len(row_prompt))
+            ]
+        elif sampling.seed is not None:
+            generators = torch.Generator(device=device).manual_seed(sampling.seed)
+
         samples: list[Sample] = []
         with _generation_mode(self.model):
             for start in range(0, len(row_prompt), self.generation_batch_size):
                 chunk = row_prompt[start : start + self.generation_batch_size]
-                samples.extend(self._generate_chunk(prompts, chunk, sampling, generator, device))
+                chunk_generators = generators[start : start + len(chunk)] if isinstance(generators, list) else generators
+                samples.extend(self._generate_chunk(prompts, chunk, sampling, chunk_generators, device))
         return [
             Group(prompt=prompt, samples=tuple(samples[p * group_size : (p + 1) * group_size]))
             for p, prompt in enumerate(prompts)
@@ -113,10 +123,11 @@ class TransformersRolloutEngine:
         prompts: Sequence[PromptInput],
         row_prompt: list[int],
         sampling: SamplingParams,
-        generator: torch.Generator | None,
+        generator: torch.Generator | list[torch.Generator] | None,
         device: torch.device,
     ) -> list[Sample]:
-        """Sample one response per entry of ``row_prompt`` (indices into ``prompts``)."""
+        """Sample one response per entry of ``row_prompt`` (indices into ``prompts``); ``generator``
+        is shared by the rows or, as a list, one per row."""
         distinct = sorted(set(row_prompt))
         input_ids, attention_mask = _left_pad([prompts[p].token_ids for p in distinct], self.pad_token_id)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)  # [U, P]
@@ -148,7 +159,8 @@ class TransformersRolloutEngine:
 
         for step in range(budget):
             # 2. Sample and record.
-            next_tokens, next_logprobs = sample_next_tokens(logits, sampling, generator)  # [A], [A]
+            live_generator = [generator[i] for i in live.tolist()] if isinstance(generator, list) else generator
+            next_tokens, next_logprobs = sample_next_tokens(logits, sampling, live_generator)  # [A], [A]
             tokens[live, step] = next_tokens
             logprobs[live, step] = next_logprobs
             is_eos = torch.isin(next_tokens, eos_ids)
@@ -191,13 +203,15 @@ class TransformersRolloutEngine:
 
 
 def sample_next_tokens(
-    logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None = None
+    logits: torch.Tensor, sampling: SamplingParams,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """token ~ softmax(filter(logits / T)); logprob = log_softmax(logits / T)[token] (unfiltered).
 
     ``logits``: [A, V]. Returns ``(tokens [A] int64, logprobs [A] float32)``. Greedy takes the
     argmax and reports log-probs at temperature 1. The log-prob is taken before top-p/top-k
     filtering, matching what the trainer's scoring pass can recompute from the logits alone.
+    ``generator`` is one generator for all rows or a sequence of A, one per row.
     """
     if sampling.greedy:
         logprobs_all = torch.log_softmax(logits.float(), dim=-1)  # [A, V]
@@ -206,8 +220,17 @@ def sample_next_tokens(
         scaled = logits.float() / sampling.temperature  # [A, V]
         logprobs_all = torch.log_softmax(scaled, dim=-1)
         probs = torch.softmax(filter_top_k_top_p(scaled, sampling.top_k, sampling.top_p), dim=-1)
-        tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+        if isinstance(generator, Sequence):  # row by row: each row's draw uses only its own RNG
+            tokens = torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g)[0] for i, g in enumerate(generator)])
+        else:
+            tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(1)
+
+
+def sample_seed(prompt_seed: int, sample_index: int) -> int:
+    """The seed of one sample's generator: a hash, so nearby prompt seeds give unrelated streams."""
+    digest = hashlib.blake2b(f"{prompt_seed}:{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # manual_seed takes values below 2**63
 
 
 def filter_top_k_top_p(scaled_logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

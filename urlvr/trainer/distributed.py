@@ -59,16 +59,39 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def _world_of_many() -> bool:
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _to_comm_device(values: torch.Tensor) -> torch.Tensor:
+    """A private copy on a device the backend accepts: NCCL takes CUDA tensors only."""
+    if torch.distributed.get_backend() == "nccl":
+        return values.to(torch.device("cuda", torch.cuda.current_device()), copy=True)
+    return values.clone()
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a float64 tensor over ranks (returns it unchanged in a world of one)."""
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        values = values.clone()
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+    if _world_of_many():
+        out = _to_comm_device(values)
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+        values = out.to(values.device)
     return values
 
 
 def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        values = values.clone()
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    if _world_of_many():
+        out = _to_comm_device(values)
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+        values = out.to(values.device)
+    return values
+
+
+def all_gather_rows(values: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's equal-shaped tensor along dim 0, in rank order."""
+    if _world_of_many():
+        local = _to_comm_device(values)
+        pieces = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(pieces, local)
+        values = torch.cat(pieces).to(values.device)
     return values

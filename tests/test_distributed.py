@@ -1,0 +1,231 @@
+"""Two CPU processes (gloo) train exactly like one: ZeRO-2 under torchrun, ZeRO-3 under the
+deepspeed launcher, and a ZeRO-2 run split by a checkpoint and `--resume`.
+
+Why the runs can be compared at all: the rollout seed of a prompt depends on (recipe seed, step,
+the prompt's index in the global batch), not on the rank, so one process and two sample the
+same responses; the token-mean loss is normalised by the global token count, so the summed
+gradients match. Every run is shared by the assertions through module-scoped fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import urlvr
+from conftest import small_run_recipe
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).resolve().parent
+VENV_BIN = Path(sys.executable).parent
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                 "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+STEPS = 4
+PROMPTS_PER_STEP, GROUP_SIZE, WORLD = 4, 4, 2
+BUDGET = 12.0  # test_short_response's default budget: reward = 1 - length / 12
+VOLATILE = ("time/", "perf/tokens_per_second")
+WEIGHT_ATOL, METRIC_RTOL, METRIC_ATOL = 1e-5, 1e-4, 1e-6
+
+
+def recipe_for(model_path: Path, out: Path, zero_stage: int) -> dict:
+    return small_run_recipe(
+        model_path, out, plugins=["reward_plugins"],
+        reward={"terms": [{"name": "test_short_response"}], "oracle": "ground_truth"},
+        # stopping on the digits 0-4 spreads response lengths, so most groups carry a gradient
+        rollout={"group_size": GROUP_SIZE, "max_new_tokens": int(BUDGET), "stop_token_ids": [3, 4, 5, 6, 7]},
+        trainer={"total_steps": STEPS, "prompts_per_step": PROMPTS_PER_STEP, "prompts_per_minibatch": PROMPTS_PER_STEP,
+                 "micro_batch_size": 8, "save_every": 0},
+        optim={"lr": 1e-3, "deepspeed": {"zero_stage": zero_stage}},
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(launcher: str, args: list[str], work: Path, name: str, timeout: float = 300) -> Path:
+    """Run `urlvr <args>` on two ranks in a clean environment; returns the log (checked for exit 0)."""
+    port = str(_free_port())
+    if launcher == "torchrun":
+        cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
+               "--master_port", port, "-m", "urlvr.cli", *args]
+    else:  # the deepspeed launcher inserts --local_rank=N after the module name
+        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(WORLD), "--master_port", port,
+               "--module", "urlvr.cli", *args]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"  # two ranks on a small CPU box: no oversubscription
+    seen = work / f"{name}-seen"
+    seen.mkdir()
+    env["URLVR_TEST_SEEN_GROUPS_DIR"] = str(seen)
+    log = work / f"{name}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher's own session: it and its ranks
+            proc.wait()
+            code = "timeout"
+    assert code == 0, f"{' '.join(cmd)} -> {code}\n--- {log} ---\n{log.read_text()[-6000:]}"
+    return log
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def seen_by_rank(seen_dir: Path) -> dict[int, list[dict]]:
+    return {rank: [json.loads(line) for line in (seen_dir / f"rank{rank}.jsonl").read_text().splitlines()]
+            for rank in range(WORLD)}
+
+
+def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    assert all(a[k].shape == b[k].shape for k in a), "a weight was exported partitioned (ZeRO-3 shards?)"
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def assert_metrics_close(expected: list[dict], actual: list[dict], context: str) -> None:
+    assert [m["step"] for m in actual] == [m["step"] for m in expected], context
+    for want, got in zip(expected, actual):
+        keys = {k for k in want if not k.startswith(VOLATILE)}
+        assert keys == {k for k in got if not k.startswith(VOLATILE)}, context
+        bad = {k: (want[k], got[k]) for k in sorted(keys)
+               if not math.isclose(want[k], got[k], rel_tol=METRIC_RTOL, abs_tol=METRIC_ATOL)}
+        assert not bad, f"{context}: step {want['step']} differs: {bad}"
+
+
+# --------------------------------------------------------------------------- the shared runs
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("distributed")
+
+
+@pytest.fixture(scope="module")
+def single(random_tiny_model, work):
+    """The reference: one process, no launcher, ZeRO-0; (run dir, prompt ids seen per step)."""
+    import reward_plugins
+
+    reward_plugins.SEEN_GROUPS.clear()
+    result = urlvr.train(recipe_for(random_tiny_model[0], work / "single", zero_stage=0))
+    ids = [prompt_id for prompt_id, _, _ in reward_plugins.SEEN_GROUPS]
+    assert len(ids) == STEPS * PROMPTS_PER_STEP
+    return result.run_dir, [ids[s * PROMPTS_PER_STEP:(s + 1) * PROMPTS_PER_STEP] for s in range(STEPS)]
+
+
+def _recipe_file(random_tiny_model, work: Path, name: str, zero_stage: int) -> Path:
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe_for(random_tiny_model[0], work / name, zero_stage)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def zero2(random_tiny_model, work) -> Path:
+    recipe = _recipe_file(random_tiny_model, work, "zero2", zero_stage=2)
+    launch("torchrun", ["train", str(recipe)], work, "zero2")
+    return work / "zero2"
+
+
+@pytest.fixture(scope="module")
+def zero3(random_tiny_model, work) -> Path:
+    recipe = _recipe_file(random_tiny_model, work, "zero3", zero_stage=3)
+    launch("deepspeed", ["train", str(recipe)], work, "zero3")
+    return work / "zero3"
+
+
+@pytest.fixture(scope="module")
+def zero2_resumed(random_tiny_model, work) -> Path:
+    """ZeRO-2: two steps under torchrun, then `--resume` for two more under the deepspeed launcher."""
+    recipe = _recipe_file(random_tiny_model, work, "zero2_split", zero_stage=2)
+    run_dir = work / "zero2_split"
+    launch("torchrun", ["train", str(recipe), "--set", "trainer.total_steps=2"], work, "zero2_split-first")
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
+    launch("deepspeed", ["train", str(recipe), "--resume", str(run_dir)], work, "zero2_split-resumed")
+    return run_dir
+
+
+# --------------------------------------------------------------------------- the assertions
+def test_prompt_seeds_make_samples_independent_of_batching(random_tiny_model):
+    """What makes ranks interchangeable: with per-prompt seeds a prompt's group is the same
+    whichever prompts share the call and however the rows are chunked."""
+    from urlvr.rollout import PromptInput, SamplingParams, TransformersRolloutEngine
+
+    _, model, tokenizer = random_tiny_model
+    prompts = [PromptInput(f"p{i}", text, tuple(tokenizer.encode(text)))
+               for i, text in enumerate(["1+1=", "what is 23*4?", "7-2"])]
+    sampling = SamplingParams(max_new_tokens=10, prompt_seeds=(11, 12, 13))
+    together = TransformersRolloutEngine(model, tokenizer).generate(prompts, 4, sampling)
+    alone = TransformersRolloutEngine(model, tokenizer, generation_batch_size=3).generate(
+        prompts[1:2], 4, SamplingParams(max_new_tokens=10, prompt_seeds=(12,)))
+    assert [s.token_ids for s in alone[0].samples] == [s.token_ids for s in together[1].samples]
+    for a, b in zip(alone[0].samples, together[1].samples):  # log-probs: padding changes float noise only
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert len({s.token_ids for s in together[1].samples}) > 1  # a group's samples are distinct draws
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_train_like_one(stage, request, random_tiny_model, single):
+    run_dir = request.getfixturevalue(f"zero{stage}")
+    diff = max_weight_diff(read_weights(single[0]), read_weights(run_dir))
+    print(f"ZeRO-{stage}, 2 processes vs 1: max |weight diff| = {diff:.3g}")
+    assert diff <= WEIGHT_ATOL, f"ZeRO-{stage}: final weights differ by {diff}"
+    assert_metrics_close(read_metrics(single[0]), read_metrics(run_dir), f"ZeRO-{stage} vs one process")
+    initial = load_file(random_tiny_model[0] / "model.safetensors")
+    assert max_weight_diff(initial, read_weights(run_dir)) > 100 * WEIGHT_ATOL, "training did not move the weights"
+
+
+def test_groups_are_never_split_across_ranks(zero2, single, work):
+    """Each rank's reward calls get whole groups: rank r holds slice r of every global batch."""
+    seen = seen_by_rank(work / "zero2-seen")
+    per_rank = PROMPTS_PER_STEP // WORLD
+    for rank, calls in seen.items():
+        assert len(calls) == STEPS * per_rank
+        assert all(len(call["lengths"]) == GROUP_SIZE for call in calls)
+        for step, global_batch in enumerate(single[1]):
+            mine = [call["prompt_id"] for call in calls[step * per_rank:(step + 1) * per_rank]]
+            assert mine == global_batch[rank * per_rank:(rank + 1) * per_rank], (rank, step + 1)
+
+
+def test_metrics_are_reduced_over_ranks(zero2, work):
+    """Rank 0 logs statistics of both ranks' samples, recomputed here from what the rewards saw."""
+    seen = seen_by_rank(work / "zero2-seen")
+    per_rank = PROMPTS_PER_STEP // WORLD
+    for step, logged in enumerate(read_metrics(zero2)):
+        lengths = [n for rank in range(WORLD) for call in seen[rank][step * per_rank:(step + 1) * per_rank]
+                   for n in call["lengths"]]
+        assert len(lengths) == PROMPTS_PER_STEP * GROUP_SIZE
+        rewards = torch.tensor([1.0 - n / BUDGET for n in lengths], dtype=torch.float64)
+        assert logged["perf/response_tokens"] == sum(lengths)
+        assert logged["response/length_mean"] == pytest.approx(sum(lengths) / len(lengths), rel=1e-12)
+        assert logged["response/length_max"] == max(lengths)
+        assert logged["reward/proxy_mean"] == pytest.approx(float(rewards.mean()), rel=1e-6)
+        assert logged["reward/proxy_std"] == pytest.approx(float(rewards.std(unbiased=False)), rel=1e-5)
+    spread = [len(set(call["lengths"])) > 1 for rank in range(WORLD) for call in seen[rank]]
+    assert sum(spread) >= len(spread) // 2, "too few groups with a reward spread to test the gradient"
+
+
+def test_resume_under_two_processes_continues_exactly(zero2_resumed, zero2):
+    assert [c.name for c in sorted((zero2_resumed / "checkpoints").glob("step-*"))] == ["step-000002", "step-000004"]
+    assert_metrics_close(read_metrics(zero2), read_metrics(zero2_resumed), "ZeRO-2 resumed vs straight")
+    diff = max_weight_diff(read_weights(zero2), read_weights(zero2_resumed))
+    print(f"ZeRO-2, 2 + 2 resumed vs 4 straight: max |weight diff| = {diff:.3g}")
+    assert diff == 0.0, f"resumed weights differ by {diff}"
