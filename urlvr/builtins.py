@@ -1,7 +1,15 @@
 """Importing this module registers every built-in part (explicit imports, no magic discovery)."""
 
+import urlvr.metrics.collapse  # noqa: F401
+import urlvr.rewards.certainty  # noqa: F401
+import urlvr.rewards.co_reward  # noqa: F401
+import urlvr.rewards.countdown  # noqa: F401
+import urlvr.rewards.ensemble  # noqa: F401
 import urlvr.rewards.external  # noqa: F401
 import urlvr.rewards.extractors  # noqa: F401
+import urlvr.rewards.math_verify  # noqa: F401
+import urlvr.rewards.self_verification  # noqa: F401
+import urlvr.rewards.unified  # noqa: F401
 import urlvr.rewards.voting  # noqa: F401
 import urlvr.rollout.transformers_engine  # noqa: F401
 import urlvr.trainer.advantages  # noqa: F401

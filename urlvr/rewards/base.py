@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -36,7 +36,11 @@ class RewardContext:
     token_stats: Mapping[str, torch.Tensor]  # name -> [G, T]: logprob, entropy, self_certainty, top1_prob, top2_prob
     extract_answer: Callable[[str], str | None]
     metadata: Mapping[str, Any] = field(default_factory=dict)  # the prompt record's metadata
-    policy: Any = None  # a handle to generate with the current policy (self-verification)
+    policy: Any = None  # PolicyHandle of the current policy; batch generation belongs in a `prepare` phase
+    question: str | None = None  # the prompt record's question, before any template
+    tokenizer: Any = None  # the policy's tokenizer (to map answer characters to tokens)
+    vote_answers: tuple[str | None, ...] | None = None  # answers of all voting samples (>= G), trained ones first
+    prepared: Any = None  # what this reward's batch phase (`prepare`) returned for this group
     _label: str | None = None
     _label_allowed: bool = False
 
@@ -57,6 +61,29 @@ class RewardContext:
     def with_label_access(self, allowed: bool) -> RewardContext:
         return replace(self, _label_allowed=allowed)
 
+    @property
+    def voters(self) -> tuple[str | None, ...]:
+        """Answers that vote: the extra voting samples when the recipe draws them, else `answers`."""
+        return self.answers if self.vote_answers is None else self.vote_answers
+
+
+@runtime_checkable
+class PolicyHandle(Protocol):
+    """Generation with the current policy, for rewards that ask the policy itself (verifiers,
+    rephrasing). Questions are raw user text; the handle applies the run's prompt template and
+    sends all of them through the rollout engine in one batched call."""
+
+    def generate(
+        self, questions: Sequence[str], *, samples_per_question: int = 1, max_new_tokens: int | None = None,
+        temperature: float | None = None, top_p: float | None = None, as_task: bool = False,
+    ) -> list[list[str]]:
+        """Return, per question, `samples_per_question` response texts. None settings are the
+        run's rollout settings; temperature 0 is greedy. `as_task=True` also appends the run's
+        `data.prompt_suffix`, so the question is posed exactly like a training prompt.
+        Call it equally often on every rank, with an empty list if need be: under ZeRO-3 it
+        gathers the parameters, a collective operation."""
+        ...
+
 
 @dataclass(frozen=True)
 class RewardOutput:
@@ -67,6 +94,8 @@ class RewardOutput:
 
 
 RewardFn = Callable[..., "Sequence[float] | RewardOutput"]
+# prepare(groups, contexts, policy, **kwargs) -> one object per group, lent as `ctx.prepared`
+PrepareFn = Callable[..., Sequence[Any]]
 
 
 @dataclass(frozen=True)
@@ -75,20 +104,62 @@ class RewardSpec:
     fn: RewardFn
     needs_label: bool
     description: str
+    prepare: PrepareFn | None = None  # optional batch phase, run once per step over all groups
 
 
 REWARDS: Registry[RewardSpec] = Registry("reward")
 
 
-def reward(name: str, *, needs_label: bool = False) -> Callable[[RewardFn], RewardFn]:
-    """Register ``fn(group, ctx, **kwargs)`` as a reward named ``name``; returns fn unchanged."""
+def reward(name: str, *, needs_label: bool = False, prepare: PrepareFn | None = None) -> Callable[[RewardFn], RewardFn]:
+    """Register ``fn(group, ctx, **kwargs)`` as a reward named ``name``; returns fn unchanged.
+
+    ``prepare``, if given, is a batch phase: ``prepare(groups, contexts, policy, **kwargs)`` runs
+    once per step over every group of the batch (so work such as generating with the policy is one
+    batched call) and returns one object per group, which ``fn`` reads as ``ctx.prepared``. It
+    receives the recipe kwargs its own signature names.
+    """
 
     def add(fn: RewardFn) -> RewardFn:
         doc = (fn.__doc__ or "").strip().splitlines()
-        REWARDS.register(name)(RewardSpec(name, fn, needs_label, doc[0] if doc else ""))
+        REWARDS.register(name)(RewardSpec(name, fn, needs_label, doc[0] if doc else "", prepare))
         return fn
 
     return add
+
+
+def check_reward_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Load-time check of a recipe term: every kwarg is a parameter of the reward, its value fits
+    the annotation (so `anchor: unifrom` fails before step 1), and the reward's own ``check``
+    (an optional attribute for cross-argument rules) accepts the combination."""
+    import inspect
+
+    from pydantic import TypeAdapter, ValidationError
+
+    spec = REWARDS.get(name)
+    try:
+        params = inspect.signature(spec.fn, eval_str=True).parameters
+    except Exception:  # annotations that cannot be resolved at runtime: check names only
+        params = inspect.signature(spec.fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        accepted = list(params)[2:]
+        for key in kwargs:
+            if key not in accepted:
+                raise ValueError(f"reward {name!r} takes no argument {key!r} (it takes: {', '.join(accepted) or 'none'})")
+    for key, value in kwargs.items():
+        annotation = params[key].annotation if key in params else inspect.Parameter.empty
+        if annotation is inspect.Parameter.empty or isinstance(annotation, str):
+            continue
+        try:
+            adapter = TypeAdapter(annotation)
+        except Exception:  # a type pydantic cannot validate: the reward checks it itself
+            continue
+        try:
+            adapter.validate_python(value, strict=False)
+        except ValidationError as err:
+            problem = err.errors()[0]["msg"]
+            raise ValueError(f"reward {name!r}: argument {key!r}={value!r} is invalid ({problem})") from None
+    if hasattr(spec.fn, "check"):
+        spec.fn.check(**kwargs)
 
 
 def call_reward(spec: RewardSpec, group: Group, ctx: RewardContext, kwargs: Mapping[str, Any]) -> RewardOutput:

@@ -1,15 +1,28 @@
-"""Scores for a whole rollout batch: the recipe's weighted terms, plus the oracle for metrics."""
+"""Scores for a whole rollout batch: the recipe's weighted (optionally gated) terms, plus the
+oracle for metrics.
+
+    total[b, j] = sum_k weight_k * gate_k[b, j] * term_k[b, j]
+
+A term that raises stops the run with a `RewardError` naming the reward and the prompt (and the
+sample, when the reward says which), unless the recipe sets `on_error: zero`; then the group's
+scores are 0 and the failure is counted in `errors` (logged as `reward/<term>/error_rate`).
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from urlvr.rewards.base import REWARDS, RewardContext, call_reward
+from urlvr.rewards.base import REWARDS, LabelAccessError, PolicyHandle, RewardContext, RewardSpec, call_reward
 from urlvr.rollout.base import Group
+
+
+class RewardError(RuntimeError):
+    """A reward raised while scoring; the message names the reward, the prompt and the cause."""
 
 
 @dataclass(frozen=True)
@@ -17,14 +30,22 @@ class RewardTermSpec:
     name: str
     weight: float
     kwargs: Mapping[str, Any]
+    key: str | None = None  # name in metrics; default `name`
+    gate: str | None = None  # a reward whose scores multiply this term's
+    on_error: str = "raise"  # "raise" | "zero"
+
+    @property
+    def label(self) -> str:
+        return self.key or self.name
 
 
 @dataclass(frozen=True)
 class BatchRewards:
     total: torch.Tensor  # [B, G] the training reward (weighted sum of terms)
-    per_term: dict[str, torch.Tensor]  # term name -> [B, G]
+    per_term: dict[str, torch.Tensor]  # term key -> [B, G] (after its gate)
     oracle: torch.Tensor | None  # [B, G], NaN rows where a prompt has no label; None if no oracle
-    diagnostics: dict[str, torch.Tensor]  # "<term>/<name>" -> [B, G]
+    diagnostics: dict[str, torch.Tensor]  # "<term>/<name>" -> [B, G], NaN where a group failed
+    errors: dict[str, float] = field(default_factory=dict)  # term key (on_error=zero) -> share of groups zeroed
 
 
 def score_batch(
@@ -32,27 +53,89 @@ def score_batch(
     contexts: Sequence[RewardContext],
     terms: Sequence[RewardTermSpec],
     oracle: str | None,
+    policy: PolicyHandle | None = None,
 ) -> BatchRewards:
     """Call every term once per group (never per sample), and the oracle where labels exist."""
-    per_term: dict[str, list[list[float]]] = {}
-    diagnostics: dict[str, list[list[float]]] = {}
+    per_term: dict[str, torch.Tensor] = {}
+    diagnostics: dict[str, torch.Tensor] = {}
+    errors: dict[str, float] = {}
+    gates: dict[str, torch.Tensor] = {}
     for term in terms:
-        spec = REWARDS.get(term.name)
-        rows = []
-        for group, ctx in zip(groups, contexts, strict=True):
-            out = call_reward(spec, group, ctx, term.kwargs)
-            rows.append(list(out.scores))
-            for key, values in out.diagnostics.items():
-                diagnostics.setdefault(f"{term.name}/{key}", []).append([float(v) for v in values])
-        per_term[term.name] = rows
-    tensors = {name: torch.tensor(rows, dtype=torch.float32) for name, rows in per_term.items()}
-    total = sum(term.weight * tensors[term.name] for term in terms)
-    return BatchRewards(
-        total=total,
-        per_term=tensors,
-        oracle=_oracle_scores(groups, contexts, oracle),
-        diagnostics={k: torch.tensor(v, dtype=torch.float32) for k, v in diagnostics.items()},
-    )
+        scores, diag, failed = run_term(REWARDS.get(term.name), term.kwargs, groups, contexts, policy, term.on_error)
+        if term.gate is not None:
+            if term.gate not in gates:
+                gates[term.gate] = run_term(REWARDS.get(term.gate), {}, groups, contexts, policy, "raise")[0]
+            scores = scores * gates[term.gate]
+        per_term[term.label] = scores
+        diagnostics.update({f"{term.label}/{k}": v for k, v in diag.items()})
+        if term.on_error == "zero":
+            errors[term.label] = failed / max(1, len(groups))
+    total = sum(term.weight * per_term[term.label] for term in terms)
+    return BatchRewards(total=total, per_term=per_term, oracle=_oracle_scores(groups, contexts, oracle),
+                        diagnostics=diagnostics, errors=errors)
+
+
+def run_term(
+    spec: RewardSpec, kwargs: Mapping[str, Any], groups: Sequence[Group], contexts: Sequence[RewardContext],
+    policy: PolicyHandle | None, on_error: str,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """One reward over the batch: (scores [B, G], diagnostics, number of groups that failed)."""
+    if on_error not in ("raise", "zero"):
+        raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
+    prepared: Sequence[Any] = [None] * len(groups)
+    failed_groups: set[int] = set()
+    if spec.prepare is not None:  # the batch phase: one call over every group (e.g. one generate)
+        try:
+            prepared = _prepare(spec, groups, contexts, policy, kwargs)
+        except LabelAccessError:
+            raise
+        except Exception as err:
+            if on_error == "raise":
+                raise RewardError(f"reward {spec.name!r} failed in its batch phase: {type(err).__name__}: {err}") from err
+            failed_groups = set(range(len(groups)))
+    rows: list[list[float]] = []
+    diag_rows: list[dict[str, Sequence[float]]] = []
+    for index, (group, ctx) in enumerate(zip(groups, contexts, strict=True)):
+        out = None
+        if index not in failed_groups:
+            try:
+                out = call_reward(spec, group, replace(ctx, prepared=prepared[index], policy=policy), kwargs)
+            except LabelAccessError:  # a leak attempt is a bug in the reward, never scored away
+                raise
+            except Exception as err:
+                if on_error == "raise":
+                    raise RewardError(_describe_failure(spec.name, group, err)) from err
+                failed_groups.add(index)
+        rows.append(list(out.scores) if out is not None else [0.0] * group.size)
+        diag_rows.append(dict(out.diagnostics) if out is not None else {})
+    keys = sorted({k for d in diag_rows for k in d})
+    diagnostics = {
+        k: torch.tensor([[float(v) for v in d[k]] if k in d else [float("nan")] * g.size
+                         for d, g in zip(diag_rows, groups)], dtype=torch.float32)
+        for k in keys
+    }
+    return torch.tensor(rows, dtype=torch.float32), diagnostics, len(failed_groups)
+
+
+def _prepare(spec: RewardSpec, groups, contexts, policy, kwargs: Mapping[str, Any]) -> Sequence[Any]:
+    params = inspect.signature(spec.prepare).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    own = {k: v for k, v in kwargs.items() if takes_all or k in params}
+    visible = [ctx.with_label_access(spec.needs_label) for ctx in contexts]
+    prepared = list(spec.prepare(groups, visible, policy, **own))
+    if len(prepared) != len(groups):
+        raise ValueError(f"reward {spec.name!r}: its batch phase returned {len(prepared)} items for {len(groups)} groups")
+    return prepared
+
+
+def _describe_failure(name: str, group: Group, err: Exception) -> str:
+    where = f"prompt {group.prompt.prompt_id!r}"
+    index = getattr(err, "sample_index", None)
+    if isinstance(index, int) and 0 <= index < group.size:
+        text = group.samples[index].text
+        where += f", sample {index} ({text[:200]!r}{'...' if len(text) > 200 else ''})"
+    return (f"reward {name!r} failed on {where}: {type(err).__name__}: {err} "
+            "(set `on_error: zero` on the term to score such groups 0 and count them instead)")
 
 
 def _oracle_scores(groups: Sequence[Group], contexts: Sequence[RewardContext], oracle: str | None) -> torch.Tensor | None:

@@ -41,19 +41,25 @@ class TokenScorer(nn.Module):
         prompt_length: int,
         temperature: float,
         stats: tuple[str, ...],
+        raw_stats: tuple[str, ...] = (),
     ) -> dict[str, torch.Tensor]:
+        """`stats` on temperature-scaled logits; `raw_stats` also on the unscaled ones, returned as
+        `raw_<name>` (certainty rewards measured on the model's own distribution) -- same pass."""
         hidden = self.model.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # [b, P+T, H]
         targets = input_ids[:, prompt_length:]  # [b, T]
         hidden = hidden[:, prompt_length - 1 : -1]  # position P-1+t predicts response token t
         lm_head = self.model.get_output_embeddings()
-        chunks: dict[str, list[torch.Tensor]] = {name: [] for name in stats}
+        chunks: dict[str, list[torch.Tensor]] = {name: [] for name in stats + tuple(f"raw_{n}" for n in raw_stats)}
         for start in range(0, targets.shape[1], self.chunk_size):
             end = start + self.chunk_size
-            logits = lm_head(hidden[:, start:end]).float() / temperature  # [b, chunk, V]
-            for name, value in compute_token_stats(logits, targets[:, start:end], stats).items():
+            raw = lm_head(hidden[:, start:end]).float()  # [b, chunk, V]
+            for name, value in compute_token_stats(raw / temperature, targets[:, start:end], stats).items():
                 chunks[name].append(value)
+            if raw_stats:
+                for name, value in compute_token_stats(raw, targets[:, start:end], raw_stats).items():
+                    chunks[f"raw_{name}"].append(value)
         return {name: torch.cat(parts, dim=1) for name, parts in chunks.items()}
 
 
@@ -137,16 +143,18 @@ class Actor:
     def zero_stage(self) -> int:
         return self.recipe.optim.deepspeed.zero_stage
 
-    def forward(self, micro: dict[str, torch.Tensor], stats: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    def forward(self, micro: dict[str, torch.Tensor], stats: tuple[str, ...],
+                raw_stats: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         return self.engine(
             input_ids=micro["input_ids"], attention_mask=micro["attention_mask"],
             position_ids=micro["position_ids"], prompt_length=micro["prompt_length"],
-            temperature=self.recipe.rollout.temperature, stats=stats,
+            temperature=self.recipe.rollout.temperature, stats=stats, raw_stats=raw_stats,
         )
 
     @torch.no_grad()
-    def score(self, micro: dict[str, torch.Tensor], stats: tuple[str, ...] = SCORE_STATS) -> dict[str, torch.Tensor]:
-        return self.forward(micro, stats)
+    def score(self, micro: dict[str, torch.Tensor], stats: tuple[str, ...] = SCORE_STATS,
+              raw_stats: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        return self.forward(micro, stats, raw_stats)
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         """Accumulate one micro-batch; DeepSpeed applies the optimizer at the mini-batch boundary.
