@@ -18,7 +18,6 @@ from fractions import Fraction
 from urlvr.data.records import PromptRecord
 
 ARITHMETIC_OPERATORS = ("+", "-", "*")
-COUNTDOWN_OPERATORS = ("+", "-", "*", "/")
 
 
 def arithmetic_question(left: int, op: str, right: int) -> str:
@@ -46,7 +45,10 @@ def arithmetic_problems(
         raise ValueError(f"min_value ({min_value}) > max_value ({max_value})")
     unknown = [op for op in operators if op not in ARITHMETIC_OPERATORS]
     if unknown or not operators:
-        raise ValueError(f"operators must be a non-empty subset of {ARITHMETIC_OPERATORS}, got {tuple(operators)}")
+        raise ValueError(
+            f"operators must be a non-empty subset of {ARITHMETIC_OPERATORS}, "
+            f"got {tuple(operators)}"
+        )
 
     rng = random.Random(seed)
     records = []
@@ -153,7 +155,12 @@ def _wrap(text: str) -> str:
     return text if text.isdigit() else f"({text})"
 
 
-_BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+_BINARY_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+}
 
 
 def evaluate_expression(expression: str) -> Fraction:
