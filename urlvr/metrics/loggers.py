@@ -56,7 +56,7 @@ class WandbLogger:
 
 CONSOLE_KEYS = (
     ("reward/proxy_mean", "proxy"), ("reward/ground_truth_mean", "gt"), ("actor/entropy_mean", "ent"),
-    ("response/length_mean", "len"), ("loss/policy", "loss"), ("time/step", "s/step"),
+    ("response/length_mean", "len"), ("loss/policy", "loss"), ("time/step", "s"),
 )
 
 
@@ -64,7 +64,7 @@ def console_line(step: int, total: int, metrics: dict[str, float]) -> str:
     parts = [f"step {step}/{total}"]
     for key, short in CONSOLE_KEYS:
         if key in metrics:
-            parts.append(f"{short} {metrics[key]:.4g}")
+            parts.append(f"{short} {metrics[key]:.3g}")
     return "  ".join(parts)
 
 
