@@ -1,4 +1,4 @@
-"""`urlvr` command line: train, validate, schema, rewards.
+"""`urlvr` command line: train, validate, schema, rewards, plot, mcs.
 
 Errors a user can fix (bad recipe, missing file, bad data) print as one line naming the file and
 field, exit code 2; `--debug` shows the traceback instead.
@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     recipe_command("validate", "check a recipe and print it resolved")
     sub.add_parser("schema", help="print the recipe's JSON schema")
     sub.add_parser("rewards", help="list registered rewards")
+    plot = sub.add_parser("plot", help="PNG figures of training dynamics from run directories (overlaid)")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/plots of the first run)")
+    plot.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
 
 
@@ -69,6 +73,15 @@ def _run(args: argparse.Namespace) -> int:
         for name in REWARDS.names():
             spec = REWARDS.get(name)
             print(f"{name:24s} {'[oracle] ' if spec.needs_label else ''}{spec.description}")
+        return 0
+    if args.command == "plot":
+        from pathlib import Path
+
+        from urlvr.metrics.plots import plot_runs
+
+        out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "plots"
+        for figure in plot_runs([Path(d) for d in args.run_dirs], out):
+            print(f"{figure.path}  ({len(figure.panels)} panels: {', '.join(figure.panels)})")
         return 0
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":

@@ -1,6 +1,12 @@
 """Training-dynamics metrics of one rollout batch (paper App. B.2), as pure functions.
 
-Metrics that need labels are absent (not zero) when no prompt in the batch has a label.
+Two kinds of inputs: per-sample tensors `[B, G]` (proxy reward, oracle reward) and per-prompt
+tensors `[B]` (majority ratio, majority correctness) that the loop computes on each rank and
+gathers, so every metric is exact over the global batch whatever the world size.
+
+Labels are optional. The oracle tensor holds NaN rows for prompts without a label; metrics that
+need labels are computed over the labelled prompts only, and are *absent* (not zero) when no
+prompt of the batch has one. A sample is "correct" when its oracle reward exceeds 0.5.
 """
 
 from __future__ import annotations
@@ -19,16 +25,32 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float((values * mask).sum() / total) if total > 0 else 0.0
 
 
-def response_metrics(groups: Sequence[Group]) -> dict[str, float]:
-    lengths = torch.tensor([len(s.token_ids) for g in groups for s in g.samples], dtype=torch.float64)
-    truncated = [s.finish_reason == "length" for g in groups for s in g.samples]
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 = exp(ref - logp) - (ref - logp) - 1 per token (Schulman), >= 0; estimates KL(pi || ref).  [..] -> [..]"""
+    log_ratio = (ref_logprobs - logprobs).double()
+    return (torch.exp(log_ratio) - log_ratio - 1.0).to(logprobs.dtype)
+
+
+# --------------------------------------------------------------------------- responses
+def repetition_rate(token_ids: Sequence[int], ngram: int) -> float:
+    """seq-rep-n = 1 - |unique n-grams| / |n-grams| (Welleck et al. 2019); 0 below n tokens."""
+    grams = [tuple(token_ids[i : i + ngram]) for i in range(len(token_ids) - ngram + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def response_metrics(groups: Sequence[Group], *, ngram: int = 4) -> dict[str, float]:
+    """Length mean/max, truncation rate (finish reason `length`) and mean repetition rate."""
+    samples = [s for g in groups for s in g.samples]
+    lengths = torch.tensor([len(s.token_ids) for s in samples], dtype=torch.float64)
     return {
         "response/length_mean": float(lengths.mean()),
         "response/length_max": float(lengths.max()),
-        "response/truncation_rate": sum(truncated) / len(truncated),
+        "response/truncation_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
+        "response/repetition_rate": sum(repetition_rate(s.token_ids, ngram) for s in samples) / len(samples),
     }
 
 
+# --------------------------------------------------------------------------- proxy reward
 def reward_metrics(total: torch.Tensor, per_term: dict[str, torch.Tensor]) -> dict[str, float]:
     """Proxy reward statistics; total is [B, G]."""
     std = total.std(dim=1, unbiased=False) if total.shape[1] > 1 else torch.zeros(total.shape[0])
@@ -42,36 +64,85 @@ def reward_metrics(total: torch.Tensor, per_term: dict[str, torch.Tensor]) -> di
     return metrics
 
 
-def label_metrics(
-    answers: Sequence[Sequence[str | None]], labels: Sequence[str | None],
-    proxy: torch.Tensor, oracle: torch.Tensor | None,
-) -> dict[str, float]:
-    """Ground Truth Reward (Eq. 41), Label Accuracy of the majority answer (Eq. 39) and Reward
-    Accuracy (Eq. 40: agreement of the proxy reward, thresholded at 0.5, with the oracle), over
-    the prompts that have a label. Empty when none has."""
-    if oracle is None:
-        return {}
-    labelled = [i for i, label in enumerate(labels) if label is not None]
-    if not labelled:
-        return {}
-    gt = oracle[labelled]  # [M, G]
+# --------------------------------------------------------------------------- per prompt
+def majority_ratios(voters: Sequence[Sequence[str | None]]) -> torch.Tensor:
+    """p_maj per prompt: the share of voters whose answer is the majority answer (ties go to the
+    first seen, samples without an answer count in the denominator); 0 when nobody answered.  -> [B]"""
+    out = []
+    for group in voters:
+        majority = majority_answer(group)
+        out.append(0.0 if majority is None else sum(a == majority for a in group) / len(group))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def majority_correctness(
+    voters: Sequence[Sequence[str | None]], answers: Sequence[Sequence[str | None]],
+    oracle: torch.Tensor | None, labels: Sequence[str | None],
+) -> torch.Tensor:
+    """1[maj(x) is correct] per prompt (Eq. 39's indicator), NaN where the prompt has no label.  -> [B]
+
+    "Correct" follows the oracle: the majority answer is right when a trained sample giving it
+    scored > 0.5 (so a math-verify oracle's equivalences count). A majority answer that only the
+    extra voting samples gave falls back to string equality with the normalised label; no
+    majority (nobody answered) is wrong.
+    """
     from urlvr.rewards.extractors import normalize_answer
 
-    majority_correct = [
-        float(majority_answer(answers[i]) == normalize_answer(labels[i])) for i in labelled
-    ]
-    proxy_binary = (proxy[labelled] > 0.5).float()
-    return {
-        "reward/ground_truth_mean": float(gt.mean()),
-        "dynamics/label_accuracy": sum(majority_correct) / len(majority_correct),
-        "dynamics/reward_accuracy": float((proxy_binary == gt).float().mean()),
+    out = []
+    for i, (group_voters, group_answers, label) in enumerate(zip(voters, answers, labels, strict=True)):
+        if label is None or oracle is None or torch.isnan(oracle[i]).any():
+            out.append(float("nan"))
+            continue
+        majority = majority_answer(group_voters)
+        rows = [j for j, a in enumerate(group_answers) if majority is not None and a == majority]
+        if rows:
+            out.append(float(oracle[i, rows[0]] > 0.5))
+        else:
+            out.append(float(majority is not None and majority == normalize_answer(label)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- label metrics
+def point_biserial(scores: torch.Tensor, correct: torch.Tensor) -> float | None:
+    """r_pb = (M1 - M0) / s * sqrt(n1 n0 / n^2): Pearson correlation of a score with a 0/1
+    outcome (s: population std of the scores). None when undefined (constant score or outcome)."""
+    scores, correct = scores.double().flatten(), correct.double().flatten()
+    n1, n = float(correct.sum()), correct.numel()
+    spread = float(scores.std(unbiased=False)) if n else 0.0
+    if n1 == 0 or n1 == n or spread == 0.0:
+        return None
+    m1, m0 = float(scores[correct > 0].mean()), float(scores[correct == 0].mean())
+    return (m1 - m0) / spread * ((n1 * (n - n1)) ** 0.5 / n)
+
+
+def label_metrics(proxy: torch.Tensor, oracle: torch.Tensor | None, majority_correct: torch.Tensor) -> dict[str, float]:
+    """The label-based metrics of App. B.2 over the prompts that have a label (empty when none):
+
+    ground_truth_mean  = mean r_gt                                              (Eq. 41)
+    label_accuracy     = mean_i 1[maj(x_i) = a*_i]                              (Eq. 39)
+    reward_accuracy    = mean_ij 1[(r_ij > 0.5) = r_gt_ij]                      (Eq. 40)
+    top_reward_label_accuracy = mean_i r_gt(argmax_j r_ij)  (certainty rewards' Label Accuracy;
+                         ties go to the first sample)
+    reward_correctness_corr   = point-biserial r of r_ij with r_gt_ij, pooled (absent if undefined)
+
+    proxy, oracle: [B, G] (oracle NaN rows = unlabelled); majority_correct: [B].
+    """
+    if oracle is None:
+        return {}
+    labelled = ~torch.isnan(oracle).any(dim=1)  # [B]
+    if not bool(labelled.any()):
+        return {}
+    correct = (oracle[labelled] > 0.5).double()  # [M, G]
+    scores = proxy[labelled].double()  # [M, G]
+    top = scores.argmax(dim=1, keepdim=True)  # [M, 1] first maximum
+    metrics = {
+        "reward/ground_truth_mean": float(oracle[labelled].double().mean()),
+        "dynamics/label_accuracy": float(majority_correct[labelled].mean()),
+        "dynamics/reward_accuracy": float(((scores > 0.5).double() == correct).double().mean()),
+        "dynamics/top_reward_label_accuracy": float(correct.gather(1, top).mean()),
+        "dynamics/labelled_prompts": float(labelled.sum()),
     }
-
-
-def majority_ratio(answers: Sequence[Sequence[str | None]]) -> float:
-    """Mean over prompts of p_maj: the share of samples voting for the majority answer."""
-    ratios = []
-    for group in answers:
-        majority = majority_answer(group)
-        ratios.append(sum(a is not None and a == majority for a in group) / len(group) if majority else 0.0)
-    return sum(ratios) / len(ratios)
+    corr = point_biserial(scores, correct)
+    if corr is not None:
+        metrics["dynamics/reward_correctness_corr"] = corr
+    return metrics

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import json
-from typing import get_args
+from typing import get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -56,7 +56,8 @@ def section_table(model: type[BaseModel], prefix: str, out: list[str], seen: set
         if subs:
             nested += [(f"{prefix}{name}", sub) for sub in subs]
             if len(subs) > 1 or name in ("source",):
-                rows.append(f"| `{name}` | one of: {', '.join(s.__name__ for s in subs)} | {_default(field)} | {_cell(field.description)} |")
+                kind = "map of name to one of" if get_origin(field.annotation) is dict else "one of"
+                rows.append(f"| `{name}` | {kind}: {', '.join(s.__name__ for s in subs)} | {_default(field)} | {_cell(field.description)} |")
             continue
         rows.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {_cell(field.description)} |")
     if rows:

@@ -10,7 +10,6 @@ load time, so a typo fails before step 1.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -149,23 +148,29 @@ class RewardTerm(Section):
     """Weight of this term in the summed reward."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for the reward function, checked against its signature at load time."""
+    alias: str | None = None
+    """Name of this term in metrics (`reward/<alias>_mean`); default the reward's name. Needed
+    when one reward appears twice with different kwargs."""
+    gate: str | None = None
+    """A registered reward whose per-sample score multiplies this term's, e.g. `format` (1 when an
+    answer was extracted) to zero a certainty reward on answerless samples; null = ungated."""
+    on_error: Literal["raise", "zero"] = "raise"
+    """If the reward raises: `raise` stops the run with a message naming the reward and the
+    prompt; `zero` scores that group 0 and counts it (`reward/<term>/error_rate`). Never silent."""
 
     @model_validator(mode="after")
     def _known_and_kwargs_fit(self) -> RewardTerm:
         check_registered("reward", self.name)
-        from urlvr.rewards.base import REWARDS
+        if self.gate is not None:
+            check_registered("reward", self.gate)
+        from urlvr.rewards.base import check_reward_kwargs
 
-        spec = REWARDS.get(self.name)
-        params = inspect.signature(spec.fn).parameters
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            accepted = [n for n, p in list(params.items())[2:]]
-            for key in self.kwargs:
-                if key not in accepted:
-                    raise ValueError(
-                        f"reward {self.name!r} takes no argument {key!r} "
-                        f"(it takes: {', '.join(accepted) or 'none'})"
-                    )
+        check_reward_kwargs(self.name, self.kwargs)
         return self
+
+    @property
+    def key(self) -> str:
+        return self.alias or self.name
 
 
 class RewardSection(Section):
@@ -173,9 +178,18 @@ class RewardSection(Section):
     """Reward terms; the training reward is their weighted sum."""
     extractor: str = "boxed"
     """Answer extractor by name (registry `extractor`), e.g. the last `\\boxed{...}`."""
+    extractor_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the extractor, e.g. `{pattern: "Answer: (.*)"}` for `regex`."""
     oracle: str | None = "ground_truth"
     """Reward computed alongside for METRICS ONLY where labels exist (ground-truth reward,
     reward accuracy); null to skip. It never enters the training signal."""
+    certainty_logits: Literal["scaled", "raw"] = "scaled"
+    """Logits the certainty statistics lent to rewards are measured on: `scaled` = divided by the
+    rollout temperature (the distribution the samples came from), `raw` = the model's own. They
+    coincide at temperature 1.0 (the paper's). The update's log-probs are always `scaled`."""
+    vote_group_size: int | None = Field(None, ge=1)
+    """Samples drawn per prompt for voting rewards (majority vote, semantic cluster); the first
+    `rollout.group_size` are trained, all of them vote (TTRL: 64 votes, 32 trained). null = group_size."""
 
     @field_validator("extractor")
     @classmethod
@@ -186,6 +200,17 @@ class RewardSection(Section):
     @classmethod
     def _oracle_known(cls, name: str | None) -> str | None:
         return None if name is None else check_registered("reward", name)
+
+    @model_validator(mode="after")
+    def _terms_unique_and_extractor_kwargs_fit(self) -> RewardSection:
+        keys = [term.key for term in self.terms]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"reward term {repeated[0]!r} appears twice; give one an `alias`")
+        from urlvr.rewards.extractors import make_extractor
+
+        make_extractor(self.extractor, self.extractor_kwargs)
+        return self
 
 
 # --------------------------------------------------------------------------- algorithm
@@ -341,12 +366,83 @@ class EvalSection(Section):
     """Evaluation nucleus threshold (paper: 0.95)."""
     max_new_tokens: int | None = Field(None, ge=1)
     """Response budget; null = rollout.max_new_tokens."""
+    held_out: dict[str, DataSource] = Field(default_factory=dict)
+    """More labelled sets evaluated at the same times as `source`, by name; logged as
+    `eval/<name>/avg@k` etc. (e.g. the held-out benchmarks of a test-time run)."""
 
     @model_validator(mode="after")
     def _needs_source(self) -> EvalSection:
         if (self.every_steps or self.at_start or self.at_end) and self.source is None:
             raise ValueError("evaluation is switched on but eval.source is not set")
         return self
+
+
+# --------------------------------------------------------------------------- dynamics / collapse
+class DynamicsSection(Section):
+    kl_to_initial_every: int = Field(0, ge=0)
+    """Log `actor/kl_to_initial` (k3 estimate of KL(pi || pi_0) per response token) every K steps,
+    even with `algorithm.kl_coef` 0, by scoring the batch with a frozen copy of the initial model.
+    0 = only when the KL penalty is on (then every step, at no extra cost)."""
+    kl_reference_device: Literal["auto", "cpu"] = "auto"
+    """Where that frozen copy lives when the KL penalty is off: `auto` = the training device,
+    `cpu` = host memory (saves accelerator memory; slower). With a penalty the penalty's
+    reference model is reused."""
+    repetition_ngram: int = Field(4, ge=1, le=64)
+    """n of `response/repetition_rate` = 1 - unique n-grams / n-grams of a response's tokens."""
+    track_prompts: list[str] | Literal["all"] | None = None
+    """Per-prompt tracking (paper Fig. 4) into `prompts.jsonl`: a list of training prompt ids,
+    `all`, or null (off). Each step records the tracked prompts of the batch (p_maj, majority
+    answer and its correctness, whether the highest-reward sample is right)."""
+    greedy_every: int = Field(0, ge=0)
+    """Greedy-decode every tracked prompt every K steps and before step 1 (answer, correctness,
+    confidence); 0 = off. Costs one generation per tracked prompt."""
+
+    @model_validator(mode="after")
+    def _greedy_needs_prompts(self) -> DynamicsSection:
+        if self.greedy_every and not self.track_prompts:
+            raise ValueError("greedy_every needs track_prompts (a list of prompt ids or `all`)")
+        return self
+
+
+class DetectorSpec(Section):
+    name: str
+    """A registered collapse detector: proxy_saturation | entropy_collapse | length_collapse |
+    repetition_growth | kl_drift (or a plugin's)."""
+    threshold: float | None = None
+    """The detector's limit (absolute, or a fraction of its starting value for the relative
+    ones); null = the detector's default (docs/dynamics.md lists them)."""
+    window: int = Field(5, ge=1, le=10_000)
+    """Steps in the trailing mean compared with the limit (and in the baseline of relative detectors)."""
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return check_registered("collapse_detector", name)
+
+
+def _default_detectors() -> list[DetectorSpec]:
+    names = ("proxy_saturation", "entropy_collapse", "length_collapse", "repetition_growth", "kl_drift")
+    return [DetectorSpec(name=n) for n in names]
+
+
+class CollapseSection(Section):
+    reward_accuracy_threshold: float = Field(0.01, ge=0.0, le=1.0)
+    """Model Collapse Step (paper §6): the first step whose Reward Accuracy is below this (paper:
+    1%). Needs labels (metrics only); written to summary.json."""
+    smoothing_window: int = Field(1, ge=1, le=10_000)
+    """Reward Accuracy is averaged over this many trailing steps before the threshold; 1 = raw (paper)."""
+    detectors: list[DetectorSpec] = Field(default_factory=_default_detectors)
+    """Label-free early warnings, each firing once; [] = none."""
+    action: Literal["warn", "stop", "checkpoint"] = "warn"
+    """On an alarm (a detector, or the Model Collapse Step): `warn` prints and records it;
+    `checkpoint` also saves a checkpoint then; `stop` saves one and ends the run, exporting the
+    best checkpoint to `<output_dir>/best`."""
+    best_metric: str | None = None
+    """Metric that picks the best checkpoint (any logged key, `eval/...` included, e.g.
+    `eval/maj@32`); null = the last checkpoint saved before the first alarm. That checkpoint
+    is never pruned by `trainer.keep_last`."""
+    best_mode: Literal["max", "min"] = "max"
+    """Whether a larger or smaller `best_metric` is better."""
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -377,6 +473,36 @@ class Recipe(Section):
     """Console, completions and wandb."""
     eval: EvalSection = Field(default_factory=EvalSection)
     """Periodic evaluation."""
+    dynamics: DynamicsSection = Field(default_factory=DynamicsSection)
+    """Extra training-dynamics measurements: KL to the initial policy, per-prompt tracking."""
+    collapse: CollapseSection = Field(default_factory=CollapseSection)
+    """Model Collapse Step, label-free collapse detectors and what to do when one fires."""
+    mode: Literal["train", "test_time"] = "train"
+    """`test_time`: train on the evaluation prompts themselves (`eval.source`; paper §5.2, safe
+    up to ~128 prompts), evaluating them (and `eval.held_out`) before and after training.
+    `data.source` must then be unset or equal to `eval.source`."""
+
+    @model_validator(mode="after")
+    def _test_time_trains_on_eval_prompts(self) -> Recipe:
+        if self.mode != "test_time":
+            return self
+        if self.eval.source is None:
+            raise ValueError("mode test_time trains on eval.source: set it")
+        if "source" in self.data.model_fields_set and self.data.source != self.eval.source:
+            raise ValueError("mode test_time trains on eval.source; leave data.source unset")
+        for flag in ("at_start", "at_end"):
+            if flag in self.eval.model_fields_set and not getattr(self.eval, flag):
+                raise ValueError(f"mode test_time evaluates before and after training; eval.{flag} cannot be false")
+        self.data.source = self.eval.source
+        self.eval.at_start = self.eval.at_end = True
+        return self
+
+    @model_validator(mode="after")
+    def _vote_group_covers_group(self) -> Recipe:
+        votes = self.reward.vote_group_size
+        if votes is not None and votes < self.rollout.group_size:
+            raise ValueError(f"reward.vote_group_size ({votes}) must be >= rollout.group_size ({self.rollout.group_size})")
+        return self
 
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> Recipe:

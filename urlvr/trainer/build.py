@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ class RunParts:
     minibatches_per_step: int
     eval_records: list[PromptRecord]  # this rank's shard of the evaluation prompts
     eval_prompts: list[PromptInput]
+    held_out: dict[str, tuple[list[PromptRecord], list[PromptInput]]] = field(default_factory=dict)  # eval.held_out shards
 
 
 def seed_everything(seed: int) -> None:
@@ -91,29 +92,37 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
     minibatches = trainer.prompts_per_step // trainer.prompts_per_minibatch
     rows_per_minibatch = trainer.prompts_per_minibatch // dist.world_size * recipe.rollout.group_size
     micro_steps = math.ceil(rows_per_minibatch / trainer.micro_batch_size)
-    reference = _frozen_reference(recipe, dist.device) if recipe.algorithm.kl_coef > 0 else None
+    reference = None
+    if recipe.algorithm.kl_coef > 0 or recipe.dynamics.kl_to_initial_every > 0:  # penalty, or KL-to-pi_0 metric
+        on_host = recipe.algorithm.kl_coef == 0 and recipe.dynamics.kl_reference_device == "cpu"
+        reference = _frozen_reference(recipe, torch.device("cpu") if on_host else dist.device)
     actor = Actor(
         model, recipe, world_size=dist.world_size, micro_steps_per_minibatch=micro_steps,
         total_optimizer_steps=total_steps * minibatches * trainer.ppo_epochs,
     )
     engine_cls = ROLLOUT_ENGINES.get(recipe.rollout.engine)
     engine = engine_cls(actor.model, tokenizer, generation_batch_size=recipe.rollout.generation_batch_size)
-    eval_records, eval_prompts = _evaluation_shard(recipe, tokenizer, dist)
+    eval_records, eval_prompts = _evaluation_shard(recipe.eval.source, recipe, tokenizer, dist)
+    held_out = {name: _evaluation_shard(source, recipe, tokenizer, dist, f"eval.held_out.{name}")
+                for name, source in recipe.eval.held_out.items()}
+    if recipe.mode == "test_time" and len(records) > 128 and dist.is_main:
+        print(f"urlvr: warning: test-time training on {len(records)} prompts; the paper finds it safe up to ~128 (§5.2)")
     return RunParts(
         tokenizer=tokenizer, actor=actor, reference=reference, engine=engine,
         records={r.prompt_id: r for r in records}, prompts=by_id, stream=stream,
         total_steps=total_steps, minibatches_per_step=minibatches,
-        eval_records=eval_records, eval_prompts=eval_prompts,
+        eval_records=eval_records, eval_prompts=eval_prompts, held_out=held_out,
     )
 
 
-def _evaluation_shard(recipe: Recipe, tokenizer, dist: DistInfo) -> tuple[list[PromptRecord], list[PromptInput]]:
-    if recipe.eval.source is None:
+def _evaluation_shard(source, recipe: Recipe, tokenizer, dist: DistInfo,
+                      where: str = "eval.source") -> tuple[list[PromptRecord], list[PromptInput]]:
+    if source is None:
         return [], []
-    records = load_prompt_records(recipe.eval.source, recipe)
+    records = load_prompt_records(source, recipe)
     unlabelled = [r.prompt_id for r in records if r.label is None]
     if unlabelled:
-        raise DataError(f"eval.source: {len(unlabelled)} prompts have no label (first: {unlabelled[0]!r}); "
+        raise DataError(f"{where}: {len(unlabelled)} prompts have no label (first: {unlabelled[0]!r}); "
                         "evaluation needs labels")
     encoded = encode_prompts(
         tokenizer, records, template=recipe.data.template, system_prompt=recipe.data.system_prompt,

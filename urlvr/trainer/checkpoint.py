@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,10 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 def checkpoint_root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return checkpoint_root(run_dir) / f"step-{step:06d}"
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -63,10 +68,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, engine, trainer_state: dict[str, Any], *, rank: int,
-                    keep_last: int) -> Path:
-    """Write checkpoint `step` atomically on every rank; returns its final path."""
+                    keep_last: int, keep_steps: Collection[int] = ()) -> Path:
+    """Write checkpoint `step` atomically on every rank; returns its final path. Older ones beyond
+    `keep_last` are pruned, except those of `keep_steps` (the best checkpoint)."""
     root = checkpoint_root(run_dir)
-    final = root / f"step-{step:06d}"
+    final = checkpoint_dir(run_dir, step)
     tmp = root / f".tmp-step-{step:06d}"
     if rank == 0:
         for stale in root.glob(".tmp-step-*") if root.is_dir() else []:
@@ -85,8 +91,10 @@ def save_checkpoint(run_dir: Path, step: int, engine, trainer_state: dict[str, A
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(root)
+        kept = {checkpoint_dir(run_dir, s) for s in keep_steps}
         for old in complete_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old not in kept:
+                shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 

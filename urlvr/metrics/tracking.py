@@ -1,0 +1,114 @@
+"""Per-prompt tracking (paper Fig. 4): how each chosen prompt's answers evolve over training.
+
+Two kinds of rows go to `prompts.jsonl` in the run directory:
+  * `kind: "rollout"` -- every step, for each tracked prompt that was in the step's batch: p_maj,
+    the majority answer, whether it is right, the mean ground-truth and proxy reward, and whether
+    the highest-reward sample is right (the paper's green square wave). No extra compute.
+  * `kind: "greedy"` -- every `dynamics.greedy_every` steps (and before step 1), one greedy
+    decode of every tracked prompt: its answer, correctness and confidence (the geometric mean
+    token probability, the heatmap's colour depth).
+Fields that need a label are null for unlabelled prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from urlvr.data.records import PromptRecord
+from urlvr.rewards.voting import majority_answer
+
+
+def is_tracked(prompt_id: str, tracked: Sequence[str] | str | None) -> bool:
+    return tracked == "all" or (tracked is not None and prompt_id in tracked)
+
+
+def rollout_rows(
+    step: int, records: Sequence[PromptRecord], voters: Sequence[Sequence[str | None]], p_maj: torch.Tensor,
+    majority_correct: torch.Tensor, proxy: torch.Tensor, oracle: torch.Tensor | None,
+    tracked: Sequence[str] | str | None,
+) -> list[dict[str, Any]]:
+    """One row per tracked prompt of this rank's batch. p_maj, majority_correct: [B]; proxy, oracle: [B, G]."""
+    rows = []
+    for i, record in enumerate(records):
+        if not is_tracked(record.prompt_id, tracked):
+            continue
+        labelled = oracle is not None and not bool(torch.isnan(oracle[i]).any())
+        top = int(proxy[i].argmax())
+        rows.append({
+            "step": step, "kind": "rollout", "prompt_id": record.prompt_id,
+            "p_maj": float(p_maj[i]), "majority_answer": majority_answer(voters[i]),
+            "majority_correct": bool(majority_correct[i]) if labelled else None,
+            "ground_truth_mean": float(oracle[i].mean()) if labelled else None,
+            "proxy_mean": float(proxy[i].mean()),
+            "top_reward_correct": bool(oracle[i, top] > 0.5) if labelled else None,
+        })
+    return rows
+
+
+def greedy_rows(parts, recipe, dist, step: int) -> list[dict[str, Any]]:
+    """Greedy-decode this rank's share of the tracked prompts; rows for every rank's share are
+    gathered (every rank calls this: under ZeRO-3 generation is a collective)."""
+    from urlvr.rewards.base import REWARDS, RewardContext, call_reward
+    from urlvr.rewards.extractors import make_extractor
+    from urlvr.rollout.base import Group, SamplingParams
+
+    tracked = recipe.dynamics.track_prompts
+    ids = sorted(parts.records) if tracked == "all" else [i for i in tracked if i in parts.records]
+    mine = ids[dist.rank :: dist.world_size]
+    sampling = SamplingParams(greedy=True, max_new_tokens=recipe.rollout.max_new_tokens,
+                              stop_token_ids=tuple(recipe.rollout.stop_token_ids))
+    with parts.actor.generation_context():
+        groups = parts.engine.generate([parts.prompts[i] for i in mine], 1, sampling) if mine else []
+    extract = make_extractor(recipe.reward.extractor, recipe.reward.extractor_kwargs)
+    oracle = REWARDS.get(recipe.reward.oracle) if recipe.reward.oracle else None
+    rows = []
+    for prompt_id, group in zip(mine, groups, strict=True):
+        sample, record = group.samples[0], parts.records[prompt_id]
+        answer = extract(sample.text)
+        correct = None
+        if oracle is not None and record.label is not None:
+            ctx = RewardContext(answers=(answer,), response_mask=torch.ones(1, 1), token_stats={},
+                                extract_answer=extract, metadata=record.metadata, _label=record.label,
+                                question=record.prompt, tokenizer=parts.tokenizer)
+            correct = bool(call_reward(oracle, Group(group.prompt, group.samples), ctx, {}).scores[0] > 0.5)
+        mean_logprob = sum(sample.logprobs) / len(sample.logprobs) if sample.logprobs else 0.0
+        rows.append({"step": step, "kind": "greedy", "prompt_id": prompt_id, "answer": answer,
+                     "correct": correct, "confidence": math.exp(mean_logprob), "length": len(sample.token_ids)})
+    return gather_rows(rows)
+
+
+def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's rows, in rank order, on every rank (a no-op in a world of one)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return rows
+    everyone: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, rows)
+    return [row for part in everyone for row in part]
+
+
+class PromptTrackWriter:
+    """Appends rows to `prompts.jsonl`; on resume, drops rows after the resumed step."""
+
+    def __init__(self, path: Path, *, resume_from_step: int | None = None) -> None:
+        if resume_from_step is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_from_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a")
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        self.file.writelines(json.dumps(row) + "\n" for row in rows)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_prompt_rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "prompts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
