@@ -70,21 +70,22 @@ def _to_comm_device(values: torch.Tensor) -> torch.Tensor:
     return values.clone()
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a float64 tensor over ranks (returns it unchanged in a world of one)."""
+def _all_reduce(values: torch.Tensor, op: torch.distributed.ReduceOp) -> torch.Tensor:
     if _world_of_many():
         out = _to_comm_device(values)
-        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+        torch.distributed.all_reduce(out, op=op)
         values = out.to(values.device)
     return values
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (returned unchanged in a world of one)."""
+    return _all_reduce(values, torch.distributed.ReduceOp.SUM)
 
 
 def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
-    if _world_of_many():
-        out = _to_comm_device(values)
-        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
-        values = out.to(values.device)
-    return values
+    """Element-wise maximum over ranks."""
+    return _all_reduce(values, torch.distributed.ReduceOp.MAX)
 
 
 def all_gather_rows(values: torch.Tensor) -> torch.Tensor:
