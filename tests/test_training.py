@@ -159,3 +159,15 @@ def test_pass_at_k_unbiased_estimator():
     assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0
     assert abs(pass_at_k(5, 2, 2) - (1 - comb(3, 2) / comb(5, 2))) < 1e-15  # = 0.7
     assert abs(pass_at_k(8, 2, 1) - 0.25) < 1e-15
+
+
+def test_wandb_offline_run_records_the_metrics(random_tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recipe = recipe_for(random_tiny_model, tmp_path / "run", trainer={"total_steps": 1},
+                        logging={"console": False, "wandb": {"enabled": True, "project": "urlvr-test"}})
+    result = urlvr.train(recipe)
+    runs = list((result.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "auto mode without a key must run offline"
+    assert list(runs[0].glob("*.wandb")), "no offline wandb log written"
