@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from urlvr.recipe.names import check_registered
 
@@ -236,25 +236,18 @@ class AlgorithmSection(Section):
     entropy_coef: float = Field(0.0, ge=0.0)
     """Weight of the entropy bonus (Table 7: none)."""
 
-    @field_validator("advantage")
+    @field_validator("advantage", "loss", "loss_aggregation", "kl_estimator")
     @classmethod
-    def _adv(cls, v: str) -> str:
-        return check_registered("advantage_estimator", v)
+    def _registered(cls, name: str, info: ValidationInfo) -> str:
+        return check_registered(_ALGORITHM_REGISTRIES[info.field_name], name)
 
-    @field_validator("loss")
-    @classmethod
-    def _loss(cls, v: str) -> str:
-        return check_registered("policy_loss", v)
 
-    @field_validator("loss_aggregation")
-    @classmethod
-    def _agg(cls, v: str) -> str:
-        return check_registered("loss_aggregation", v)
-
-    @field_validator("kl_estimator")
-    @classmethod
-    def _kl(cls, v: str) -> str:
-        return check_registered("kl_estimator", v)
+_ALGORITHM_REGISTRIES = {  # AlgorithmSection field -> the registry its value must name
+    "advantage": "advantage_estimator",
+    "loss": "policy_loss",
+    "loss_aggregation": "loss_aggregation",
+    "kl_estimator": "kl_estimator",
+}
 
 
 # --------------------------------------------------------------------------- optim
