@@ -48,6 +48,8 @@ def recipe_for(model_path: Path, out: Path, zero_stage: int) -> dict:
         trainer={"total_steps": STEPS, "prompts_per_step": PROMPTS_PER_STEP, "prompts_per_minibatch": PROMPTS_PER_STEP,
                  "micro_batch_size": 8, "save_every": 0},
         optim={"lr": 1e-3, "deepspeed": {"zero_stage": zero_stage}},
+        # KL to pi_0 (a frozen reference per rank) and per-prompt tracking (rows gathered from every rank)
+        dynamics={"kl_to_initial_every": 2, "track_prompts": "all", "greedy_every": 2},
     )
 
 
@@ -229,3 +231,31 @@ def test_resume_under_two_processes_continues_exactly(zero2_resumed, zero2):
     diff = max_weight_diff(read_weights(zero2), read_weights(zero2_resumed))
     print(f"ZeRO-2, 2 + 2 resumed vs 4 straight: max |weight diff| = {diff:.3g}")
     assert diff == 0.0, f"resumed weights differ by {diff}"
+
+
+def _prompt_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "prompts.jsonl").read_text().splitlines()]
+    return sorted(rows, key=lambda r: (r["step"], r["kind"], r["prompt_id"]))
+
+
+def _rows_close(want: list[dict], got: list[dict], context: str) -> None:
+    assert [(r["step"], r["kind"], r["prompt_id"]) for r in got] == [(r["step"], r["kind"], r["prompt_id"]) for r in want], context
+    for a, b in zip(want, got):
+        assert a.keys() == b.keys(), context
+        for key in a:
+            same = a[key] == pytest.approx(b[key], rel=METRIC_RTOL) if isinstance(a[key], float) else a[key] == b[key]
+            assert same, f"{context}: {a} vs {b}"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_prompt_tracking_and_kl_gather_every_rank(stage, request, single):
+    run_dir = request.getfixturevalue(f"zero{stage}")
+    rows = _prompt_rows(run_dir)
+    assert {r["kind"] for r in rows} == {"rollout", "greedy"}
+    assert len([r for r in rows if r["kind"] == "rollout"]) == STEPS * PROMPTS_PER_STEP  # both ranks' prompts
+    _rows_close(_prompt_rows(single[0]), rows, f"ZeRO-{stage} prompts.jsonl vs one process")
+    assert [("actor/kl_to_initial" in m) for m in read_metrics(run_dir)] == [False, True, False, True]
+
+
+def test_prompt_tracking_resumes_exactly(zero2_resumed, zero2):
+    _rows_close(_prompt_rows(zero2), _prompt_rows(zero2_resumed), "ZeRO-2 resumed vs straight prompts.jsonl")

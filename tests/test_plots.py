@@ -49,7 +49,7 @@ def test_plot_files_and_panels(tmp_path):
         data = figure.path.read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
     assert figures[0].panels == ("Proxy vs ground-truth reward", "Reward / label accuracy", "Actor entropy",
-                                 "Response length", "Repetition", "KL to initial policy", "Evaluation")
+                                 "Response length", "Repetition / truncation", "KL to initial policy", "Evaluation")
     # the collapse step is recomputed from the log when no summary.json exists: RA < 1% at step 23
     from urlvr.metrics.plots import load_run
 

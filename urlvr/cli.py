@@ -37,6 +37,15 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/plots of the first run)")
     plot.add_argument("--debug", action="store_true", help="show full tracebacks")
+    mcs = sub.add_parser("mcs", help="rank models by prior: Model Collapse Step of a majority-vote diagnostic run")
+    mcs.add_argument("models", nargs="+", metavar="MODEL", help="model directories or hub ids")
+    mcs.add_argument("--recipe", help="base recipe YAML (data, lengths, lr, ...); the diagnostic settings go on top")
+    mcs.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                     help="override a field of the diagnostic recipe (repeatable), applied last")
+    mcs.add_argument("--steps", type=int, default=200, help="step cap per model (default 200)")
+    mcs.add_argument("--out", default="runs/mcs", help="folder for the runs, mcs.csv and mcs.json (default runs/mcs)")
+    mcs.add_argument("--label-free", action="store_true", help="ignore labels: stop at the first label-free alarm")
+    mcs.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
 
 
@@ -61,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from urlvr.recipe import Recipe, load_recipe
+    from urlvr.recipe import Recipe, RecipeError, load_recipe
 
     if args.command == "schema":
         print(json.dumps(Recipe.model_json_schema(), indent=2))
@@ -82,6 +91,23 @@ def _run(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "plots"
         for figure in plot_runs([Path(d) for d in args.run_dirs], out):
             print(f"{figure.path}  ({len(figure.panels)} panels: {', '.join(figure.panels)})")
+        return 0
+    if args.command == "mcs":
+        from pathlib import Path
+
+        import yaml
+
+        from urlvr.metrics.mcs import format_table, run_mcs
+
+        base = {}
+        if args.recipe:
+            if not Path(args.recipe).is_file():
+                raise RecipeError(f"{args.recipe}: recipe file not found")
+            base = yaml.safe_load(Path(args.recipe).read_text()) or {}
+        results = run_mcs(args.models, base, Path(args.out), max_steps=args.steps, overrides=args.overrides,
+                          labels=False if args.label_free else None)
+        print(format_table(results))
+        print(f"urlvr: wrote {Path(args.out) / 'mcs.csv'} and {Path(args.out) / 'mcs.json'}")
         return 0
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":

@@ -26,7 +26,7 @@ from typing import Any
 MCS_SETTINGS: dict[str, Any] = {
     "rollout": {"group_size": 8},
     "reward": {"terms": [{"name": "majority_vote"}], "vote_group_size": None},
-    "trainer": {"prompts_per_minibatch": 1, "save_every": 0, "export_final_model": False},
+    "trainer": {"prompts_per_minibatch": 1, "save_every": 0, "export_final_model": False},  # MBS = 1 prompt
     "eval": {"every_steps": 0, "at_start": False, "at_end": False},
     "collapse": {"action": "stop"},
     "logging": {"completions_per_step": 0},
@@ -56,6 +56,7 @@ def mcs_recipe(base: dict[str, Any], model: str, output_dir: Path, *, max_steps:
     recipe["model"] = {**recipe.get("model", {}), "path": model}
     recipe["output_dir"] = str(output_dir)
     recipe["trainer"]["total_steps"] = max_steps
+    recipe["trainer"].setdefault("prompts_per_step", 32)  # §6.3 (Table 3): batch 32
     micro = recipe["trainer"].get("micro_batch_size", 8)
     recipe["trainer"]["micro_batch_size"] = min(micro, recipe["rollout"]["group_size"])  # fits one prompt's group
     if labels:
@@ -77,23 +78,23 @@ def _slug(model: str, taken: set[str]) -> str:
 
 
 def run_mcs(models: Sequence[str], base: dict[str, Any], out_dir: Path, *, max_steps: int = 200,
-            labels: bool | None = None) -> list[MCSResult]:
+            labels: bool | None = None, overrides: Sequence[str] = ()) -> list[MCSResult]:
     """One diagnostic run per model (sequentially, in this process); results ranked best first,
     also written to `out_dir/mcs.json` and `out_dir/mcs.csv`. `labels=None`: use labels when
-    the data source has a label field."""
+    the data source has a label field. `overrides` (`section.field=value`) are applied last."""
     import urlvr
     from urlvr.recipe import load_recipe
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if labels is None:
-        source = load_recipe(mcs_recipe(base, models[0], out_dir, max_steps=max_steps, labels=True)).data.source
+        source = load_recipe(mcs_recipe(base, models[0], out_dir, max_steps=max_steps, labels=True), overrides).data.source
         labels = getattr(source, "label_field", "answer") is not None  # arithmetic/countdown: labelled
     results, taken = [], set()
     for model in models:
         run_dir = out_dir / _slug(model, taken)
         started = time.perf_counter()
-        urlvr.train(mcs_recipe(base, model, run_dir, max_steps=max_steps, labels=labels))
+        urlvr.train(load_recipe(mcs_recipe(base, model, run_dir, max_steps=max_steps, labels=labels), overrides))
         results.append(_result(model, run_dir, time.perf_counter() - started))
     ranked = rank(results)
     write_table(ranked, out_dir)

@@ -28,8 +28,9 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
                                  ("dynamics/top_reward_label_accuracy", "top-reward acc."),
                                  ("dynamics/majority_ratio", "p_maj"))),
     ("Actor entropy", (("actor/entropy_mean", "entropy"),)),
-    ("Response length", (("response/length_mean", "mean length"), ("response/truncation_rate", "truncated (share)"))),
-    ("Repetition", (("response/repetition_rate", "repeated n-grams"),)),
+    ("Response length", (("response/length_mean", "mean length (tokens)"),)),
+    ("Repetition / truncation", (("response/repetition_rate", "repeated n-grams"),
+                                 ("response/truncation_rate", "truncated responses"))),
     ("KL to initial policy", (("actor/kl_to_initial", "k3"),)),
 )
 EVAL_PANEL = "Evaluation"
@@ -119,15 +120,18 @@ def plot_dynamics(runs: Sequence[RunData], path: Path) -> Figure:
     for ax, (title, keys) in zip(axes.flat, panels):
         for run, colour in zip(runs, colours):
             series = _eval_series(run) if title == EVAL_PANEL else [(k, label) for k, label in keys]
-            for style, (key, label) in zip(STYLES * 4, series):
+            for index, (key, label) in enumerate(series):
+                # one run: a colour per metric; several: a colour per run, a line style per metric
+                style, line_colour = (STYLES[index % len(STYLES)], colour) if len(runs) > 1 else ("-", f"C{index % 10}")
                 source = run.evaluations if title == EVAL_PANEL else run.metrics
                 points = [(m["step"], m[key]) for m in source if m.get(key) is not None]
                 if points:
                     steps, values = zip(*points)
-                    ax.plot(steps, values, style, color=colour, marker="o" if title == EVAL_PANEL else None,
+                    ax.plot(steps, values, style, color=line_colour, marker="o" if title == EVAL_PANEL else None,
                             markersize=3, label=label if len(runs) == 1 else f"{run.name}: {label}")
             if run.collapse_step is not None:
-                ax.axvline(run.collapse_step, color=colour, linestyle="--", linewidth=1, alpha=0.7)
+                ax.axvline(run.collapse_step, color=colour if len(runs) > 1 else "k", linestyle="--", linewidth=1,
+                           alpha=0.7)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -142,7 +146,7 @@ def plot_dynamics(runs: Sequence[RunData], path: Path) -> Figure:
 
 
 def _eval_series(run: RunData) -> list[tuple[str, str]]:
-    keys = sorted({k for e in run.evaluations for k in e if "@" in k})
+    keys = sorted({k for e in run.evaluations for k in e if k != "step" and not k.endswith("/prompts")})
     return [(k, k.removeprefix("eval/")) for k in keys]
 
 

@@ -24,19 +24,16 @@ from urlvr.data.records import PromptRecord
 from urlvr.rewards.voting import majority_answer
 
 
-def is_tracked(prompt_id: str, tracked: Sequence[str] | str | None) -> bool:
-    return tracked == "all" or (tracked is not None and prompt_id in tracked)
-
-
 def rollout_rows(
     step: int, records: Sequence[PromptRecord], voters: Sequence[Sequence[str | None]], p_maj: torch.Tensor,
     majority_correct: torch.Tensor, proxy: torch.Tensor, oracle: torch.Tensor | None,
     tracked: Sequence[str] | str | None,
 ) -> list[dict[str, Any]]:
     """One row per tracked prompt of this rank's batch. p_maj, majority_correct: [B]; proxy, oracle: [B, G]."""
+    wanted = None if tracked == "all" else set(tracked or ())
     rows = []
     for i, record in enumerate(records):
-        if not is_tracked(record.prompt_id, tracked):
+        if wanted is not None and record.prompt_id not in wanted:
             continue
         labelled = oracle is not None and not bool(torch.isnan(oracle[i]).any())
         top = int(proxy[i].argmax())
@@ -56,7 +53,7 @@ def greedy_rows(parts, recipe, dist, step: int) -> list[dict[str, Any]]:
     gathered (every rank calls this: under ZeRO-3 generation is a collective)."""
     from urlvr.rewards.base import REWARDS, RewardContext, call_reward
     from urlvr.rewards.extractors import make_extractor
-    from urlvr.rollout.base import Group, SamplingParams
+    from urlvr.rollout.base import SamplingParams
 
     tracked = recipe.dynamics.track_prompts
     ids = sorted(parts.records) if tracked == "all" else [i for i in tracked if i in parts.records]
@@ -76,7 +73,7 @@ def greedy_rows(parts, recipe, dist, step: int) -> list[dict[str, Any]]:
             ctx = RewardContext(answers=(answer,), response_mask=torch.ones(1, 1), token_stats={},
                                 extract_answer=extract, metadata=record.metadata, _label=record.label,
                                 question=record.prompt, tokenizer=parts.tokenizer)
-            correct = bool(call_reward(oracle, Group(group.prompt, group.samples), ctx, {}).scores[0] > 0.5)
+            correct = bool(call_reward(oracle, group, ctx, {}).scores[0] > 0.5)
         mean_logprob = sum(sample.logprobs) / len(sample.logprobs) if sample.logprobs else 0.0
         rows.append({"step": step, "kind": "greedy", "prompt_id": prompt_id, "answer": answer,
                      "correct": correct, "confidence": math.exp(mean_logprob), "length": len(sample.token_ids)})

@@ -359,6 +359,8 @@ class EvalSection(Section):
     """Evaluation nucleus threshold (paper: 0.95)."""
     max_new_tokens: int | None = Field(None, ge=1)
     """Response budget; null = rollout.max_new_tokens."""
+    greedy: bool = True
+    """Also decode each prompt greedily once and report `greedy_accuracy`."""
     held_out: dict[str, DataSource] = Field(default_factory=dict)
     """More labelled sets evaluated at the same times as `source`, by name; logged as
     `eval/<name>/avg@k` etc. (e.g. the held-out benchmarks of a test-time run)."""

@@ -167,7 +167,8 @@ class Trainer:
         for name, (records, prompts) in sets.items():
             with parts.actor.generation_context():
                 metrics.update(evaluate(parts.engine, records, prompts, samples_per_prompt=ev.samples_per_prompt,
-                                        sampling=sampling, extractor=self.recipe.reward.extractor, name=name))
+                                        sampling=sampling, extractor=self.recipe.reward.extractor, name=name,
+                                        greedy=ev.greedy))
         return metrics
 
     def _evaluate(self, parts, dist, step: int, loggers, result: RunResult) -> None:
