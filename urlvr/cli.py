@@ -1,4 +1,4 @@
-"""`urlvr` command line: train, validate, schema, rewards, plot, mcs.
+"""`urlvr` command line: train, validate, schema, rewards, plot, sweep, mcs.
 
 Errors a user can fix (bad recipe, missing file, bad data) print as one line naming the file and
 field, exit code 2; `--debug` shows the traceback instead.
@@ -37,6 +37,19 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/plots of the first run)")
     plot.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sweep = sub.add_parser("sweep", help="run (or --print the launch lines of) a grid of overrides over one recipe, then overlay the runs")
+    sweep.add_argument("spec", help="sweep spec YAML (recipe + grid), or a recipe YAML with --grid")
+    sweep.add_argument("--grid", action="append", default=[], metavar="SECTION.FIELD=V1,V2",
+                       help="add an axis (repeatable); each value is parsed as YAML")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="override a field in every point (repeatable)")
+    sweep.add_argument("--recipe", help="sweep this recipe instead of the spec's")
+    sweep.add_argument("--out", help="folder of the per-point run directories (default: <recipe output_dir>/<spec name>)")
+    sweep.add_argument("--print", dest="print_only", action="store_true",
+                       help="print one launch line per point and the plot line; run nothing")
+    sweep.add_argument("--launcher", default="urlvr", help="command the printed lines start with, e.g. "
+                       "'torchrun --nproc_per_node 8 -m urlvr.cli' (default: urlvr)")
+    sweep.add_argument("--debug", action="store_true", help="show full tracebacks")
     mcs = sub.add_parser("mcs", help="rank models by prior: Model Collapse Step of a majority-vote diagnostic run")
     mcs.add_argument("models", nargs="+", metavar="MODEL", help="model directories or hub ids")
     mcs.add_argument("--recipe", help="base recipe YAML (data, lengths, lr, ...); the diagnostic settings go on top")
@@ -91,6 +104,16 @@ def _run(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "plots"
         for figure in plot_runs([Path(d) for d in args.run_dirs], out):
             print(f"{figure.path}  ({len(figure.panels)} panels: {', '.join(figure.panels)})")
+        return 0
+    if args.command == "sweep":
+        from urlvr.sweep import launch_lines, load_sweep, run_sweep, validate_points
+
+        sweep = load_sweep(args.spec, grid=args.grid, overrides=args.overrides, recipe=args.recipe, out_dir=args.out)
+        if args.print_only:
+            validate_points(sweep)
+            print("\n".join(launch_lines(sweep, launcher=args.launcher)))
+        else:
+            run_sweep(sweep)
         return 0
     if args.command == "mcs":
         from pathlib import Path

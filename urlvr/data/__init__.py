@@ -1,5 +1,7 @@
-"""Prompt data: loaders (file, datasets, synthetic) -> PromptRecords -> templates -> PromptStream."""
+"""Prompt data: loaders (file, datasets, the paper's datasets by name, synthetic) -> PromptRecords
+-> templates -> PromptStream."""
 
+from urlvr.data.adapters import DATASET_ADAPTERS, DatasetAdapter
 from urlvr.data.loaders import (
     DATA_SOURCES,
     load_records,
@@ -11,8 +13,10 @@ from urlvr.data.stream import PromptStream
 from urlvr.data.templates import EncodedPrompts, check_template, encode_prompts, render_prompt
 
 __all__ = [
+    "DATASET_ADAPTERS",
     "DATA_SOURCES",
     "DataError",
+    "DatasetAdapter",
     "EncodedPrompts",
     "PromptRecord",
     "PromptStream",

@@ -1,4 +1,5 @@
-"""Prompt loaders: a local file, a `datasets` dataset, or a synthetic generator -> PromptRecords.
+"""Prompt loaders: a local file, a `datasets` dataset, a named paper dataset (through its adapter)
+or a synthetic generator -> PromptRecords.
 
 Every loader is a registered *data source* whose keyword arguments are the fields of the
 matching recipe section (`data.source`): the trainer calls
@@ -27,8 +28,8 @@ RawRow = tuple[int, str, dict[str, Any]]
 
 
 def load_records(kind: str, **options: Any) -> list[PromptRecord]:
-    """Load prompts from the data source registered as ``kind`` (file | datasets | arithmetic |
-    countdown | a plugin's); ``options`` are that source's keyword arguments."""
+    """Load prompts from the data source registered as ``kind`` (file | datasets | adapter |
+    arithmetic | countdown | a plugin's); ``options`` are that source's keyword arguments."""
     source = DATA_SOURCES.get(kind)
     try:
         inspect.signature(source).bind(**options)
@@ -53,6 +54,19 @@ def load_records_from_file(
     """Read a ``.jsonl``, ``.json`` (a list of objects, or ``{"data": [...]}``) or ``.parquet``
     file. ``label_field=None`` for unlabelled data; otherwise every row needs a label."""
     path = Path(path)
+    return _to_records(
+        read_file_rows(path, limit),
+        source=str(path),
+        id_prefix=path.stem,
+        prompt_field=prompt_field,
+        label_field=label_field,
+        id_field=id_field,
+    )
+
+
+def read_file_rows(path: Path, limit: int | None = None) -> Iterator[RawRow]:
+    """The raw rows of a ``.jsonl``, ``.json`` or ``.parquet`` file (the dataset adapters read
+    nested fields from them); a missing file or an unknown suffix is a DataError."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
@@ -61,14 +75,7 @@ def load_records_from_file(
         raise DataError(
             f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json or .parquet)"
         )
-    return _to_records(
-        reader(path, limit),
-        source=str(path),
-        id_prefix=path.stem,
-        prompt_field=prompt_field,
-        label_field=label_field,
-        id_field=id_field,
-    )
+    return reader(path, limit)
 
 
 def _read_jsonl(path: Path, limit: int | None) -> Iterator[RawRow]:
@@ -136,6 +143,24 @@ def load_records_from_datasets(
 ) -> list[PromptRecord]:
     """Read a `datasets` dataset: a directory written by ``save_to_disk`` (``load_from_disk``),
     a local data file or directory, or a hub id (``load_dataset``; needs the network)."""
+    dataset = open_dataset(name_or_path, split=split, subset=subset)
+    local = Path(name_or_path)
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    rows = ((row, f"row {row}", item) for row, item in enumerate(dataset))
+    return _to_records(
+        rows,
+        source=name_or_path,
+        id_prefix=local.name if local.exists() else name_or_path,
+        prompt_field=prompt_field,
+        label_field=label_field,
+        id_field=id_field,
+    )
+
+
+def open_dataset(name_or_path: str, *, split: str = "train", subset: str | None = None):
+    """One split of a `datasets` dataset (save_to_disk directory, local data file or directory,
+    or hub id); what cannot be loaded is a DataError naming it."""
     import datasets
 
     local = Path(name_or_path)
@@ -163,18 +188,7 @@ def load_records_from_datasets(
         raise
     except (FileNotFoundError, ConnectionError, ValueError) as err:  # not found, offline, no split
         raise DataError(f"{name_or_path}: datasets could not load it ({err})") from err
-
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    rows = ((row, f"row {row}", item) for row, item in enumerate(dataset))
-    return _to_records(
-        rows,
-        source=name_or_path,
-        id_prefix=local.name if local.exists() else name_or_path,
-        prompt_field=prompt_field,
-        label_field=label_field,
-        id_field=id_field,
-    )
+    return dataset
 
 
 def _saved_to_disk(path: Path) -> bool:
@@ -185,6 +199,16 @@ def _saved_to_disk(path: Path) -> bool:
 def _datasets_source(name: str, **options: Any) -> list[PromptRecord]:
     """The recipe calls the dataset `name`; the loader's own argument says what it accepts."""
     return load_records_from_datasets(name, **options)
+
+
+# --------------------------------------------------------------------------- named datasets
+# Imported lazily, like the generators below: the adapter table is another module.
+@DATA_SOURCES.register("adapter")
+def _adapter_source(dataset: str, **options: Any) -> list[PromptRecord]:
+    """A paper dataset by name (dapo-17k, aime-2024, ...), read through its registered adapter."""
+    from urlvr.data.adapters import load_adapter_records
+
+    return load_adapter_records(dataset, **options)
 
 
 # --------------------------------------------------------------------------- synthetic

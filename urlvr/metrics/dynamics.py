@@ -31,6 +31,25 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return (torch.exp(log_ratio) - log_ratio - 1.0).to(logprobs.dtype)
 
 
+def sampler_mismatch_metrics(
+    trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, tis_cap: float | None,
+) -> dict[str, float]:
+    """Sampler vs trainer log-probs of the sampled tokens: mean |difference|, KL(sampler || trainer)
+    by k3, and, with truncated IS on (``algorithm.tis_cap``), the mean weight and the fraction of
+    tokens truncated. Token means over ``mask``; [B, T] x3 -> floats. A vLLM sampler differs from
+    the trainer by kernels and precision; the transformers engine only by float noise."""
+    diff = torch.where(mask.bool(), trainer_logprobs - sampler_logprobs, 0.0).double()  # 0 on padding
+    out = {
+        "rollout/logprob_mismatch_mean": masked_mean(diff.abs(), mask),
+        "rollout/mismatch_kl": masked_mean(torch.expm1(diff) - diff, mask),  # k3 of KL(sampler || trainer)
+    }
+    if tis_cap is not None:
+        ratio = torch.exp(diff)
+        out["rollout/tis_weight_mean"] = masked_mean(ratio.clamp(max=tis_cap), mask)
+        out["rollout/tis_truncated_fraction"] = masked_mean((ratio > tis_cap).double(), mask)
+    return out
+
+
 # --------------------------------------------------------------------------- responses
 def repetition_rate(token_ids: Sequence[int], ngram: int) -> float:
     """seq-rep-n = 1 - |unique n-grams| / |n-grams| (Welleck et al. 2019); 0 below n tokens."""

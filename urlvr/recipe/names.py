@@ -9,6 +9,7 @@ def registries() -> dict[str, Registry]:
     """Every registry a recipe can name, with the built-ins registered (imported lazily so
     that importing the recipe module stays cheap)."""
     import urlvr.builtins  # noqa: F401  (registers built-in parts)
+    from urlvr.data.adapters import DATASET_ADAPTERS
     from urlvr.metrics.collapse import COLLAPSE_DETECTORS
     from urlvr.rewards.base import REWARDS
     from urlvr.rewards.extractors import EXTRACTORS
@@ -25,6 +26,7 @@ def registries() -> dict[str, Registry]:
         "loss_aggregation": LOSS_AGGREGATIONS,
         "kl_estimator": KL_ESTIMATORS,
         "collapse_detector": COLLAPSE_DETECTORS,
+        "dataset_adapter": DATASET_ADAPTERS,
     }
 
 

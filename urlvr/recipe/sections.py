@@ -76,6 +76,49 @@ class DatasetsSource(Section):
     """Use only the first N rows."""
 
 
+class AdapterSource(Section):
+    kind: Literal["adapter"] = "adapter"
+    dataset: str
+    """A paper dataset by its adapter's name: dapo-17k, math-500, aime-2024, aime-2025, amc-2023,
+    countdown-3to4 (docs/datasets.md; plugins may add more). The adapter knows the hub id, split,
+    question and answer fields, answer normalisation and the paper's prompt template."""
+    path: str | None = None
+    """A local copy in the hub schema instead of the hub: a .jsonl/.json/.parquet file or a
+    `datasets` directory (offline mirrors, test fixtures); null = download the adapter's hub id."""
+    split: str | None = None
+    """Split to read; null = the adapter's (a local file has only one)."""
+    limit: int | None = Field(None, ge=1)
+    """Use only the first N rows (after the adapter's de-duplication)."""
+    sample_size: int | None = Field(None, ge=1)
+    """Draw N rows at random without replacement instead (paper §5.1's DAPO subsets, §7's 4k/1k
+    Countdown split); null = all rows."""
+    sample_seed: int = 0
+    """Seed of the shuffle that `sample_size` draws from."""
+    sample_offset: int = Field(0, ge=0)
+    """Skip this many rows of the shuffled order first: the same seed with non-overlapping offsets
+    gives disjoint subsets (e.g. train = offset 0, validation = offset 4000)."""
+
+    @field_validator("dataset")
+    @classmethod
+    def _adapter_known(cls, name: str) -> str:
+        return check_registered("dataset_adapter", name)
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"path not found: {path}")
+        return path
+
+    @model_validator(mode="after")
+    def _one_way_to_subset(self) -> AdapterSource:
+        if self.limit is not None and self.sample_size is not None:
+            raise ValueError("give limit or sample_size, not both")
+        if self.sample_offset and self.sample_size is None:
+            raise ValueError("sample_offset needs sample_size")
+        return self
+
+
 class ArithmeticSource(Section):
     kind: Literal["arithmetic"] = "arithmetic"
     num_problems: int = Field(256, ge=1, le=10_000_000)
@@ -93,13 +136,13 @@ class CountdownSource(Section):
 
 
 DataSource = Annotated[
-    Union[FileSource, DatasetsSource, ArithmeticSource, CountdownSource], Field(discriminator="kind")
+    Union[FileSource, DatasetsSource, AdapterSource, ArithmeticSource, CountdownSource], Field(discriminator="kind")
 ]
 
 
 class DataSection(Section):
     source: DataSource = Field(default_factory=ArithmeticSource)
-    """Where prompts come from; `kind` picks the variant: file | datasets | arithmetic | countdown."""
+    """Where prompts come from; `kind` picks the variant: file | datasets | adapter | arithmetic | countdown."""
     template: str = "chat"
     """`chat` = the tokenizer's chat template; anything else is a plain format string with a
     single `{prompt}` field, e.g. `"Question: {prompt}\\nAnswer:"`."""
@@ -116,6 +159,35 @@ class DataSection(Section):
 
 
 # --------------------------------------------------------------------------- rollout
+class VLLMSection(Section):
+    """The colocated vLLM engine: one in-process engine per training rank (docs/vllm.md)."""
+
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
+    """Fraction of the GPU's memory vLLM may take (weights + KV cache); the actor shares the
+    device, so keep room for its weights, gradients and optimizer states."""
+    sleep: bool = True
+    """Offload vLLM's weights and free its KV cache while the actor trains (sleep level 1), wake
+    it for the next rollout. Platforms without sleep mode (CPU) log a line and keep the memory."""
+    max_model_len: int | None = Field(None, ge=16)
+    """Longest prompt + response vLLM plans its KV cache for; null = `data.max_prompt_length +
+    rollout.max_new_tokens`, capped by the model's context length."""
+    sync_bucket_mb: int = Field(256, ge=1)
+    """Weight sync moves parameters in buckets of this many MiB (under ZeRO-3 each bucket is
+    gathered, loaded and released before the next, so peak extra memory stays near one bucket)."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs (slower decoding, faster start, less memory)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of shared prompt prefixes (the N samples of a group share the prompt).
+    The cache is reset after every weight sync, so stale entries never serve a new policy."""
+    max_num_batched_tokens: int | None = Field(None, ge=16)
+    """vLLM scheduler budget per engine step; null = vLLM's default (on CPU: at least
+    `max_model_len`, with chunked prefill off, which CPU sampling with seeds requires)."""
+    cpu_kv_cache_gib: float = Field(1.0, gt=0.0)
+    """KV cache size on the CPU backend, in GiB (sets `VLLM_CPU_KVCACHE_SPACE` if unset)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments passed verbatim to `vllm.LLM` (they win over the fields above)."""
+
+
 class RolloutSection(Section):
     engine: str = "transformers"
     """Rollout engine by name (registry `rollout engine`)."""
@@ -133,6 +205,8 @@ class RolloutSection(Section):
     """Extra token ids that end a response (the tokenizer's eos always does)."""
     generation_batch_size: int = Field(64, ge=1)
     """Sequences generated together by the transformers engine (memory knob)."""
+    vllm: VLLMSection = Field(default_factory=lambda: VLLMSection())
+    """Settings of the `vllm` engine (ignored by the others)."""
 
     @field_validator("engine")
     @classmethod
@@ -235,6 +309,10 @@ class AlgorithmSection(Section):
     """k1 | k2 | k3 (Schulman's estimators)."""
     entropy_coef: float = Field(0.0, ge=0.0)
     """Weight of the entropy bonus (Table 7: none)."""
+    tis_cap: float | None = Field(None, ge=1.0)
+    """Truncated importance sampling against sampler/trainer mismatch (vLLM's numerics differ
+    from the trainer's): each token's loss is weighted by min(pi_trainer / pi_sampler, tis_cap),
+    detached; null = off. The mismatch is measured every step either way (`rollout/logprob_mismatch_*`)."""
 
     @field_validator("advantage", "loss", "loss_aggregation", "kl_estimator")
     @classmethod

@@ -1,6 +1,7 @@
 """Rollouts: the engine protocol and records (``base``), engines by name, and collation.
 
-The vLLM engine is not imported here: it needs the optional ``vllm`` extra.
+The vLLM engine module is imported (so recipes can name it) but imports vLLM itself only when
+an engine is built: vLLM is the optional ``vllm`` extra.
 """
 
 from urlvr.rollout.base import (
@@ -15,6 +16,7 @@ from urlvr.rollout.base import (
 )
 from urlvr.rollout.collate import collate_groups, position_ids_from_attention_mask
 from urlvr.rollout.transformers_engine import TransformersRolloutEngine
+from urlvr.rollout.vllm_engine import VLLMRolloutEngine
 
 __all__ = [
     "ROLLOUT_ENGINES",
@@ -26,6 +28,7 @@ __all__ = [
     "Sample",
     "SamplingParams",
     "TransformersRolloutEngine",
+    "VLLMRolloutEngine",
     "collate_groups",
     "position_ids_from_attention_mask",
 ]

@@ -71,7 +71,14 @@ class Group:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """Samples grouped responses from the current policy."""
+    """Samples grouped responses from the current policy.
+
+    Engines are built by ``from_recipe(recipe, model, tokenizer, dist)``. ``uses_trainer_module``
+    says whether the engine samples from the trainer's own module (then ZeRO-3 must gather its
+    parameters around ``generate``) or from a copy of its own (then ``sync_weights`` copies).
+    """
+
+    uses_trainer_module: bool
 
     def generate(
         self, prompts: Sequence[PromptInput], group_size: int, sampling: SamplingParams
@@ -81,6 +88,11 @@ class RolloutEngine(Protocol):
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the engine sample from ``model``'s current weights (a no-op when shared)."""
+        ...
+
+    def offload(self) -> None:
+        """Free accelerator memory for the actor's update until the next ``generate`` or
+        ``sync_weights`` (a no-op for engines that hold nothing of their own)."""
         ...
 
 

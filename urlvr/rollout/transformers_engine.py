@@ -56,10 +56,19 @@ class TransformersRolloutEngine:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
 
+    uses_trainer_module = True
+
+    @classmethod
+    def from_recipe(cls, recipe, model: torch.nn.Module, tokenizer, dist) -> TransformersRolloutEngine:
+        return cls(model, tokenizer, generation_batch_size=recipe.rollout.generation_batch_size)
+
     def sync_weights(self, model: torch.nn.Module) -> None:
         """No copy: the engine samples from the trainer's own module (see the class docstring)."""
         if model is not self.model:
             self.model = model
+
+    def offload(self) -> None:
+        """Nothing to free: the engine owns no weights or cache between calls."""
 
     @property
     def eos_token_ids(self) -> frozenset[int]:

@@ -5,6 +5,7 @@ Kept apart from the loop so that `loop.py` reads as the algorithm only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -38,6 +39,11 @@ class RunParts:
     eval_records: list[PromptRecord]  # this rank's shard of the evaluation prompts
     eval_prompts: list[PromptInput]
     held_out: dict[str, tuple[list[PromptRecord], list[PromptInput]]] = field(default_factory=dict)  # eval.held_out shards
+
+    def generation_context(self) -> contextlib.AbstractContextManager:
+        """Wrap every ``engine.generate``: an engine sampling from the trainer's own module needs
+        the actor's gathered-parameters context under ZeRO-3; one with its own copy needs nothing."""
+        return self.actor.generation_context() if self.engine.uses_trainer_module else contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:
@@ -100,8 +106,7 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
         model, recipe, world_size=dist.world_size, micro_steps_per_minibatch=micro_steps,
         total_optimizer_steps=total_steps * minibatches * trainer.ppo_epochs,
     )
-    engine_cls = ROLLOUT_ENGINES.get(recipe.rollout.engine)
-    engine = engine_cls(actor.model, tokenizer, generation_batch_size=recipe.rollout.generation_batch_size)
+    engine = ROLLOUT_ENGINES.get(recipe.rollout.engine).from_recipe(recipe, actor.model, tokenizer, dist)
     eval_records, eval_prompts = _evaluation_shard(recipe.eval.source, recipe, tokenizer, dist)
     held_out = {name: _evaluation_shard(source, recipe, tokenizer, dist, f"eval.held_out.{name}")
                 for name, source in recipe.eval.held_out.items()}

@@ -25,7 +25,13 @@ from urlvr.trainer.advantages import ADVANTAGE_ESTIMATORS
 from urlvr.trainer.batching import micro_batches
 from urlvr.trainer.build import RunParts
 from urlvr.trainer.distributed import DistInfo, all_gather_rows, all_reduce_max, all_reduce_sum
-from urlvr.trainer.losses import KL_ESTIMATORS, POLICY_LOSSES, policy_loss_metrics, token_weights
+from urlvr.trainer.losses import (
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    policy_loss_metrics,
+    token_weights,
+    truncated_importance_weights,
+)
 
 
 class StageTimer(dict):
@@ -60,7 +66,7 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
             prompt_seeds=tuple(sampling_seed(recipe.seed, step, first_index + i) for i in range(len(records))),
         )
         vote_size = recipe.reward.vote_group_size or group_size  # TTRL: draw more samples to vote than to train
-        with parts.actor.generation_context():
+        with parts.generation_context():
             drawn = parts.engine.generate([parts.prompts[r.prompt_id] for r in records], vote_size, sampling)
         groups = [replace(g, samples=g.samples[:group_size]) for g in drawn]  # the first group_size are trained
         batch = _to_device(collate_groups(groups, pad_token_id=parts.tokenizer.pad_token_id), dist.device)
@@ -78,7 +84,7 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         policy = EnginePolicy(  # lent to rewards that generate (self-verification): one batched call each
             parts.engine, parts.tokenizer, template=recipe.data.template, system_prompt=recipe.data.system_prompt,
             prompt_suffix=recipe.data.prompt_suffix, sampling=replace(sampling, prompt_seeds=None),
-            seed=sampling_seed(recipe.seed, step, first_index), generation_context=parts.actor.generation_context)
+            seed=sampling_seed(recipe.seed, step, first_index), generation_context=parts.generation_context)
         rewards = score_batch(groups, contexts, terms, recipe.reward.oracle, policy)
 
     with timer("advantage"):  # [B, G] -> one advantage per sample, broadcast over its tokens
@@ -86,11 +92,15 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         advantages = estimator(rewards.total.double(), eps=algo.advantage_eps).float().flatten().to(dist.device)
 
     with timer("update"):
+        parts.engine.offload()  # a vLLM engine frees the device for the actor (sleep mode)
         policy_loss = POLICY_LOSSES.get(algo.loss)
         rows_per_minibatch = recipe.trainer.prompts_per_minibatch // dist.world_size * group_size
         per_row = {"old_logprobs": stats["logprob"], "advantages": advantages}
         if algo.kl_coef > 0:
             per_row["ref_logprobs"] = ref_logprobs
+        if algo.tis_cap is not None:  # sampler/trainer mismatch correction, fixed for the step
+            per_row["tis_weights"] = truncated_importance_weights(
+                stats["logprob"], batch.sampler_logprobs, batch.response_mask, algo.tis_cap)
         update_log: list[dict[str, float]] = []
         for _epoch in range(recipe.trainer.ppo_epochs):
             for mb_start in range(0, len(all_rows), rows_per_minibatch):
@@ -113,6 +123,8 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
                         mask, algo.loss_aggregation, max_response_length=recipe.rollout.max_new_tokens,
                         num_sequences=int(n_seqs), num_tokens=int(n_tokens),
                     )
+                    if "tis_weights" in micro:
+                        weights = weights * micro["tis_weights"]
                     loss = (weights * loss_out.per_token_loss).sum()
                     minibatch_loss += loss.item()
                     log = {f"actor/{k}": v for k, v in policy_loss_metrics(loss_out, mask).items()}
@@ -126,6 +138,9 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
                     update_log.append(log)
                 # summed over micro-batches here, over ranks by the mean (x world_size) in the metrics
                 update_log[-1].update({"loss/policy": minibatch_loss, "actor/grad_norm": parts.actor.grad_norm()})
+
+    with timer("weight_sync"):  # the next rollout (and any evaluation) samples the updated policy
+        parts.engine.sync_weights(parts.actor.model)
 
     with timer("metrics"):
         metrics, prompt_rows = _step_metrics(groups, records, batch, stats, rewards, contexts, update_log, parts,
@@ -194,7 +209,9 @@ def _step_metrics(groups, records, batch, stats, rewards: BatchRewards, contexts
                   timer: StageTimer, recipe: Recipe, ref_logprobs, step: int) -> tuple[dict[str, float], list[dict]]:
     mask = batch.response_mask.float()
     answers, voters = [ctx.answers for ctx in contexts], [ctx.voters for ctx in contexts]
+    mismatch = torch.where(mask.bool(), (stats["logprob"] - batch.sampler_logprobs).abs(), 0.0)
     local = {
+        "rollout/logprob_mismatch_max": float(mismatch.max()) if mismatch.numel() else 0.0,
         **dynamics.response_metrics(groups, ngram=recipe.dynamics.repetition_ngram),
         **_reward_term_metrics(rewards),
         "dynamics/answer_rate": sum(a is not None for group in answers for a in group) / mask.shape[0],
@@ -205,7 +222,7 @@ def _step_metrics(groups, records, batch, stats, rewards: BatchRewards, contexts
     token_means = {  # ranks hold different token counts: weight each rank's mean by its count
         "actor/entropy_mean": dynamics.masked_mean(stats["entropy"], mask),
         "actor/self_certainty_mean": dynamics.masked_mean(stats["self_certainty"], mask),
-        "actor/sampler_logprob_abs_diff_mean": dynamics.masked_mean((stats["logprob"] - batch.sampler_logprobs).abs(), mask),
+        **dynamics.sampler_mismatch_metrics(stats["logprob"], batch.sampler_logprobs, mask, recipe.algorithm.tis_cap),
     }
     if ref_logprobs is not None:  # KL(pi || pi_0) of the policy that sampled this batch
         token_means["actor/kl_to_initial"] = dynamics.masked_mean(dynamics.kl_k3(stats["logprob"], ref_logprobs), mask)

@@ -163,6 +163,22 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.expm1(log_ref_ratio) - log_ref_ratio
 
 
+# --------------------------------------------------------------------------- sampler mismatch
+def truncated_importance_weights(
+    trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, response_mask: torch.Tensor, cap: float,
+) -> torch.Tensor:
+    """w = min(π_trainer / π_sampler, cap) per token, detached; 1 where the mask is 0.
+
+    Why: a vLLM sampler's numerics (kernels, bf16, batch shapes) differ from the trainer's, so
+    "on-policy" tokens were in fact drawn from π_sampler. Weighting each token's loss by the
+    truncated ratio makes the gradient an estimate under π_trainer again, with the variance
+    bounded by ``cap`` (truncated IS: Ionides 2008; for RL with vLLM, Yao et al. 2025, "Your
+    efficient RL framework secretly brings you off-policy RL training"). `[B, T] x3 -> [B, T]`.
+    """
+    ratio = torch.exp((trainer_logprobs.detach() - sampler_logprobs).double()).clamp(max=cap)
+    return torch.where(response_mask.bool(), ratio, torch.ones_like(ratio)).to(trainer_logprobs.dtype)
+
+
 # --------------------------------------------------------------------------- entropy
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """H = -Σ_v p_v log p_v with log p = z - logsumexp(z); `[..., V] -> [...]`.

@@ -52,6 +52,7 @@ class Trainer:
         start_step, state = 0, {}
         if resume_from is not None:
             state = checkpoint.load_checkpoint(resume_from, parts.actor.engine, rank=dist.rank)
+            parts.engine.sync_weights(parts.actor.model)  # an engine with its own weight copy
             parts.stream.load_state_dict(state["stream"])
             start_step = state["step"]
         # every rank judges collapse from the same (rank-reduced) metrics, so all stop together
@@ -165,7 +166,7 @@ class Trainer:
                 **{f"eval/{name}": shard for name, shard in parts.held_out.items()}}
         metrics: dict[str, float] = {}
         for name, (records, prompts) in sets.items():
-            with parts.actor.generation_context():
+            with parts.generation_context():
                 metrics.update(evaluate(parts.engine, records, prompts, samples_per_prompt=ev.samples_per_prompt,
                                         sampling=sampling, extractor=self.recipe.reward.extractor, name=name,
                                         greedy=ev.greedy))

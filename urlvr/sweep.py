@@ -1,0 +1,234 @@
+"""`urlvr sweep`: one recipe, a grid of `--set` overrides, one run directory per grid point.
+
+A sweep point is exactly a list of overrides, the same `section.field=value` strings that
+`urlvr train --set` takes, plus `output_dir=<sweep dir>/<point name>`, so any point can be
+re-run (or resumed) by hand from the line `urlvr sweep --print` shows for it. Afterwards the
+runs are overlaid by `urlvr plot`.
+
+A sweep spec is a small YAML file kept next to the recipes:
+
+    recipe: ../rise-and-fall.yaml      # relative to this file
+    set: [trainer.total_steps=200]     # optional: overrides shared by every point
+    output_dir: runs/my-sweep          # optional: default <recipe output_dir>/<spec file stem>
+    grid:
+      rollout.temperature: [0.6, 0.8, 1.0, 1.2]        # a field and its values
+      kl:                                               # a named axis of labelled points,
+        off: {algorithm.kl_coef: 0.0}                   # each setting one or more fields
+        "0.005": {algorithm.kl_coef: 0.005}
+
+The points are the cartesian product of the axes, in the order written. `urlvr sweep RECIPE.yaml
+--grid rollout.temperature=0.6,0.8` sweeps a plain recipe without a spec file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from urlvr.recipe import RecipeError, load_recipe
+
+SPEC_KEYS = ("recipe", "grid", "set", "output_dir")
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One dimension of the grid: labelled choices, each a mapping of recipe field -> value."""
+
+    name: str  # the field for a list axis, the spec's axis name for a labelled one
+    choices: tuple[tuple[str, Mapping[str, Any]], ...]
+
+    @property
+    def short(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    name: str  # also the run directory's name, e.g. `temperature=0.6`
+    overrides: tuple[str, ...]  # shared overrides, this point's, then output_dir
+    run_dir: Path
+
+
+@dataclass(frozen=True)
+class Sweep:
+    recipe: Path
+    out_dir: Path
+    axes: tuple[Axis, ...]
+    shared: tuple[str, ...] = ()
+
+    def points(self) -> list[SweepPoint]:
+        """The cartesian product of the axes, first axis slowest."""
+        short = [axis.short for axis in self.axes]
+        prefixes = [axis.name if short.count(axis.short) > 1 else axis.short for axis in self.axes]
+        points = []
+        for combo in itertools.product(*(axis.choices for axis in self.axes)):
+            name = ",".join(f"{prefix}={_safe(label)}" for prefix, (label, _) in zip(prefixes, combo)) or "base"
+            fields = [f"{key}={format_value(value)}" for _, values in combo for key, value in values.items()]
+            run_dir = self.out_dir / name
+            points.append(SweepPoint(name, (*self.shared, *fields, f"output_dir={run_dir}"), run_dir))
+        names = [p.name for p in points]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise RecipeError(f"sweep: two grid points share the run directory name {repeated[0]!r}; label them apart")
+        return points
+
+
+def format_value(value: Any) -> str:
+    """A value as the text of a `--set` override, which is parsed back as YAML: strings stay bare
+    when YAML reads them back as the same string, everything else is written as JSON (valid YAML)."""
+    if isinstance(value, str):
+        try:
+            if yaml.safe_load(value) == value and "\n" not in value:
+                return value
+        except yaml.YAMLError:
+            pass
+    if isinstance(value, float):
+        text = repr(value)  # YAML 1.1 reads `1e-06` as a string: give the mantissa a dot
+        mantissa, e, exponent = text.partition("e")
+        return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
+    return json.dumps(value)
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", label)
+
+
+def _label(value: Any) -> str:
+    """A list axis's point label: the value as written (compact JSON for lists and mappings; a
+    labelled axis gives such points readable names)."""
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"))
+
+
+def parse_axis(name: str, values: Any, origin: str) -> Axis:
+    """A spec's grid entry: `field: [values]` or `axis: {label: {field: value, ...}}`."""
+    if isinstance(values, list):
+        if not values:
+            raise RecipeError(f"{origin}: grid.{name}: no values")
+        return Axis(name, tuple((_label(v), {name: v}) for v in values))
+    if isinstance(values, Mapping) and values:
+        choices = []
+        for label, fields in values.items():
+            if not isinstance(fields, Mapping) or not fields:
+                raise RecipeError(f"{origin}: grid.{name}.{label}: a labelled point is a mapping of "
+                                  "recipe fields to values, e.g. {algorithm.kl_coef: 0.005}")
+            choices.append((str(label), dict(fields)))
+        return Axis(name, tuple(choices))
+    raise RecipeError(f"{origin}: grid.{name}: expected a list of values or a mapping of labelled points")
+
+
+def parse_grid_option(option: str) -> Axis:
+    """`--grid field=v1,v2,...`: each value is parsed as YAML (commas inside [] or {} do not split)."""
+    field, sep, raw = option.partition("=")
+    if not sep or not field.strip() or not raw.strip():
+        raise RecipeError(f"--grid {option!r}: expected section.field=value1,value2,...")
+    values = [yaml.safe_load(part) for part in _split_top_level(raw)]
+    return parse_axis(field.strip(), values, "--grid")
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [*parts, current]
+
+
+def load_sweep(path: str | Path, *, grid: Sequence[str] = (), overrides: Sequence[str] = (),
+               recipe: str | Path | None = None, out_dir: str | Path | None = None) -> Sweep:
+    """A sweep from a spec file, or from a recipe file plus `--grid` options.
+
+    ``recipe`` replaces the spec's recipe (e.g. one of the paper's B.3 sweeps over another reward);
+    ``overrides`` are appended to the shared ones; ``grid`` adds axes after the spec's."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: sweep spec or recipe not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    is_spec = isinstance(data, dict) and "grid" in data
+    if is_spec:
+        unknown = sorted(set(data) - set(SPEC_KEYS))
+        if unknown:
+            raise RecipeError(f"{path}: unknown sweep key {unknown[0]!r} (known: {', '.join(SPEC_KEYS)})")
+        if not isinstance(data["grid"], dict):
+            raise RecipeError(f"{path}: grid: expected a mapping of fields (or axis names) to values")
+        if "recipe" not in data and recipe is None:
+            raise RecipeError(f"{path}: a sweep spec needs `recipe:` (the path of the recipe it sweeps)")
+        base = Path(recipe) if recipe is not None else Path(os.path.normpath(path.parent / str(data["recipe"])))
+        shared = data.get("set") or []
+        if not isinstance(shared, list) or not all(isinstance(s, str) for s in shared):
+            raise RecipeError(f"{path}: set: expected a list of section.field=value strings")
+        axes = [parse_axis(name, values, str(path)) for name, values in data["grid"].items()]
+        default_out = data.get("output_dir")
+    else:
+        if recipe is not None:
+            raise RecipeError(f"{path}: --recipe replaces a sweep spec's recipe; this file is a recipe")
+        base, shared, axes, default_out = path, [], [], None
+    axes += [parse_grid_option(option) for option in grid]
+    if not axes:
+        raise RecipeError(f"{path}: nothing to sweep: give a sweep spec with `grid:` or --grid field=v1,v2")
+    shared = [*shared, *overrides]
+    resolved = load_recipe(base, shared)  # the base must be valid before any point is
+    name = path.stem if is_spec else "sweep"
+    out = Path(out_dir) if out_dir is not None else Path(default_out) if default_out else Path(resolved.output_dir) / name
+    return Sweep(recipe=base, out_dir=out, axes=tuple(axes), shared=tuple(shared))
+
+
+def validate_points(sweep: Sweep) -> list[SweepPoint]:
+    """Every point's recipe, validated; the first bad one raises naming its point."""
+    points = sweep.points()
+    for point in points:
+        try:
+            load_recipe(sweep.recipe, point.overrides)
+        except RecipeError as err:
+            raise RecipeError(f"sweep point {point.name}: {err}") from None
+    return points
+
+
+def launch_lines(sweep: Sweep, *, launcher: str = "urlvr") -> list[str]:
+    """Shell lines: one `train` per point, then the `plot` that overlays them."""
+    points = sweep.points()
+    lines = [f"# {len(points)} runs of {sweep.recipe}, then their overlay"]
+    for point in points:
+        sets = " ".join(f"--set {shlex.quote(o)}" for o in point.overrides)
+        lines.append(f"{launcher} train {shlex.quote(str(sweep.recipe))} {sets}")
+    dirs = " ".join(shlex.quote(str(p.run_dir)) for p in points)
+    lines.append(f"urlvr plot {dirs} --out {shlex.quote(str(sweep.out_dir / 'plots'))}")
+    return lines
+
+
+def run_sweep(sweep: Sweep, *, say=print) -> list[Path]:
+    """Run every point in this process, one after another, then overlay them. A point whose run
+    finished (summary.json) is skipped; one that started is resumed from its last checkpoint."""
+    import urlvr
+    from urlvr.metrics.plots import plot_runs
+
+    points = validate_points(sweep)  # a typo in the last point fails now, not after hours of the first
+    for index, point in enumerate(points, 1):
+        if (point.run_dir / "summary.json").is_file():
+            say(f"urlvr sweep: [{index}/{len(points)}] {point.name}: finished earlier, skipped")
+            continue
+        started = (point.run_dir / "metrics.jsonl").is_file()
+        say(f"urlvr sweep: [{index}/{len(points)}] {point.name}: {'resuming' if started else 'training'} in {point.run_dir}")
+        urlvr.train(load_recipe(sweep.recipe, point.overrides), resume=point.run_dir if started else None)
+    dirs = [p.run_dir for p in points]
+    for figure in plot_runs(dirs, sweep.out_dir / "plots"):
+        say(f"urlvr sweep: {figure.path}")
+    return dirs
