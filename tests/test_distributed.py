@@ -39,6 +39,10 @@ BUDGET = 12.0  # test_short_response's default budget: reward = 1 - length / 12
 # float-noise diagnostics whose values depend on batch shapes, not on the maths being compared
 VOLATILE = ("time/", "perf/tokens_per_second", "rollout/logprob_mismatch", "rollout/mismatch_kl")
 WEIGHT_ATOL, METRIC_RTOL, METRIC_ATOL = 1e-5, 1e-4, 1e-6
+TWO_PROCESS_RUNS = {  # run name -> (launcher, ZeRO stage)
+    "zero2": ("torchrun", 2), "zero3": ("deepspeed", 3), "zero3_torchrun": ("torchrun", 3),
+    "zero2_deepspeed": ("deepspeed", 2), "zero3_accelerate": ("accelerate", 3),
+}
 
 
 def recipe_for(model_path: Path, out: Path, zero_stage: int) -> dict:
@@ -147,38 +151,28 @@ def _recipe_file(random_tiny_model, work: Path, name: str, zero_stage: int) -> P
 
 
 @pytest.fixture(scope="module")
-def zero2(random_tiny_model, work) -> Path:
-    recipe = _recipe_file(random_tiny_model, work, "zero2", zero_stage=2)
-    launch("torchrun", ["train", str(recipe)], work, "zero2")
-    return work / "zero2"
+def two_process_runs(random_tiny_model, work):
+    """`run(name) -> run dir` for the runs of TWO_PROCESS_RUNS, each launched on first use."""
+    done: dict[str, Path] = {}
+
+    def run(name: str) -> Path:
+        if name not in done:
+            launcher, stage = TWO_PROCESS_RUNS[name]
+            launch(launcher, ["train", str(_recipe_file(random_tiny_model, work, name, zero_stage=stage))], work, name)
+            done[name] = work / name
+        return done[name]
+
+    return run
 
 
 @pytest.fixture(scope="module")
-def zero3(random_tiny_model, work) -> Path:
-    recipe = _recipe_file(random_tiny_model, work, "zero3", zero_stage=3)
-    launch("deepspeed", ["train", str(recipe)], work, "zero3")
-    return work / "zero3"
+def zero2(two_process_runs) -> Path:
+    return two_process_runs("zero2")
 
 
 @pytest.fixture(scope="module")
-def zero3_torchrun(random_tiny_model, work) -> Path:
-    recipe = _recipe_file(random_tiny_model, work, "zero3_torchrun", zero_stage=3)
-    launch("torchrun", ["train", str(recipe)], work, "zero3_torchrun")
-    return work / "zero3_torchrun"
-
-
-@pytest.fixture(scope="module")
-def zero2_deepspeed(random_tiny_model, work) -> Path:
-    recipe = _recipe_file(random_tiny_model, work, "zero2_deepspeed", zero_stage=2)
-    launch("deepspeed", ["train", str(recipe)], work, "zero2_deepspeed")
-    return work / "zero2_deepspeed"
-
-
-@pytest.fixture(scope="module")
-def zero3_accelerate(random_tiny_model, work) -> Path:
-    recipe = _recipe_file(random_tiny_model, work, "zero3_accelerate", zero_stage=3)
-    launch("accelerate", ["train", str(recipe)], work, "zero3_accelerate")
-    return work / "zero3_accelerate"
+def zero3(two_process_runs) -> Path:
+    return two_process_runs("zero3")
 
 
 @pytest.fixture(scope="module")
@@ -211,16 +205,10 @@ def test_prompt_seeds_make_samples_independent_of_batching(random_tiny_model):
     assert len({s.token_ids for s in together[1].samples}) > 1  # a group's samples are distinct draws
 
 
-TWO_PROCESS_RUNS = {  # fixture -> (launcher, ZeRO stage)
-    "zero2": ("torchrun", 2), "zero3": ("deepspeed", 3), "zero3_torchrun": ("torchrun", 3),
-    "zero2_deepspeed": ("deepspeed", 2), "zero3_accelerate": ("accelerate", 3),
-}
-
-
 @pytest.mark.parametrize("run", list(TWO_PROCESS_RUNS))
-def test_two_processes_train_like_one(run, request, random_tiny_model, single, work):
+def test_two_processes_train_like_one(run, two_process_runs, random_tiny_model, single, work):
     launcher, stage = TWO_PROCESS_RUNS[run]
-    run_dir = request.getfixturevalue(run)
+    run_dir = two_process_runs(run)
     context = f"ZeRO-{stage} under {launcher}"
     assert all(seen_by_rank(work / f"{run}-seen").values()), "a rank scored no groups"  # two processes ran
     diff = max_weight_diff(read_weights(single[0]), read_weights(run_dir))

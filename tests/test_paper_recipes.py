@@ -105,6 +105,9 @@ def test_section_5_6_7_and_table_9_settings():
     assert sv.data.source.dataset == "countdown-3to4" and sv.data.source.sample_size == 4000
     assert sv.reward.terms[0].name == "self_verification" and sv.reward.terms[0].kwargs["prompt"] == "p2"
     assert (sv.reward.extractor, sv.reward.oracle) == ("countdown_answer", "countdown")
+    for arm in ("countdown-self-verification", "countdown-trajectory-entropy", "countdown-oracle"):
+        ev = recipe(arm).eval  # validation on the 1k problems after the 4k training ones
+        assert (ev.judge, ev.source.sample_size, ev.source.sample_offset, ev.source.sample_seed) == ("countdown", 1000, 4000, 0)
     assert recipe("countdown-oracle").reward.terms[0].kwargs == {"format_score": 0.1, "allow_equals": False}
     ttrl = recipe("ttrl-aime24")
     assert ttrl.mode == "test_time" and ttrl.eval.source.dataset == "aime-2024"
@@ -134,6 +137,8 @@ def cpu_overrides(name: str, out: Path) -> list[str]:
             sets.append(f"{where}.path={FIXTURES / source.dataset}.jsonl")
             if source.sample_size:
                 sets.append(f"{where}.sample_size=4")
+            if source.sample_offset:
+                sets.append(f"{where}.sample_offset=0")
     return sets
 
 
@@ -162,5 +167,8 @@ def test_paper_recipe_runs_a_few_cpu_steps(name, tmp_path, monkeypatch):
         assert [e["step"] for e in result.evaluations] == [0, 2]
         assert {"eval/prompts", "eval/aime-2025/prompts", "eval/amc-2023/prompts"} <= set(result.evaluations[0])
         assert result.evaluations[0]["eval/amc-2023/prompts"] == 3.0
+    if name == "countdown-self-verification":  # judged by the countdown scorer, before step 1 and after
+        assert [e["step"] for e in result.evaluations] == [0, 2]
+        assert all(0.0 <= e["eval/avg@2"] <= 1.0 and e["eval/prompts"] == 4.0 for e in result.evaluations)
     if name == "test-time-amc23":
         assert {e["eval/prompts"] for e in result.evaluations} == {3.0}  # trained on the set it evaluates

@@ -5,6 +5,10 @@ pass@k = 1 - C(n-c, k) / C(n, k) (Chen et al. 2021; with n = k it is "any sample
 maj@k  = whether the majority answer of the k samples equals the label,
 greedy = whether the greedy (argmax) response's answer equals the label (optional).
 The paper evaluates with k = 32, temperature 0.6, top-p 0.95 (the recipe's defaults).
+
+"Correct" is, by default, "the extracted answer equals the normalised label". Tasks whose answers
+are not strings to compare (Countdown: any expression that uses the numbers and reaches the
+target) name a *judge*, a registered reward whose score >= 0.5 means correct (`eval.judge`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from urlvr.data.records import PromptRecord
 from urlvr.rewards.extractors import EXTRACTORS, normalize_answer
 from urlvr.rewards.voting import majority_answer
-from urlvr.rollout.base import PromptInput, RolloutEngine, SamplingParams
+from urlvr.rollout.base import Group, PromptInput, RolloutEngine, SamplingParams
 from urlvr.trainer.distributed import all_reduce_sum
 
 
@@ -32,6 +36,7 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
 def evaluate(
     engine: RolloutEngine, records: Sequence[PromptRecord], prompts: Sequence[PromptInput], *,
     samples_per_prompt: int, sampling: SamplingParams, extractor: str, name: str = "eval", greedy: bool = False,
+    judge: str | None = None,
 ) -> dict[str, float]:
     """Sample k answers per (labelled) prompt on this rank's shard and return rank-reduced scores."""
     extract = EXTRACTORS.get(extractor)
@@ -39,15 +44,17 @@ def evaluate(
     greedy_groups = engine.generate(list(prompts), 1, replace(sampling, greedy=True)) if greedy and prompts else []
     sums = torch.zeros(5, dtype=torch.float64)  # avg@k, pass@k, maj@k, prompts, greedy correct
     for group, record in zip(groups, records, strict=True):
-        label = normalize_answer(record.label)
         answers = [extract(s.text) for s in group.samples]
-        correct = sum(a == label for a in answers)
+        verdicts = judge_samples(group, record, answers, extract, judge)
+        correct = sum(verdicts)
+        majority = majority_answer(answers)
+        majority_correct = majority is not None and any(v for a, v in zip(answers, verdicts) if a == majority)
         sums += torch.tensor([
             correct / len(answers), pass_at_k(len(answers), correct, len(answers)),
-            float(majority_answer(answers) == label), 1.0, 0.0,
+            float(majority_correct), 1.0, 0.0,
         ], dtype=torch.float64)
     for group, record in zip(greedy_groups, records, strict=True):
-        sums[4] += float(extract(group.samples[0].text) == normalize_answer(record.label))
+        sums[4] += float(judge_samples(group, record, [extract(group.samples[0].text)], extract, judge)[0])
     sums = all_reduce_sum(sums)
     count = max(1.0, float(sums[3]))
     k = samples_per_prompt
@@ -58,3 +65,19 @@ def evaluate(
         f"{name}/prompts": float(sums[3]),
         **({f"{name}/greedy_accuracy": float(sums[4]) / count} if greedy else {}),
     }
+
+
+def judge_samples(group: Group, record: PromptRecord, answers: Sequence[str | None], extract, judge: str | None) -> list[bool]:
+    """Per sample: correct? By label equality, or by the ``judge`` reward's score >= 0.5 (it sees
+    the group as a training reward would, with the label readable; no token statistics)."""
+    if judge is None:
+        label = normalize_answer(record.label)
+        return [a is not None and a == label for a in answers]
+    import urlvr.builtins  # noqa: F401  (registers the built-in rewards)
+    from urlvr.rewards.base import REWARDS, RewardContext, call_reward
+
+    ctx = RewardContext(
+        answers=tuple(answers), response_mask=torch.ones(group.size, 1), token_stats={}, extract_answer=extract,
+        metadata=record.metadata, question=record.prompt, _label=record.label,
+    )
+    return [score >= 0.5 for score in call_reward(REWARDS.get(judge), group, ctx, {}).scores]

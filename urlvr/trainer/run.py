@@ -169,7 +169,7 @@ class Trainer:
             with parts.generation_context():
                 metrics.update(evaluate(parts.engine, records, prompts, samples_per_prompt=ev.samples_per_prompt,
                                         sampling=sampling, extractor=self.recipe.reward.extractor, name=name,
-                                        greedy=ev.greedy))
+                                        greedy=ev.greedy, judge=ev.judge))
         return metrics
 
     def _evaluate(self, parts, dist, step: int, loggers, result: RunResult) -> None:

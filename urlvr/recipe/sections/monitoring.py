@@ -1,0 +1,138 @@
+"""What a run measures and how it reacts: `logging`, `eval`, `dynamics`, `collapse`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from urlvr.recipe.names import check_registered
+from urlvr.recipe.sections.base import Section
+from urlvr.recipe.sections.data import DataSource
+
+
+class WandbSection(Section):
+    enabled: bool = False
+    """Log to Weights & Biases (needs the `wandb` extra)."""
+    project: str = "urlvr"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (team)."""
+    mode: Literal["auto", "online", "offline"] = "auto"
+    """`auto` = online when WANDB_API_KEY is set, offline otherwise."""
+
+
+class LoggingSection(Section):
+    console: bool = True
+    """Rich progress bar and per-step line on the console."""
+    completions_per_step: int = Field(4, ge=0)
+    """Sample completions written to `completions.jsonl` each step (0 = none)."""
+    wandb: WandbSection = Field(default_factory=WandbSection)
+    """Weights & Biases settings."""
+
+
+class EvalSection(Section):
+    every_steps: int = Field(0, ge=0)
+    """Evaluate every K steps (0 = never during training)."""
+    at_start: bool = False
+    """Evaluate before step 1 (the baseline)."""
+    at_end: bool = False
+    """Evaluate after the last step."""
+    source: DataSource | None = None
+    """Evaluation prompts (needs labels); null = no evaluation."""
+    samples_per_prompt: int = Field(32, ge=1)
+    """k for avg@k / maj@k (paper: 32)."""
+    temperature: float = Field(0.6, gt=0.0, le=10.0)
+    """Evaluation sampling temperature (paper: 0.6)."""
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    """Evaluation nucleus threshold (paper: 0.95)."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Response budget; null = rollout.max_new_tokens."""
+    greedy: bool = True
+    """Also decode each prompt greedily once and report `greedy_accuracy`."""
+    judge: str | None = None
+    """A registered reward that decides whether an evaluation sample is correct (score >= 0.5),
+    for tasks where an answer is not a string to compare with the label: `countdown` (an
+    expression must use the numbers and reach the target). null = the extracted answer equals
+    the label. Reported as `avg@k` etc. like the default."""
+    held_out: dict[str, DataSource] = Field(default_factory=dict)
+    """More labelled sets evaluated at the same times as `source`, by name; logged as
+    `eval/<name>/avg@k` etc. (e.g. the held-out benchmarks of a test-time run)."""
+
+    @field_validator("judge")
+    @classmethod
+    def _judge_known(cls, name: str | None) -> str | None:
+        return None if name is None else check_registered("reward", name)
+
+    @model_validator(mode="after")
+    def _needs_source(self) -> EvalSection:
+        if (self.every_steps or self.at_start or self.at_end) and self.source is None:
+            raise ValueError("evaluation is switched on but eval.source is not set")
+        return self
+
+
+class DynamicsSection(Section):
+    kl_to_initial_every: int = Field(0, ge=0)
+    """Log `actor/kl_to_initial` (k3 estimate of KL(pi || pi_0) per response token) every K steps,
+    even with `algorithm.kl_coef` 0, by scoring the batch with a frozen copy of the initial model.
+    0 = only when the KL penalty is on (then every step, at no extra cost)."""
+    kl_reference_device: Literal["auto", "cpu"] = "auto"
+    """Where that frozen copy lives when the KL penalty is off: `auto` = the training device,
+    `cpu` = host memory (saves accelerator memory; slower). With a penalty the penalty's
+    reference model is reused."""
+    repetition_ngram: int = Field(4, ge=1, le=64)
+    """n of `response/repetition_rate` = 1 - unique n-grams / n-grams of a response's tokens."""
+    track_prompts: list[str] | Literal["all"] | None = None
+    """Per-prompt tracking (paper Fig. 4) into `prompts.jsonl`: a list of training prompt ids,
+    `all`, or null (off). Each step records the tracked prompts of the batch (p_maj, majority
+    answer and its correctness, whether the highest-reward sample is right)."""
+    greedy_every: int = Field(0, ge=0)
+    """Greedy-decode every tracked prompt every K steps and before step 1 (answer, correctness,
+    confidence); 0 = off. Costs one generation per tracked prompt."""
+
+    @model_validator(mode="after")
+    def _greedy_needs_prompts(self) -> DynamicsSection:
+        if self.greedy_every and not self.track_prompts:
+            raise ValueError("greedy_every needs track_prompts (a list of prompt ids or `all`)")
+        return self
+
+
+class DetectorSpec(Section):
+    name: str
+    """A registered collapse detector: proxy_saturation | entropy_collapse | length_collapse |
+    repetition_growth | kl_drift (or a plugin's)."""
+    threshold: float | None = None
+    """The detector's limit (absolute, or a fraction of its starting value for the relative
+    ones); null = the detector's default (docs/dynamics.md lists them)."""
+    window: int = Field(5, ge=1, le=10_000)
+    """Steps in the trailing mean compared with the limit (and in the baseline of relative detectors)."""
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return check_registered("collapse_detector", name)
+
+
+def _default_detectors() -> list[DetectorSpec]:
+    names = ("proxy_saturation", "entropy_collapse", "length_collapse", "repetition_growth", "kl_drift")
+    return [DetectorSpec(name=n) for n in names]
+
+
+class CollapseSection(Section):
+    reward_accuracy_threshold: float = Field(0.01, ge=0.0, le=1.0)
+    """Model Collapse Step (paper §6): the first step whose Reward Accuracy is below this (paper:
+    1%). Needs labels (metrics only); written to summary.json."""
+    smoothing_window: int = Field(1, ge=1, le=10_000)
+    """Reward Accuracy is averaged over this many trailing steps before the threshold; 1 = raw (paper)."""
+    detectors: list[DetectorSpec] = Field(default_factory=_default_detectors)
+    """Label-free early warnings, each firing once; [] = none."""
+    action: Literal["warn", "stop", "checkpoint"] = "warn"
+    """On an alarm (a detector, or the Model Collapse Step): `warn` prints and records it;
+    `checkpoint` also saves a checkpoint then; `stop` saves one and ends the run, exporting the
+    best checkpoint to `<output_dir>/best`."""
+    best_metric: str | None = None
+    """Metric that picks the best checkpoint (any logged key, `eval/...` included, e.g.
+    `eval/maj@32`); null = the last checkpoint saved before the first alarm. That checkpoint
+    is never pruned by `trainer.keep_last`."""
+    best_mode: Literal["max", "min"] = "max"
+    """Whether a larger or smaller `best_metric` is better."""

@@ -1,0 +1,119 @@
+"""How the update is made and scheduled: `algorithm`, `optim` (incl. `deepspeed`), `trainer`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from urlvr.recipe.names import check_registered
+from urlvr.recipe.sections.base import Section
+
+
+class AlgorithmSection(Section):
+    advantage: str = "grpo"
+    """Advantage estimator by name: `grpo` (group mean/std) or `dr_grpo` (mean only)."""
+    advantage_eps: float = Field(1e-6, gt=0.0, le=1.0)
+    """Added to the group std before dividing."""
+    loss: str = "ppo_clip"
+    """Policy loss by name."""
+    clip_eps_low: float = Field(0.2, ge=0.0, le=1.0)
+    """Lower clip range: ratio clipped at 1 - clip_eps_low."""
+    clip_eps_high: float = Field(0.2, ge=0.0, le=10.0)
+    """Upper clip range: ratio clipped at 1 + clip_eps_high (DAPO's clip-higher uses 0.28)."""
+    dual_clip_c: float | None = Field(None, gt=1.0)
+    """Dual-clip constant c > 1 bounding the loss for negative advantages; null = off."""
+    loss_aggregation: str = "token-mean"
+    """token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)."""
+    kl_coef: float = Field(0.0, ge=0.0)
+    """Weight of the KL penalty to the frozen initial policy (Table 7: none). >0 loads a reference model."""
+    kl_estimator: str = "k3"
+    """k1 | k2 | k3 (Schulman's estimators)."""
+    entropy_coef: float = Field(0.0, ge=0.0)
+    """Weight of the entropy bonus (Table 7: none)."""
+    tis_cap: float | None = Field(None, ge=1.0)
+    """Truncated importance sampling against sampler/trainer mismatch (vLLM's numerics differ
+    from the trainer's): each token's loss is weighted by min(pi_trainer / pi_sampler, tis_cap),
+    detached; null = off. The mismatch is measured every step either way (`rollout/logprob_mismatch_*`)."""
+
+    @field_validator("advantage", "loss", "loss_aggregation", "kl_estimator")
+    @classmethod
+    def _registered(cls, name: str, info: ValidationInfo) -> str:
+        return check_registered(_ALGORITHM_REGISTRIES[info.field_name], name)
+
+
+_ALGORITHM_REGISTRIES = {  # AlgorithmSection field -> the registry its value must name
+    "advantage": "advantage_estimator",
+    "loss": "policy_loss",
+    "loss_aggregation": "loss_aggregation",
+    "kl_estimator": "kl_estimator",
+}
+
+
+class DeepSpeedSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage: 0 plain data parallel, 1 optimizer state, 2 + gradients, 3 + parameters sharded."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Training precision; bf16 keeps fp32 master weights in the optimizer."""
+    offload_optimizer: bool = False
+    """Keep optimizer state on the CPU (ZeRO 1-3)."""
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+    """Raw DeepSpeed config keys merged last, for knobs urlvr does not model."""
+
+
+class OptimSection(Section):
+    lr: float = Field(1e-6, gt=0.0, le=1.0)
+    """Peak learning rate (Table 7: 1e-6)."""
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
+    """AdamW weight decay (veRL's default)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    adam_eps: float = Field(1e-8, gt=0.0)
+    """AdamW epsilon."""
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    """Clip the global gradient norm to this; null = off."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up, in optimizer steps."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """LR schedule after warm-up."""
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Cosine floor as a fraction of lr."""
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    """DeepSpeed engine settings."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, b: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= x < 1.0 for x in b):
+            raise ValueError("each beta must lie in [0, 1)")
+        return b
+
+
+class TrainerSection(Section):
+    total_steps: int | None = Field(None, ge=1)
+    """Rollout steps to run; null = as many as `data_epochs` passes over the prompts give."""
+    data_epochs: int = Field(1, ge=1)
+    """Passes over the prompt set when total_steps is null."""
+    prompts_per_step: int = Field(64, ge=1)
+    """Global batch: prompts rolled out per step, across all ranks (Table 7: 64)."""
+    prompts_per_minibatch: int = Field(64, ge=1)
+    """Prompts per optimizer step (Table 7: 64 = one update per rollout, pure on-policy)."""
+    ppo_epochs: int = Field(1, ge=1)
+    """Passes over each rollout batch (Table 7: 1)."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per forward/backward on each rank (gradient accumulation fills the mini-batch)."""
+    save_every: int = Field(50, ge=0)
+    """Checkpoint every K steps (and at the end); 0 = only at the end."""
+    keep_last: int = Field(2, ge=1)
+    """Checkpoints kept on disk; older ones are deleted after a newer one is complete."""
+    export_final_model: bool = True
+    """Write the trained model in HF format (safetensors + tokenizer) to `<output_dir>/final`."""
+
+    @model_validator(mode="after")
+    def _minibatches_divide(self) -> TrainerSection:
+        if self.prompts_per_step % self.prompts_per_minibatch:
+            raise ValueError(
+                f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
+                f"prompts_per_minibatch ({self.prompts_per_minibatch})"
+            )
+        return self

@@ -1,0 +1,82 @@
+"""Reward terms, their composition and the metrics-only oracle (`reward`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from urlvr.recipe.names import check_registered
+from urlvr.recipe.sections.base import Section
+
+
+class RewardTerm(Section):
+    name: str
+    """A registered reward (`urlvr rewards` lists them)."""
+    weight: float = 1.0
+    """Weight of this term in the summed reward."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the reward function, checked against its signature at load time."""
+    alias: str | None = None
+    """Name of this term in metrics (`reward/<alias>_mean`); default the reward's name. Needed
+    when one reward appears twice with different kwargs."""
+    gate: str | None = None
+    """A registered reward whose per-sample score multiplies this term's, e.g. `format` (1 when an
+    answer was extracted) to zero a certainty reward on answerless samples; null = ungated."""
+    on_error: Literal["raise", "zero"] = "raise"
+    """If the reward raises: `raise` stops the run with a message naming the reward and the
+    prompt; `zero` scores that group 0 and counts it (`reward/<term>/error_rate`). Never silent."""
+
+    @model_validator(mode="after")
+    def _known_and_kwargs_fit(self) -> RewardTerm:
+        check_registered("reward", self.name)
+        if self.gate is not None:
+            check_registered("reward", self.gate)
+        from urlvr.rewards.base import check_reward_kwargs
+
+        check_reward_kwargs(self.name, self.kwargs)
+        return self
+
+    @property
+    def key(self) -> str:
+        return self.alias or self.name
+
+
+class RewardSection(Section):
+    terms: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="majority_vote")], min_length=1)
+    """Reward terms; the training reward is their weighted sum."""
+    extractor: str = "boxed"
+    """Answer extractor by name (registry `extractor`), e.g. the last `\\boxed{...}`."""
+    extractor_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the extractor, e.g. `{pattern: "Answer: (.*)"}` for `regex`."""
+    oracle: str | None = "ground_truth"
+    """Reward computed alongside for METRICS ONLY where labels exist (ground-truth reward,
+    reward accuracy); null to skip. It never enters the training signal."""
+    certainty_logits: Literal["scaled", "raw"] = "scaled"
+    """Logits the certainty statistics lent to rewards are measured on: `scaled` = divided by the
+    rollout temperature (the distribution the samples came from), `raw` = the model's own. They
+    coincide at temperature 1.0 (the paper's). The update's log-probs are always `scaled`."""
+    vote_group_size: int | None = Field(None, ge=1)
+    """Samples drawn per prompt for voting rewards (majority vote, semantic cluster); the first
+    `rollout.group_size` are trained, all of them vote (TTRL: 64 votes, 32 trained). null = group_size."""
+
+    @field_validator("extractor")
+    @classmethod
+    def _extractor_known(cls, name: str) -> str:
+        return check_registered("extractor", name)
+
+    @field_validator("oracle")
+    @classmethod
+    def _oracle_known(cls, name: str | None) -> str | None:
+        return None if name is None else check_registered("reward", name)
+
+    @model_validator(mode="after")
+    def _terms_unique_and_extractor_kwargs_fit(self) -> RewardSection:
+        keys = [term.key for term in self.terms]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"reward term {repeated[0]!r} appears twice; give one an `alias`")
+        from urlvr.rewards.extractors import make_extractor
+
+        make_extractor(self.extractor, self.extractor_kwargs)
+        return self
