@@ -19,13 +19,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def common(cmd: argparse.ArgumentParser, set_help: str | None = None) -> argparse.ArgumentParser:
+        # SUPPRESS: an absent sub-command flag must not reset `urlvr --debug CMD` to False
+        cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        if set_help:
+            cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                             help=set_help)
+        return cmd
+
     def recipe_command(name: str, help_text: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("recipe", help="recipe YAML file")
-        cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                         help="override a recipe field (repeatable); the value is parsed as YAML")
-        cmd.add_argument("--debug", action="store_true", help="show full tracebacks")
-        return cmd
+        return common(cmd, "override a recipe field (repeatable); the value is parsed as YAML")
 
     train = recipe_command("train", "train with GRPO")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest complete checkpoint")
@@ -36,29 +41,25 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="PNG figures of training dynamics from run directories (overlaid)")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/plots of the first run)")
-    plot.add_argument("--debug", action="store_true", help="show full tracebacks")
+    common(plot)
     sweep = sub.add_parser("sweep", help="run (or --print the launch lines of) a grid of overrides over one recipe, then overlay the runs")
     sweep.add_argument("spec", help="sweep spec YAML (recipe + grid), or a recipe YAML with --grid")
     sweep.add_argument("--grid", action="append", default=[], metavar="SECTION.FIELD=V1,V2",
                        help="add an axis (repeatable); each value is parsed as YAML")
-    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                       help="override a field in every point (repeatable)")
     sweep.add_argument("--recipe", help="sweep this recipe instead of the spec's")
     sweep.add_argument("--out", help="folder of the per-point run directories (default: <recipe output_dir>/<spec name>)")
     sweep.add_argument("--print", dest="print_only", action="store_true",
                        help="print one launch line per point and the plot line; run nothing")
     sweep.add_argument("--launcher", default="urlvr", help="command the printed lines start with, e.g. "
                        "'torchrun --nproc_per_node 8 -m urlvr.cli' (default: urlvr)")
-    sweep.add_argument("--debug", action="store_true", help="show full tracebacks")
+    common(sweep, "override a field in every point (repeatable)")
     mcs = sub.add_parser("mcs", help="rank models by prior: Model Collapse Step of a majority-vote diagnostic run")
     mcs.add_argument("models", nargs="+", metavar="MODEL", help="model directories or hub ids")
     mcs.add_argument("--recipe", help="base recipe YAML (data, lengths, lr, ...); the diagnostic settings go on top")
-    mcs.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                     help="override a field of the diagnostic recipe (repeatable), applied last")
     mcs.add_argument("--steps", type=int, default=200, help="step cap per model (default 200)")
     mcs.add_argument("--out", default="runs/mcs", help="folder for the runs, mcs.csv and mcs.json (default runs/mcs)")
     mcs.add_argument("--label-free", action="store_true", help="ignore labels: stop at the first label-free alarm")
-    mcs.add_argument("--debug", action="store_true", help="show full tracebacks")
+    common(mcs, "override a field of the diagnostic recipe (repeatable), applied last")
     return parser
 
 
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from urlvr.recipe import Recipe, RecipeError, load_recipe
+    from urlvr.recipe import Recipe, load_recipe
 
     if args.command == "schema":
         print(json.dumps(Recipe.model_json_schema(), indent=2))
@@ -118,15 +119,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "mcs":
         from pathlib import Path
 
-        import yaml
-
         from urlvr.metrics.mcs import format_table, run_mcs
+        from urlvr.recipe.load import read_recipe_source
 
-        base = {}
-        if args.recipe:
-            if not Path(args.recipe).is_file():
-                raise RecipeError(f"{args.recipe}: recipe file not found")
-            base = yaml.safe_load(Path(args.recipe).read_text()) or {}
+        base = read_recipe_source(args.recipe)[1] if args.recipe else {}
         results = run_mcs(args.models, base, Path(args.out), max_steps=args.steps, overrides=args.overrides,
                           labels=False if args.label_free else None)
         print(format_table(results))

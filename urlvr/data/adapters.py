@@ -190,7 +190,7 @@ def _adapt(adapter: DatasetAdapter, name: str, rows: Iterable[dict[str, Any]], w
         question = None
         if adapter.question_field is not None:
             question = _text(_get(item, adapter.question_field, here), here, adapter.question_field)
-            question = _strip(question, adapter.strip_prefix, adapter.strip_suffix)
+            question = question.removeprefix(adapter.strip_prefix).removesuffix(adapter.strip_suffix)
             if adapter.dedupe:
                 if question in seen_questions:
                     continue
@@ -229,10 +229,3 @@ def _text(value: Any, here: str, path: str, scalar: bool = False) -> str:
         return str(value)
     raise DataError(f"{here}: field {path!r} must be a string, got {type(value).__name__}")
 
-
-def _strip(text: str, prefix: str, suffix: str) -> str:
-    if prefix and text.startswith(prefix):
-        text = text[len(prefix):]
-    if suffix and text.endswith(suffix):
-        text = text[: -len(suffix)]
-    return text

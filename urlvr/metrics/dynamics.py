@@ -17,18 +17,13 @@ import torch
 
 from urlvr.rewards.voting import majority_answer
 from urlvr.rollout.base import Group
+from urlvr.trainer.losses import kl_k3  # noqa: F401  (one k3, the loss's; also used as dynamics.kl_k3)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     """sum(values * mask) / sum(mask), 0.0 for an empty mask."""
     total = mask.sum()
     return float((values * mask).sum() / total) if total > 0 else 0.0
-
-
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """k3 = exp(ref - logp) - (ref - logp) - 1 per token (Schulman), >= 0; estimates KL(pi || ref).  [..] -> [..]"""
-    log_ratio = (ref_logprobs - logprobs).double()
-    return (torch.exp(log_ratio) - log_ratio - 1.0).to(logprobs.dtype)
 
 
 def sampler_mismatch_metrics(
@@ -38,10 +33,13 @@ def sampler_mismatch_metrics(
     by k3, and, with truncated IS on (``algorithm.tis_cap``), the mean weight and the fraction of
     tokens truncated. Token means over ``mask``; [B, T] x3 -> floats. A vLLM sampler differs from
     the trainer by kernels and precision; the transformers engine only by float noise."""
-    diff = torch.where(mask.bool(), trainer_logprobs - sampler_logprobs, 0.0).double()  # 0 on padding
+    real = mask.bool()  # zero both on padding, so the padding's difference is 0, not garbage
+    trainer = torch.where(real, trainer_logprobs, 0.0).double()
+    sampler = torch.where(real, sampler_logprobs, 0.0).double()
+    diff = trainer - sampler
     out = {
         "rollout/logprob_mismatch_mean": masked_mean(diff.abs(), mask),
-        "rollout/mismatch_kl": masked_mean(torch.expm1(diff) - diff, mask),  # k3 of KL(sampler || trainer)
+        "rollout/mismatch_kl": masked_mean(kl_k3(sampler, trainer), mask),  # KL(sampler || trainer): samples from the sampler
     }
     if tis_cap is not None:
         ratio = torch.exp(diff)

@@ -8,19 +8,20 @@ The paper evaluates with k = 32, temperature 0.6, top-p 0.95 (the recipe's defau
 
 "Correct" is, by default, "the extracted answer equals the normalised label". Tasks whose answers
 are not strings to compare (Countdown: any expression that uses the numbers and reaches the
-target) name a *judge*, a registered reward whose score >= 0.5 means correct (`eval.judge`).
+target) name a *judge*, a registered reward whose score > 0.5 means correct (`eval.judge`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from math import comb
+from typing import Any
 
 import torch
 
 from urlvr.data.records import PromptRecord
-from urlvr.rewards.extractors import EXTRACTORS, normalize_answer
+from urlvr.rewards.extractors import make_extractor, normalize_answer
 from urlvr.rewards.voting import majority_answer
 from urlvr.rollout.base import Group, PromptInput, RolloutEngine, SamplingParams
 from urlvr.trainer.distributed import all_reduce_sum
@@ -36,10 +37,10 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
 def evaluate(
     engine: RolloutEngine, records: Sequence[PromptRecord], prompts: Sequence[PromptInput], *,
     samples_per_prompt: int, sampling: SamplingParams, extractor: str, name: str = "eval", greedy: bool = False,
-    judge: str | None = None,
+    judge: str | None = None, extractor_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
     """Sample k answers per (labelled) prompt on this rank's shard and return rank-reduced scores."""
-    extract = EXTRACTORS.get(extractor)
+    extract = make_extractor(extractor, extractor_kwargs)
     groups = engine.generate(list(prompts), samples_per_prompt, sampling) if prompts else []
     greedy_groups = engine.generate(list(prompts), 1, replace(sampling, greedy=True)) if greedy and prompts else []
     sums = torch.zeros(5, dtype=torch.float64)  # avg@k, pass@k, maj@k, prompts, greedy correct
@@ -67,8 +68,9 @@ def evaluate(
     }
 
 
-def judge_samples(group: Group, record: PromptRecord, answers: Sequence[str | None], extract, judge: str | None) -> list[bool]:
-    """Per sample: correct? By label equality, or by the ``judge`` reward's score >= 0.5 (it sees
+def judge_samples(group: Group, record: PromptRecord, answers: Sequence[str | None], extract, judge: str | None,
+                  tokenizer: Any = None) -> list[bool]:
+    """Per sample: correct? By label equality, or by the ``judge`` reward's score > 0.5 (it sees
     the group as a training reward would, with the label readable; no token statistics)."""
     if judge is None:
         label = normalize_answer(record.label)
@@ -78,6 +80,6 @@ def judge_samples(group: Group, record: PromptRecord, answers: Sequence[str | No
 
     ctx = RewardContext(
         answers=tuple(answers), response_mask=torch.ones(group.size, 1), token_stats={}, extract_answer=extract,
-        metadata=record.metadata, question=record.prompt, _label=record.label,
+        metadata=record.metadata, question=record.prompt, _label=record.label, tokenizer=tokenizer,
     )
-    return [score >= 0.5 for score in call_reward(REWARDS.get(judge), group, ctx, {}).scores]
+    return [score > 0.5 for score in call_reward(REWARDS.get(judge), group, ctx, {}).scores]

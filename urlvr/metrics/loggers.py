@@ -6,7 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from urlvr.recipe import Recipe
 
@@ -16,16 +16,27 @@ class MetricsLogger(Protocol):
     def close(self) -> None: ...
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file; [] when it does not exist."""
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def open_for_append(path: Path, resume_from_step: int | None) -> TextIO:
+    """Open a per-step JSONL file for appending; on resume, first drop the rows written after the
+    checkpoint we resume from (they will be written again)."""
+    if resume_from_step is not None and path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_from_step]
+        path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a")
+
+
 class JsonlLogger:
     """One JSON object per step; keys are stable, NaN written as null."""
 
     def __init__(self, path: Path, *, resume_from_step: int | None = None) -> None:
         self.path = path
-        if resume_from_step is not None and path.is_file():
-            # drop lines written after the checkpoint we resume from: they will be written again
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_from_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(path, "a")
+        self.file = open_for_append(path, resume_from_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from urlvr.metrics.loggers import read_jsonl
+
 # the diagnostic: §6.3's aggressive settings, stop at collapse; everything else is the base recipe's
 MCS_SETTINGS: dict[str, Any] = {
     "rollout": {"group_size": 8},
@@ -103,7 +105,7 @@ def run_mcs(models: Sequence[str], base: dict[str, Any], out_dir: Path, *, max_s
 
 def _result(model: str, run_dir: Path, wall_seconds: float) -> MCSResult:
     summary = json.loads((run_dir / "summary.json").read_text())
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     stopped = summary.get("stopped_early")
     gt = [m["reward/ground_truth_mean"] for m in metrics if m.get("reward/ground_truth_mean") is not None]
     return MCSResult(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from urlvr.metrics.collapse import REWARD_ACCURACY, model_collapse_step
+from urlvr.metrics.loggers import read_jsonl
 from urlvr.metrics.tracking import read_prompt_rows
 
 # (panel title, [(metric key, legend label)]) -- a panel appears when any run logged one of its keys
@@ -53,7 +54,7 @@ class Figure:
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    return read_jsonl(path)
 
 
 def load_run(run_dir: Path, name: str | None = None) -> RunData:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from urlvr.data.records import PromptRecord
+from urlvr.metrics.loggers import open_for_append, read_jsonl
 from urlvr.rewards.voting import majority_answer
 
 
@@ -51,7 +52,7 @@ def rollout_rows(
 def greedy_rows(parts, recipe, dist, step: int) -> list[dict[str, Any]]:
     """Greedy-decode this rank's share of the tracked prompts; rows for every rank's share are
     gathered (every rank calls this: under ZeRO-3 generation is a collective)."""
-    from urlvr.rewards.base import REWARDS, RewardContext, call_reward
+    from urlvr.metrics.evaluation import judge_samples
     from urlvr.rewards.extractors import make_extractor
     from urlvr.rollout.base import SamplingParams
 
@@ -60,20 +61,17 @@ def greedy_rows(parts, recipe, dist, step: int) -> list[dict[str, Any]]:
     mine = ids[dist.rank :: dist.world_size]
     sampling = SamplingParams(greedy=True, max_new_tokens=recipe.rollout.max_new_tokens,
                               stop_token_ids=tuple(recipe.rollout.stop_token_ids))
-    with parts.actor.generation_context():
+    with parts.generation_context():
         groups = parts.engine.generate([parts.prompts[i] for i in mine], 1, sampling) if mine else []
     extract = make_extractor(recipe.reward.extractor, recipe.reward.extractor_kwargs)
-    oracle = REWARDS.get(recipe.reward.oracle) if recipe.reward.oracle else None
+    oracle = recipe.reward.oracle
     rows = []
     for prompt_id, group in zip(mine, groups, strict=True):
         sample, record = group.samples[0], parts.records[prompt_id]
         answer = extract(sample.text)
         correct = None
         if oracle is not None and record.label is not None:
-            ctx = RewardContext(answers=(answer,), response_mask=torch.ones(1, 1), token_stats={},
-                                extract_answer=extract, metadata=record.metadata, _label=record.label,
-                                question=record.prompt, tokenizer=parts.tokenizer)
-            correct = bool(call_reward(oracle, group, ctx, {}).scores[0] > 0.5)
+            correct = judge_samples(group, record, [answer], extract, oracle, tokenizer=parts.tokenizer)[0]
         mean_logprob = sum(sample.logprobs) / len(sample.logprobs) if sample.logprobs else 0.0
         rows.append({"step": step, "kind": "greedy", "prompt_id": prompt_id, "answer": answer,
                      "correct": correct, "confidence": math.exp(mean_logprob), "length": len(sample.token_ids)})
@@ -93,10 +91,7 @@ class PromptTrackWriter:
     """Appends rows to `prompts.jsonl`; on resume, drops rows after the resumed step."""
 
     def __init__(self, path: Path, *, resume_from_step: int | None = None) -> None:
-        if resume_from_step is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_from_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(path, "a")
+        self.file = open_for_append(path, resume_from_step)
 
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
         self.file.writelines(json.dumps(row) + "\n" for row in rows)
@@ -107,5 +102,4 @@ class PromptTrackWriter:
 
 
 def read_prompt_rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "prompts.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    return read_jsonl(Path(run_dir) / "prompts.jsonl")

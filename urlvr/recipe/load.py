@@ -28,7 +28,7 @@ def load_recipe(
     """Build a validated Recipe from a YAML path, a dict, or a Recipe (returned as is)."""
     if isinstance(source, Recipe) and not overrides:
         return source
-    origin, data = _read(source)
+    origin, data = read_recipe_source(source)
     for override in overrides:
         _apply_override(data, override, origin)
     _import_plugins(data.get("plugins", []), origin)
@@ -38,7 +38,9 @@ def load_recipe(
         raise RecipeError(format_validation_error(err, origin)) from None
 
 
-def _read(source: str | Path | Mapping[str, Any] | Recipe) -> tuple[str, dict[str, Any]]:
+def read_recipe_source(source: str | Path | Mapping[str, Any] | Recipe) -> tuple[str, dict[str, Any]]:
+    """(origin for messages, the recipe as plain data); a missing file, bad YAML or a non-mapping
+    is a one-line RecipeError naming the file."""
     if isinstance(source, Recipe):
         return "<recipe>", source.model_dump(mode="json")
     if isinstance(source, Mapping):

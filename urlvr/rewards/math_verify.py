@@ -140,7 +140,9 @@ def math_verify_reward(group: Group, ctx: RewardContext, *, timeout_s: float = 5
     if ctx.label is None:
         raise ValueError(f"prompt {group.prompt.prompt_id!r} has no label for the math_verify reward")
     verifier = shared_verifier(timeout_s)
-    verdicts = [None if a is None else verifier.equivalent(ctx.label, a) for a in ctx.answers]
+    # one worker round trip per distinct answer: collapsing groups repeat a few answers many times
+    verdict = {a: verifier.equivalent(ctx.label, a) for a in dict.fromkeys(ctx.answers) if a is not None}
+    verdicts = [None if a is None else verdict[a] for a in ctx.answers]
     return RewardOutput(
         scores=[float(v is True) for v in verdicts],
         diagnostics={"failed": [float(a is not None and v is None) for a, v in zip(ctx.answers, verdicts)]},

@@ -6,7 +6,8 @@ rewards see whole groups, mini-batches and ranks are cut between groups, never i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -97,6 +98,22 @@ class RolloutEngine(Protocol):
 
 
 ROLLOUT_ENGINES: Registry = Registry("rollout engine")
+
+
+def hashed_seed(*keys: object, bits: int = 63) -> int:
+    """A seed of ``bits`` bits from a hash of ``keys``: nearby keys (steps, prompt indices, sample
+    indices) give unrelated random streams, and the same keys the same seed on any machine."""
+    digest = hashlib.blake2b(":".join(map(str, keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> (64 - bits)
+
+
+def eos_token_ids(tokenizer, config_eos: int | Iterable[int] | None) -> frozenset[int]:
+    """Ids that end a response with reason "eos": the tokenizer's eos plus the model's
+    ``generation_config.eos_token_id`` (an int or a list: chat models such as Qwen list several)."""
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    if config_eos is not None:
+        ids.update(int(i) for i in ([config_eos] if isinstance(config_eos, int) else config_eos))
+    return frozenset(ids)
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,21 @@ nothing.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from urlvr.rollout.base import ROLLOUT_ENGINES, FinishReason, Group, PromptInput, Sample, SamplingParams
+from urlvr.rollout.base import (
+    ROLLOUT_ENGINES,
+    FinishReason,
+    Group,
+    PromptInput,
+    Sample,
+    SamplingParams,
+    eos_token_ids,
+    hashed_seed,
+)
 from urlvr.rollout.collate import position_ids_from_attention_mask
 
 _REASONS: tuple[FinishReason, ...] = ("length", "eos", "stop")  # codes 0, 1, 2 in the loop
@@ -72,13 +80,9 @@ class TransformersRolloutEngine:
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
-        """Ids that end a response with reason "eos": the tokenizer's eos plus the model's
-        ``generation_config.eos_token_id`` (chat models such as Qwen list several there)."""
-        ids = {int(self.tokenizer.eos_token_id)}
-        config_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        if config_eos is not None:
-            ids.update(int(i) for i in ([config_eos] if isinstance(config_eos, int) else config_eos))
-        return frozenset(ids)
+        """Ids that end a response with reason "eos" (see ``rollout.base.eos_token_ids``)."""
+        config = getattr(self.model, "generation_config", None)
+        return eos_token_ids(self.tokenizer, getattr(config, "eos_token_id", None))
 
     def generate(
         self, prompts: Sequence[PromptInput], group_size: int, sampling: SamplingParams
@@ -242,9 +246,8 @@ def sample_next_tokens(
 
 
 def sample_seed(prompt_seed: int, sample_index: int) -> int:
-    """The seed of one sample's generator: a hash, so nearby prompt seeds give unrelated streams."""
-    digest = hashlib.blake2b(f"{prompt_seed}:{sample_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # manual_seed takes values below 2**63
+    """The seed of one sample's generator (63 bits: manual_seed takes values below 2**63)."""
+    return hashed_seed(prompt_seed, sample_index)
 
 
 def filter_top_k_top_p(scaled_logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

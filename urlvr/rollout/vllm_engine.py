@@ -27,13 +27,20 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from urlvr.rollout.base import ROLLOUT_ENGINES, FinishReason, Group, PromptInput, Sample, SamplingParams
+from urlvr.rollout.base import (
+    ROLLOUT_ENGINES,
+    FinishReason,
+    Group,
+    PromptInput,
+    Sample,
+    SamplingParams,
+    eos_token_ids,
+)
 from urlvr.rollout.weight_sync import iter_weights
 
 log = logging.getLogger(__name__)
@@ -74,8 +81,8 @@ class VLLMRolloutEngine:
         self.sync_bucket_bytes = sync_bucket_bytes
         self.sleep_enabled = sleep
         self.asleep = False
-        self.last_sync_seconds = 0.0
-        self.eos_token_ids = frozenset(_eos_ids(tokenizer, llm))
+        generation_config = llm.llm_engine.model_config.try_get_generation_config() or {}
+        self.eos_token_ids = eos_token_ids(tokenizer, generation_config.get("eos_token_id"))
 
     @classmethod
     def from_recipe(cls, recipe, model: torch.nn.Module, tokenizer, dist) -> VLLMRolloutEngine:
@@ -155,12 +162,10 @@ class VLLMRolloutEngine:
         """Load ``model``'s current weights into the engine, bucket by bucket, then drop the
         prefix cache (its KV entries were computed by the old weights). Collective under
         ZeRO-3: every rank calls it after the same optimizer step."""
-        start = time.perf_counter()
         self._wake()
         weights = iter_weights(model, bucket_bytes=self.sync_bucket_bytes, dtype=self.dtype)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
-        self.last_sync_seconds = time.perf_counter() - start
 
     def offload(self) -> None:
         """Free the device for the actor's update: sleep level 1 (weights to host memory, KV
@@ -213,15 +218,6 @@ def _sampled_logprobs(completion, token_ids: list[int]) -> tuple[float, ...]:
     if entries is None or len(entries) != len(token_ids):
         raise RuntimeError("vLLM returned no per-token log-probs; the engine asks for logprobs=0")
     return tuple(float(entry[token].logprob) for entry, token in zip(entries, token_ids))
-
-
-def _eos_ids(tokenizer, llm) -> set[int]:
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    generation_config = llm.llm_engine.model_config.try_get_generation_config() or {}
-    config_eos = generation_config.get("eos_token_id")
-    if config_eos is not None:
-        ids.update(int(i) for i in ([config_eos] if isinstance(config_eos, int) else config_eos))
-    return ids
 
 
 def _context_length(model: torch.nn.Module) -> int | None:

@@ -30,15 +30,16 @@ def parameter_buckets(model: torch.nn.Module, bucket_bytes: int) -> list[list[tu
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
     buckets: list[list[tuple[str, torch.nn.Parameter]]] = []
     current: list[tuple[str, torch.nn.Parameter]] = []
-    current_bytes = 0
+    current_bytes, current_ids = 0, set()
     for name, param in model.named_parameters(remove_duplicate=False):
-        size = 0 if any(p is param for _, p in current) else _full_numel(param) * param.element_size()
+        size = 0 if id(param) in current_ids else _full_numel(param) * param.element_size()
         if current and current_bytes + size > bucket_bytes:
             buckets.append(current)
-            current, current_bytes = [], 0
+            current, current_bytes, current_ids = [], 0, set()
             size = _full_numel(param) * param.element_size()
         current.append((name, param))
         current_bytes += size
+        current_ids.add(id(param))
     if current:
         buckets.append(current)
     return buckets

@@ -4,7 +4,6 @@ rollout -> score (one forward) -> reward -> advantage -> clipped-surrogate updat
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ from urlvr.rewards.base import RewardContext
 from urlvr.rewards.compose import BatchRewards, RewardTermSpec, score_batch
 from urlvr.rewards.extractors import make_extractor
 from urlvr.rewards.policy import EnginePolicy
-from urlvr.rollout.base import Group, RolloutBatch, SamplingParams
+from urlvr.rollout.base import Group, RolloutBatch, SamplingParams, hashed_seed
 from urlvr.rollout.collate import collate_groups
 from urlvr.trainer.actor import SCORE_STATS
 from urlvr.trainer.advantages import ADVANTAGE_ESTIMATORS
@@ -47,8 +46,7 @@ class StageTimer(dict):
 def sampling_seed(recipe_seed: int, step: int, prompt_index: int) -> int:
     """A per-(step, prompt) seed, keyed by the prompt's index in the global batch: rollouts are
     reproducible, resume-exact without RNG replay, and the same on 1 rank or 8."""
-    digest = hashlib.blake2b(f"{recipe_seed}:{step}:{prompt_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 2
+    return hashed_seed(recipe_seed, step, prompt_index, bits=62)
 
 
 def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tuple[dict[str, float], list[dict], list[dict]]:
@@ -234,12 +232,11 @@ def _step_metrics(groups, records, batch, stats, rewards: BatchRewards, contexts
     p_maj = dynamics.majority_ratios(voters)  # [B]
     majority_correct = dynamics.majority_correctness(voters, answers, oracle, [r.label for r in records])  # [B]
     metrics["dynamics/majority_ratio"] = float(all_gather_rows(p_maj).mean())
+    # label metrics, std and zero-variance groups need every sample: gather the small [B, G] rewards once
+    total = all_gather_rows(rewards.total)
     metrics.update(dynamics.label_metrics(
-        all_gather_rows(rewards.total), None if oracle is None else all_gather_rows(oracle),
-        all_gather_rows(majority_correct)))
-    # std and zero-variance groups need every sample: gather the small [B, G] rewards of all ranks
-    metrics.update(dynamics.reward_metrics(
-        all_gather_rows(rewards.total), {name: all_gather_rows(s) for name, s in rewards.per_term.items()}))
+        total, None if oracle is None else all_gather_rows(oracle), all_gather_rows(majority_correct)))
+    metrics.update(dynamics.reward_metrics(total, {name: all_gather_rows(s) for name, s in rewards.per_term.items()}))
     metrics["actor/lr"] = parts.actor.learning_rate()
     metrics["actor/optimizer_steps_per_rollout"] = float(parts.minibatches_per_step * recipe.trainer.ppo_epochs)
     tracked = recipe.dynamics.track_prompts

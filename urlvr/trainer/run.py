@@ -13,7 +13,7 @@ import yaml
 
 from urlvr.metrics.collapse import CollapseMonitor
 from urlvr.metrics.evaluation import evaluate
-from urlvr.metrics.loggers import JsonlLogger, console_line, make_loggers
+from urlvr.metrics.loggers import JsonlLogger, console_line, make_loggers, read_jsonl
 from urlvr.metrics.tracking import PromptTrackWriter, greedy_rows
 from urlvr.rollout.base import SamplingParams
 from urlvr.recipe import Recipe, RecipeError, load_recipe
@@ -169,7 +169,8 @@ class Trainer:
             with parts.generation_context():
                 metrics.update(evaluate(parts.engine, records, prompts, samples_per_prompt=ev.samples_per_prompt,
                                         sampling=sampling, extractor=self.recipe.reward.extractor, name=name,
-                                        greedy=ev.greedy, judge=ev.judge))
+                                        greedy=ev.greedy, judge=ev.judge,
+                                        extractor_kwargs=self.recipe.reward.extractor_kwargs))
         return metrics
 
     def _evaluate(self, parts, dist, step: int, loggers, result: RunResult) -> None:
@@ -220,7 +221,7 @@ def _say(progress, *lines: str) -> None:
 
 def _evaluation_summary(path: Path) -> dict | None:
     """First and last evaluation of the run and their difference (a test-time run's gain)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    rows = read_jsonl(path)
     if not rows:
         return None
     first, last = rows[0], rows[-1]

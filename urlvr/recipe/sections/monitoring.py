@@ -51,7 +51,7 @@ class EvalSection(Section):
     greedy: bool = True
     """Also decode each prompt greedily once and report `greedy_accuracy`."""
     judge: str | None = None
-    """A registered reward that decides whether an evaluation sample is correct (score >= 0.5),
+    """A registered reward that decides whether an evaluation sample is correct (score > 0.5),
     for tasks where an answer is not a string to compare with the label: `countdown` (an
     expression must use the numbers and reach the target). null = the extracted answer equals
     the label. Reported as `avg@k` etc. like the default."""
