@@ -45,7 +45,7 @@ def child_case(method: str, length: int, vocab: int, hidden: int, chunk: int, re
     import torch
 
     from urlvr.trainer.actor import SCORE_STATS
-    from urlvr.trainer.token_stats import compute_token_stats
+    from urlvr.algorithms.token_stats import compute_token_stats
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from urlvr.rollout import SamplingParams
     from urlvr.rollout.vllm_engine import VLLMRolloutEngine
     from urlvr.trainer.build import load_model_and_tokenizer
-    from urlvr.trainer.distributed import DistInfo
+    from urlvr.dist import DistInfo
 
     recipe = Recipe.model_validate({
         "model": {"path": args.model},

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from urlvr.registry import UnknownNameError
-from urlvr.trainer.advantages import (
+from urlvr.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
     dr_grpo_advantages,
     group_normalized_advantages,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from urlvr.registry import UnknownNameError
-from urlvr.trainer.losses import (
+from urlvr.algorithms.losses import (
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
     POLICY_LOSSES,

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from urlvr.cli import main
-from urlvr.metrics.mcs import MCSResult, mcs_recipe, rank, run_mcs
+from urlvr.commands.mcs import MCSResult, mcs_recipe, rank, run_mcs
 from urlvr.models.tiny import IM_END, ensure_tiny_model, render_prompt
 
 BASE = {

@@ -11,7 +11,7 @@ import yaml
 
 import urlvr
 from urlvr.recipe import load_recipe
-from urlvr.sweep import load_sweep, validate_points
+from urlvr.commands.sweep import load_sweep, validate_points
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"

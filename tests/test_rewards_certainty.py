@@ -22,7 +22,7 @@ from urlvr.rewards.certainty import (
 from urlvr.rewards.extractors import extract_boxed
 from urlvr.rollout.base import Group, PromptInput, Sample
 from urlvr.trainer.actor import SCORE_STATS
-from urlvr.trainer.token_stats import compute_token_stats
+from urlvr.algorithms.token_stats import compute_token_stats
 
 G, T, V = 4, 7, 13
 LENGTHS = [7, 3, 1, 0]  # full, partial, one token, empty response

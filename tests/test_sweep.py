@@ -11,7 +11,7 @@ import yaml
 from conftest import small_run_recipe
 from urlvr.cli import main
 from urlvr.recipe import RecipeError, load_recipe
-from urlvr.sweep import format_value, launch_lines, load_sweep, parse_grid_option, validate_points
+from urlvr.commands.sweep import format_value, launch_lines, load_sweep, parse_grid_option, validate_points
 
 REPO = Path(__file__).resolve().parents[1]
 

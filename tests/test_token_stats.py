@@ -5,7 +5,7 @@ import math
 import torch
 
 from urlvr.trainer.actor import SCORE_STATS, TokenScorer
-from urlvr.trainer.token_stats import compute_token_stats
+from urlvr.algorithms.token_stats import compute_token_stats
 
 
 def reference_stats(logits_row, target):

@@ -42,7 +42,7 @@ def _recipe(output_dir: Path, **sections) -> Recipe:
 def run(tmp_path_factory):
     """(parts, recipe, dist): a vLLM-engine run built exactly as `urlvr train` builds it."""
     from urlvr.trainer.build import build_run
-    from urlvr.trainer.distributed import init_distributed
+    from urlvr.dist import init_distributed
 
     recipe = _recipe(tmp_path_factory.mktemp("vllm_run"), optim={"lr": 3e-3})
     dist = init_distributed()

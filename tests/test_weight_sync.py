@@ -10,7 +10,7 @@ import torch
 
 from urlvr.rollout.weight_sync import iter_weights, parameter_buckets
 from urlvr.metrics.dynamics import sampler_mismatch_metrics
-from urlvr.trainer.losses import truncated_importance_weights
+from urlvr.algorithms.losses import truncated_importance_weights
 
 
 class Tied(torch.nn.Module):

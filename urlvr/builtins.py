@@ -12,5 +12,5 @@ import urlvr.rewards.self_verification  # noqa: F401
 import urlvr.rewards.unified  # noqa: F401
 import urlvr.rewards.voting  # noqa: F401
 import urlvr.rollout.transformers_engine  # noqa: F401
-import urlvr.trainer.advantages  # noqa: F401
-import urlvr.trainer.losses  # noqa: F401
+import urlvr.algorithms.advantages  # noqa: F401
+import urlvr.algorithms.losses  # noqa: F401

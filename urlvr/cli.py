@@ -107,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{figure.path}  ({len(figure.panels)} panels: {', '.join(figure.panels)})")
         return 0
     if args.command == "sweep":
-        from urlvr.sweep import launch_lines, load_sweep, run_sweep, validate_points
+        from urlvr.commands.sweep import launch_lines, load_sweep, run_sweep, validate_points
 
         sweep = load_sweep(args.spec, grid=args.grid, overrides=args.overrides, recipe=args.recipe, out_dir=args.out)
         if args.print_only:
@@ -119,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "mcs":
         from pathlib import Path
 
-        from urlvr.metrics.mcs import format_table, run_mcs
+        from urlvr.commands.mcs import format_table, run_mcs
         from urlvr.recipe.load import read_recipe_source
 
         base = read_recipe_source(args.recipe)[1] if args.recipe else {}

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from urlvr.data.readers import open_dataset, read_file_rows
 from urlvr.data.records import DataError, PromptRecord
 from urlvr.registry import Registry
 
@@ -168,11 +169,7 @@ def load_adapter_records(
 def _read_rows(adapter: DatasetAdapter, path: str | Path | None, split: str) -> Iterable[dict[str, Any]]:
     """Rows in the hub schema: a local file, a local directory (`datasets`), or the hub itself."""
     if path is not None and Path(path).is_file():
-        from urlvr.data.loaders import read_file_rows
-
         return (item for _, _, item in read_file_rows(Path(path)))
-    from urlvr.data.loaders import open_dataset
-
     return open_dataset(str(path) if path is not None else adapter.hub_id, split=split,
                         subset=None if path is not None else adapter.subset)
 

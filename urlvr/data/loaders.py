@@ -12,19 +12,17 @@ give instead the 1-based line number an editor shows.
 from __future__ import annotations
 
 import inspect
-import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from urlvr.data.readers import RawRow, open_dataset, read_file_rows
 from urlvr.data.records import DataError, PromptRecord
 from urlvr.registry import Registry
 
 DataSource = Callable[..., list[PromptRecord]]
 DATA_SOURCES: Registry[DataSource] = Registry("data source")
 
-# A raw row, with where it came from for error messages: (row index, "row 3" / "line 4", fields).
-RawRow = tuple[int, str, dict[str, Any]]
 
 
 def load_records(kind: str, **options: Any) -> list[PromptRecord]:
@@ -64,72 +62,6 @@ def load_records_from_file(
     )
 
 
-def read_file_rows(path: Path, limit: int | None = None) -> Iterator[RawRow]:
-    """The raw rows of a ``.jsonl``, ``.json`` or ``.parquet`` file (the dataset adapters read
-    nested fields from them); a missing file or an unknown suffix is a DataError."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(
-            f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json or .parquet)"
-        )
-    return reader(path, limit)
-
-
-def _read_jsonl(path: Path, limit: int | None) -> Iterator[RawRow]:
-    row = 0
-    with path.open(encoding="utf-8") as lines:
-        for line_no, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            if limit is not None and row >= limit:  # don't parse (or fail on) rows never used
-                return
-            where = f"line {line_no}"
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: {where}: not valid JSON ({err.msg})") from None
-            yield row, where, _as_object(value, path, where)
-            row += 1
-
-
-def _read_json(path: Path, limit: int | None) -> Iterator[RawRow]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
-    if isinstance(value, dict) and isinstance(value.get("data"), list):
-        value = value["data"]
-    if not isinstance(value, list):
-        raise DataError(
-            f'{path}: expected a JSON list of objects or {{"data": [...]}}, '
-            f"got {type(value).__name__}"
-        )
-    for row, item in enumerate(value[:limit]):
-        yield row, f"row {row}", _as_object(item, path, f"row {row}")
-
-
-def _read_parquet(path: Path, limit: int | None) -> Iterator[RawRow]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as err:  # pyarrow raises several types for a damaged file
-        raise DataError(f"{path}: not a readable parquet file ({err})") from None
-    if limit is not None:
-        table = table.slice(0, limit)
-    for row, item in enumerate(table.to_pylist()):
-        yield row, f"row {row}", item
-
-
-def _as_object(value: Any, path: Path, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise DataError(f"{path}: {where}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 # --------------------------------------------------------------------------- datasets
 def load_records_from_datasets(
     name_or_path: str,
@@ -156,43 +88,6 @@ def load_records_from_datasets(
         label_field=label_field,
         id_field=id_field,
     )
-
-
-def open_dataset(name_or_path: str, *, split: str = "train", subset: str | None = None):
-    """One split of a `datasets` dataset (save_to_disk directory, local data file or directory,
-    or hub id); what cannot be loaded is a DataError naming it."""
-    import datasets
-
-    local = Path(name_or_path)
-    try:
-        if _saved_to_disk(local):
-            if subset is not None:
-                raise DataError(f"{local}: subset {subset!r} does not apply to a save_to_disk directory")
-            dataset = datasets.load_from_disk(str(local))
-            if isinstance(dataset, datasets.DatasetDict):
-                if split not in dataset:
-                    raise DataError(
-                        f"{local}: no split {split!r} (splits: {', '.join(sorted(dataset))})"
-                    )
-                dataset = dataset[split]
-        elif local.is_file():
-            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-            dataset = datasets.load_dataset(
-                builder.get(local.suffix.lower(), local.suffix.lstrip(".")),
-                data_files=str(local),
-                split=split,
-            )
-        else:
-            dataset = datasets.load_dataset(name_or_path, subset, split=split)
-    except DataError:
-        raise
-    except (FileNotFoundError, ConnectionError, ValueError) as err:  # not found, offline, no split
-        raise DataError(f"{name_or_path}: datasets could not load it ({err})") from err
-    return dataset
-
-
-def _saved_to_disk(path: Path) -> bool:
-    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
 @DATA_SOURCES.register("datasets")

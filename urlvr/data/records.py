@@ -1,4 +1,5 @@
-"""The prompt record: one question as it crosses from the data loaders to the trainer."""
+"""The prompt records: one question as it crosses from the data loaders to the trainer, and the
+templated, tokenized form the rollout engines take."""
 
 from __future__ import annotations
 
@@ -13,6 +14,15 @@ class PromptRecord:
     prompt: str  # the user's question, before any template
     label: str | None = None  # ground-truth answer; metrics and oracle rewards only
     metadata: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """One prompt as the engine needs it: already templated and tokenized."""
+
+    prompt_id: str
+    text: str
+    token_ids: tuple[int, ...]
 
 
 class DataError(ValueError):

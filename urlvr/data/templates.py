@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from urlvr.data.records import DataError, PromptRecord
-from urlvr.rollout.base import PromptInput
+from urlvr.data.records import DataError, PromptInput, PromptRecord
 
 logger = logging.getLogger(__name__)
 

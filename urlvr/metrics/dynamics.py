@@ -17,7 +17,7 @@ import torch
 
 from urlvr.rewards.voting import majority_answer
 from urlvr.rollout.base import Group
-from urlvr.trainer.losses import kl_k3  # noqa: F401  (one k3, the loss's; also used as dynamics.kl_k3)
+from urlvr.algorithms.losses import kl_k3  # noqa: F401  (one k3, the loss's; also used as dynamics.kl_k3)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:

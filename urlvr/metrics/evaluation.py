@@ -24,7 +24,7 @@ from urlvr.data.records import PromptRecord
 from urlvr.rewards.extractors import make_extractor, normalize_answer
 from urlvr.rewards.voting import majority_answer
 from urlvr.rollout.base import Group, PromptInput, RolloutEngine, SamplingParams
-from urlvr.trainer.distributed import all_reduce_sum
+from urlvr.dist import all_reduce_sum
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:

@@ -49,33 +49,12 @@ def rollout_rows(
     return rows
 
 
-def greedy_rows(parts, recipe, dist, step: int) -> list[dict[str, Any]]:
-    """Greedy-decode this rank's share of the tracked prompts; rows for every rank's share are
-    gathered (every rank calls this: under ZeRO-3 generation is a collective)."""
-    from urlvr.metrics.evaluation import judge_samples
-    from urlvr.rewards.extractors import make_extractor
-    from urlvr.rollout.base import SamplingParams
-
-    tracked = recipe.dynamics.track_prompts
-    ids = sorted(parts.records) if tracked == "all" else [i for i in tracked if i in parts.records]
-    mine = ids[dist.rank :: dist.world_size]
-    sampling = SamplingParams(greedy=True, max_new_tokens=recipe.rollout.max_new_tokens,
-                              stop_token_ids=tuple(recipe.rollout.stop_token_ids))
-    with parts.generation_context():
-        groups = parts.engine.generate([parts.prompts[i] for i in mine], 1, sampling) if mine else []
-    extract = make_extractor(recipe.reward.extractor, recipe.reward.extractor_kwargs)
-    oracle = recipe.reward.oracle
-    rows = []
-    for prompt_id, group in zip(mine, groups, strict=True):
-        sample, record = group.samples[0], parts.records[prompt_id]
-        answer = extract(sample.text)
-        correct = None
-        if oracle is not None and record.label is not None:
-            correct = judge_samples(group, record, [answer], extract, oracle, tokenizer=parts.tokenizer)[0]
-        mean_logprob = sum(sample.logprobs) / len(sample.logprobs) if sample.logprobs else 0.0
-        rows.append({"step": step, "kind": "greedy", "prompt_id": prompt_id, "answer": answer,
-                     "correct": correct, "confidence": math.exp(mean_logprob), "length": len(sample.token_ids)})
-    return gather_rows(rows)
+def greedy_row(step: int, prompt_id: str, sample, answer: str | None, correct: bool | None) -> dict[str, Any]:
+    """One `kind: greedy` row: the greedy answer, its correctness (None without a label) and the
+    model's confidence exp(mean log-prob) of its own greedy response."""
+    mean_logprob = sum(sample.logprobs) / len(sample.logprobs) if sample.logprobs else 0.0
+    return {"step": step, "kind": "greedy", "prompt_id": prompt_id, "answer": answer,
+            "correct": correct, "confidence": math.exp(mean_logprob), "length": len(sample.token_ids)}
 
 
 def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -15,11 +15,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from urlvr.errors import RecipeError
 from urlvr.recipe.sections import Recipe
 
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used; the message is meant for the user as is."""
+__all__ = ["RecipeError", "load_recipe", "read_recipe_source", "format_validation_error"]
 
 
 def load_recipe(

@@ -14,8 +14,8 @@ def registries() -> dict[str, Registry]:
     from urlvr.rewards.base import REWARDS
     from urlvr.rewards.extractors import EXTRACTORS
     from urlvr.rollout.base import ROLLOUT_ENGINES
-    from urlvr.trainer.advantages import ADVANTAGE_ESTIMATORS
-    from urlvr.trainer.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+    from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
+    from urlvr.algorithms.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 
     return {
         "reward": REWARDS,

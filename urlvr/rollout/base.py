@@ -13,6 +13,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
+from urlvr.data.records import PromptInput  # noqa: F401  (re-exported: engines take prompts in this form)
 from urlvr.registry import Registry
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -36,15 +37,6 @@ class SamplingParams:
     seed: int | None = None
     greedy: bool = False
     prompt_seeds: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class PromptInput:
-    """One prompt as the engine needs it: already templated and tokenized."""
-
-    prompt_id: str
-    text: str
-    token_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)

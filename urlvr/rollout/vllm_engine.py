@@ -53,7 +53,7 @@ _MISSING_VLLM = (
 
 def import_vllm():
     """Import vllm or fail with how to install it (not a bare ModuleNotFoundError)."""
-    from urlvr.recipe import RecipeError
+    from urlvr.errors import RecipeError
 
     try:
         import vllm

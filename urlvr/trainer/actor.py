@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from urlvr.recipe import Recipe
-from urlvr.trainer.token_stats import compute_token_stats
+from urlvr.algorithms.token_stats import compute_token_stats
 
 SCORE_STATS = ("logprob", "entropy", "self_certainty", "top1_prob", "top2_prob")
 

@@ -22,7 +22,7 @@ from urlvr.models.tiny import resolve_model_path
 from urlvr.recipe import Recipe
 from urlvr.rollout.base import ROLLOUT_ENGINES, PromptInput, RolloutEngine
 from urlvr.trainer.actor import Actor
-from urlvr.trainer.distributed import DistInfo
+from urlvr.dist import DistInfo
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from urlvr.trainer.distributed import barrier
+from urlvr.dist import barrier
 
 COMPLETE_MARKER = "COMPLETE"
 DEEPSPEED_TAG = "deepspeed"

@@ -20,11 +20,11 @@ from urlvr.rewards.policy import EnginePolicy
 from urlvr.rollout.base import Group, RolloutBatch, SamplingParams, hashed_seed
 from urlvr.rollout.collate import collate_groups
 from urlvr.trainer.actor import SCORE_STATS
-from urlvr.trainer.advantages import ADVANTAGE_ESTIMATORS
+from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from urlvr.trainer.batching import micro_batches
 from urlvr.trainer.build import RunParts
-from urlvr.trainer.distributed import DistInfo, all_gather_rows, all_reduce_max, all_reduce_sum
-from urlvr.trainer.losses import (
+from urlvr.dist import DistInfo, all_gather_rows, all_reduce_max, all_reduce_sum
+from urlvr.algorithms.losses import (
     KL_ESTIMATORS,
     POLICY_LOSSES,
     policy_loss_metrics,

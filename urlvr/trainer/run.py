@@ -14,12 +14,13 @@ import yaml
 from urlvr.metrics.collapse import CollapseMonitor
 from urlvr.metrics.evaluation import evaluate
 from urlvr.metrics.loggers import JsonlLogger, console_line, make_loggers, read_jsonl
-from urlvr.metrics.tracking import PromptTrackWriter, greedy_rows
+from urlvr.metrics.tracking import PromptTrackWriter
 from urlvr.rollout.base import SamplingParams
 from urlvr.recipe import Recipe, RecipeError, load_recipe
 from urlvr.trainer import checkpoint
 from urlvr.trainer.build import build_run
-from urlvr.trainer.distributed import barrier, init_distributed
+from urlvr.trainer.greedy_probe import greedy_rows
+from urlvr.dist import barrier, init_distributed
 from urlvr.trainer.loop import grpo_step
 
 

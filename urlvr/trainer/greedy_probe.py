@@ -1,0 +1,34 @@
+"""The greedy probe of tracked prompts (`dynamics.greedy_every`): the trainer drives the engine,
+`metrics.tracking` turns each greedy response into a row."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from urlvr.metrics.evaluation import judge_samples
+from urlvr.metrics.tracking import gather_rows, greedy_row
+from urlvr.rewards.extractors import make_extractor
+from urlvr.rollout.base import SamplingParams
+
+
+def greedy_rows(parts, recipe, dist, step: int) -> list[dict[str, Any]]:
+    """Greedy-decode this rank's share of the tracked prompts; rows for every rank's share are
+    gathered (every rank calls this: under ZeRO-3 generation is a collective)."""
+    tracked = recipe.dynamics.track_prompts
+    ids = sorted(parts.records) if tracked == "all" else [i for i in tracked if i in parts.records]
+    mine = ids[dist.rank :: dist.world_size]
+    sampling = SamplingParams(greedy=True, max_new_tokens=recipe.rollout.max_new_tokens,
+                              stop_token_ids=tuple(recipe.rollout.stop_token_ids))
+    with parts.generation_context():
+        groups = parts.engine.generate([parts.prompts[i] for i in mine], 1, sampling) if mine else []
+    extract = make_extractor(recipe.reward.extractor, recipe.reward.extractor_kwargs)
+    oracle = recipe.reward.oracle
+    rows = []
+    for prompt_id, group in zip(mine, groups, strict=True):
+        sample, record = group.samples[0], parts.records[prompt_id]
+        answer = extract(sample.text)
+        correct = None
+        if oracle is not None and record.label is not None:
+            correct = judge_samples(group, record, [answer], extract, oracle, tokenizer=parts.tokenizer)[0]
+        rows.append(greedy_row(step, prompt_id, sample, answer, correct))
+    return gather_rows(rows)
