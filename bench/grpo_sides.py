@@ -133,7 +133,7 @@ def run_urlvr(settings: dict, work_dir: Path) -> dict:
                     "temperature": settings["temperature"], "top_p": 1.0, "top_k": 0},
         # the oracle (ground-truth reward for metrics) is off: TRL computes no such extra reward
         "reward": {"terms": [{"name": "majority_vote"}], "extractor": "boxed", "oracle": None},
-        "algorithm": {"kl_coef": 0.0, "entropy_coef": 0.0, "clip_eps_low": 0.2, "clip_eps_high": 0.2,
+        "algorithm": {"kl_coef": 0.0, "entropy_coef": 0.0, "loss": {"name": "ppo_clip", "clip_eps_low": 0.2, "clip_eps_high": 0.2},
                       "loss_aggregation": "token-mean"},
         "optim": {"lr": settings["lr"], "weight_decay": 0.01, "grad_clip": 1.0, "schedule": "constant"},
         "trainer": {"total_steps": total_steps, "prompts_per_step": settings["prompts_per_step"],

@@ -13,14 +13,11 @@ from urlvr.registry import UnknownNameError
 from urlvr.algorithms.losses import (
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
-    POLICY_LOSSES,
-    PolicyLossOutput,
     aggregate_loss,
     entropy_from_logits,
-    policy_loss_metrics,
-    ppo_clip_loss,
     token_weights,
 )
+from urlvr.algorithms.policy_losses import POLICY_LOSSES, PolicyLossOutput, policy_loss_metrics, ppo_clip_loss
 
 F64 = torch.float64
 CLIP = {"clip_eps_low": 0.2, "clip_eps_high": 0.28}  # DAPO clip-higher

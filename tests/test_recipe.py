@@ -109,10 +109,10 @@ def test_invalid_yaml_names_the_line(tmp_path):
 def test_overrides_parse_yaml_values(tmp_path):
     path = write(tmp_path, {"trainer": {"total_steps": 3}})
     recipe = load_recipe(path, ["trainer.total_steps=7", "rollout.stop_token_ids=[1, 2]", "eval.max_new_tokens=null",
-                                "algorithm.dual_clip_c=3"])
+                                "algorithm.loss.dual_clip_c=3"])
     assert recipe.trainer.total_steps == 7
     assert recipe.rollout.stop_token_ids == [1, 2]
-    assert recipe.algorithm.dual_clip_c == 3.0
+    assert recipe.algorithm.loss.dual_clip_c == 3.0
 
 
 def test_bad_override_names_field(tmp_path):

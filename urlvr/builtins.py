@@ -14,3 +14,4 @@ import urlvr.rewards.voting  # noqa: F401
 import urlvr.rollout.transformers_engine  # noqa: F401
 import urlvr.algorithms.advantages  # noqa: F401
 import urlvr.algorithms.losses  # noqa: F401
+import urlvr.algorithms.policy_losses  # noqa: F401

@@ -25,9 +25,10 @@ class UnknownNameError(KeyError):
 class Registry(Generic[T]):
     """Maps names to objects, registered through a decorator; duplicate names are refused."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, check: Callable[[T, str], None] | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._check = check  # registration-time check of an entry (e.g. a variant section's own name)
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: ``@REWARDS.register("majority_vote")`` above a function or class."""
@@ -38,6 +39,8 @@ class Registry(Generic[T]):
                     f"{self.kind} {name!r} is already registered (by {self._entries[name]!r}); "
                     "pick another name"
                 )
+            if self._check is not None:
+                self._check(obj, name)
             self._entries[name] = obj
             return obj
 

@@ -1,163 +1,68 @@
-"""Policy losses, KL estimators, entropy and loss aggregation, as pure tensor functions.
+"""KL estimators, sampler-mismatch weights, entropy and loss aggregation, as pure tensor functions
+(the policy losses themselves are variants in `policy_losses.py`).
 
 Shapes: B responses in the (micro-)batch, T response tokens (right-padded), V vocabulary.
 `response_mask [B, T]` is 1 (or True) on real response tokens. Each swappable part is chosen by
-name from the recipe's `algorithm` section through a registry:
-`POLICY_LOSSES`, `KL_ESTIMATORS`, `LOSS_AGGREGATIONS`.
+name from the recipe's `algorithm` section through a registry: `KL_ESTIMATORS`, `LOSS_AGGREGATIONS`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from urlvr.registry import Registry
 
-# verl clamps log(ratio) to this range before exp() so one wild token cannot overflow the loss.
-LOG_RATIO_CLAMP = 20.0
-
-
-# --------------------------------------------------------------------------- policy loss
-@dataclass(frozen=True)
-class PolicyLossOutput:
-    """Per-token policy loss and the diagnostics the trainer logs."""
-
-    per_token_loss: torch.Tensor  # [B, T] loss to minimise (-surrogate); 0 where mask == 0
-    ratio: torch.Tensor  # [B, T] pi / pi_old; 1 where mask == 0
-    clipped: torch.Tensor  # [B, T] bool, the ratio clip was active (masked tokens only)
-    dual_clipped: torch.Tensor  # [B, T] bool, the dual clip was active (masked tokens only)
-
-
-class PolicyLoss(Protocol):
-    def __call__(
-        self,
-        logprobs: torch.Tensor,
-        old_logprobs: torch.Tensor,
-        advantages: torch.Tensor,
-        response_mask: torch.Tensor,
-        *,
-        clip_eps_low: float,
-        clip_eps_high: float,
-        dual_clip_c: float | None = None,
-    ) -> PolicyLossOutput: ...
-
-
-POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
-
-
-@POLICY_LOSSES.register("ppo_clip")
-def ppo_clip_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    clip_eps_low: float,
-    clip_eps_high: float,
-    dual_clip_c: float | None = None,
-) -> PolicyLossOutput:
-    """L = max(-A·ρ, -A·clip(ρ, 1-ε_low, 1+ε_high)); if A<0 and c: L = min(L, -c·A); ρ = exp(logπ - logπ_old).
-
-    PPO's clipped surrogate as GRPO uses it (Shao et al. 2024, DeepSeekMath, Eq. 3), with
-    DAPO's decoupled clip-higher ε_low ≠ ε_high (Yu et al. 2025, Sec. 3.1) and the optional
-    dual clip of Ye et al. 2020 ("Mastering Complex Control in MOBA Games with Deep RL"),
-    which for A < 0 bounds the loss by -c·A (c > 1) so a huge ratio on a bad token cannot
-    produce an unbounded step. On response tokens it follows verl's
-    `compute_policy_loss_vanilla` exactly:
-    log ρ clamped to ±20 before exp; `clipped` = (-A·clip(ρ) > -A·ρ); `dual_clipped` =
-    (A < 0) & (max(-A·ρ, -A·clip(ρ)) > -c·A).
-
-    `advantages` is `[B]` (one per response, broadcast over tokens) or `[B, T]`.
-    Where `response_mask` is 0, `per_token_loss` is 0, `ratio` is 1 and the flags are False,
-    so garbage (even NaN) log-probs on padding reach neither the loss nor its gradient.
-    """
-    if dual_clip_c is not None and not dual_clip_c > 1.0:
-        raise ValueError(f"dual_clip_c must be > 1 (got {dual_clip_c}); use None to turn it off")
-    if advantages.ndim == 1:
-        advantages = advantages.unsqueeze(-1)  # [B, 1]
-    mask = response_mask.bool()  # [B, T]
-
-    # Padding gets log-ratio 0 through where() (not a multiply), so NaN/inf log-probs there
-    # reach neither the loss nor its gradient.
-    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)  # [B, T]
-    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)  # [B, T]
-    unclipped_loss = -advantages * ratio  # [B, T]
-    clipped_loss = -advantages * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)  # [B, T]
-    loss = torch.maximum(unclipped_loss, clipped_loss)  # [B, T]
-    clipped = clipped_loss > unclipped_loss  # [B, T]
-
-    if dual_clip_c is None:
-        dual_clipped = torch.zeros_like(mask)
-    else:
-        dual_bound = -advantages * dual_clip_c  # [B, 1] or [B, T]
-        negative = advantages < 0
-        dual_clipped = negative & (loss > dual_bound)  # [B, T]
-        loss = torch.where(negative, torch.minimum(loss, dual_bound), loss)
-
-    zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
-    return PolicyLossOutput(
-        per_token_loss=torch.where(mask, loss, zero),
-        ratio=ratio,
-        clipped=clipped & mask,
-        dual_clipped=dual_clipped.expand_as(mask) & mask,
-    )
-
-
-def policy_loss_metrics(out: PolicyLossOutput, mask: torch.Tensor) -> dict[str, float]:
-    """clip_fraction = Σ clipped / Σ mask; dual_clip_fraction likewise; ratio mean/min/max over masked tokens.
-
-    With no masked token the fractions are 0.0 and the ratio statistics NaN (undefined).
-    """
-    mask = mask.bool()  # [B, T]
-    num_tokens = int(mask.sum())
-    if num_tokens == 0:
-        nan = float("nan")
-        return {"clip_fraction": 0.0, "dual_clip_fraction": 0.0,
-                "ratio_mean": nan, "ratio_min": nan, "ratio_max": nan}
-    ratio = out.ratio.detach()[mask].double()  # [num_tokens]
-    return {
-        "clip_fraction": int((out.clipped & mask).sum()) / num_tokens,
-        "dual_clip_fraction": int((out.dual_clipped & mask).sum()) / num_tokens,
-        "ratio_mean": float(ratio.mean()),
-        "ratio_min": float(ratio.min()),
-        "ratio_max": float(ratio.max()),
-    }
-
-
 # --------------------------------------------------------------------------- KL to reference
 KLEstimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 KL_ESTIMATORS: Registry[KLEstimator] = Registry("kl estimator")
 
 
-@KL_ESTIMATORS.register("k1")
+def kl_estimator(name: str, *, loss_gradient: str | None) -> Callable[[KLEstimator], KLEstimator]:
+    """Register a KL estimator. `loss_gradient` says what differentiating it as a loss term on
+    samples from π estimates (None: nothing useful, so the recipe refuses it as `algorithm.kl_estimator`)."""
+
+    def add(fn: KLEstimator) -> KLEstimator:
+        fn.loss_gradient = loss_gradient  # type: ignore[attr-defined]
+        return KL_ESTIMATORS.register(name)(fn)
+
+    return add
+
+
+# Why k1 is refused as a loss: on tokens y ~ π, ∇_θ E[log π(y) - log π_ref(y)] taken through the
+# sample's log-prob only is E_π[∇ log π] = Σ_y ∇π(y) = 0: it never pulls towards the reference.
+@kl_estimator("k1", loss_gradient=None)
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k1 = log π - log π_ref: unbiased for KL(π‖π_ref) under samples from π, high variance, can be < 0.
 
-    Schulman, "Approximating KL divergence" (2020 blog). `[B, T], [B, T] -> [B, T]`.
+    Schulman, "Approximating KL divergence" (2020 blog). A value estimator only: its expected
+    gradient as a loss term is zero. `[B, T], [B, T] -> [B, T]`.
     """
     return logprobs - ref_logprobs
 
 
-@KL_ESTIMATORS.register("k2")
+@kl_estimator("k2", loss_gradient="∇KL(π‖π_ref): E_π[(log π - log π_ref) ∇log π]")
 def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k2 = ½ (log π - log π_ref)²: biased, low variance, ≥ 0.
 
-    Schulman, "Approximating KL divergence" (2020 blog). `[B, T], [B, T] -> [B, T]`.
+    Schulman, "Approximating KL divergence" (2020 blog). As a loss on samples from π its
+    expected gradient is E_π[(log π - log π_ref) ∇log π] = ∇KL(π‖π_ref), the reverse KL's
+    exact gradient. `[B, T], [B, T] -> [B, T]`.
     """
     return 0.5 * (logprobs - ref_logprobs).square()
 
 
-@KL_ESTIMATORS.register("k3")
+@kl_estimator("k3", loss_gradient="∇KL(π_ref‖π): E_π[(1 - π_ref/π) ∇log π]")
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k3 = exp(log π_ref - log π) - (log π_ref - log π) - 1: unbiased, low variance, ≥ 0.
 
     Schulman, "Approximating KL divergence" (2020 blog); the estimator GRPO uses
     (Shao et al. 2024, DeepSeekMath, Eq. 4). Unclamped, unlike verl's `low_var_kl`.
-    `[B, T], [B, T] -> [B, T]`.
+    As a loss on samples from π its expected gradient is E_π[(1 - π_ref/π) ∇log π] =
+    -Σ_y π_ref(y) ∇log π(y) = ∇KL(π_ref‖π): the *forward* KL's gradient, not the reverse KL
+    whose value it estimates. `[B, T], [B, T] -> [B, T]`.
     """
     log_ref_ratio = ref_logprobs - logprobs  # [B, T]
     return torch.expm1(log_ref_ratio) - log_ref_ratio

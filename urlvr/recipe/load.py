@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from urlvr.errors import RecipeError
 from urlvr.recipe.sections import Recipe
+from urlvr.recipe.variants import variant_marker
 
 __all__ = ["RecipeError", "load_recipe", "read_recipe_source", "format_validation_error"]
 
@@ -34,7 +35,7 @@ def load_recipe(
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(format_validation_error(err, origin)) from None
+        raise RecipeError(format_validation_error(err, origin, data)) from None
 
 
 def read_recipe_source(source: str | Path | Mapping[str, Any] | Recipe) -> tuple[str, dict[str, Any]]:
@@ -75,6 +76,8 @@ def _apply_override(data: dict[str, Any], override: str, origin: str) -> None:
     parts = key.strip().split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
+        if isinstance(child, str):  # a variant chosen by name only (`loss: ppo_clip`): now with knobs
+            child = node[part] = {"name": child}
         if not isinstance(child, dict):
             raise RecipeError(f"{origin}: --set {override!r}: {part!r} is not a section")
         node = child
@@ -98,37 +101,46 @@ def _import_plugins(plugins: Any, origin: str) -> None:
             ) from None
 
 
-def format_validation_error(err: ValidationError, origin: str) -> str:
-    """One line per problem: `file: dotted.path: message`."""
+def format_validation_error(err: ValidationError, origin: str, data: Any = None) -> str:
+    """One line per problem: `file: dotted.path: message`. `data`, the validated input, tells which
+    variant a section path went through (for the known fields of an unknown key)."""
     lines = []
     for problem in err.errors():
         loc = [str(part) for part in problem["loc"]]
         path = ".".join(loc) or "<root>"
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
-            message = _unknown_field_message(loc)
+            message = _unknown_field_message(loc, data)
         elif problem["type"] == "union_tag_invalid":
             message = f"unknown kind {problem['input'].get('kind')!r} ({problem['ctx']['expected_tags']})"
-        elif "input" in problem and problem["type"] not in ("missing", "value_error", "assertion_error"):
+        elif "input" in problem and problem["type"] not in ("missing", "value_error", "assertion_error",
+                                                             "variant_unknown"):
             message += f" (got {problem['input']!r})"
         lines.append(f"{origin}: {path}: {message}")
     return "\n".join(lines)
 
 
-def _unknown_field_message(loc: list[str]) -> str:
-    model = _model_at(Recipe, loc[:-1])
+def _unknown_field_message(loc: list[str], data: Any) -> str:
+    model = _model_at(Recipe, loc[:-1], data)
     known = sorted(model.model_fields) if model else []
     close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"unknown field {loc[-1]!r}{hint} (known: {', '.join(known)})"
 
 
-def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
-    """Walk section classes along a pydantic error location (list indices and union tags included)."""
+def _model_at(model: type[BaseModel], loc: list[str], data: Any = None) -> type[BaseModel] | None:
+    """Walk section classes along a pydantic error location (list indices, union tags and
+    variants chosen by `name` in `data` included)."""
     candidates = [model]
     for part in loc:
         fields = [m.model_fields[part] for m in candidates if part in m.model_fields]
-        if fields:
+        data = data.get(part) if isinstance(data, dict) else None
+        marker = variant_marker(fields[0]) if fields else None
+        if marker is not None:
+            name = data if isinstance(data, str) else data.get("name", marker.default) if isinstance(data, dict) else None
+            chosen = marker.choices().get(name)
+            candidates = [chosen] if chosen else []
+        elif fields:
             candidates = _models_in(fields[0].annotation)
         else:  # a list index, or the discriminator tag of a union variant
             tagged = [m for m in candidates if _tag(m) == part]

@@ -15,7 +15,8 @@ def registries() -> dict[str, Registry]:
     from urlvr.rewards.extractors import EXTRACTORS
     from urlvr.rollout.base import ROLLOUT_ENGINES
     from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
-    from urlvr.algorithms.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+    from urlvr.algorithms.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS
+    from urlvr.algorithms.policy_losses import POLICY_LOSSES
 
     return {
         "reward": REWARDS,

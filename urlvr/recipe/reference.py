@@ -11,6 +11,7 @@ from typing import get_args, get_origin
 from pydantic import BaseModel
 
 from urlvr.recipe.sections import Recipe
+from urlvr.recipe.variants import VariantSection, variant_marker
 
 
 def _type_name(annotation) -> str:
@@ -52,6 +53,13 @@ def _models(annotation) -> list[type[BaseModel]]:
 def section_table(model: type[BaseModel], prefix: str, out: list[str], seen: set) -> None:
     rows, nested = [], []
     for name, field in model.model_fields.items():
+        marker = variant_marker(field)
+        if marker is not None:  # a registered part with its own section: one table per variant
+            choices = marker.choices()
+            nested += [(f"{prefix}{name}", sub) for sub in choices.values()]
+            rows.append(f"| `{name}` | a name or `{{name: ..., ...}}`, one of: {', '.join(f'`{n}`' for n in choices)} "
+                        f"| {_default(field)} | {_cell(field.description)} |")
+            continue
         subs = _models(field.annotation)
         if subs:
             nested += [(f"{prefix}{name}", sub) for sub in subs]
@@ -59,9 +67,12 @@ def section_table(model: type[BaseModel], prefix: str, out: list[str], seen: set
                 kind = "map of name to one of" if get_origin(field.annotation) is dict else "one of"
                 rows.append(f"| `{name}` | {kind}: {', '.join(s.__name__ for s in subs)} | {_default(field)} | {_cell(field.description)} |")
             continue
-        rows.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {_cell(field.description)} |")
+        meaning = field.description or ("Selects this variant." if name == "name" and issubclass(model, VariantSection) else "")
+        rows.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {_cell(meaning)} |")
     if rows:
         title = f"`{prefix.rstrip('.')}` ({model.__name__})" if prefix else "Top level"
+        if issubclass(model, VariantSection):
+            title = f"`{prefix.rstrip('.')}` with `name: {model.model_fields['name'].default}` ({model.__name__})"
         out += [f"## {title}", "", "| field | type | default | meaning |", "|---|---|---|---|", *rows, ""]
     for path, sub in nested:
         key = (path, sub)
@@ -71,6 +82,8 @@ def section_table(model: type[BaseModel], prefix: str, out: list[str], seen: set
 
 
 def render() -> str:
+    import urlvr.builtins  # noqa: F401  (every built-in variant is registered, so each gets its table)
+
     out = ["# Recipe reference", "",
            "Generated from the pydantic schema by `python -m urlvr.recipe.reference`; do not edit by hand.",
            "Every section refuses unknown keys. `urlvr schema` prints the same as JSON schema.", ""]

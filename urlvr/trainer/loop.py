@@ -24,13 +24,7 @@ from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from urlvr.trainer.batching import micro_batches
 from urlvr.trainer.build import RunParts
 from urlvr.dist import DistInfo, all_gather_rows, all_reduce_max, all_reduce_sum
-from urlvr.algorithms.losses import (
-    KL_ESTIMATORS,
-    POLICY_LOSSES,
-    policy_loss_metrics,
-    token_weights,
-    truncated_importance_weights,
-)
+from urlvr.algorithms.losses import KL_ESTIMATORS, token_weights, truncated_importance_weights
 
 
 class StageTimer(dict):
@@ -91,7 +85,6 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
 
     with timer("update"):
         parts.engine.offload()  # a vLLM engine frees the device for the actor (sleep mode)
-        policy_loss = POLICY_LOSSES.get(algo.loss)
         rows_per_minibatch = recipe.trainer.prompts_per_minibatch // dist.world_size * group_size
         per_row = {"old_logprobs": stats["logprob"], "advantages": advantages}
         if algo.kl_coef > 0:
@@ -112,10 +105,7 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
                     mask = micro["response_mask"].float()
                     wanted = ("logprob", "entropy") if algo.entropy_coef > 0 else ("logprob",)
                     out = parts.actor.forward(micro, wanted)
-                    loss_out = policy_loss(
-                        out["logprob"], micro["old_logprobs"], micro["advantages"], mask,
-                        clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high, dual_clip_c=algo.dual_clip_c,
-                    )
+                    loss_out = algo.loss(out["logprob"], micro["old_logprobs"], micro["advantages"], mask)
                     # x world_size: DeepSpeed averages gradients over ranks; we want the global sum
                     weights = dist.world_size * token_weights(
                         mask, algo.loss_aggregation, max_response_length=recipe.rollout.max_new_tokens,
@@ -125,7 +115,7 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
                         weights = weights * micro["tis_weights"]
                     loss = (weights * loss_out.per_token_loss).sum()
                     minibatch_loss += loss.item()
-                    log = {f"actor/{k}": v for k, v in policy_loss_metrics(loss_out, mask).items()}
+                    log = {f"actor/{k}": v for k, v in loss_out.metrics.items()}
                     if "ref_logprobs" in micro:
                         kl = KL_ESTIMATORS.get(algo.kl_estimator)(out["logprob"], micro["ref_logprobs"])
                         loss = loss + algo.kl_coef * (weights * kl).sum()

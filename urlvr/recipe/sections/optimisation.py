@@ -2,33 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from urlvr.recipe.names import check_registered
 from urlvr.recipe.sections.base import Section
+from urlvr.recipe.variants import VariantOf, VariantSection
 
 
 class AlgorithmSection(Section):
     advantage: str = "grpo"
-    """Advantage estimator by name: `grpo` (group mean/std) or `dr_grpo` (mean only)."""
+    """Advantage estimator by name (registry `advantage estimator`; `urlvr schema` lists them)."""
     advantage_eps: float = Field(1e-6, gt=0.0, le=1.0)
     """Added to the group std before dividing."""
-    loss: str = "ppo_clip"
-    """Policy loss by name."""
-    clip_eps_low: float = Field(0.2, ge=0.0, le=1.0)
-    """Lower clip range: ratio clipped at 1 - clip_eps_low."""
-    clip_eps_high: float = Field(0.2, ge=0.0, le=10.0)
-    """Upper clip range: ratio clipped at 1 + clip_eps_high (DAPO's clip-higher uses 0.28)."""
-    dual_clip_c: float | None = Field(None, gt=1.0)
-    """Dual-clip constant c > 1 bounding the loss for negative advantages; null = off."""
+    loss: Annotated[VariantSection, VariantOf("policy_loss", default="ppo_clip")] = "ppo_clip"
+    """Policy loss: a registered name, or a mapping `{name: ..., <its own knobs>}` (each loss's
+    section is listed below; `ppo_clip` is PPO's clipped surrogate with clip-higher and dual clip)."""
     loss_aggregation: str = "token-mean"
-    """token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)."""
+    """How per-token losses are weighted into the mini-batch loss (registry `loss aggregation`):
+    token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)."""
     kl_coef: float = Field(0.0, ge=0.0)
     """Weight of the KL penalty to the frozen initial policy (Table 7: none). >0 loads a reference model."""
     kl_estimator: str = "k3"
-    """k1 | k2 | k3 (Schulman's estimators)."""
+    """KL estimator of the penalty (Schulman's k2 or k3; k1 is refused: as a loss term its expected
+    gradient is zero). k2's gradient is that of KL(π‖π_ref), k3's that of KL(π_ref‖π) (docs/concepts.md)."""
     entropy_coef: float = Field(0.0, ge=0.0)
     """Weight of the entropy bonus (Table 7: none)."""
     tis_cap: float | None = Field(None, ge=1.0)
@@ -36,15 +34,34 @@ class AlgorithmSection(Section):
     from the trainer's): each token's loss is weighted by min(pi_trainer / pi_sampler, tis_cap),
     detached; null = off. The mismatch is measured every step either way (`rollout/logprob_mismatch_*`)."""
 
-    @field_validator("advantage", "loss", "loss_aggregation", "kl_estimator")
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_loss_knobs(cls, data: Any) -> Any:
+        moved = sorted(k for k in ("clip_eps_low", "clip_eps_high", "dual_clip_c") if isinstance(data, dict) and k in data)
+        if moved:
+            raise ValueError(f"{', '.join(moved)} moved into the loss's own section: write "
+                             f"`loss: {{name: ppo_clip, {moved[0]}: ...}}` (--set algorithm.loss.{moved[0]}=...)")
+        return data
+
+    @field_validator("advantage", "loss_aggregation", "kl_estimator")
     @classmethod
     def _registered(cls, name: str, info: ValidationInfo) -> str:
         return check_registered(_ALGORITHM_REGISTRIES[info.field_name], name)
 
+    @field_validator("kl_estimator")
+    @classmethod
+    def _differentiable_kl(cls, name: str) -> str:
+        from urlvr.recipe.names import registries
+
+        if getattr(registries()["kl_estimator"].get(name), "loss_gradient", "") is None:
+            raise ValueError(f"kl_estimator {name!r} cannot be a loss term: its expected gradient on samples "
+                             "from the policy is zero, so it never pulls towards the reference; use k2 "
+                             "(gradient of KL(π‖π_ref)) or k3 (gradient of KL(π_ref‖π))")
+        return name
+
 
 _ALGORITHM_REGISTRIES = {  # AlgorithmSection field -> the registry its value must name
     "advantage": "advantage_estimator",
-    "loss": "policy_loss",
     "loss_aggregation": "loss_aggregation",
     "kl_estimator": "kl_estimator",
 }

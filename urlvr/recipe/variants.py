@@ -1,0 +1,100 @@
+"""Variant sections: a recipe field whose value is the section of one registered part.
+
+A policy loss, a rollout engine (and any other swappable part with knobs of its own) registers a
+pydantic section under its name; the recipe field names it and sets its knobs in one mapping:
+
+    algorithm:
+      loss: {name: ppo_clip, clip_eps_high: 0.28}     # or just `loss: ppo_clip`
+
+Why not a static `Union[...]`: plugins register variants after the recipe classes are defined
+(they are imported by `recipe.plugins`, before validation), so the choices are read from the
+registry when a recipe is validated and when the JSON schema or the docs are generated. The
+schema is still the discriminated union (`oneOf` + `discriminator: name`) pydantic would write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic_core import PydanticCustomError, core_schema
+
+from urlvr.recipe.sections.base import Section
+
+
+class VariantSection(Section):
+    """Base of a registered part's own section. Subclasses declare
+    `name: Literal["<registered name>"] = "<registered name>"` and their knobs, each with a docstring."""
+
+    name: str
+
+
+def variant_section(entry: Any) -> type[VariantSection]:
+    """The section class of a registry entry: the entry itself (a loss section) or its `settings`
+    attribute (an engine class and the section of its settings)."""
+    section = entry if isinstance(entry, type) and issubclass(entry, VariantSection) else getattr(entry, "settings", None)
+    if not (isinstance(section, type) and issubclass(section, VariantSection)):
+        raise TypeError(f"{entry!r} is neither a VariantSection nor has a `settings` VariantSection")
+    return section
+
+
+def check_variant_name(entry: Any, name: str) -> None:
+    """Registration-time check that a variant's section carries the name it is registered under."""
+    declared = variant_section(entry).model_fields["name"].default
+    if declared != name:
+        raise ValueError(f"{entry!r} is registered as {name!r} but its section's `name` defaults to {declared!r}")
+
+
+class VariantOf:
+    """`Annotated[VariantSection, VariantOf("policy_loss", default="ppo_clip")]`: validates a name, a
+    mapping with a `name` key (missing = `default`) or a section into the registered variant's
+    section; errors carry the field path (`algorithm.loss.clip_eps_low`) and "did you mean"."""
+
+    def __init__(self, kind: str, *, default: str) -> None:
+        self.kind = kind  # a key of `urlvr.recipe.names.registries()`
+        self.default = default
+
+    def choices(self) -> dict[str, type[VariantSection]]:
+        """Registered name -> section class, plugins included."""
+        from urlvr.recipe.names import registries
+
+        registry = registries()[self.kind]
+        return {name: variant_section(registry.get(name)) for name in registry.names()}
+
+    def validate(self, value: Any) -> VariantSection:
+        if isinstance(value, VariantSection):
+            value = value.model_dump()
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, Mapping):
+            raise PydanticCustomError("variant_type", "expected a registered name or a mapping with `name`")
+        name = value.get("name", self.default)
+        from urlvr.recipe.names import registries
+
+        registry = registries()[self.kind]
+        if not isinstance(name, str) or name not in registry:
+            raise PydanticCustomError("variant_unknown", registry.unknown_name_message(str(name)))
+        return variant_section(registry.get(name)).model_validate({**value, "name": name})
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        # serialised by its runtime class, so every variant's own knobs round-trip
+        return core_schema.no_info_plain_validator_function(
+            self.validate, serialization=core_schema.plain_serializer_function_ser_schema(
+                _dump, info_arg=True, return_schema=core_schema.dict_schema()))
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> dict:
+        variants = [handler(section.__pydantic_core_schema__) for section in self.choices().values()]
+        return {"oneOf": variants, "discriminator": {"propertyName": "name"}}
+
+
+def _dump(value: BaseModel, info: core_schema.SerializationInfo) -> dict[str, Any]:
+    return value.model_dump(mode=info.mode)
+
+
+def variant_marker(field: Any) -> VariantOf | None:
+    """The `VariantOf` of a pydantic field (`Annotated[..., VariantOf(...)]`), if any (docs and errors)."""
+    for meta in getattr(field, "metadata", ()):
+        if isinstance(meta, VariantOf):
+            return meta
+    return None
