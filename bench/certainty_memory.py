@@ -44,7 +44,7 @@ def _maxrss_mb() -> float:
 def child_case(method: str, length: int, vocab: int, hidden: int, chunk: int, repeats: int) -> dict:
     import torch
 
-    from urlvr.trainer.actor import SCORE_STATS
+    from urlvr.algorithms.token_stats import BUILTIN_TOKEN_STATS as SCORE_STATS
     from urlvr.algorithms.token_stats import compute_token_stats
 
     torch.set_num_threads(2)
@@ -83,7 +83,8 @@ def child_step(vocab: int, hidden: int, layers: int, prompts: int, group_size: i
     from urlvr.rollout.base import PromptInput, SamplingParams
     from urlvr.rollout.collate import collate_groups, position_ids_from_attention_mask
     from urlvr.rollout.transformers_engine import TransformersRolloutEngine
-    from urlvr.trainer.actor import SCORE_STATS, TokenScorer
+    from urlvr.algorithms.token_stats import BUILTIN_TOKEN_STATS as SCORE_STATS
+from urlvr.trainer.actor import TokenScorer
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from urlvr.rewards.certainty import (
 )
 from urlvr.rewards.extractors import extract_boxed
 from urlvr.rollout.base import Group, PromptInput, Sample
-from urlvr.trainer.actor import SCORE_STATS
+from urlvr.algorithms.token_stats import BUILTIN_TOKEN_STATS as SCORE_STATS
 from urlvr.algorithms.token_stats import compute_token_stats
 
 G, T, V = 4, 7, 13

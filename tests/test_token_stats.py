@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from urlvr.trainer.actor import SCORE_STATS, TokenScorer
+from urlvr.algorithms.token_stats import BUILTIN_TOKEN_STATS as SCORE_STATS
+from urlvr.trainer.actor import TokenScorer
 from urlvr.algorithms.token_stats import compute_token_stats
 
 

@@ -1,8 +1,10 @@
 """Per-token statistics of the policy's next-token distribution, computed from logits chunks.
 
-The scoring pass computes these once per rollout batch and lends them to rewards (certainty
-rewards) and to the update (old log-probs). Each function maps logits `[..., V]` (float32,
-already divided by the temperature) and the sampled tokens `[...]` to a `[...]` tensor.
+The scoring pass computes, once per rollout batch, exactly the statistics some part of the run
+declared (rewards' `stats=`, `dynamics.token_metrics`, collapse detectors; `logprob` for the
+update's old log-probs) and lends them to rewards and the update. Each function maps logits
+`[..., V]` (float32, already divided by the temperature), their logsumexp `[...]` and the sampled
+tokens `[...]` to a `[...]` tensor. A plugin registers its own with `@TOKEN_STATS.register(name)`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from urlvr.registry import Registry
 
 TokenStat = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 TOKEN_STATS: Registry[TokenStat] = Registry("token statistic")
+BUILTIN_TOKEN_STATS = ("logprob", "entropy", "self_certainty", "top1_prob", "top2_prob")
 
 
 @TOKEN_STATS.register("logprob")

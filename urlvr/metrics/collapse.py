@@ -63,6 +63,7 @@ class Detector:
     relative: bool
     default_threshold: float
     description: str
+    stats: tuple[str, ...] = ()  # token statistics whose `actor/<stat>_mean` it watches (the step then computes them)
 
     def check(self, values: Sequence[float], *, threshold: float | None = None, window: int = 5) -> tuple[float, float] | None:
         """(current, limit) when the rule fires on this history, else None."""
@@ -93,7 +94,7 @@ for _detector in (
     Detector("proxy_saturation", "reward/proxy_mean", "above", False, 0.95,
              "proxy reward saturates near 1: the group agrees with itself (ensemble rewards in [0, 1])"),
     Detector("entropy_collapse", "actor/entropy_mean", "below", True, 0.1,
-             "actor entropy falls below threshold x its starting value"),
+             "actor entropy falls below threshold x its starting value", stats=("entropy",)),
     Detector("length_collapse", "response/length_mean", "below", True, 0.5,
              "mean response length falls below threshold x its start (the Probability reward's failure)"),
     Detector("repetition_growth", "response/repetition_rate", "above", False, 0.5,

@@ -17,6 +17,7 @@ def registries() -> dict[str, Registry]:
     from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
     from urlvr.algorithms.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS
     from urlvr.algorithms.policy_losses import POLICY_LOSSES
+    from urlvr.algorithms.token_stats import TOKEN_STATS
 
     return {
         "reward": REWARDS,
@@ -27,6 +28,7 @@ def registries() -> dict[str, Registry]:
         "loss_aggregation": LOSS_AGGREGATIONS,
         "kl_estimator": KL_ESTIMATORS,
         "collapse_detector": COLLAPSE_DETECTORS,
+        "token_statistic": TOKEN_STATS,
         "dataset_adapter": DATASET_ADAPTERS,
     }
 

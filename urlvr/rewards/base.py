@@ -33,7 +33,7 @@ class RewardContext:
 
     answers: tuple[str | None, ...]  # extracted answer per sample (None = no answer found)
     response_mask: torch.Tensor  # [G, T]
-    token_stats: Mapping[str, torch.Tensor]  # name -> [G, T]: logprob, entropy, self_certainty, top1_prob, top2_prob
+    token_stats: Mapping[str, torch.Tensor]  # name -> [G, T]: the statistics the run's rewards declared (`stats=`)
     extract_answer: Callable[[str], str | None]
     metadata: Mapping[str, Any] = field(default_factory=dict)  # the prompt record's metadata
     policy: Any = None  # PolicyHandle of the current policy; batch generation belongs in a `prepare` phase
@@ -53,6 +53,17 @@ class RewardContext:
                 "(labels feed metrics and oracle rewards only)"
             )
         return self._label
+
+    @classmethod
+    def for_group(cls, answers: Sequence[str | None], response_mask: torch.Tensor, *, extract_answer: Callable[[str], str | None],
+                  token_stats: Mapping[str, torch.Tensor] | None = None, label: str | None = None,
+                  metadata: Mapping[str, Any] | None = None, question: str | None = None, tokenizer: Any = None,
+                  vote_answers: Sequence[str | None] | None = None) -> RewardContext:
+        """The one way the trainer and the evaluation build a context (the label stays private:
+        `call_reward` opens it to oracle rewards only)."""
+        return cls(answers=tuple(answers), response_mask=response_mask, token_stats=dict(token_stats or {}),
+                   extract_answer=extract_answer, metadata=dict(metadata or {}), question=question, tokenizer=tokenizer,
+                   vote_answers=None if vote_answers is None else tuple(vote_answers), _label=label)
 
     @property
     def has_label(self) -> bool:
@@ -105,13 +116,24 @@ class RewardSpec:
     needs_label: bool
     description: str
     prepare: PrepareFn | None = None  # optional batch phase, run once per step over all groups
+    stats: tuple[str, ...] | Callable[..., Sequence[str]] = ()  # token statistics read from ctx.token_stats
+
+    def token_stats(self, kwargs: Mapping[str, Any]) -> tuple[str, ...]:
+        """The statistics this reward reads with these recipe kwargs (the scoring pass computes
+        exactly the union over the recipe's rewards, metrics and detectors)."""
+        return tuple(self.stats(**kwargs) if callable(self.stats) else self.stats)
 
 
 REWARDS: Registry[RewardSpec] = Registry("reward")
 
 
-def reward(name: str, *, needs_label: bool = False, prepare: PrepareFn | None = None) -> Callable[[RewardFn], RewardFn]:
+def reward(name: str, *, needs_label: bool = False, prepare: PrepareFn | None = None,
+           stats: tuple[str, ...] | Callable[..., Sequence[str]] = ()) -> Callable[[RewardFn], RewardFn]:
     """Register ``fn(group, ctx, **kwargs)`` as a reward named ``name``; returns fn unchanged.
+
+    ``stats`` names the per-token statistics (registry `TOKEN_STATS`) the reward reads from
+    ``ctx.token_stats``, or is a function of the recipe kwargs returning them; the scoring pass
+    computes only what some part of the run declared, so an undeclared statistic is absent.
 
     ``prepare``, if given, is a batch phase: ``prepare(groups, contexts, policy, **kwargs)`` runs
     once per step over every group of the batch (so work such as generating with the policy is one
@@ -121,7 +143,10 @@ def reward(name: str, *, needs_label: bool = False, prepare: PrepareFn | None = 
 
     def add(fn: RewardFn) -> RewardFn:
         doc = (fn.__doc__ or "").strip().splitlines()
-        REWARDS.register(name)(RewardSpec(name, fn, needs_label, doc[0] if doc else "", prepare))
+        if not callable(stats) and isinstance(stats, str):
+            raise TypeError(f"reward {name!r}: stats must be a tuple of names, got the string {stats!r}")
+        REWARDS.register(name)(RewardSpec(name, fn, needs_label, doc[0] if doc else "", prepare,
+                                          stats if callable(stats) else tuple(stats)))
         return fn
 
     return add
@@ -160,6 +185,11 @@ def check_reward_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
             raise ValueError(f"reward {name!r}: argument {key!r}={value!r} is invalid ({problem})") from None
     if hasattr(spec.fn, "check"):
         spec.fn.check(**kwargs)
+    from urlvr.algorithms.token_stats import TOKEN_STATS
+
+    for stat in spec.token_stats(kwargs):
+        if stat not in TOKEN_STATS:
+            raise ValueError(f"reward {name!r} declares stats=({stat!r},): {TOKEN_STATS.unknown_name_message(stat)}")
 
 
 def call_reward(spec: RewardSpec, group: Group, ctx: RewardContext, kwargs: Mapping[str, Any]) -> RewardOutput:

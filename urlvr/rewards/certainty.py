@@ -1,7 +1,8 @@
 """Certainty-based rewards (paper Table 1): the policy's confidence along its own response.
 
-All five read the per-token statistics of the trainer's one scoring forward (`ctx.token_stats`,
-`[G, T]`, masked by `ctx.response_mask`), so none of them costs a forward pass. Whether those
+All five read per-token statistics of the trainer's one scoring forward (`ctx.token_stats`,
+`[G, T]`, masked by `ctx.response_mask`), so none of them costs a forward pass; each declares
+the statistics it reads (`stats=`), and the scoring pass computes only declared ones. Whether those
 statistics come from temperature-scaled or raw logits is the recipe's `reward.certainty_logits`.
 
 Conventions (not in the paper, stated so they can be tested):
@@ -36,29 +37,30 @@ def masked_token_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _stat(ctx: RewardContext, name: str) -> torch.Tensor:
     if name not in ctx.token_stats:
-        raise KeyError(f"this reward needs the token statistic {name!r}; the context lends {sorted(ctx.token_stats)}")
+        raise KeyError(f"this reward reads the token statistic {name!r}, which no part of the run declared "
+                       f"(declare it: @reward(..., stats=({name!r},))); the context lends {sorted(ctx.token_stats)}")
     return ctx.token_stats[name]  # [G, T]
 
 
-@reward("self_certainty")
+@reward("self_certainty", stats=("self_certainty",))
 def self_certainty(group: Group, ctx: RewardContext) -> list[float]:
     """RLIF: r(x, y) = (1/|y|) sum_t KL(U_V || pi_t)  (paper Table 1, Self-Certainty)."""
     return masked_token_mean(_stat(ctx, "self_certainty"), ctx.response_mask).tolist()
 
 
-@reward("token_entropy")
+@reward("token_entropy", stats=("entropy",))
 def token_entropy(group: Group, ctx: RewardContext) -> list[float]:
     """EM-RL, RENT: r(x, y) = -(1/|y|) sum_t H(pi_t)  (paper Table 1, Token-Level Entropy)."""
     return (-masked_token_mean(_stat(ctx, "entropy"), ctx.response_mask)).tolist()
 
 
-@reward("trajectory_entropy")
+@reward("trajectory_entropy", stats=("logprob",))
 def trajectory_entropy(group: Group, ctx: RewardContext) -> list[float]:
     """EM-RL: r(x, y) = (1/|y|) sum_t log pi(y_t | x, y_<t)  (paper Table 1, Trajectory-Level Entropy)."""
     return masked_token_mean(_stat(ctx, "logprob"), ctx.response_mask).tolist()
 
 
-@reward("probability")
+@reward("probability", stats=("logprob",))
 def probability(group: Group, ctx: RewardContext) -> list[float]:
     """RLSC: r(x, y) = prod_t pi(y_t | x, y_<t) = exp(sum_t log pi(y_t))  (paper Table 1, Probability).
 
@@ -69,7 +71,7 @@ def probability(group: Group, ctx: RewardContext) -> list[float]:
     return torch.where(mask.sum(-1) > 0, scores, 0.0).tolist()
 
 
-@reward("probability_disparity")
+@reward("probability_disparity", stats=("top1_prob", "top2_prob"))
 def probability_disparity(
     group: Group, ctx: RewardContext, *, span: Literal["answer", "response"] = "answer"
 ) -> RewardOutput:

@@ -10,14 +10,13 @@ seed, the call number and the question's index, so a step's verification is repr
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 from urlvr.data.records import PromptRecord
 from urlvr.data.templates import render_prompt
-from urlvr.rollout.base import PromptInput, RolloutEngine, SamplingParams
+from urlvr.rollout.base import PromptInput, RolloutEngine, SamplingParams, hashed_seed
 
 
 class EnginePolicy:
@@ -69,5 +68,4 @@ class EnginePolicy:
         return [[sample.text for sample in group.samples] for group in groups]
 
     def _seed(self, call: int, index: int) -> int:
-        digest = hashlib.blake2b(f"{self.seed}:policy:{call}:{index}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") >> 2
+        return hashed_seed(self.seed, "policy", call, index, bits=62)

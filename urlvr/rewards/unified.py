@@ -76,7 +76,12 @@ def _check(*, anchor: str = "onehot", sign: int = -1, transform: str = "identity
         raise ValueError(f"unified: granularity must be 'token' or 'answer', got {granularity!r}")
 
 
-@reward("unified")
+def _unified_stats(*, anchor: str = "onehot", granularity: str = "token", **_) -> tuple[str, ...]:
+    """The one statistic Eq. 26 reads at token granularity (none at answer granularity)."""
+    return () if granularity == "answer" or anchor not in _TOKEN_CROSS_ENTROPY else (_TOKEN_CROSS_ENTROPY[anchor][0],)
+
+
+@reward("unified", stats=_unified_stats)
 def unified(
     group: Group, ctx: RewardContext, *, anchor: Anchor = "onehot", sign: Literal[1, -1] = -1,
     transform: Literal["identity", "exp"] = "identity", granularity: Literal["token", "answer"] = "token",

@@ -4,7 +4,7 @@
 response only: it runs the decoder, then applies the LM head chunk by chunk over response
 positions, so no `[T, V]` float32 logits tensor for a whole sequence is ever held at once
 (the decoder's hidden states are `[T, H]`, far smaller). The same module serves the no-grad
-scoring pass (old log-probs, entropies, self-certainty for rewards) and the training forward,
+scoring pass (old log-probs and the statistics the run declared) and the training forward,
 so on-policy importance ratios are exactly 1.
 Limitation: logits are `lm_head(hidden)`; models that post-process logits (soft-capping,
 logit scaling) need their own scorer.
@@ -21,8 +21,6 @@ from torch import nn
 
 from urlvr.recipe import Recipe
 from urlvr.algorithms.token_stats import compute_token_stats
-
-SCORE_STATS = ("logprob", "entropy", "self_certainty", "top1_prob", "top2_prob")
 
 
 class TokenScorer(nn.Module):
@@ -152,7 +150,7 @@ class Actor:
         )
 
     @torch.no_grad()
-    def score(self, micro: dict[str, torch.Tensor], stats: tuple[str, ...] = SCORE_STATS,
+    def score(self, micro: dict[str, torch.Tensor], stats: tuple[str, ...],
               raw_stats: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         return self.forward(micro, stats, raw_stats)
 

@@ -6,7 +6,6 @@ Kept apart from the loop so that `loop.py` reads as the algorithm only.
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ from urlvr.models.tiny import resolve_model_path
 from urlvr.recipe import Recipe
 from urlvr.rollout.base import ROLLOUT_ENGINES, PromptInput, RolloutEngine
 from urlvr.trainer.actor import Actor
+from urlvr.trainer.settings import RunSettings
 from urlvr.dist import DistInfo
 
 
@@ -35,7 +35,7 @@ class RunParts:
     prompts: dict[str, PromptInput]
     stream: PromptStream
     total_steps: int
-    minibatches_per_step: int
+    settings: RunSettings  # everything derived from the recipe once (sampling, batch shapes, statistics)
     eval_records: list[PromptRecord]  # this rank's shard of the evaluation prompts
     eval_prompts: list[PromptInput]
     held_out: dict[str, tuple[list[PromptRecord], list[PromptInput]]] = field(default_factory=dict)  # eval.held_out shards
@@ -72,6 +72,7 @@ def load_prompt_records(source, recipe: Recipe) -> list[PromptRecord]:
 
 
 def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
+    settings = RunSettings.derive(recipe, dist)  # a batch that does not fit the world size fails first
     seed_everything(recipe.seed)
     model, tokenizer = load_model_and_tokenizer(recipe)
     records = load_prompt_records(recipe.data.source, recipe)
@@ -84,27 +85,18 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
     by_id = {p.prompt_id: p for p in encoded.inputs}
     records = list(encoded.records)
     trainer = recipe.trainer
-    if trainer.prompts_per_step % dist.world_size or trainer.prompts_per_minibatch % dist.world_size:
-        raise ValueError(
-            f"trainer.prompts_per_step ({trainer.prompts_per_step}) and prompts_per_minibatch "
-            f"({trainer.prompts_per_minibatch}) must be multiples of the world size ({dist.world_size}): "
-            "groups are never split across ranks"
-        )
     stream = PromptStream(
         records, prompts_per_step=trainer.prompts_per_step, seed=recipe.seed, shuffle=recipe.data.shuffle,
         epochs=None if trainer.total_steps else trainer.data_epochs, rank=dist.rank, world_size=dist.world_size,
     )
     total_steps = trainer.total_steps or stream.steps_available()
-    minibatches = trainer.prompts_per_step // trainer.prompts_per_minibatch
-    rows_per_minibatch = trainer.prompts_per_minibatch // dist.world_size * recipe.rollout.group_size
-    micro_steps = math.ceil(rows_per_minibatch / trainer.micro_batch_size)
     reference = None
     if recipe.algorithm.kl_coef > 0 or recipe.dynamics.kl_to_initial_every > 0:  # penalty, or KL-to-pi_0 metric
         on_host = recipe.algorithm.kl_coef == 0 and recipe.dynamics.kl_reference_device == "cpu"
         reference = _frozen_reference(recipe, torch.device("cpu") if on_host else dist.device)
     actor = Actor(
-        model, recipe, world_size=dist.world_size, micro_steps_per_minibatch=micro_steps,
-        total_optimizer_steps=total_steps * minibatches * trainer.ppo_epochs,
+        model, recipe, world_size=dist.world_size, micro_steps_per_minibatch=settings.micro_steps_per_minibatch,
+        total_optimizer_steps=total_steps * settings.minibatches_per_step * trainer.ppo_epochs,
     )
     engine = ROLLOUT_ENGINES.get(recipe.rollout.engine).from_recipe(recipe, actor.model, tokenizer, dist)
     eval_records, eval_prompts = _evaluation_shard(recipe.eval.source, recipe, tokenizer, dist)
@@ -115,7 +107,7 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
     return RunParts(
         tokenizer=tokenizer, actor=actor, reference=reference, engine=engine,
         records={r.prompt_id: r for r in records}, prompts=by_id, stream=stream,
-        total_steps=total_steps, minibatches_per_step=minibatches,
+        total_steps=total_steps, settings=settings,
         eval_records=eval_records, eval_prompts=eval_prompts, held_out=held_out,
     )
 

@@ -7,8 +7,6 @@ from typing import Any
 
 from urlvr.metrics.evaluation import judge_samples
 from urlvr.metrics.tracking import gather_rows, greedy_row
-from urlvr.rewards.extractors import make_extractor
-from urlvr.rollout.base import SamplingParams
 
 
 def greedy_rows(parts, recipe, dist, step: int) -> list[dict[str, Any]]:
@@ -17,11 +15,10 @@ def greedy_rows(parts, recipe, dist, step: int) -> list[dict[str, Any]]:
     tracked = recipe.dynamics.track_prompts
     ids = sorted(parts.records) if tracked == "all" else [i for i in tracked if i in parts.records]
     mine = ids[dist.rank :: dist.world_size]
-    sampling = SamplingParams(greedy=True, max_new_tokens=recipe.rollout.max_new_tokens,
-                              stop_token_ids=tuple(recipe.rollout.stop_token_ids))
+    sampling = parts.settings.greedy_sampling()
     with parts.generation_context():
         groups = parts.engine.generate([parts.prompts[i] for i in mine], 1, sampling) if mine else []
-    extract = make_extractor(recipe.reward.extractor, recipe.reward.extractor_kwargs)
+    extract = parts.settings.extract
     oracle = recipe.reward.oracle
     rows = []
     for prompt_id, group in zip(mine, groups, strict=True):

@@ -5,7 +5,6 @@ rollout -> score (one forward) -> reward -> advantage -> clipped-surrogate updat
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -13,13 +12,10 @@ import torch
 
 from urlvr.metrics import dynamics, tracking
 from urlvr.recipe import Recipe
-from urlvr.rewards.base import RewardContext
 from urlvr.rewards.compose import BatchRewards, RewardTermSpec, score_batch
-from urlvr.rewards.extractors import make_extractor
 from urlvr.rewards.policy import EnginePolicy
-from urlvr.rollout.base import Group, RolloutBatch, SamplingParams, hashed_seed
+from urlvr.rollout.base import RolloutBatch
 from urlvr.rollout.collate import collate_groups
-from urlvr.trainer.actor import SCORE_STATS
 from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from urlvr.trainer.batching import micro_batches
 from urlvr.trainer.build import RunParts
@@ -37,26 +33,15 @@ class StageTimer(dict):
         self[f"time/{stage}"] = self.get(f"time/{stage}", 0.0) + time.perf_counter() - start
 
 
-def sampling_seed(recipe_seed: int, step: int, prompt_index: int) -> int:
-    """A per-(step, prompt) seed, keyed by the prompt's index in the global batch: rollouts are
-    reproducible, resume-exact without RNG replay, and the same on 1 rank or 8."""
-    return hashed_seed(recipe_seed, step, prompt_index, bits=62)
-
-
 def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tuple[dict[str, float], list[dict], list[dict]]:
     """One GRPO step on this rank's share of the global batch; returns (metrics, completions,
     per-prompt tracking rows of every rank)."""
-    timer, algo, group_size = StageTimer(), recipe.algorithm, recipe.rollout.group_size
+    timer, algo, group_size, settings = StageTimer(), recipe.algorithm, recipe.rollout.group_size, parts.settings
     step_start = time.perf_counter()
 
     with timer("rollout"):  # this rank's whole prompts; every group stays on one rank
         records = parts.stream.next_batch()
-        first_index = dist.rank * len(records)  # ranks hold equal contiguous slices of the global batch
-        sampling = SamplingParams(
-            temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p, top_k=recipe.rollout.top_k,
-            max_new_tokens=recipe.rollout.max_new_tokens, stop_token_ids=tuple(recipe.rollout.stop_token_ids),
-            prompt_seeds=tuple(sampling_seed(recipe.seed, step, first_index + i) for i in range(len(records))),
-        )
+        sampling = settings.train_sampling(step, len(records))
         vote_size = recipe.reward.vote_group_size or group_size  # TTRL: draw more samples to vote than to train
         with parts.generation_context():
             drawn = parts.engine.generate([parts.prompts[r.prompt_id] for r in records], vote_size, sampling)
@@ -64,19 +49,24 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         batch = _to_device(collate_groups(groups, pad_token_id=parts.tokenizer.pad_token_id), dist.device)
         all_rows = range(batch.input_ids.shape[0])
 
-    with timer("score"):  # ONE forward: old log-probs for the update + token stats for rewards
-        stats = _score(parts, batch, all_rows, recipe)
+    with timer("score"):  # ONE forward: old log-probs + exactly the statistics the run declared
+        stats = _score(parts, batch, all_rows)
         kl_every = recipe.dynamics.kl_to_initial_every  # KL to pi_0 measured even without a penalty
         measure_kl = algo.kl_coef > 0 or (kl_every > 0 and step % kl_every == 0)
         ref_logprobs = _reference_logprobs(parts, batch, recipe) if measure_kl else None
 
     with timer("reward"):
-        contexts = _reward_contexts(groups, drawn, records, batch, stats, recipe, parts.tokenizer)
+        lent = settings.lent_stats(stats)  # reward.certainty_logits
+        contexts = [settings.reward_context(group, voters, record, batch.response_mask[g * group_size:(g + 1) * group_size],
+                                            {name: value[g * group_size:(g + 1) * group_size] for name, value in lent.items()},
+                                            parts.tokenizer)
+                    for g, (group, voters, record) in enumerate(zip(groups, drawn, records, strict=True))]
         terms = [RewardTermSpec(t.name, t.weight, t.kwargs, t.key, t.gate, t.on_error) for t in recipe.reward.terms]
         policy = EnginePolicy(  # lent to rewards that generate (self-verification): one batched call each
             parts.engine, parts.tokenizer, template=recipe.data.template, system_prompt=recipe.data.system_prompt,
-            prompt_suffix=recipe.data.prompt_suffix, sampling=replace(sampling, prompt_seeds=None),
-            seed=sampling_seed(recipe.seed, step, first_index), generation_context=parts.generation_context)
+            prompt_suffix=recipe.data.prompt_suffix, sampling=settings.policy_sampling(),
+            seed=settings.sampling_seed(step, settings.first_prompt_index(len(records))),
+            generation_context=parts.generation_context)
         rewards = score_batch(groups, contexts, terms, recipe.reward.oracle, policy)
 
     with timer("advantage"):  # [B, G] -> one advantage per sample, broadcast over its tokens
@@ -85,7 +75,7 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
 
     with timer("update"):
         parts.engine.offload()  # a vLLM engine frees the device for the actor (sleep mode)
-        rows_per_minibatch = recipe.trainer.prompts_per_minibatch // dist.world_size * group_size
+        rows_per_minibatch = settings.rows_per_minibatch
         per_row = {"old_logprobs": stats["logprob"], "advantages": advantages}
         if algo.kl_coef > 0:
             per_row["ref_logprobs"] = ref_logprobs
@@ -103,8 +93,7 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
                 minibatch_loss = 0.0  # this rank's share of the mini-batch's policy loss, x world_size
                 for micro in micro_batches(batch, rows, recipe.trainer.micro_batch_size, per_row):
                     mask = micro["response_mask"].float()
-                    wanted = ("logprob", "entropy") if algo.entropy_coef > 0 else ("logprob",)
-                    out = parts.actor.forward(micro, wanted)
+                    out = parts.actor.forward(micro, settings.train_stats)
                     loss_out = algo.loss(out["logprob"], micro["old_logprobs"], micro["advantages"], mask)
                     # x world_size: DeepSpeed averages gradients over ranks; we want the global sum
                     weights = dist.world_size * token_weights(
@@ -147,11 +136,10 @@ def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
                              ("input_ids", "attention_mask", "response_mask", "sampler_logprobs")})
 
 
-def _score(parts: RunParts, batch: RolloutBatch, rows: range, recipe: Recipe) -> dict[str, torch.Tensor]:
-    # certainty measured on raw logits too (same pass) when the recipe asks and it makes a difference
-    raw = SCORE_STATS if recipe.reward.certainty_logits == "raw" and recipe.rollout.temperature != 1.0 else ()
-    micros = micro_batches(batch, rows, recipe.trainer.micro_batch_size)
-    pieces = [parts.actor.score(micro, SCORE_STATS, raw) for micro in micros]
+def _score(parts: RunParts, batch: RolloutBatch, rows: range) -> dict[str, torch.Tensor]:
+    settings = parts.settings  # certainty also on raw logits (same pass) when reward.certainty_logits asks
+    micros = micro_batches(batch, rows, settings.recipe.trainer.micro_batch_size)
+    pieces = [parts.actor.score(micro, settings.score_stats, settings.raw_score_stats) for micro in micros]
     return {name: torch.cat([p[name] for p in pieces]) for name in pieces[0]}
 
 
@@ -164,24 +152,6 @@ def _reference_logprobs(parts: RunParts, batch: RolloutBatch, recipe: Recipe) ->
         pieces.append(parts.reference(ids, attention, positions, micro["prompt_length"], recipe.rollout.temperature,
                                       ("logprob",))["logprob"].to(batch.input_ids.device))
     return torch.cat(pieces)
-
-
-def _reward_contexts(groups: Sequence[Group], drawn: Sequence[Group], records, batch: RolloutBatch, stats,
-                     recipe: Recipe, tokenizer) -> list[RewardContext]:
-    extract = make_extractor(recipe.reward.extractor, recipe.reward.extractor_kwargs)
-    lent = {name: stats.get(f"raw_{name}", stats[name]) for name in SCORE_STATS}  # reward.certainty_logits
-    contexts = []
-    for index, (group, voters, record) in enumerate(zip(groups, drawn, records, strict=True)):
-        rows = slice(index * group.size, (index + 1) * group.size)
-        answers = tuple(extract(s.text) for s in group.samples)
-        extra = tuple(extract(s.text) for s in voters.samples[group.size:])  # voting-only samples
-        contexts.append(RewardContext(
-            answers=answers, response_mask=batch.response_mask[rows],
-            token_stats={name: value[rows] for name, value in lent.items()},
-            extract_answer=extract, metadata=record.metadata, _label=record.label, question=record.prompt,
-            tokenizer=tokenizer, vote_answers=answers + extra if extra else None,
-        ))
-    return contexts
 
 
 def _reward_term_metrics(rewards: BatchRewards) -> dict[str, float]:
@@ -208,8 +178,7 @@ def _step_metrics(groups, records, batch, stats, rewards: BatchRewards, contexts
         **timer,
     }
     token_means = {  # ranks hold different token counts: weight each rank's mean by its count
-        "actor/entropy_mean": dynamics.masked_mean(stats["entropy"], mask),
-        "actor/self_certainty_mean": dynamics.masked_mean(stats["self_certainty"], mask),
+        **{f"actor/{name}_mean": dynamics.masked_mean(stats[name], mask) for name in parts.settings.metric_stats},
         **dynamics.sampler_mismatch_metrics(stats["logprob"], batch.sampler_logprobs, mask, recipe.algorithm.tis_cap),
     }
     if ref_logprobs is not None:  # KL(pi || pi_0) of the policy that sampled this batch
@@ -228,7 +197,7 @@ def _step_metrics(groups, records, batch, stats, rewards: BatchRewards, contexts
         total, None if oracle is None else all_gather_rows(oracle), all_gather_rows(majority_correct)))
     metrics.update(dynamics.reward_metrics(total, {name: all_gather_rows(s) for name, s in rewards.per_term.items()}))
     metrics["actor/lr"] = parts.actor.learning_rate()
-    metrics["actor/optimizer_steps_per_rollout"] = float(parts.minibatches_per_step * recipe.trainer.ppo_epochs)
+    metrics["actor/optimizer_steps_per_rollout"] = float(parts.settings.minibatches_per_step * recipe.trainer.ppo_epochs)
     tracked = recipe.dynamics.track_prompts
     prompt_rows = [] if tracked is None else tracking.gather_rows(tracking.rollout_rows(
         step, records, voters, p_maj, majority_correct, rewards.total, oracle, tracked))

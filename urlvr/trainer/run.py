@@ -15,7 +15,6 @@ from urlvr.metrics.collapse import CollapseMonitor
 from urlvr.metrics.evaluation import evaluate
 from urlvr.metrics.loggers import JsonlLogger, console_line, make_loggers, read_jsonl
 from urlvr.metrics.tracking import PromptTrackWriter
-from urlvr.rollout.base import SamplingParams
 from urlvr.recipe import Recipe, RecipeError, load_recipe
 from urlvr.trainer import checkpoint
 from urlvr.trainer.build import build_run
@@ -157,12 +156,7 @@ class Trainer:
         return None
 
     def _run_eval(self, parts, dist) -> dict[str, float]:
-        ev = self.recipe.eval
-        sampling = SamplingParams(
-            temperature=ev.temperature, top_p=ev.top_p,
-            max_new_tokens=ev.max_new_tokens or self.recipe.rollout.max_new_tokens,
-            stop_token_ids=tuple(self.recipe.rollout.stop_token_ids), seed=self.recipe.seed + 17 * dist.rank,
-        )
+        ev, sampling = self.recipe.eval, parts.settings.eval_sampling()
         sets = {"eval": (parts.eval_records, parts.eval_prompts),
                 **{f"eval/{name}": shard for name, shard in parts.held_out.items()}}
         metrics: dict[str, float] = {}

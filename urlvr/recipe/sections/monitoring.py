@@ -89,6 +89,15 @@ class DynamicsSection(Section):
     greedy_every: int = Field(0, ge=0)
     """Greedy-decode every tracked prompt every K steps and before step 1 (answer, correctness,
     confidence); 0 = off. Costs one generation per tracked prompt."""
+    token_metrics: list[str] = Field(default_factory=lambda: ["entropy", "self_certainty"])
+    """Token statistics (registry `token statistic`) whose mean over response tokens is logged as
+    `actor/<name>_mean` every step. Each one is computed in the scoring pass only if some part of the
+    run asks for it; `[]` leaves a majority-vote run with log-probs only."""
+
+    @field_validator("token_metrics")
+    @classmethod
+    def _stats_known(cls, names: list[str]) -> list[str]:
+        return [check_registered("token_statistic", name) for name in names]
 
     @model_validator(mode="after")
     def _greedy_needs_prompts(self) -> DynamicsSection:

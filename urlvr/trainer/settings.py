@@ -1,0 +1,140 @@
+"""RunSettings: everything a run derives from its recipe and world size, derived once.
+
+Why one place: sampling parameters (training, evaluation, greedy probes, the policy handle),
+the bound answer extractor, rows per mini-batch and DeepSpeed's accumulation steps, the seeds
+and the token statistics the scoring pass computes must agree wherever they are used; each used
+to be derived at its point of use. Everything else asks this object.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from urlvr.algorithms.token_stats import BUILTIN_TOKEN_STATS, TOKEN_STATS
+from urlvr.data.records import PromptRecord
+from urlvr.dist import DistInfo
+from urlvr.metrics.collapse import COLLAPSE_DETECTORS
+from urlvr.recipe import Recipe
+from urlvr.rewards.base import REWARDS, RewardContext
+from urlvr.rewards.extractors import make_extractor
+from urlvr.rollout.base import Group, SamplingParams, hashed_seed
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    recipe: Recipe
+    rank: int
+    world_size: int
+    minibatches_per_step: int  # optimizer steps per rollout batch and epoch
+    rows_per_minibatch: int  # sequences of one mini-batch on this rank (whole groups)
+    micro_steps_per_minibatch: int  # forward/backward calls per mini-batch = DeepSpeed's accumulation steps
+    reward_stats: tuple[str, ...]  # token statistics the reward terms read (lent via ctx.token_stats)
+    metric_stats: tuple[str, ...]  # token statistics logged as `actor/<name>_mean` (metrics, detectors)
+    extract: Callable[[str], str | None]  # reward.extractor bound to its kwargs
+
+    @classmethod
+    def derive(cls, recipe: Recipe, dist: DistInfo) -> RunSettings:
+        trainer, group_size = recipe.trainer, recipe.rollout.group_size
+        if trainer.prompts_per_step % dist.world_size or trainer.prompts_per_minibatch % dist.world_size:
+            raise ValueError(
+                f"trainer.prompts_per_step ({trainer.prompts_per_step}) and prompts_per_minibatch "
+                f"({trainer.prompts_per_minibatch}) must be multiples of the world size ({dist.world_size}): "
+                "groups are never split across ranks"
+            )
+        rows = trainer.prompts_per_minibatch // dist.world_size * group_size
+        reward_stats = _ordered(stat for term in recipe.reward.terms
+                                for stat in REWARDS.get(term.name).token_stats(term.kwargs))
+        detector_stats = (stat for spec in recipe.collapse.detectors for stat in COLLAPSE_DETECTORS.get(spec.name).stats)
+        return cls(
+            recipe=recipe, rank=dist.rank, world_size=dist.world_size,
+            minibatches_per_step=trainer.prompts_per_step // trainer.prompts_per_minibatch,
+            rows_per_minibatch=rows, micro_steps_per_minibatch=math.ceil(rows / trainer.micro_batch_size),
+            reward_stats=reward_stats, metric_stats=_ordered([*recipe.dynamics.token_metrics, *detector_stats]),
+            extract=make_extractor(recipe.reward.extractor, recipe.reward.extractor_kwargs),
+        )
+
+    # ------------------------------------------------------------------ token statistics
+    @property
+    def score_stats(self) -> tuple[str, ...]:
+        """What the scoring pass computes on temperature-scaled logits: old log-probs for the
+        update, plus every statistic a reward, metric or detector declared -- nothing else."""
+        return _ordered(["logprob", *self.reward_stats, *self.metric_stats])
+
+    @property
+    def raw_score_stats(self) -> tuple[str, ...]:
+        """The rewards' statistics again on the unscaled logits (`reward.certainty_logits: raw`),
+        in the same pass, when the temperature makes them differ."""
+        raw = self.recipe.reward.certainty_logits == "raw" and self.recipe.rollout.temperature != 1.0
+        return self.reward_stats if raw else ()
+
+    @property
+    def train_stats(self) -> tuple[str, ...]:
+        """What the training forward computes: log-probs, and entropy for an entropy bonus."""
+        return ("logprob", "entropy") if self.recipe.algorithm.entropy_coef > 0 else ("logprob",)
+
+    # ------------------------------------------------------------------ sampling
+    def sampling_seed(self, step: int, prompt_index: int) -> int:
+        """A per-(step, prompt) seed, keyed by the prompt's index in the global batch: rollouts are
+        reproducible, resume-exact without RNG replay, and the same on 1 rank or 8."""
+        return hashed_seed(self.recipe.seed, step, prompt_index, bits=62)
+
+    def first_prompt_index(self, prompts_on_rank: int) -> int:
+        """Global index of this rank's first prompt (ranks hold equal contiguous slices)."""
+        return self.rank * prompts_on_rank
+
+    def train_sampling(self, step: int, num_prompts: int) -> SamplingParams:
+        """The rollout's sampling for this rank's `num_prompts` prompts of `step`."""
+        first = self.first_prompt_index(num_prompts)
+        return SamplingParams(**self._rollout_fields(),
+                              prompt_seeds=tuple(self.sampling_seed(step, first + i) for i in range(num_prompts)))
+
+    def policy_sampling(self) -> SamplingParams:
+        """The rollout's settings without seeds, for the policy handle lent to rewards (it seeds each call)."""
+        return SamplingParams(**self._rollout_fields())
+
+    def eval_sampling(self) -> SamplingParams:
+        ev, rollout = self.recipe.eval, self.recipe.rollout
+        return SamplingParams(temperature=ev.temperature, top_p=ev.top_p,
+                              max_new_tokens=ev.max_new_tokens or rollout.max_new_tokens,
+                              stop_token_ids=tuple(rollout.stop_token_ids), seed=self.recipe.seed + 17 * self.rank)
+
+    def greedy_sampling(self) -> SamplingParams:
+        rollout = self.recipe.rollout
+        return SamplingParams(greedy=True, max_new_tokens=rollout.max_new_tokens,
+                              stop_token_ids=tuple(rollout.stop_token_ids))
+
+    def _rollout_fields(self) -> dict:
+        rollout = self.recipe.rollout
+        return {"temperature": rollout.temperature, "top_p": rollout.top_p, "top_k": rollout.top_k,
+                "max_new_tokens": rollout.max_new_tokens, "stop_token_ids": tuple(rollout.stop_token_ids)}
+
+    # ------------------------------------------------------------------ rewards
+    def reward_context(self, group: Group, voters: Group, record: PromptRecord, response_mask: torch.Tensor,
+                       token_stats: dict[str, torch.Tensor], tokenizer) -> RewardContext:
+        """The context of one group: answers by the recipe's extractor (the voting-only samples of
+        `voters` beyond the group add to `vote_answers`), the declared statistics, the record's
+        label kept private (oracle rewards only)."""
+        answers = [self.extract(s.text) for s in group.samples]
+        extra = [self.extract(s.text) for s in voters.samples[group.size:]]
+        return RewardContext.for_group(
+            answers, response_mask, extract_answer=self.extract, token_stats=token_stats, label=record.label,
+            metadata=record.metadata, question=record.prompt, tokenizer=tokenizer,
+            vote_answers=answers + extra if extra else None)
+
+    def lent_stats(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The rewards' statistics, on raw logits where `reward.certainty_logits` asks."""
+        return {name: stats.get(f"raw_{name}", stats[name]) for name in self.reward_stats}
+
+
+def _ordered(names) -> tuple[str, ...]:
+    """Unique registered names: built-ins in their canonical order, then plugins' as first seen."""
+    seen = list(dict.fromkeys(names))
+    for name in seen:
+        if name not in TOKEN_STATS:
+            raise ValueError(TOKEN_STATS.unknown_name_message(name))
+    builtin = [n for n in BUILTIN_TOKEN_STATS if n in seen]
+    return tuple(builtin + [n for n in seen if n not in builtin])
