@@ -83,3 +83,13 @@ def test_judge_must_be_a_registered_reward():
 
     with pytest.raises(RecipeError, match="eval.judge: .*unknown reward 'countdwn'"):
         load_recipe({"eval": {"judge": "countdwn"}})
+
+
+def test_label_match_reads_digit_groups():
+    """Issue 10, item 7: `\\boxed{8,000}` against the label 8000 is right in evaluation."""
+    extract = EXTRACTORS.get("boxed")
+    group = _group("p", ["\\boxed{8,000}", "\\boxed{8000}", "\\boxed{800}"])
+    answers = [extract(s.text) for s in group.samples]
+    for label in ("8000", "8,000"):
+        record = PromptRecord("p", "q", label, {})
+        assert judge_samples(group, record, answers, extract, None) == [True, True, False]

@@ -37,6 +37,55 @@ def test_normalize_answer():
     assert normalize_answer(" $42$ ") == "42" and normalize_answer("3.50") == "3.50"
 
 
+# issue 10, item 7: digit-group separators. Groups of exactly three digits after the first are
+# thousands (any of the spellings, one separator throughout); anything else is a tuple and stays one.
+@pytest.mark.parametrize("text, expected", [
+    ("8,000", "8000"), ("8{,}000", "8000"), ("8\\,000", "8000"), ("8\\ 000", "8000"), ("10 000", "10000"),
+    ("1\u2009234\u2009567", "1234567"), ("1\u202f000", "1000"), ("8~000", "8000"), ("-1,234,567.25", "-1234567.25"),
+    ("+08,000.0", "8000"), ("\\text{8,000}", "8000"),
+    ("1,2", "1,2"), ("12,34", "12,34"), ("1,234,5", "1,234,5"), ("1234,567", "1234,567"), ("1,000 000", "1,000 000"),
+    ("(1,234)", "(1,234)"), ("1 2", "1 2"), ("x + 1", "x+1"),
+])
+def test_normalize_answer_digit_groups(text, expected):
+    assert normalize_answer(text) == expected
+
+
+# issue 10, item 8: the spellings of a boxed answer that render the same box (MATH's reference
+# extractor also reads `\fbox{}` and the space form `\boxed 42`).
+@pytest.mark.parametrize("text, expected", [
+    ("\\fbox{42}", "42"), ("\\boxed {42}", "42"), ("\\boxed\n{42}", "42"), ("$\\boxed 42$", "42"),
+    ("so \\boxed 42. done", "42"), ("\\boxed{\\text{(B)}}", "(B)"), ("\\boxed{\\textbf{yes}}", "yes"),
+    ("\\boxed{\\mathrm{odd}}", "odd"), ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{\\sqrt{2}}{2}"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"), ("\\boxed{a\\}b}", "a\\}b"), ("\\boxed{1} then \\fbox{2}", "2"),
+    ("\\boxed{\\boxed{3}}", "3"), ("\\boxed{8,000}", "8000"),
+    ("\\boxed42", None), ("\\boxedx{1}", None), ("\\fbox{", None), ("\\boxed ", None),
+])
+def test_boxed_spellings(text, expected):
+    assert extract_boxed(text) == expected
+
+
+def test_majority_vote_counts_digit_groups_as_one_answer():
+    texts = [f"\\boxed{{{a}}}" for a in ["7", "8,000", "7", "8000", "8,000"]]  # was won by 7
+    group = make_group(texts)
+    assert majority_answer(make_ctx(group).answers) == "8000"
+    assert list(majority_vote(group, make_ctx(group)).scores) == [0.0, 1.0, 0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("label", ["8000", "8,000", "8{,}000"])
+def test_ground_truth_reads_digit_groups(label):
+    group = make_group(["\\boxed{8,000}", "\\boxed{8\\,000}", "\\boxed{8000}", "\\boxed{80,00}"])
+    assert ground_truth(group, make_ctx(group, label=label).with_label_access(True)) == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_last_number_reads_digit_groups():
+    from urlvr.rewards.extractors import extract_last_number
+
+    assert extract_last_number("It costs 8,000 dollars.") == "8000"
+    assert extract_last_number("so 1\\,234\\,567 in all") == "1234567"
+    assert extract_last_number("the pair 1,2") == "2" and extract_last_number("1,2345") == "2345"
+    assert extract_last_number("in 3 000 ways") == "0"  # plain spaces do not group in prose
+
+
 def test_majority_vote_rewards_the_majority():
     group = make_group(["\\boxed{3}", "\\boxed{4}", "\\boxed{3}", "none"])
     out = majority_vote(group, make_ctx(group))

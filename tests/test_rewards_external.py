@@ -91,6 +91,9 @@ def test_countdown_reads_tinyzero_columns_and_answer_tags():
 # --------------------------------------------------------------------------- extractors
 def test_countdown_answer_extractor():
     assert extract_countdown_answer("<answer>1</answer> then <answer> (1 + 2) * 3 </answer>") == "(1+2)*3"
+    assert extract_countdown_answer("<answer>a<answer>b</answer>") == "b"  # the tag nearest the last close
+    assert extract_countdown_answer("<answer>a</answer> and <answer>b") == "a"  # the last tag was cut off
+    assert extract_countdown_answer("<answer>1 2</answer>") == "1 2"  # not the number 12
     assert extract_countdown_answer("<answer>  </answer>") is None
     assert extract_countdown_answer("no tags") is None
 
@@ -140,6 +143,67 @@ def test_math_verify_timeout_is_enforced_off_the_main_thread():
     assert results["slow"] is None and results["elapsed"] < 3.0
     assert results["after"] is True  # the worker was restarted
     assert verifier.timeouts == 1
+
+
+# issue 10, item 11: a step's comparisons share one time budget, a verdict cache and parallel workers
+TOWERS = ["10^{10^{10^{10}}}"] + [f"{k}^{{{k}^{{{k}^{{{k}}}}}}}" for k in (7, 8, 9, 11, 12)]  # each costs a timeout
+SLACK_S = 3.0  # killing the late children and starting fresh ones, on a loaded CI machine
+
+
+def test_a_pathological_pair_is_cut_short_by_the_budget():
+    pytest.importorskip("math_verify")
+    from urlvr.rewards.math_verify import MathVerifier, VerificationBudget
+
+    verifier = MathVerifier(timeout_s=5.0, workers=1)
+    try:
+        assert verifier.equivalent("1/2", "0.5") is True  # warm: startup is not what is measured
+        budget = VerificationBudget(verifier, budget_s=1.0)
+        start = time.monotonic()
+        assert budget.verdicts([("1", TOWERS[0])]) == [None]
+        assert time.monotonic() - start < 1.0 + SLACK_S  # was the full 5 s timeout
+        assert budget.cut_short(("1", TOWERS[0])) and budget.cut_short_count == 1
+        start = time.monotonic()
+        assert budget.verdicts([("1", TOWERS[0])] * 3) == [None] * 3  # cached for the step: not asked again
+        assert time.monotonic() - start < 0.5
+    finally:
+        verifier.close()
+
+
+def test_math_verify_reward_bounds_a_pathological_group_by_its_budget():
+    pytest.importorskip("math_verify")
+    from urlvr.rewards.math_verify import math_verify_reward
+
+    group, ctx = group_of([f"\\boxed{{{t}}}" for t in TOWERS] + ["\\boxed{8000}", "none"], label="8,000")
+    start = time.monotonic()
+    out = math_verify_reward(group, ctx.with_label_access(True), timeout_s=5.0, budget_s=2.0, workers=2)
+    assert time.monotonic() - start < 2.0 + SLACK_S  # not len(TOWERS) x 5 s
+    assert out.scores == [0.0] * len(TOWERS) + [1.0, 0.0]  # `8000` matches the label `8,000` without a worker
+    assert out.diagnostics["cut_short"] == [1.0] * len(TOWERS) + [0.0, 0.0]
+    assert out.diagnostics["failed"] == [1.0] * len(TOWERS) + [0.0, 0.0]
+
+
+def test_semantic_cluster_step_is_bounded_by_the_budget_and_logs_cut_short():
+    pytest.importorskip("math_verify")
+    groups_and_contexts = [group_of([f"\\boxed{{{t}}}" for t in TOWERS], "a"),
+                           group_of([f"\\boxed{{{t}}}" for t in reversed(TOWERS)], "b")]
+    groups, contexts = [g for g, _ in groups_and_contexts], [c for _, c in groups_and_contexts]
+    term = RewardTermSpec("semantic_cluster", 1.0, {"timeout_s": 5.0, "budget_s": 2.0, "workers": 2})
+    start = time.monotonic()
+    out = score_batch(groups, contexts, [term], oracle=None)  # 2 x 15 comparisons, one budget for the step
+    assert time.monotonic() - start < 2.0 + SLACK_S
+    assert out.per_term["semantic_cluster"].flatten().tolist() == pytest.approx([1 / 6] * 12)  # unverified = different
+    cut = out.diagnostics["semantic_cluster/cut_short"]  # logged as reward/semantic_cluster/cut_short_mean
+    assert (cut > 0).all() and (cut <= 15).all()
+
+
+def test_verification_knobs_are_recipe_kwargs():
+    from urlvr.rewards.base import check_reward_kwargs
+
+    for name in ("semantic_cluster", "math_verify"):
+        check_reward_kwargs(name, {"timeout_s": 2.0, "budget_s": 10.0, "workers": 2})
+        for bad in ({"budget_s": "soon"}, {"budget_s": 0}, {"workers": 0}):
+            with pytest.raises(ValueError, match=next(iter(bad))):
+                check_reward_kwargs(name, bad)
 
 
 # --------------------------------------------------------------------------- composition

@@ -51,6 +51,8 @@ def test_paper_prompts_render_verbatim():
 @pytest.mark.parametrize("text, verdict", [
     ("... \\boxed{True}", True), ("\\boxed{False}", False), ("\\boxed{ true }", True), ("\\boxed{\\text{False}}", False),
     ("\\boxed{True} wait \\boxed{False}", False), ("\\boxed{maybe}", None), ("no verdict", None),
+    ("\\fbox{True}", True), ("\\boxed {False}", False), ("$\\boxed True$", True), ("\\boxed{\\textbf{True}}", True),
+    ("\\boxed{True", None), ("\\boxed{" + "7" * 5000 + "}", None),
 ])
 def test_parse_verdict(text, verdict):
     assert parse_verdict(text) is verdict

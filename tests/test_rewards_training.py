@@ -57,6 +57,7 @@ def test_ensemble_family_trains_with_extra_voters(model_path, tmp_path):
     assert metrics[0]["dynamics/answer_rate"] > 0
     assert 0 < metrics[0]["reward/majority_vote/majority_ratio_mean"] <= 1
     assert "reward/semantic_cluster/largest_cluster_ratio_mean" in metrics[0]
+    assert metrics[0]["reward/semantic_cluster/cut_short_mean"] == 0.0  # single digits: verified within budget
 
 
 def test_external_family_trains_on_countdown(model_path, tmp_path):

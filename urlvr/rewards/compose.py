@@ -71,7 +71,7 @@ def score_batch(
         if term.on_error == "zero":
             errors[term.label] = failed / max(1, len(groups))
     total = sum(term.weight * per_term[term.label] for term in terms)
-    return BatchRewards(total=total, per_term=per_term, oracle=_oracle_scores(groups, contexts, oracle),
+    return BatchRewards(total=total, per_term=per_term, oracle=_oracle_scores(groups, contexts, oracle, policy),
                         diagnostics=diagnostics, errors=errors)
 
 
@@ -138,14 +138,18 @@ def _describe_failure(name: str, group: Group, err: Exception) -> str:
             "(set `on_error: zero` on the term to score such groups 0 and count them instead)")
 
 
-def _oracle_scores(groups: Sequence[Group], contexts: Sequence[RewardContext], oracle: str | None) -> torch.Tensor | None:
-    if oracle is None or not any(ctx.has_label for ctx in contexts):
+def _oracle_scores(
+    groups: Sequence[Group], contexts: Sequence[RewardContext], oracle: str | None, policy: PolicyHandle | None,
+) -> torch.Tensor | None:
+    """The oracle's scores [B, G], NaN rows where a prompt has no label. Run like a term over the
+    labelled groups, so its batch phase (e.g. one verification budget for the step) applies too.
+    Its diagnostics are not logged: a rank without labelled prompts would lack their keys, and
+    per-step metrics must have the same keys on every rank."""
+    labelled = [i for i, ctx in enumerate(contexts) if ctx.has_label]
+    if oracle is None or not labelled:
         return None
-    spec = REWARDS.get(oracle)
-    rows = []
-    for group, ctx in zip(groups, contexts, strict=True):
-        if ctx.has_label:
-            rows.append(list(call_reward(spec, group, ctx, {}).scores))
-        else:
-            rows.append([float("nan")] * group.size)
-    return torch.tensor(rows, dtype=torch.float32)
+    scores = run_term(REWARDS.get(oracle), {}, [groups[i] for i in labelled], [contexts[i] for i in labelled],
+                      policy, "raise")[0]
+    out = torch.full((len(groups), scores.shape[1]), float("nan"))
+    out[torch.tensor(labelled)] = scores
+    return out

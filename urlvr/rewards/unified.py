@@ -91,7 +91,7 @@ def unified(
     """r_uni(x, y) = psi((sigma/|I|) sum_{i in I} H(q_i, pi_i))  (paper App. A.3, Eq. 26, Table 6)."""
     _check(anchor=anchor, sign=sign, transform=transform, granularity=granularity, aggregate=aggregate, tau=tau)
     if granularity == "answer":
-        ids, _ = answer_clusters(ctx.voters, equivalence, timeout_s)
+        ids = answer_clusters(ctx.voters, equivalence, timeout_s).ids
         p = answer_distribution(dict(Counter(i for i in ids if i is not None)), len(ctx.voters), tau)
         return [0.0 if cluster is None else p[cluster] for cluster in ids[: group.size]]  # exp(-H(delta_A, pi^A))
     stat, factor = _TOKEN_CROSS_ENTROPY[anchor]
