@@ -13,13 +13,36 @@ from urlvr.registry import UnknownNameError
 from urlvr.algorithms.losses import (
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
-    aggregate_loss,
     entropy_from_logits,
     token_weights,
 )
 from urlvr.algorithms.policy_losses import POLICY_LOSSES, PolicyLossOutput, policy_loss_metrics, ppo_clip_loss
 
 F64 = torch.float64
+
+
+# the trainer's reduction, Σ token_weights · per-token loss (loop.py), as a function for the tests
+def aggregate_loss(
+    per_token_loss: torch.Tensor,
+    response_mask: torch.Tensor,
+    mode: str,
+    *,
+    max_response_length: int,
+    num_sequences: int | None = None,
+    num_tokens: int | None = None,
+) -> torch.Tensor:
+    """loss = Σ_it w_it · ℓ_it with w = token_weights(mask, mode, ...); masked NaN/inf ignored."""
+    weights = token_weights(
+        response_mask,
+        mode,
+        max_response_length=max_response_length,
+        num_sequences=num_sequences,
+        num_tokens=num_tokens,
+        dtype=per_token_loss.dtype,
+    )  # [B, T]
+    losses = per_token_loss.masked_fill(response_mask == 0, 0.0)  # [B, T]
+    return (weights * losses).sum()
+
 CLIP = {"clip_eps_low": 0.2, "clip_eps_high": 0.28}  # DAPO clip-higher
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
@@ -386,3 +409,38 @@ def test_registries_refuse_duplicates_and_suggest(registry, taken: str, typo: st
     assert registry.get(taken) is before
     with pytest.raises(UnknownNameError, match=f"did you mean '{suggestion}'"):
         registry.get(typo)
+
+
+# --------------------------------------------------------------------------- KL estimators as loss terms
+def _expected_kl_gradient(estimator, logits, ref_logits) -> list[float]:
+    """E_{y~π}[∇_z k(log π(y), log π_ref(y))] with π's sampling weights held fixed (as sampling
+    does), by enumerating the vocabulary: the exact expected gradient of the loss term."""
+    z = torch.tensor(logits, dtype=F64, requires_grad=True)
+    logp, ref = torch.log_softmax(z, -1), torch.log_softmax(torch.tensor(ref_logits, dtype=F64), -1)
+    weights = logp.detach().exp()
+    (weights * estimator(logp, ref)).sum().backward()
+    return z.grad.tolist()
+
+
+def _analytic_kl_gradients(logits, ref_logits) -> tuple[list[float], list[float]]:
+    """(∇_z KL(π‖π_ref), ∇_z KL(π_ref‖π)) in plain float64 Python from the softmax Jacobian."""
+    def softmax(v):
+        m = max(v)
+        e = [math.exp(x - m) for x in v]
+        return [x / sum(e) for x in e]
+    p, q = softmax(logits), softmax(ref_logits)
+    log_ratio = [math.log(a / b) for a, b in zip(p, q)]
+    mean = sum(a * r for a, r in zip(p, log_ratio))
+    reverse = [p[j] * (log_ratio[j] - mean) for j in range(len(p))]  # ∂/∂z_j Σ p log(p/q)
+    forward = [p[j] - q[j] for j in range(len(p))]  # ∂/∂z_j Σ q log(q/p)
+    return reverse, forward
+
+
+def test_kl_estimators_gradients_as_loss_terms() -> None:
+    logits, ref_logits = [1.0, -0.5, 0.2, 0.7], [0.1, 0.3, 0.9, -0.4]
+    reverse, forward = _analytic_kl_gradients(logits, ref_logits)
+    assert _expected_kl_gradient(KL_ESTIMATORS.get("k2"), logits, ref_logits) == pytest.approx(reverse, abs=1e-12)
+    assert _expected_kl_gradient(KL_ESTIMATORS.get("k3"), logits, ref_logits) == pytest.approx(forward, abs=1e-12)
+    assert _expected_kl_gradient(KL_ESTIMATORS.get("k1"), logits, ref_logits) == pytest.approx([0.0] * 4, abs=1e-12)
+    assert max(abs(g) for g in reverse) > 0.1  # the toy's KL gradient is far from zero
+    assert KL_ESTIMATORS.get("k1").loss_gradient is None

@@ -169,28 +169,3 @@ def token_weights(
         num_sequences=mask.shape[0] if num_sequences is None else num_sequences,
         num_tokens=int(mask.sum()) if num_tokens is None else num_tokens,
     )
-
-
-def aggregate_loss(
-    per_token_loss: torch.Tensor,
-    response_mask: torch.Tensor,
-    mode: str,
-    *,
-    max_response_length: int,
-    num_sequences: int | None = None,
-    num_tokens: int | None = None,
-) -> torch.Tensor:
-    """loss = Σ_it w_it · ℓ_it with w = token_weights(mask, mode, ...); `[B, T] -> []`.
-
-    Masked-out entries of `per_token_loss` are ignored even if they are NaN or inf.
-    """
-    weights = token_weights(
-        response_mask,
-        mode,
-        max_response_length=max_response_length,
-        num_sequences=num_sequences,
-        num_tokens=num_tokens,
-        dtype=per_token_loss.dtype,
-    )  # [B, T]
-    losses = per_token_loss.masked_fill(response_mask == 0, 0.0)  # [B, T]
-    return (weights * losses).sum()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any, get_args
+
+from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic_core import core_schema
+
 from urlvr.registry import Registry
 
 
@@ -39,3 +44,35 @@ def check_registered(kind: str, name: str) -> str:
     if name not in registry:
         raise ValueError(registry.unknown_name_message(name))
     return name
+
+
+class Registered:
+    """`Annotated[str, Registered("reward")]`: a field naming a registered part. Checked at load time
+    with a "did you mean"; the JSON schema and the recipe reference list the registry's names at
+    the moment they are generated, so a plugin's parts show up there too."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind  # a key of `registries()`
+
+    def names(self) -> list[str]:
+        return registries()[self.kind].names()
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(lambda name: check_registered(self.kind, name), handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> dict:
+        out = handler(schema)
+        out["examples"] = self.names()  # not an enum: a plugin's names are valid once imported
+        return out
+
+
+def registered_marker(field: Any) -> Registered | None:
+    """The `Registered` of a pydantic field, of its list items or of its optional value, if any."""
+    for meta in getattr(field, "metadata", ()):
+        if isinstance(meta, Registered):
+            return meta
+    for arg in get_args(getattr(field, "annotation", None)):
+        for meta in getattr(arg, "__metadata__", ()):
+            if isinstance(meta, Registered):
+                return meta
+    return None

@@ -6,16 +6,19 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import get_args, get_origin
 
 from pydantic import BaseModel
 
 from urlvr.recipe.sections import Recipe
+from urlvr.recipe.names import registered_marker
 from urlvr.recipe.variants import VariantSection, variant_marker
 
 
 def _type_name(annotation) -> str:
     text = str(annotation).replace("typing.", "").replace("pathlib.", "")
+    text = re.sub(r"Annotated\[(\w+), <[^>]*>\]", r"\1", text)  # Registered markers: the table says it
     if isinstance(annotation, type):
         text = annotation.__name__
     return text.replace("|", "\\|")
@@ -68,6 +71,9 @@ def section_table(model: type[BaseModel], prefix: str, out: list[str], seen: set
                 rows.append(f"| `{name}` | {kind}: {', '.join(s.__name__ for s in subs)} | {_default(field)} | {_cell(field.description)} |")
             continue
         meaning = field.description or ("Selects this variant." if name == "name" and issubclass(model, VariantSection) else "")
+        registered = registered_marker(field)
+        if registered is not None:  # the registry's names as they are now (plugins imported ones included)
+            meaning += f" Registered: {', '.join(f'`{n}`' for n in registered.names())}."
         rows.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {_cell(meaning)} |")
     if rows:
         title = f"`{prefix.rstrip('.')}` ({model.__name__})" if prefix else "Top level"

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from urlvr.recipe.names import check_registered
+from urlvr.recipe.names import Registered, check_registered
 from urlvr.recipe.sections.base import Section
 from urlvr.recipe.sections.data import DataSource
 
@@ -89,15 +89,11 @@ class DynamicsSection(Section):
     greedy_every: int = Field(0, ge=0)
     """Greedy-decode every tracked prompt every K steps and before step 1 (answer, correctness,
     confidence); 0 = off. Costs one generation per tracked prompt."""
-    token_metrics: list[str] = Field(default_factory=lambda: ["entropy", "self_certainty"])
+    token_metrics: list[Annotated[str, Registered("token_statistic")]] = Field(
+        default_factory=lambda: ["entropy", "self_certainty"])
     """Token statistics (registry `token statistic`) whose mean over response tokens is logged as
     `actor/<name>_mean` every step. Each one is computed in the scoring pass only if some part of the
     run asks for it; `[]` leaves a majority-vote run with log-probs only."""
-
-    @field_validator("token_metrics")
-    @classmethod
-    def _stats_known(cls, names: list[str]) -> list[str]:
-        return [check_registered("token_statistic", name) for name in names]
 
     @model_validator(mode="after")
     def _greedy_needs_prompts(self) -> DynamicsSection:

@@ -4,27 +4,26 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from urlvr.recipe.names import check_registered
+from urlvr.recipe.names import Registered
 from urlvr.recipe.sections.base import Section
 from urlvr.recipe.variants import VariantOf, VariantSection
 
 
 class AlgorithmSection(Section):
-    advantage: str = "grpo"
-    """Advantage estimator by name (registry `advantage estimator`; `urlvr schema` lists them)."""
+    advantage: Annotated[str, Registered("advantage_estimator")] = "grpo"
+    """Advantage estimator by name (`grpo`: group mean and std; `dr_grpo`: mean only)."""
     advantage_eps: float = Field(1e-6, gt=0.0, le=1.0)
     """Added to the group std before dividing."""
     loss: Annotated[VariantSection, VariantOf("policy_loss", default="ppo_clip")] = "ppo_clip"
     """Policy loss: a registered name, or a mapping `{name: ..., <its own knobs>}` (each loss's
     section is listed below; `ppo_clip` is PPO's clipped surrogate with clip-higher and dual clip)."""
-    loss_aggregation: str = "token-mean"
-    """How per-token losses are weighted into the mini-batch loss (registry `loss aggregation`):
-    token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)."""
+    loss_aggregation: Annotated[str, Registered("loss_aggregation")] = "token-mean"
+    """How per-token losses are weighted into the mini-batch loss (`seq-mean-token-sum-norm` is Dr.GRPO's)."""
     kl_coef: float = Field(0.0, ge=0.0)
     """Weight of the KL penalty to the frozen initial policy (Table 7: none). >0 loads a reference model."""
-    kl_estimator: str = "k3"
+    kl_estimator: Annotated[str, Registered("kl_estimator")] = "k3"
     """KL estimator of the penalty (Schulman's k2 or k3; k1 is refused: as a loss term its expected
     gradient is zero). k2's gradient is that of KL(π‖π_ref), k3's that of KL(π_ref‖π) (docs/concepts.md)."""
     entropy_coef: float = Field(0.0, ge=0.0)
@@ -43,11 +42,6 @@ class AlgorithmSection(Section):
                              f"`loss: {{name: ppo_clip, {moved[0]}: ...}}` (--set algorithm.loss.{moved[0]}=...)")
         return data
 
-    @field_validator("advantage", "loss_aggregation", "kl_estimator")
-    @classmethod
-    def _registered(cls, name: str, info: ValidationInfo) -> str:
-        return check_registered(_ALGORITHM_REGISTRIES[info.field_name], name)
-
     @field_validator("kl_estimator")
     @classmethod
     def _differentiable_kl(cls, name: str) -> str:
@@ -58,13 +52,6 @@ class AlgorithmSection(Section):
                              "from the policy is zero, so it never pulls towards the reference; use k2 "
                              "(gradient of KL(π‖π_ref)) or k3 (gradient of KL(π_ref‖π))")
         return name
-
-
-_ALGORITHM_REGISTRIES = {  # AlgorithmSection field -> the registry its value must name
-    "advantage": "advantage_estimator",
-    "loss_aggregation": "loss_aggregation",
-    "kl_estimator": "kl_estimator",
-}
 
 
 class DeepSpeedSection(Section):
