@@ -13,7 +13,8 @@ from pydantic import BaseModel
 
 from urlvr.recipe.sections import Recipe
 from urlvr.recipe.names import registered_marker
-from urlvr.recipe.variants import VariantSection, variant_marker
+from urlvr.recipe.sections.base import VariantSection
+from urlvr.recipe.variants import variant_marker
 
 
 def _type_name(annotation) -> str:

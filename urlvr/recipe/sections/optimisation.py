@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from urlvr.recipe.names import Registered
-from urlvr.recipe.sections.base import Section
-from urlvr.recipe.variants import VariantOf, VariantSection
+from urlvr.recipe.sections.base import Section, VariantSection
+from urlvr.recipe.variants import VariantOf
 
 
 class AlgorithmSection(Section):
