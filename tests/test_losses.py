@@ -297,6 +297,14 @@ def test_entropy_hand_computed_and_stable() -> None:
     assert entropy_from_logits(torch.tensor([0.0, -1e4, -1e4])).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_entropy_gradient_is_finite_with_masked_entries() -> None:
+    leaf = torch.randn(2, 6, generator=torch.Generator().manual_seed(0), dtype=F64, requires_grad=True)
+    masked = torch.arange(6) >= 3
+    entropy_from_logits(leaf.masked_fill(masked, -math.inf)).sum().backward()
+    want = torch.func.grad(lambda z: entropy_from_logits(z).sum())(leaf[:, :3].detach())
+    torch.testing.assert_close(leaf.grad, torch.cat([want, torch.zeros(2, 3, dtype=F64)], dim=1))
+
+
 # --------------------------------------------------------------------------- aggregation
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])

@@ -184,13 +184,13 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """H = -Σ_v p_v log p_v with log p = z - logsumexp(z); `[..., V] -> [...]`.
 
     Computed in at least float32 (bf16/fp16 logits are upcast; float64 stays float64).
-    Vocabulary entries with logit -inf (p = 0) contribute 0, not NaN.
+    Vocabulary entries with logit -inf (p = 0) contribute 0, not NaN, and so does their gradient
+    (the log is masked before the product: masking the product would send 0 * -inf back).
     """
     dtype = torch.promote_types(logits.dtype, torch.float32)
     log_probs = torch.log_softmax(logits.to(dtype), dim=-1)  # [..., V]
     probs = log_probs.exp()  # [..., V]
-    plogp = torch.where(probs > 0, probs * log_probs, torch.zeros((), dtype=dtype, device=logits.device))
-    return -plogp.sum(dim=-1)  # [...]
+    return -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(dim=-1)  # [...]
 
 
 # --------------------------------------------------------------------------- aggregation
