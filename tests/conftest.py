@@ -37,6 +37,34 @@ def _char_tokenizer():
     )
 
 
+def _bos_tokenizer():
+    """A character-level tokenizer that prepends BOS ``<s>`` (id 1) like Llama-3/Gemma base models,
+    with a chat template that writes ``{{ bos_token }}`` itself, as theirs do. Built locally."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = string.ascii_letters + string.digits + " ?:+=<>|/{}\n.,!'-"
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.add_special_tokens(["<s>", "</s>"])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>",
+        chat_template="{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    )
+
+
+@pytest.fixture
+def bos_tokenizer():
+    """See ``_bos_tokenizer``; shared by the template and policy-handle tests."""
+    tokenizer = _bos_tokenizer()
+    assert tokenizer("ab")["input_ids"][0] == tokenizer.bos_token_id == 1  # it really adds BOS
+    return tokenizer
+
+
 @pytest.fixture(scope="session")
 def random_tiny_model(tmp_path_factory: pytest.TempPathFactory):
     """``(path, model, tokenizer)``: a random-init 2-layer Llama (hidden 64, 4 heads, vocab 64)

@@ -373,6 +373,23 @@ def test_encode_prompts_tokenizes_without_special_tokens():
     assert encoded.skipped == 0
 
 
+@pytest.mark.parametrize(
+    ("template", "text"),
+    [
+        ("Q:{prompt}", "Q:ab"),  # plain: the tokenizer adds BOS, as tokenizer(text) would
+        ("<s>Q:{prompt}", "<s>Q:ab"),  # plain template that writes BOS itself: not added twice
+        ("chat", "<s><|user|>ab\n<|assistant|>"),  # the chat template writes BOS: not added twice
+    ],
+)
+def test_encode_prompts_has_bos_exactly_once(bos_tokenizer, template, text):
+    encoded = encode_prompts(bos_tokenizer, [PromptRecord("a", "ab")], template=template, max_prompt_length=64)
+    (prompt,) = encoded.inputs
+    assert prompt.text == text
+    assert prompt.token_ids[0] == bos_tokenizer.bos_token_id
+    assert prompt.token_ids.count(bos_tokenizer.bos_token_id) == 1
+    assert bos_tokenizer.decode(prompt.token_ids[1:]) == text.removeprefix("<s>")
+
+
 def test_long_prompt_is_an_error_naming_it():
     records = [PromptRecord("short", "ab"), PromptRecord("long-7", "abcdef")]
     with pytest.raises(DataError) as err:

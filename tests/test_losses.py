@@ -13,12 +13,18 @@ from urlvr.registry import UnknownNameError
 from urlvr.algorithms.losses import (
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
-    entropy_from_logits,
     token_weights,
 )
+from urlvr.algorithms.token_stats import compute_token_stats
 from urlvr.algorithms.policy_losses import POLICY_LOSSES, PolicyLossOutput, policy_loss_metrics, ppo_clip_loss
 
 F64 = torch.float64
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """The trainer's entropy statistic as the scorer computes it (logits upcast to at least float32)."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return compute_token_stats(z, torch.zeros(z.shape[:-1], dtype=torch.long), ("entropy",))["entropy"]
 
 
 # the trainer's reduction, Σ token_weights · per-token loss (loop.py), as a function for the tests
@@ -315,6 +321,14 @@ def test_entropy_hand_computed_and_stable() -> None:
     banned = torch.tensor([0.0, 0.0, -math.inf, -math.inf])
     assert entropy_from_logits(banned).item() == pytest.approx(math.log(2), rel=1e-6)
     assert entropy_from_logits(torch.tensor([0.0, -1e4, -1e4])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_entropy_gradient_is_finite_with_masked_entries() -> None:
+    leaf = torch.randn(2, 6, generator=torch.Generator().manual_seed(0), dtype=F64, requires_grad=True)
+    masked = torch.arange(6) >= 3
+    entropy_from_logits(leaf.masked_fill(masked, -math.inf)).sum().backward()
+    want = torch.func.grad(lambda z: entropy_from_logits(z).sum())(leaf[:, :3].detach())
+    torch.testing.assert_close(leaf.grad, torch.cat([want, torch.zeros(2, 3, dtype=F64)], dim=1))
 
 
 # --------------------------------------------------------------------------- aggregation

@@ -44,7 +44,7 @@ def softmax64(row):
     return [math.exp(v - lse) for v in z]
 
 
-def reference(logits, targets, mask):
+def reference(logits, targets, mask, vocab=V):
     """Per sample: each Table 1 formula, in float64 from the logits."""
     out = {k: [] for k in ("self_certainty", "token_entropy", "trajectory_entropy", "probability", "disparity")}
     for j in range(G):
@@ -53,7 +53,7 @@ def reference(logits, targets, mask):
             if mask[j, t] == 0:
                 continue
             p = softmax64(logits[j, t])
-            kl.append(sum((1 / V) * math.log((1 / V) / q) for q in p))
+            kl.append(sum((1 / vocab) * math.log((1 / vocab) / q) for q in p))
             ent.append(-sum(q * math.log(q) for q in p))
             logp.append(math.log(p[int(targets[j, t])]))
             top = sorted(p, reverse=True)
@@ -91,6 +91,25 @@ def test_certainty_rewards_match_float64_reference(seed, scale):
         assert got == pytest.approx(ref[key], rel=1e-5, abs=1e-5), key
     got = probability_disparity(group, ctx, span="response").scores
     assert got == pytest.approx(ref["disparity"], rel=1e-5, abs=1e-6)
+
+
+def test_certainty_rewards_with_masked_vocabulary_entries_match_float64_reference():
+    """Logits at -inf (a masked vocabulary, at T = 0.7): rewards finite; entropy with 0 log 0 = 0,
+    self-certainty with U over the unmasked entries (the convention in trainer/token_stats.py)."""
+    logits, targets, mask, _ = random_case(seed=4)
+    masked = torch.arange(V) % 3 == 2  # never a sampled target below
+    targets = targets - (targets % 3 == 2).long()
+    logits = logits.masked_fill(masked, -math.inf) / 0.7
+    stats = compute_token_stats(logits.float(), targets, SCORE_STATS)
+    group, ctx = make_group(), make_ctx(stats, mask)
+    kept = int((~masked).sum())
+    ref = reference(logits[..., ~masked], torch.tensor([[int((~masked)[:v].sum()) for v in row] for row in targets]),
+                    mask, vocab=kept)  # the same distribution over the unmasked entries only
+    for fn, key in [(self_certainty, "self_certainty"), (token_entropy, "token_entropy"),
+                    (trajectory_entropy, "trajectory_entropy"), (probability, "probability")]:
+        got = fn(group, ctx)
+        assert all(math.isfinite(v) for v in got), key
+        assert got == pytest.approx(ref[key], rel=1e-5, abs=1e-5), key
 
 
 def test_empty_response_scores_zero_everywhere():

@@ -134,6 +134,32 @@ def test_engine_policy_generates_through_the_rollout_engine(random_tiny_model):
     assert policy.calls == 2 and policy.generated == 6
 
 
+@pytest.mark.parametrize("template", ["Q: {prompt}", "chat"])
+def test_engine_policy_prompts_carry_bos_exactly_once(bos_tokenizer, template):
+    from urlvr.data.records import PromptRecord
+    from urlvr.data.templates import encode_prompts
+    from urlvr.rewards.policy import EnginePolicy
+
+    class RecordingEngine:
+        uses_trainer_module = True
+
+        def __init__(self):
+            self.prompts = []
+
+        def generate(self, prompts, group_size, sampling):
+            self.prompts.extend(prompts)
+            return [Group(p, tuple(Sample((2,), (0.0,), "ok", "eos") for _ in range(group_size))) for p in prompts]
+
+    engine = RecordingEngine()
+    EnginePolicy(engine, bos_tokenizer, template=template).generate(["1+1"])
+    (prompt,) = engine.prompts
+    assert prompt.token_ids.count(bos_tokenizer.bos_token_id) == 1 and prompt.token_ids[0] == 1
+    # the same ids the training prompts get
+    (trained,) = encode_prompts(bos_tokenizer, [PromptRecord("q", "1+1")], template=template,
+                                max_prompt_length=64).inputs
+    assert prompt.token_ids == trained.token_ids
+
+
 def test_documented_batch_phase_example_works_with_a_policy(monkeypatch):
     from pathlib import Path
 

@@ -129,23 +129,48 @@ def test_degenerate_filters_equal_greedy(tiny, top_k, top_p):
     assert token_ids(filtered) == token_ids(greedy)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sampler_logprobs_match_a_full_forward(tiny, temperature):
-    """One uncached, unpadded forward per sample over prompt + response reproduces the
-    sampler's log-probs: checks left padding, position ids, the cache and the temperature."""
+def processed_logprob64(logits_row: list[float], token: int, temperature: float, top_k: int, top_p: float) -> float:
+    """Float64, by hand: log-prob of ``token`` under softmax(logits / T) restricted to the top_k
+    most likely tokens, then to the nucleus (tokens whose mass ranked above is < top_p), renormalised."""
+    import math
+
+    z = [v / temperature for v in logits_row]
+    order = sorted(range(len(z)), key=lambda v: -z[v])
+    kept = order[:top_k] if top_k > 0 else order
+    m = max(z[v] for v in kept)
+    total = sum(math.exp(z[v] - m) for v in kept)
+    nucleus, above = [], 0.0
+    for v in kept:
+        if above >= top_p:
+            break
+        nucleus.append(v)
+        above += math.exp(z[v] - m) / total
+    assert token in nucleus, "sampled a filtered token"
+    m = max(z[v] for v in nucleus)
+    return z[token] - m - math.log(sum(math.exp(z[v] - m) for v in nucleus))
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 0, 0.9), (0.7, 5, 0.8), (1.3, 3, 1.0)]
+)
+def test_sampler_logprobs_match_a_full_forward(tiny, temperature, top_k, top_p):
+    """One uncached, unpadded forward per sample over prompt + response, then the sampled
+    distribution by hand in float64 (temperature, top-k, top-p renormalised), reproduces the
+    sampler's log-probs: checks left padding, position ids, the cache, temperature and filters."""
     model, tokenizer, prompts = tiny
     groups = make_engine(model, tokenizer).generate(
-        prompts, 3, SamplingParams(temperature=temperature, top_p=0.9, max_new_tokens=12, seed=1)
+        prompts, 3, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=12, seed=1)
     )
     for group in groups:
         for sample in group.samples:
             ids = torch.tensor([group.prompt.token_ids + sample.token_ids])
             with torch.no_grad():
-                logits = model(input_ids=ids).logits[0].float()  # [L, V]
+                logits = model(input_ids=ids).logits[0].double()  # [L, V]
             p = len(group.prompt.token_ids)
-            logprobs = torch.log_softmax(logits[p - 1 : -1] / temperature, dim=-1)  # [T, V]
-            expected = logprobs.gather(-1, torch.tensor(sample.token_ids)[:, None]).squeeze(1)
-            torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=1e-5, rtol=0)
+            expected = [processed_logprob64(logits[p - 1 + t].tolist(), token, temperature, top_k, top_p)
+                        for t, token in enumerate(sample.token_ids)]
+            torch.testing.assert_close(torch.tensor(sample.logprobs, dtype=torch.float64),
+                                       torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=0)
 
 
 def test_sampler_logprobs_match_the_collated_scoring_pass(tiny):

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from urlvr.algorithms.token_stats import BUILTIN_TOKEN_STATS as SCORE_STATS
@@ -52,3 +53,117 @@ def test_chunked_scorer_equals_full_logits(random_tiny_model):
     expected = compute_token_stats(full, input_ids[:, prompt_length:], SCORE_STATS)
     for name in SCORE_STATS:
         torch.testing.assert_close(stats[name].double(), expected[name], atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- masked vocabulary entries
+def masked_reference(logits_row, target):
+    """Float64, token by token: p = 0 for a -inf logit, 0 log 0 = 0, and self-certainty's uniform U
+    over the entries with a finite logit (the convention in urlvr/trainer/token_stats.py)."""
+    z = [float(v) for v in logits_row]
+    support = [v for v in z if v != -math.inf]
+    m = max(support)
+    lse = m + math.log(sum(math.exp(v - m) for v in support))
+    p = [math.exp(v - lse) for v in z]  # exp(-inf) = 0.0
+    top = sorted(p, reverse=True)
+    n = len(support)
+    return {
+        "logprob": z[target] - lse,
+        "entropy": -sum(q * math.log(q) for q in p if q > 0),
+        "self_certainty": sum((1 / n) * math.log((1 / n) / math.exp(v - lse)) for v in support),
+        "top1_prob": top[0],
+        "top2_prob": top[1],
+    }
+
+
+def masked_logits(seed: int, shape=(2, 6, 40), scale=8.0, offset=30.0):
+    """bf16-rounded logits of bf16-like magnitude, with about a third of the vocabulary at -inf
+    (never a whole row), as a logits mask leaves them."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(shape, generator=gen) * scale + offset).bfloat16().float()
+    masked = torch.rand(shape, generator=gen) < 0.35
+    masked[..., 0] = False
+    return logits.masked_fill(masked, float("-inf"))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
+def test_token_stats_finite_with_masked_entries_at_any_temperature(temperature):
+    raw = masked_logits(seed=int(temperature * 10))
+    scaled = raw / temperature  # what the scorer does: -inf stays -inf
+    gen = torch.Generator().manual_seed(7)
+    allowed = (raw > float("-inf")).float()
+    targets = torch.multinomial(allowed.flatten(0, 1), 1, generator=gen).view(raw.shape[:-1])  # never masked
+    stats = compute_token_stats(scaled, targets, SCORE_STATS)  # the trainer's float32 path
+    for name in SCORE_STATS:
+        assert torch.isfinite(stats[name]).all(), name
+    for b in range(raw.shape[0]):
+        for t in range(raw.shape[1]):
+            ref = masked_reference(scaled[b, t].double(), int(targets[b, t]))
+            for name in SCORE_STATS:
+                assert float(stats[name][b, t]) == pytest.approx(ref[name], rel=1e-4, abs=1e-4), (name, b, t)
+
+
+def test_self_certainty_without_masked_entries_is_kl_from_the_full_uniform():
+    logits = torch.randn(2, 6, 40, generator=torch.Generator().manual_seed(3)) * 5
+    stats = compute_token_stats(logits, torch.zeros(2, 6, dtype=torch.long), ("self_certainty",))
+    want = torch.logsumexp(logits.double(), -1) - logits.double().mean(-1) - math.log(40)
+    torch.testing.assert_close(stats["self_certainty"].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_entropy_bonus_gradient_is_finite_with_masked_entries():
+    leaf = torch.randn(3, 10, requires_grad=True)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[:, 4:] = True
+    logits = leaf.masked_fill(mask, float("-inf")) / 0.7
+    entropy = compute_token_stats(logits, torch.zeros(3, dtype=torch.long), ("entropy", "logprob"))["entropy"]
+    entropy.sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+    assert torch.equal(leaf.grad[:, 4:], torch.zeros(3, 6))
+    want = torch.func.grad(lambda z: -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum())(leaf[:, :4].double() / 0.7) / 0.7
+    torch.testing.assert_close(leaf.grad[:, :4].double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_lowest_bf16_logit_as_mask_stays_finite():
+    """Some code masks with finfo(bf16).min instead of -inf; divided by T < 1 that overflows to -inf
+    in float32, and the sum over the vocabulary must not overflow either."""
+    logits = torch.randn(2, 16)
+    logits[:, 8:] = torch.finfo(torch.bfloat16).min
+    for temperature in (1.0, 0.7):
+        stats = compute_token_stats(logits / temperature, torch.zeros(2, dtype=torch.long), SCORE_STATS)
+        for name in SCORE_STATS:
+            assert torch.isfinite(stats[name]).all(), (name, temperature)
+
+
+def test_chunked_scorer_with_a_masked_vocabulary_matches_the_reference():
+    """The actor's chunked pass (lm_head per chunk, then / T) on a model whose head masks half the vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+
+    class MaskedHead(torch.nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+        def forward(self, hidden):
+            logits = self.head(hidden)
+            return logits.masked_fill(torch.arange(logits.shape[-1]) % 2 == 1, float("-inf"))
+
+    model.lm_head = MaskedHead(model.lm_head)
+    model.get_output_embeddings = lambda: model.lm_head
+    input_ids = torch.randint(0, 16, (2, 9), generator=torch.Generator().manual_seed(2)) * 2  # even ids only
+    attention = torch.ones_like(input_ids)
+    positions = attention.cumsum(-1) - 1
+    prompt_length, temperature = 4, 0.7
+    with torch.no_grad():
+        stats = TokenScorer(model, chunk_size=2)(input_ids, attention, positions, prompt_length, temperature, SCORE_STATS)
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
+    scaled = logits[:, prompt_length - 1 : -1].double() / temperature
+    for b in range(2):
+        for t in range(scaled.shape[1]):
+            ref = masked_reference(scaled[b, t], int(input_ids[b, prompt_length + t]))
+            for name in SCORE_STATS:
+                assert float(stats[name][b, t]) == pytest.approx(ref[name], rel=1e-4, abs=1e-5), (name, b, t)

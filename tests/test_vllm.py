@@ -96,6 +96,32 @@ def test_groups_come_back_whole_with_the_samplers_logprobs(run):
     assert [[s.token_ids for s in g.samples] for g in other] != [[s.token_ids for s in g.samples] for g in groups]
 
 
+def test_both_engines_report_the_log_prob_of_the_filtered_distribution(run):
+    """With top_k and top_p < 1, vLLM's sampler log-probs (processed_logprobs) equal the
+    transformers engine's definition (log_softmax of filter(logits / T)) for the same tokens,
+    and differ from the trainer's unfiltered log-probs: the filters are active."""
+    from urlvr.rollout.transformers_engine import sampling_logits
+
+    parts, _, _ = run
+    prompts = _prompts(parts, 4)
+    sampling = SamplingParams(temperature=0.7, top_k=12, top_p=0.8, max_new_tokens=16, prompt_seeds=(31, 32, 33, 34))
+    groups = parts.engine.generate(prompts, 4, sampling)
+    batch = collate_groups(groups, pad_token_id=parts.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = parts.actor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   position_ids=position_ids_from_attention_mask(batch.attention_mask)).logits
+    logits = logits[:, batch.prompt_length - 1 : -1]  # [B*G, T, V]: position P-1+t predicts token t
+    targets = batch.input_ids[:, batch.prompt_length :, None]  # [B*G, T, 1]
+    rows, width, vocab = logits.shape
+    filtered = torch.log_softmax(sampling_logits(logits.reshape(-1, vocab), sampling), -1).view(rows, width, vocab)
+    transformers = filtered.gather(-1, targets).squeeze(-1)  # [B*G, T]
+    unfiltered = torch.log_softmax(logits.float() / 0.7, -1).gather(-1, targets).squeeze(-1)
+    mask = batch.response_mask.bool()
+    diff = (transformers - batch.sampler_logprobs).abs()[mask]
+    assert float(diff.max()) < 1e-3, float(diff.max())
+    assert float((transformers - unfiltered)[mask].max()) > 1e-2  # the filters removed mass somewhere
+
+
 def test_bucketed_sync_lands_new_weights(run):
     """Perturb the actor, sync in 1 MiB buckets (the tiny model needs two): vLLM's greedy output
     then equals the trainer's for the perturbed weights, and again after restoring them."""

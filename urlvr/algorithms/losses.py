@@ -1,4 +1,4 @@
-"""KL estimators, sampler-mismatch weights, entropy and loss aggregation, as pure tensor functions
+"""KL estimators, sampler-mismatch weights and loss aggregation, as pure tensor functions
 (the policy losses themselves are variants in `policy_losses.py`).
 
 Shapes: B responses in the (micro-)batch, T response tokens (right-padded), V vocabulary.
@@ -82,20 +82,6 @@ def truncated_importance_weights(
     """
     ratio = torch.exp((trainer_logprobs.detach() - sampler_logprobs).double()).clamp(max=cap)
     return torch.where(response_mask.bool(), ratio, torch.ones_like(ratio)).to(trainer_logprobs.dtype)
-
-
-# --------------------------------------------------------------------------- entropy
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H = -Σ_v p_v log p_v with log p = z - logsumexp(z); `[..., V] -> [...]`.
-
-    Computed in at least float32 (bf16/fp16 logits are upcast; float64 stays float64).
-    Vocabulary entries with logit -inf (p = 0) contribute 0, not NaN.
-    """
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    log_probs = torch.log_softmax(logits.to(dtype), dim=-1)  # [..., V]
-    probs = log_probs.exp()  # [..., V]
-    plogp = torch.where(probs > 0, probs * log_probs, torch.zeros((), dtype=dtype, device=logits.device))
-    return -plogp.sum(dim=-1)  # [...]
 
 
 # --------------------------------------------------------------------------- aggregation

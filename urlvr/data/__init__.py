@@ -10,7 +10,7 @@ from urlvr.data.loaders import (
 )
 from urlvr.data.records import DataError, PromptRecord
 from urlvr.data.stream import PromptStream
-from urlvr.data.templates import EncodedPrompts, check_template, encode_prompts, render_prompt
+from urlvr.data.templates import EncodedPrompts, check_template, encode_prompt_text, encode_prompts, render_prompt
 
 __all__ = [
     "DATASET_ADAPTERS",
@@ -21,6 +21,7 @@ __all__ = [
     "PromptRecord",
     "PromptStream",
     "check_template",
+    "encode_prompt_text",
     "encode_prompts",
     "load_records",
     "load_records_from_datasets",

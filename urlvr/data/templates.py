@@ -4,6 +4,12 @@ Two kinds, and a template string picks one: ``"chat"`` uses the tokenizer's own 
 anything else is a plain Python format string with exactly one field, ``{prompt}``.
 Prompts are never truncated: a truncated question is a different question, so a prompt over
 ``max_prompt_length`` tokens is an error, or, if the recipe asks, skipped and counted.
+
+Special tokens follow the tokenizer's own convention, as vLLM and HF pipelines do: a chat
+template writes its special tokens (BOS included) into the text, so chat text is tokenized
+without adding any; plain text is tokenized as ``tokenizer(text)`` would, so a tokenizer that
+prepends BOS (Llama-3, Gemma, Mistral base models) prepends it here too -- unless the plain
+template already starts with the BOS text, which would otherwise give two.
 """
 
 from __future__ import annotations
@@ -73,6 +79,14 @@ def render_prompt(
     return check_template(template).format(prompt=question)
 
 
+def encode_prompt_text(tokenizer: Any, text: str, *, template: str) -> tuple[int, ...]:
+    """Token ids of a prompt rendered with ``template``: BOS exactly once where the tokenizer uses
+    one (see the module docstring). Every place that tokenizes prompt text goes through here."""
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special_tokens = template != CHAT and not (bos and text.startswith(bos))
+    return tuple(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
 @dataclass(frozen=True)
 class EncodedPrompts:
     """Prompts that fit, in input order, with their records; and the ids of those skipped."""
@@ -96,8 +110,7 @@ def encode_prompts(
     max_prompt_length: int,
     on_long_prompt: Literal["error", "skip"] = "error",
 ) -> EncodedPrompts:
-    """Template and tokenize ``records`` (``add_special_tokens=False``: the template already
-    carries any BOS/special text). A prompt over ``max_prompt_length`` tokens raises a
+    """Template and tokenize ``records`` (special tokens: ``encode_prompt_text``). A prompt over ``max_prompt_length`` tokens raises a
     DataError naming it, or with ``on_long_prompt="skip"`` is dropped and counted."""
     if on_long_prompt not in ("error", "skip"):
         raise ValueError(f"on_long_prompt must be 'error' or 'skip', got {on_long_prompt!r}")
@@ -107,7 +120,7 @@ def encode_prompts(
     skipped: list[str] = []
     for record in records:
         text = render_prompt(tokenizer, record, template=template, system_prompt=system_prompt, suffix=suffix)
-        token_ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+        token_ids = encode_prompt_text(tokenizer, text, template=template)
         if len(token_ids) > max_prompt_length:
             if on_long_prompt == "error":
                 raise DataError(

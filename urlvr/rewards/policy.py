@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from urlvr.data.records import PromptRecord
-from urlvr.data.templates import render_prompt
+from urlvr.data.templates import encode_prompt_text, render_prompt
 from urlvr.rollout.base import PromptInput, RolloutEngine, SamplingParams, hashed_seed
 
 
@@ -53,7 +53,7 @@ class EnginePolicy:
             record = PromptRecord(prompt_id=f"policy-{call}-{index}", prompt=question)
             text = render_prompt(self.tokenizer, record, template=self.template, system_prompt=self.system_prompt,
                                  suffix=self.prompt_suffix if as_task else "")
-            ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            ids = encode_prompt_text(self.tokenizer, text, template=self.template)
             prompts.append(PromptInput(record.prompt_id, text, ids))
         temperature = self.sampling.temperature if temperature is None else temperature
         sampling = replace(

@@ -42,7 +42,11 @@ class SamplingParams:
 @dataclass(frozen=True)
 class Sample:
     """One sampled response. ``logprobs[t]`` is the sampler's log-probability of
-    ``token_ids[t]`` under the temperature-scaled distribution (before top-p/top-k)."""
+    ``token_ids[t]`` under the distribution it was drawn from: logits / temperature, then
+    top-k and top-p applied and renormalised (vLLM's ``processed_logprobs``; greedy: temperature
+    1, no filter). That is the behaviour policy of importance sampling. With the filters off it is
+    what the trainer recomputes; with ``top_p < 1`` or ``top_k > 0`` it exceeds the trainer's
+    unfiltered log-prob by -log(mass kept) (see docs/vllm.md, sampler/trainer mismatch)."""
 
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
@@ -118,7 +122,7 @@ class RolloutBatch:
     input_ids: torch.Tensor  # [B*G, P+T]   prompt left-padded, response right-padded
     attention_mask: torch.Tensor  # [B*G, P+T]
     response_mask: torch.Tensor  # [B*G, T]  1 on response tokens (incl. eos), 0 on padding
-    sampler_logprobs: torch.Tensor  # [B*G, T]
+    sampler_logprobs: torch.Tensor  # [B*G, T]  Sample.logprobs: after temperature and top-k/top-p
     prompt_length: int  # P: response token t sits at column P + t
     group_size: int
     extra: dict = field(default_factory=dict)

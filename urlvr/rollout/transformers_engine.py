@@ -1,11 +1,12 @@
 """Rollouts with plain transformers: our own KV-cache sampling loop over the trainer's module.
 
 Why not ``model.generate``: GRPO needs more than tokens from its sampler. It needs the
-sampler's log-prob of every sampled token under the temperature-scaled distribution *before*
-top-p/top-k filtering (what the importance ratio and the on-policy check compare against),
-exact control of stop tokens and of the RNG, and the same position ids as the trainer's
-scoring pass (``position_ids_from_attention_mask``) so that, on-policy, the two agree to float
-noise. A 60-line loop gives all of that and hides nothing.
+sampler's log-prob of every sampled token under the distribution it was actually drawn from
+(temperature, then top-k/top-p renormalised: the behaviour policy, as vLLM's
+``processed_logprobs``; see ``Sample``), exact control of stop tokens and of the RNG, and
+the same position ids as the trainer's scoring pass (``position_ids_from_attention_mask``) so
+that, with the filters off and on-policy, the two agree to float noise. A 60-line loop gives
+all of that and hides nothing.
 
 The loop, per chunk of ``generation_batch_size`` sequences:
   1. prefill each distinct prompt once (left-padded), then copy its KV cache to its samples;
@@ -219,20 +220,20 @@ def sample_next_tokens(
     logits: torch.Tensor, sampling: SamplingParams,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """token ~ softmax(filter(logits / T)); logprob = log_softmax(logits / T)[token] (unfiltered).
+    """token ~ softmax(filter(logits / T)); logprob = log_softmax(filter(logits / T))[token].
 
-    ``logits``: [A, V]. Returns ``(tokens [A] int64, logprobs [A] float32)``. Greedy takes the
-    argmax and reports log-probs at temperature 1. The log-prob is taken before top-p/top-k
-    filtering, matching what the trainer's scoring pass can recompute from the logits alone.
+    ``logits``: [A, V]. Returns ``(tokens [A] int64, logprobs [A] float32)``. The log-prob is
+    that of the distribution the token was drawn from, top-k/top-p renormalised (vLLM's
+    ``processed_logprobs``; the behaviour policy for importance sampling). Greedy takes the
+    argmax and reports log-probs at temperature 1 without filters, as vLLM does.
     ``generator`` is one generator for all rows or a sequence of A, one per row.
     """
+    sampled_logits = sampling_logits(logits, sampling)  # [A, V]
+    logprobs_all = torch.log_softmax(sampled_logits, dim=-1)
     if sampling.greedy:
-        logprobs_all = torch.log_softmax(logits.float(), dim=-1)  # [A, V]
         tokens = logprobs_all.argmax(dim=-1)
     else:
-        scaled = logits.float() / sampling.temperature  # [A, V]
-        logprobs_all = torch.log_softmax(scaled, dim=-1)
-        probs = torch.softmax(filter_top_k_top_p(scaled, sampling.top_k, sampling.top_p), dim=-1)
+        probs = torch.softmax(sampled_logits, dim=-1)
         if isinstance(generator, Sequence):
             # Each row's draw uses only its own RNG. Exponential race: argmax_v p_v / E_v with
             # E_v ~ Exp(1) samples v with probability p_v, and costs one cheap noise fill per row
@@ -243,6 +244,14 @@ def sample_next_tokens(
         else:
             tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(1)
+
+
+def sampling_logits(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    """The logits of the distribution a token is drawn from: filter(logits / T) in float32, or
+    the logits themselves for greedy. Their log_softmax is the sampler log-prob (``Sample``). [A, V]."""
+    if sampling.greedy:
+        return logits.float()
+    return filter_top_k_top_p(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p)
 
 
 def sample_seed(prompt_seed: int, sample_index: int) -> int:

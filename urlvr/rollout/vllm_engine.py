@@ -14,7 +14,8 @@ One GRPO step as the engine sees it::
                          (ZeRO-3 gathers one bucket at a time), reset the prefix cache
 
 Log-probs: vLLM reports ``processed_logprobs`` (after temperature, and after top-k/top-p when those
-filters are on), i.e. the distribution the token was drawn from. With the filters off (the paper's
+filters are on), i.e. the distribution the token was drawn from -- the definition of
+``Sample.logprobs`` that the transformers engine reports too. With the filters off (the paper's
 setting) that is exactly what the trainer recomputes; the trainer measures the difference every
 step (``rollout/logprob_mismatch_*``) and can correct for it (``algorithm.tis_cap``).
 
