@@ -31,7 +31,7 @@ def answer_clusters(
     raise ValueError(f"equivalence must be 'math_verify' or 'exact', got {equivalence!r}")
 
 
-@reward("semantic_cluster")
+@reward("semantic_cluster", family="certainty")
 def semantic_cluster(
     group: Group, ctx: RewardContext, *, equivalence: Equivalence = "math_verify",
     min_cluster_ratio: float = 0.0, no_answer: Literal["zero", "singleton"] = "zero", timeout_s: float = 5.0,

@@ -134,7 +134,7 @@ def cluster_by_equivalence(
     return ids, failures
 
 
-@reward("math_verify", needs_label=True)
+@reward("math_verify", needs_label=True, family="verdict")
 def math_verify_reward(group: Group, ctx: RewardContext, *, timeout_s: float = 5.0) -> RewardOutput:
     """Oracle: r(y) = 1[ans(y) is equivalent to a* by math-verify]; no answer or a timeout scores 0."""
     if ctx.label is None:

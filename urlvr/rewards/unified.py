@@ -76,7 +76,7 @@ def _check(*, anchor: str = "onehot", sign: int = -1, transform: str = "identity
         raise ValueError(f"unified: granularity must be 'token' or 'answer', got {granularity!r}")
 
 
-@reward("unified")
+@reward("unified", family="certainty")
 def unified(
     group: Group, ctx: RewardContext, *, anchor: Anchor = "onehot", sign: Literal[1, -1] = -1,
     transform: Literal["identity", "exp"] = "identity", granularity: Literal["token", "answer"] = "token",
