@@ -3,6 +3,8 @@ judge reward (`eval.judge`), on hand-made groups whose right answers are known."
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 
 from urlvr.data.records import PromptRecord
@@ -93,3 +95,74 @@ def test_label_match_reads_digit_groups():
     for label in ("8000", "8,000"):
         record = PromptRecord("p", "q", label, {})
         assert judge_samples(group, record, answers, extract, None) == [True, True, False]
+
+
+# --------------------------------------------------------------------------- every eval option runs
+def test_evaluate_without_greedy_reports_no_greedy_accuracy():
+    records = [PromptRecord("a", "1+1", "2")]
+    engine = CannedEngine(samples={"a": ["\\boxed{2}", "\\boxed{3}"]}, greedy={"a": "\\boxed{2}"})
+    prompts = [PromptInput("a", "1+1", (1,))]
+    got = evaluate(engine, records, prompts, samples_per_prompt=2, sampling=SamplingParams(), extractor="boxed",
+                   greedy=False)
+    assert got == {"eval/avg@2": 0.5, "eval/pass@2": 1.0, "eval/maj@2": 1.0, "eval/prompts": 1.0}
+
+
+WHEN = {"before": {"at_start": True}, "every": {"every_steps": 1}, "after": {"at_end": True},
+        "all": {"at_start": True, "every_steps": 1, "at_end": True}}
+EVAL_STEPS = {"before": [0], "every": [1, 2], "after": [2], "all": [0, 1, 2]}
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "no_greedy"])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("judge", [None, "ground_truth"], ids=["label_match", "judge"])
+@pytest.mark.parametrize("when", sorted(WHEN))
+def test_every_eval_option_combination_trains(greedy, k, judge, when, random_tiny_model, tmp_path):
+    """A tiny two-step run per combination of the `eval` section's options (timing x greedy x k x
+    judge, with and without held-out sets): each evaluates when asked and logs exactly its keys."""
+    import urlvr
+    from conftest import small_run_recipe
+
+    held_out = {"extra": {"kind": "arithmetic", "num_problems": 2, "seed": 7}} if k == 3 else {}
+    source = {"kind": "arithmetic", "num_problems": 2, "seed": 99}
+    recipe = small_run_recipe(random_tiny_model[0], tmp_path / "run", trainer={"total_steps": 2},
+                              rollout={"group_size": 2, "max_new_tokens": 4},
+                              eval={**WHEN[when], "source": source, "held_out": held_out, "samples_per_prompt": k,
+                                    "greedy": greedy, "judge": judge, "max_new_tokens": 4})
+    result = urlvr.train(recipe)
+    assert [e["step"] for e in result.evaluations] == EVAL_STEPS[when]
+    names = ["eval"] + [f"eval/{name}" for name in held_out]
+    wanted = {f"{n}/{m}" for n in names for m in (f"avg@{k}", f"pass@{k}", f"maj@{k}", "prompts")}
+    wanted |= {f"{n}/greedy_accuracy" for n in names} if greedy else set()
+    for row in result.evaluations:
+        assert set(row) - {"step"} == wanted
+        assert all(0.0 <= row[f"{n}/avg@{k}"] <= row[f"{n}/pass@{k}"] <= 1.0 for n in names)
+    assert len((result.run_dir / "eval.jsonl").read_text().splitlines()) == len(EVAL_STEPS[when])
+
+
+# --------------------------------------------------------------------------- pass@k
+def _pass_at_k_reference(n: int, c: int, k: int) -> Fraction:
+    """1 - P(no correct sample among k drawn without replacement from n), as a product of exact
+    fractions over the draws (not the closed form the code uses)."""
+    none_correct = Fraction(1)
+    for draw in range(k):
+        none_correct *= Fraction(n - c - draw, n - draw) if n - c - draw > 0 else Fraction(0)
+    return 1 - none_correct
+
+
+def test_pass_at_k_matches_an_exact_reference_on_a_grid():
+    from urlvr.metrics.evaluation import pass_at_k
+
+    for n in range(1, 41):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert pass_at_k(n, c, k) == pytest.approx(float(_pass_at_k_reference(n, c, k)), abs=1e-12), (n, c, k)
+    assert pass_at_k(5, 0, 2) == 0.0 and pass_at_k(5, 5, 5) == 1.0
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)  # pass@1 = c / n
+
+
+@pytest.mark.parametrize("n,c,k", [(2, 0, 5), (2, 1, 5), (4, 4, 5), (3, 1, 0), (3, 4, 2), (3, -1, 2)])
+def test_pass_at_k_refuses_undefined_arguments(n, c, k):
+    from urlvr.metrics.evaluation import pass_at_k
+
+    with pytest.raises(ValueError, match="pass@k"):
+        pass_at_k(n, c, k)

@@ -106,6 +106,40 @@ def test_invalid_yaml_names_the_line(tmp_path):
         load_recipe(path)
 
 
+@pytest.mark.parametrize("text, problem", [
+    ("", "empty recipe file (a recipe is a mapping; write {} for all defaults)"),
+    ("# only a comment\n", "empty recipe file (a recipe is a mapping; write {} for all defaults)"),
+    ("null\n", "empty recipe file (a recipe is a mapping; write {} for all defaults)"),
+    ("trainer\n", "a recipe must be a mapping of sections, got a string"),
+    ("3\n", "a recipe must be a mapping of sections, got a number"),
+    ("false\n", "a recipe must be a mapping of sections, got a boolean"),
+    ("[]\n", "a recipe must be a mapping of sections, got a list"),
+    ("- trainer: {total_steps: 3}\n", "a recipe must be a mapping of sections, got a list"),
+])
+def test_a_recipe_that_is_not_a_mapping_is_one_line_naming_the_file(tmp_path, text, problem):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert str(info.value) == f"{path}: {problem}"
+
+
+def test_an_explicit_empty_mapping_is_an_all_defaults_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("{}\n")
+    assert load_recipe(path) == Recipe()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer=", "recipe.yaml: trainer: Input should be a valid dictionary or instance of TrainerSection (got None)"),
+    ("trainer=3", "recipe.yaml: trainer: Input should be a valid dictionary or instance of TrainerSection (got 3)"),
+    ("trainer=[1]", "recipe.yaml: trainer: Input should be a valid dictionary or instance of TrainerSection (got [1])"),
+    ("trainer.total_steps.x=1", "recipe.yaml: --set 'trainer.total_steps.x=1': 'total_steps' is not a section"),
+])
+def test_an_override_that_empties_or_replaces_a_section_names_it(tmp_path, override, message):
+    assert error_of(tmp_path, {"trainer": {"total_steps": 3}}, [override]) == message
+
+
 def test_overrides_parse_yaml_values(tmp_path):
     path = write(tmp_path, {"trainer": {"total_steps": 3}})
     recipe = load_recipe(path, ["trainer.total_steps=7", "rollout.stop_token_ids=[1, 2]", "eval.max_new_tokens=null",

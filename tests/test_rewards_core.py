@@ -130,3 +130,37 @@ def test_reward_returning_wrong_count_is_refused():
     group = make_group(["a", "b"])
     with pytest.raises(ValueError, match="returned 1 scores for a group of 2"):
         call_reward(spec, group, make_ctx(group), {})
+
+
+BUILTIN_FAMILIES = {  # what each built-in's score claims (docs/dynamics.md): a new built-in must be classified here
+    "majority_vote": "verdict", "co_reward": "verdict", "self_verification": "verdict", "countdown": "verdict",
+    "ground_truth": "verdict", "math_verify": "verdict",
+    "self_certainty": "certainty", "token_entropy": "certainty", "trajectory_entropy": "certainty",
+    "probability": "certainty", "probability_disparity": "certainty", "unified": "certainty",
+    "semantic_cluster": "certainty",
+    "format": "other",
+}
+
+
+def test_every_builtin_reward_declares_its_family():
+    import urlvr.builtins  # noqa: F401
+    from urlvr.rewards.base import REWARDS
+
+    builtins = {name: REWARDS.get(name).family for name in REWARDS.names()
+                if REWARDS.get(name).fn.__module__.startswith("urlvr.")}
+    assert builtins == BUILTIN_FAMILIES
+
+
+def test_reward_family_must_be_known():
+    from urlvr.rewards.base import reward
+
+    with pytest.raises(ValueError, match="family must be one of verdict, certainty, other"):
+        reward("test_bad_family", family="ensemble")
+
+
+def test_countdown_stays_a_verdict():
+    from urlvr.rewards.base import check_reward_kwargs
+
+    check_reward_kwargs("countdown", {"format_score": 0.1})
+    with pytest.raises(ValueError, match="format_score must lie in"):
+        check_reward_kwargs("countdown", {"format_score": 0.5})

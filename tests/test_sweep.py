@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,23 @@ def test_bad_specs_fail_before_anything_runs(tmp_path, spec, message):
     write(tmp_path / "r.yaml", {})
     with pytest.raises(RecipeError, match=message):
         validate_points(load_sweep(write(tmp_path / "s.yaml", spec)))
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("", "empty sweep spec or recipe file"),
+    ("- rollout.temperature\n", "a sweep spec or recipe must be a mapping of sections, got a list"),
+])
+def test_an_empty_or_non_mapping_sweep_file_is_refused_naming_it(tmp_path, text, problem):
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=f"^{re.escape(str(path))}: {re.escape(problem)}"):
+        load_sweep(path, grid=["rollout.temperature=0.5,1.0"])
+
+
+def test_a_sweep_spec_over_an_empty_recipe_is_refused_naming_the_recipe(tmp_path):
+    (tmp_path / "r.yaml").write_text("")
+    with pytest.raises(RecipeError, match=f"^{re.escape(str(tmp_path / 'r.yaml'))}: empty recipe file"):
+        load_sweep(write(tmp_path / "s.yaml", {"recipe": "r.yaml", "grid": {"rollout.temperature": [0.5]}}))
 
 
 def test_a_recipe_without_grid_is_refused(tmp_path, capsys):

@@ -81,6 +81,72 @@ def test_resume_continues_exactly(random_tiny_model, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _rows_by_file(run_dir: Path) -> dict[str, list[dict]]:
+    from urlvr.metrics.loggers import APPENDED_FILES, read_jsonl
+
+    return {name: stable(read_jsonl(run_dir / name)) for name in APPENDED_FILES}
+
+
+def test_resume_after_a_kill_between_logging_and_checkpoint_writes_every_appended_file_once(
+    random_tiny_model, tmp_path, monkeypatch,
+):
+    """Step 3 logged everywhere, then killed before its checkpoint (the last is step 2): the resumed
+    run rewrites steps 3 and 4, and every per-step file equals an uninterrupted run's, row for row."""
+    from urlvr.metrics.loggers import APPENDED_FILES
+    from urlvr.trainer import run as run_module
+
+    everything = dict(
+        trainer={"total_steps": 4, "save_every": 2},
+        eval={"at_start": True, "every_steps": 1, "at_end": True, "samples_per_prompt": 2, "max_new_tokens": 4,
+              "source": {"kind": "arithmetic", "num_problems": 2, "seed": 99}},
+        dynamics={"track_prompts": "all", "greedy_every": 1},
+        logging={"console": False, "completions_per_step": 3},
+    )
+    straight = urlvr.train(recipe_for(random_tiny_model, tmp_path / "straight", **everything))
+    expected = _rows_by_file(straight.run_dir)
+    assert all(expected[name] for name in APPENDED_FILES), "every per-step file should be written"
+    # no other file grows step by step: anything new beside these must be registered in APPENDED_FILES
+    assert {p.name for p in straight.run_dir.iterdir() if p.is_file()} == {*APPENDED_FILES, "recipe.yaml", "summary.json"}
+
+    recipe = recipe_for(random_tiny_model, tmp_path / "killed", **everything)
+    real_step = run_module.grpo_step
+
+    def killed_at_step_4(parts, recipe, dist, step):
+        if step == 4:
+            raise KeyboardInterrupt("killed")  # after step 3's rows and evaluation, before any step-3 checkpoint
+        return real_step(parts, recipe, dist, step)
+
+    monkeypatch.setattr(run_module, "grpo_step", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        urlvr.train(recipe)
+    monkeypatch.setattr(run_module, "grpo_step", real_step)
+    run_dir = tmp_path / "killed"
+    assert [c.name for c in complete_checkpoints(run_dir)] == ["step-000002"]
+    assert {row["step"] for row in _rows_by_file(run_dir)["completions.jsonl"]} == {1, 2, 3}
+    urlvr.train(recipe, resume=run_dir)
+    resumed = _rows_by_file(run_dir)
+    for name in APPENDED_FILES:
+        assert resumed[name] == expected[name], name
+
+
+def test_resume_drops_a_row_torn_by_a_kill_mid_write(tmp_path):
+    from urlvr.metrics.loggers import truncate_appended_files
+
+    (tmp_path / "completions.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "resp')
+    (tmp_path / "eval.jsonl").write_text('{"step": 0}\n{"step": 2}\n\n{"step": 4}\n')
+    truncate_appended_files(tmp_path, 2)
+    assert (tmp_path / "completions.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert (tmp_path / "eval.jsonl").read_text() == '{"step": 0}\n{"step": 2}\n'
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_an_unregistered_per_step_file_is_refused(tmp_path):
+    from urlvr.metrics.loggers import open_for_append
+
+    with pytest.raises(ValueError, match="APPENDED_FILES"):
+        open_for_append(tmp_path / "detectors.jsonl")
+
+
 def test_refuses_to_overwrite_a_run(random_tiny_model, tmp_path):
     recipe = recipe_for(random_tiny_model, tmp_path / "run", trainer={"total_steps": 1})
     urlvr.train(recipe)

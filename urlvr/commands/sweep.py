@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from urlvr.recipe import RecipeError, load_recipe
+from urlvr.recipe.load import read_yaml_mapping
 
 SPEC_KEYS = ("recipe", "grid", "set", "output_dir")
 
@@ -158,11 +159,8 @@ def load_sweep(path: str | Path, *, grid: Sequence[str] = (), overrides: Sequenc
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: sweep spec or recipe not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {getattr(err, 'problem', err)}") from None
-    is_spec = isinstance(data, dict) and "grid" in data
+    data = read_yaml_mapping(path, "sweep spec or recipe")
+    is_spec = "grid" in data
     if is_spec:
         unknown = sorted(set(data) - set(SPEC_KEYS))
         if unknown:

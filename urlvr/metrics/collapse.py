@@ -4,7 +4,11 @@ Intrinsic rewards rise, then fall: the policy sharpens onto its own majority/mos
 answers, and once those are wrong it keeps sharpening anyway. Two ways to see it coming:
 
   * **Model Collapse Step** (needs labels): the first step at which Reward Accuracy (App. B.2,
-    Eq. 40) falls below a threshold (paper: 1%), optionally on a trailing moving average.
+    Eq. 40) falls below a threshold (paper: 1%), optionally on a trailing moving average. Reward
+    Accuracy is defined for verdict rewards (majority vote: the paper's case); for certainty
+    rewards the step watches their Label Accuracy instead, that of the top-reward sample (Eq. 43):
+    collapsed = the sample the reward prefers is (almost) never right. Rewards of neither family
+    have no collapse step (`COLLAPSE_METRICS`; docs/dynamics.md).
   * **Detectors** (no labels): a registry of named rules over one logged metric each -- proxy
     reward saturating near 1, entropy or response length collapsing relative to their start,
     repetition growing, KL to the initial policy drifting. A recipe lists the ones it wants with
@@ -24,6 +28,15 @@ from typing import Any, Literal
 from urlvr.registry import Registry
 
 REWARD_ACCURACY = "dynamics/reward_accuracy"
+TOP_REWARD_LABEL_ACCURACY = "dynamics/top_reward_label_accuracy"
+# what the Model Collapse Step watches: the first of these a step logs (the loop logs only the
+# one defined for the reward's family: verdict -> Reward Accuracy, certainty -> Eq. 43)
+COLLAPSE_METRICS = (REWARD_ACCURACY, TOP_REWARD_LABEL_ACCURACY)
+
+
+def collapse_metric(metrics: Mapping[str, Any]) -> str | None:
+    """The Model Collapse Step's metric among a step's metrics, or None when none is logged."""
+    return next((name for name in COLLAPSE_METRICS if metrics.get(name) is not None), None)
 
 
 def trailing_mean(values: Sequence[float], window: int) -> float:
@@ -38,7 +51,8 @@ def model_collapse_step(
     """MCS = min{ t : mean(RA over the last `window` measured steps up to t) < threshold }, or None.
 
     Steps whose Reward Accuracy is missing (no labelled prompt in the batch) are skipped, not
-    read as 0. window = 1 is the paper's definition.
+    read as 0. window = 1 is the paper's definition. For a certainty reward pass its top-reward
+    Label Accuracy (Eq. 43) as `reward_accuracy` (`collapse_metric` says which a run logged).
     """
     measured: list[float] = []
     for step, value in zip(steps, reward_accuracy, strict=True):
@@ -130,6 +144,7 @@ class CollapseMonitor:
         self.series: dict[str, list[float]] = {k: list(v) for k, v in state.get("series", {}).items()}
         self.alarms: list[Alarm] = [Alarm(**a) for a in state.get("alarms", [])]
         self.collapse_step: int | None = state.get("collapse_step")
+        self.collapse_metric: str | None = state.get("collapse_metric")  # what the collapse step watches
         self.latest: dict[str, float] = dict(state.get("latest", {}))  # last value of every metric seen
         self.checkpoints: dict[int, float | None] = {int(k): v for k, v in state.get("checkpoints", {}).items()}
 
@@ -137,13 +152,15 @@ class CollapseMonitor:
         """Record one step's metrics; return the alarms that fire for the first time now."""
         self.latest.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         new: list[Alarm] = []
-        if REWARD_ACCURACY in metrics:
+        watched = collapse_metric(metrics)
+        if watched is not None:
+            self.collapse_metric = watched
             series = self.series.setdefault("model_collapse", [])  # apart from detector series
-            series.append(float(metrics[REWARD_ACCURACY]))
+            series.append(float(metrics[watched]))
             value = trailing_mean(series, self.section.smoothing_window)
             if self.collapse_step is None and value < self.section.reward_accuracy_threshold:
                 self.collapse_step = step
-                new.append(Alarm(step, "model_collapse", REWARD_ACCURACY, value, self.section.reward_accuracy_threshold))
+                new.append(Alarm(step, "model_collapse", watched, value, self.section.reward_accuracy_threshold))
         for metric in {detector.metric for detector, _ in self.detectors} & set(metrics):
             self.series.setdefault(metric, []).append(float(metrics[metric]))
         fired = {a.detector for a in self.alarms}
@@ -180,9 +197,10 @@ class CollapseMonitor:
 
     def state_dict(self) -> dict[str, Any]:
         return {"series": self.series, "alarms": [asdict(a) for a in self.alarms], "collapse_step": self.collapse_step,
+                "collapse_metric": self.collapse_metric,
                 "latest": self.latest, "checkpoints": {str(k): v for k, v in self.checkpoints.items()}}
 
     def summary(self) -> dict[str, Any]:
-        return {"model_collapse_step": self.collapse_step,
+        return {"model_collapse_step": self.collapse_step, "model_collapse_metric": self.collapse_metric,
                 "reward_accuracy_threshold": self.section.reward_accuracy_threshold,
                 "alarms": [{**asdict(a), "message": a.message} for a in self.alarms]}

@@ -132,15 +132,24 @@ def point_biserial(scores: torch.Tensor, correct: torch.Tensor) -> float | None:
     return (m1 - m0) / spread * ((n1 * (n - n1)) ** 0.5 / n)
 
 
-def label_metrics(proxy: torch.Tensor, oracle: torch.Tensor | None, majority_correct: torch.Tensor) -> dict[str, float]:
-    """The label-based metrics of App. B.2 over the prompts that have a label (empty when none):
+def label_metrics(
+    proxy: torch.Tensor, oracle: torch.Tensor | None, majority_correct: torch.Tensor, *, family: str,
+) -> dict[str, float]:
+    """The label-based metrics of App. B.2 over the prompts that have a label (empty when none),
+    each only for the reward family it is defined for (`urlvr.rewards.base.RewardFamily`):
 
-    ground_truth_mean  = mean r_gt                                              (Eq. 41)
-    label_accuracy     = mean_i 1[maj(x_i) = a*_i]                              (Eq. 39)
-    reward_accuracy    = mean_ij 1[(r_ij > 0.5) = r_gt_ij]                      (Eq. 40)
-    top_reward_label_accuracy = mean_i r_gt(argmax_j r_ij)  (certainty rewards' Label Accuracy;
-                         ties go to the first sample)
-    reward_correctness_corr   = point-biserial r of r_ij with r_gt_ij, pooled (absent if undefined)
+    every family:
+      ground_truth_mean  = mean r_gt                                              (Eq. 41)
+      label_accuracy     = mean_i 1[maj(x_i) = a*_i]                              (Eq. 39)
+    family "verdict" (proxy = the verdict term's scores, > 0.5 = judged correct):
+      reward_accuracy    = mean_ij 1[(r_ij > 0.5) = r_gt_ij]                      (Eq. 40)
+    family "certainty" (proxy = the training reward):
+      top_reward_label_accuracy = mean_i r_gt(y_i,j*), j* = argmax_j r_ij         (Eq. 43; ties: first)
+      reward_correctness_corr   = point-biserial r of r_ij with r_gt_ij, pooled (absent if undefined)
+
+    A certainty score has no threshold, so Eq. 40 on it would only count the wrong samples (an
+    entropy reward is always < 0.5); a verdict is flat within its two values, so its argmax is
+    just the first sample the verdict accepts.
 
     proxy, oracle: [B, G] (oracle NaN rows = unlabelled); majority_correct: [B].
     """
@@ -151,15 +160,17 @@ def label_metrics(proxy: torch.Tensor, oracle: torch.Tensor | None, majority_cor
         return {}
     correct = (oracle[labelled] > 0.5).double()  # [M, G]
     scores = proxy[labelled].double()  # [M, G]
-    top = scores.argmax(dim=1, keepdim=True)  # [M, 1] first maximum
     metrics = {
         "reward/ground_truth_mean": float(oracle[labelled].double().mean()),
         "dynamics/label_accuracy": float(majority_correct[labelled].mean()),
-        "dynamics/reward_accuracy": float(((scores > 0.5).double() == correct).double().mean()),
-        "dynamics/top_reward_label_accuracy": float(correct.gather(1, top).mean()),
         "dynamics/labelled_prompts": float(labelled.sum()),
     }
-    corr = point_biserial(scores, correct)
-    if corr is not None:
-        metrics["dynamics/reward_correctness_corr"] = corr
+    if family == "verdict":
+        metrics["dynamics/reward_accuracy"] = float(((scores > 0.5).double() == correct).double().mean())
+    elif family == "certainty":
+        top = scores.argmax(dim=1, keepdim=True)  # [M, 1] first maximum
+        metrics["dynamics/top_reward_label_accuracy"] = float(correct.gather(1, top).mean())
+        corr = point_biserial(scores, correct)
+        if corr is not None:
+            metrics["dynamics/reward_correctness_corr"] = corr
     return metrics

@@ -28,8 +28,16 @@ from urlvr.dist import all_reduce_sum
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct."""
-    if num_samples - num_correct < k:
+    """pass@k = 1 - C(n-c, k) / C(n, k), unbiased from n samples of which c are correct.
+
+    Undefined for k > n (k draws without replacement from n samples): a ValueError, never a
+    silent 1.0. `evaluate` always asks for k = n = `eval.samples_per_prompt`.
+    """
+    if not 0 <= num_correct <= num_samples:
+        raise ValueError(f"pass@k: num_correct must lie in [0, num_samples={num_samples}], got {num_correct}")
+    if not 1 <= k <= num_samples:
+        raise ValueError(f"pass@k is undefined for k={k} with num_samples={num_samples} (needs 1 <= k <= num_samples)")
+    if num_samples - num_correct < k:  # every k-subset holds a correct sample
         return 1.0
     return 1.0 - comb(num_samples - num_correct, k) / comb(num_samples, k)
 
@@ -54,8 +62,9 @@ def evaluate(
             correct / len(answers), pass_at_k(len(answers), correct, len(answers)),
             float(majority_correct), 1.0, 0.0,
         ], dtype=torch.float64)
-    for group, record in zip(greedy_groups, records, strict=True):
-        sums[4] += float(judge_samples(group, record, [extract(group.samples[0].text)], extract, judge)[0])
+    if greedy:
+        for group, record in zip(greedy_groups, records, strict=True):
+            sums[4] += float(judge_samples(group, record, [extract(group.samples[0].text)], extract, judge)[0])
     sums = all_reduce_sum(sums)
     count = max(1.0, float(sums[3]))
     k = samples_per_prompt
@@ -78,8 +87,6 @@ def judge_samples(group: Group, record: PromptRecord, answers: Sequence[str | No
     import urlvr.builtins  # noqa: F401  (registers the built-in rewards)
     from urlvr.rewards.base import REWARDS, RewardContext, call_reward
 
-    ctx = RewardContext(
-        answers=tuple(answers), response_mask=torch.ones(group.size, 1), token_stats={}, extract_answer=extract,
-        metadata=record.metadata, question=record.prompt, _label=record.label, tokenizer=tokenizer,
-    )
+    ctx = RewardContext.for_group(answers, torch.ones(group.size, 1), extract_answer=extract, label=record.label,
+                                  metadata=record.metadata, question=record.prompt, tokenizer=tokenizer)
     return [score > 0.5 for score in call_reward(REWARDS.get(judge), group, ctx, {}).scores]

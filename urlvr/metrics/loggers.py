@@ -22,21 +22,43 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
-def open_for_append(path: Path, resume_from_step: int | None) -> TextIO:
-    """Open a per-step JSONL file for appending; on resume, first drop the rows written after the
-    checkpoint we resume from (they will be written again)."""
-    if resume_from_step is not None and path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_from_step]
-        path.write_text("".join(line + "\n" for line in kept))
+# Every file in a run directory that grows by rows during training, each row carrying its "step".
+# On resume `truncate_appended_files` cuts all of them back to the checkpoint's step before anything
+# is written again, and `open_for_append` refuses a name missing here, so a new per-step file
+# cannot be forgotten (tests/test_training.py also checks that a run writes no other growing file).
+APPENDED_FILES = ("metrics.jsonl", "eval.jsonl", "completions.jsonl", "prompts.jsonl")
+
+
+def open_for_append(path: Path) -> TextIO:
+    """Open one of the run's per-step files (`APPENDED_FILES`) for appending."""
+    if Path(path).name not in APPENDED_FILES:
+        raise ValueError(f"{path}: not a registered per-step file; add it to APPENDED_FILES so resume truncates it")
     return open(path, "a")
+
+
+def truncate_appended_files(run_dir: Path, step: int) -> None:
+    """Resume: drop the rows written after the checkpoint of `step` from every per-step file
+    (the steps after it run again and write them again). A row torn by a kill mid-write goes too."""
+    for name in APPENDED_FILES:
+        path = Path(run_dir) / name
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if _row_step(line) <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # empty or half-written: never kept
 
 
 class JsonlLogger:
     """One JSON object per step; keys are stable, NaN written as null."""
 
-    def __init__(self, path: Path, *, resume_from_step: int | None = None) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.file = open_for_append(path, resume_from_step)
+        self.file = open_for_append(path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
@@ -79,8 +101,8 @@ def console_line(step: int, total: int, metrics: dict[str, float]) -> str:
     return "  ".join(parts)
 
 
-def make_loggers(recipe: Recipe, run_dir: Path, *, resume_from_step: int | None) -> list[Any]:
-    loggers: list[Any] = [JsonlLogger(run_dir / "metrics.jsonl", resume_from_step=resume_from_step)]
+def make_loggers(recipe: Recipe, run_dir: Path) -> list[Any]:
+    loggers: list[Any] = [JsonlLogger(run_dir / "metrics.jsonl")]
     if recipe.logging.wandb.enabled:
         try:
             loggers.append(WandbLogger(recipe, run_dir))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from urlvr.metrics.collapse import REWARD_ACCURACY, model_collapse_step
+from urlvr.metrics.collapse import collapse_metric, model_collapse_step
 from urlvr.metrics.loggers import read_jsonl
 from urlvr.metrics.tracking import read_prompt_rows
 
@@ -68,8 +68,9 @@ def load_run(run_dir: Path, name: str | None = None) -> RunData:
         collapse = summary["model_collapse_step"]
     else:  # a run still going (or killed): recompute from the log with the run's own settings
         threshold, window = _collapse_settings(run_dir)
-        collapse = model_collapse_step([m["step"] for m in metrics], [m.get(REWARD_ACCURACY) for m in metrics],
-                                       threshold=threshold, window=window)
+        watched = next((name for name in map(collapse_metric, metrics) if name is not None), None)
+        collapse = None if watched is None else model_collapse_step(
+            [m["step"] for m in metrics], [m.get(watched) for m in metrics], threshold=threshold, window=window)
     return RunData(name or run_dir.name, metrics, _jsonl(run_dir / "eval.jsonl"), collapse, read_prompt_rows(run_dir))
 
 

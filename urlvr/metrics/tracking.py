@@ -67,10 +67,10 @@ def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class PromptTrackWriter:
-    """Appends rows to `prompts.jsonl`; on resume, drops rows after the resumed step."""
+    """Appends rows to `prompts.jsonl` (a registered per-step file: resume truncates it)."""
 
-    def __init__(self, path: Path, *, resume_from_step: int | None = None) -> None:
-        self.file = open_for_append(path, resume_from_step)
+    def __init__(self, path: Path) -> None:
+        self.file = open_for_append(path)
 
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
         self.file.writelines(json.dumps(row) + "\n" for row in rows)

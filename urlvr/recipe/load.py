@@ -48,15 +48,28 @@ def read_recipe_source(source: str | Path | Mapping[str, Any] | Recipe) -> tuple
     path = Path(source)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
+    return str(path), read_yaml_mapping(path, "recipe")
+
+
+_YAML_KINDS = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "a list"}
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The YAML mapping in `path` (an existing file). Bad YAML, an empty file, or a document that
+    is a scalar or a list is a one-line RecipeError naming the file: an empty recipe is a mistake
+    (a wrong path, a truncated copy), not a request for an all-defaults run -- that is `{}`."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise RecipeError(f"{path}:{where} not valid YAML: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        raise RecipeError(f"{path}: empty {what} file (a {what} is a mapping; write {{}} for all defaults)")
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    return str(path), data
+        kind = _YAML_KINDS.get(type(data), type(data).__name__)
+        raise RecipeError(f"{path}: a {what} must be a mapping of sections, got {kind}")
+    return data
 
 
 def _deep_copy(value: Any) -> Any:

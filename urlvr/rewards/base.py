@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 
@@ -109,6 +109,18 @@ RewardFn = Callable[..., "Sequence[float] | RewardOutput"]
 PrepareFn = Callable[..., Sequence[Any]]
 
 
+# What a reward's score claims, which decides the label metrics that mean something for it
+# (paper App. B.2; docs/dynamics.md):
+#   "verdict"   -- score > 0.5 says "this sample is correct" (majority vote, self-verification,
+#                  verifiers, oracles): Reward Accuracy (Eq. 40) is defined.
+#   "certainty" -- a graded confidence, higher = preferred, no threshold (self-certainty, entropies,
+#                  probability, cluster share): Label Accuracy of the top-reward sample (Eq. 43)
+#                  and the reward/correctness correlation are defined.
+#   "other"     -- neither (e.g. `format`); the default for a reward that does not say.
+RewardFamily = Literal["verdict", "certainty", "other"]
+REWARD_FAMILIES: tuple[str, ...] = get_args(RewardFamily)
+
+
 @dataclass(frozen=True)
 class RewardSpec:
     name: str
@@ -116,6 +128,7 @@ class RewardSpec:
     needs_label: bool
     description: str
     prepare: PrepareFn | None = None  # optional batch phase, run once per step over all groups
+    family: RewardFamily = "other"  # what the score claims (see RewardFamily)
     stats: tuple[str, ...] | Callable[..., Sequence[str]] = ()  # token statistics read from ctx.token_stats
 
     def token_stats(self, kwargs: Mapping[str, Any]) -> tuple[str, ...]:
@@ -127,8 +140,10 @@ class RewardSpec:
 REWARDS: Registry[RewardSpec] = Registry("reward")
 
 
-def reward(name: str, *, needs_label: bool = False, prepare: PrepareFn | None = None,
-           stats: tuple[str, ...] | Callable[..., Sequence[str]] = ()) -> Callable[[RewardFn], RewardFn]:
+def reward(
+    name: str, *, needs_label: bool = False, prepare: PrepareFn | None = None, family: RewardFamily = "other",
+    stats: tuple[str, ...] | Callable[..., Sequence[str]] = (),
+) -> Callable[[RewardFn], RewardFn]:
     """Register ``fn(group, ctx, **kwargs)`` as a reward named ``name``; returns fn unchanged.
 
     ``stats`` names the per-token statistics (registry `TOKEN_STATS`) the reward reads from
@@ -139,13 +154,19 @@ def reward(name: str, *, needs_label: bool = False, prepare: PrepareFn | None = 
     once per step over every group of the batch (so work such as generating with the policy is one
     batched call) and returns one object per group, which ``fn`` reads as ``ctx.prepared``. It
     receives the recipe kwargs its own signature names.
+
+    ``family`` says what a score claims -- ``"verdict"`` (score > 0.5 = judged correct),
+    ``"certainty"`` (graded confidence) or ``"other"`` -- and so which label metrics are logged
+    and what the Model Collapse Step watches (docs/dynamics.md).
     """
+    if family not in REWARD_FAMILIES:
+        raise ValueError(f"reward {name!r}: family must be one of {', '.join(REWARD_FAMILIES)}, got {family!r}")
 
     def add(fn: RewardFn) -> RewardFn:
         doc = (fn.__doc__ or "").strip().splitlines()
         if not callable(stats) and isinstance(stats, str):
             raise TypeError(f"reward {name!r}: stats must be a tuple of names, got the string {stats!r}")
-        REWARDS.register(name)(RewardSpec(name, fn, needs_label, doc[0] if doc else "", prepare,
+        REWARDS.register(name)(RewardSpec(name, fn, needs_label, doc[0] if doc else "", prepare, family,
                                           stats if callable(stats) else tuple(stats)))
         return fn
 

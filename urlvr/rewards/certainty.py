@@ -42,25 +42,25 @@ def _stat(ctx: RewardContext, name: str) -> torch.Tensor:
     return ctx.token_stats[name]  # [G, T]
 
 
-@reward("self_certainty", stats=("self_certainty",))
+@reward("self_certainty", family="certainty", stats=("self_certainty",))
 def self_certainty(group: Group, ctx: RewardContext) -> list[float]:
     """RLIF: r(x, y) = (1/|y|) sum_t KL(U_V || pi_t)  (paper Table 1, Self-Certainty)."""
     return masked_token_mean(_stat(ctx, "self_certainty"), ctx.response_mask).tolist()
 
 
-@reward("token_entropy", stats=("entropy",))
+@reward("token_entropy", family="certainty", stats=("entropy",))
 def token_entropy(group: Group, ctx: RewardContext) -> list[float]:
     """EM-RL, RENT: r(x, y) = -(1/|y|) sum_t H(pi_t)  (paper Table 1, Token-Level Entropy)."""
     return (-masked_token_mean(_stat(ctx, "entropy"), ctx.response_mask)).tolist()
 
 
-@reward("trajectory_entropy", stats=("logprob",))
+@reward("trajectory_entropy", family="certainty", stats=("logprob",))
 def trajectory_entropy(group: Group, ctx: RewardContext) -> list[float]:
     """EM-RL: r(x, y) = (1/|y|) sum_t log pi(y_t | x, y_<t)  (paper Table 1, Trajectory-Level Entropy)."""
     return masked_token_mean(_stat(ctx, "logprob"), ctx.response_mask).tolist()
 
 
-@reward("probability", stats=("logprob",))
+@reward("probability", family="certainty", stats=("logprob",))
 def probability(group: Group, ctx: RewardContext) -> list[float]:
     """RLSC: r(x, y) = prod_t pi(y_t | x, y_<t) = exp(sum_t log pi(y_t))  (paper Table 1, Probability).
 
@@ -71,7 +71,7 @@ def probability(group: Group, ctx: RewardContext) -> list[float]:
     return torch.where(mask.sum(-1) > 0, scores, 0.0).tolist()
 
 
-@reward("probability_disparity", stats=("top1_prob", "top2_prob"))
+@reward("probability_disparity", family="certainty", stats=("top1_prob", "top2_prob"))
 def probability_disparity(
     group: Group, ctx: RewardContext, *, span: Literal["answer", "response"] = "answer"
 ) -> RewardOutput:

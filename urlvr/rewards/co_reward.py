@@ -53,7 +53,7 @@ def _rephrase_and_answer(
     return votes
 
 
-@reward("co_reward", prepare=_rephrase_and_answer)
+@reward("co_reward", prepare=_rephrase_and_answer, family="verdict")
 def co_reward(
     group: Group, ctx: RewardContext, *, rephrase_field: str | None = "rephrased", rephrased_samples: int | None = None,
     max_new_tokens: int | None = None, include_original: bool = True,

@@ -142,7 +142,7 @@ def countdown_problem(metadata: dict[str, Any], numbers_field: str, target_field
     return [int(n) for n in numbers], int(metadata[target_field])
 
 
-@reward("countdown")
+@reward("countdown", family="verdict")
 def countdown(
     group: Group, ctx: RewardContext, *, format_score: float = 0.0, use_all: bool = True,
     allow_power: bool = False, allow_equals: bool = True, numbers_field: str = "numbers", target_field: str = "target",
@@ -158,3 +158,12 @@ def countdown(
                                                   allow_equals=allow_equals) for a in ctx.answers]
     scores = [1.0 if ok else (format_score if a is not None else 0.0) for ok, a in zip(correct, ctx.answers)]
     return RewardOutput(scores=scores, diagnostics={"correct": [float(ok) for ok in correct]})
+
+
+def _check(*, format_score: float = 0.0, **_: Any) -> None:
+    """A verdict reward: > 0.5 must mean "correct" (Reward Accuracy and `eval.judge` read it so)."""
+    if not 0.0 <= format_score < 0.5:
+        raise ValueError(f"countdown: format_score must lie in [0, 0.5) (a wrong answer must score below 0.5), got {format_score}")
+
+
+countdown.check = _check  # type: ignore[attr-defined]

@@ -60,7 +60,7 @@ def _cluster_step(
         return list(pool.map(lambda ctx: cluster_by_equivalence(ctx.voters, budget), contexts))
 
 
-@reward("semantic_cluster", prepare=_cluster_step)
+@reward("semantic_cluster", prepare=_cluster_step, family="certainty")
 def semantic_cluster(
     group: Group, ctx: RewardContext, *, equivalence: Equivalence = "math_verify",
     min_cluster_ratio: float = 0.0, no_answer: Literal["zero", "singleton"] = "zero",

@@ -7,7 +7,7 @@ from urlvr.rewards.extractors import normalize_answer
 from urlvr.rollout.base import Group
 
 
-@reward("ground_truth", needs_label=True)
+@reward("ground_truth", needs_label=True, family="verdict")
 def ground_truth(group: Group, ctx: RewardContext) -> list[float]:
     """Oracle: r_gt(y_j) = 1[ans(y_j) = a*] (the supervised RLVR baseline; paper App. B.2)."""
     if ctx.label is None:
@@ -16,7 +16,7 @@ def ground_truth(group: Group, ctx: RewardContext) -> list[float]:
     return [float(a is not None and a == target) for a in ctx.answers]
 
 
-@reward("format")
+@reward("format", family="other")
 def answer_format(group: Group, ctx: RewardContext) -> list[float]:
     """1 when an answer could be extracted from the response, else 0."""
     return [float(a is not None) for a in ctx.answers]

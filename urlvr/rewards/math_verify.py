@@ -288,7 +288,7 @@ def _verify_step(
     return [_label_verdicts(ctx, budget) if ctx.label is not None else None for ctx in contexts]
 
 
-@reward("math_verify", needs_label=True, prepare=_verify_step)
+@reward("math_verify", needs_label=True, prepare=_verify_step, family="verdict")
 def math_verify_reward(
     group: Group, ctx: RewardContext, *, timeout_s: float = DEFAULT_TIMEOUT_S, budget_s: float = DEFAULT_BUDGET_S,
     workers: int = DEFAULT_WORKERS,

@@ -98,7 +98,7 @@ def _ask_policy(
     return verdicts
 
 
-@reward("self_verification", prepare=_ask_policy)
+@reward("self_verification", prepare=_ask_policy, family="verdict")
 def self_verification(
     group: Group, ctx: RewardContext, *, prompt: str = "p2", max_new_tokens: int | None = 512,
     temperature: float = 0.0, numbers_field: str = "numbers", target_field: str = "target",

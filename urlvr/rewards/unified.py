@@ -81,7 +81,7 @@ def _unified_stats(*, anchor: str = "onehot", granularity: str = "token", **_) -
     return () if granularity == "answer" or anchor not in _TOKEN_CROSS_ENTROPY else (_TOKEN_CROSS_ENTROPY[anchor][0],)
 
 
-@reward("unified", stats=_unified_stats)
+@reward("unified", family="certainty", stats=_unified_stats)
 def unified(
     group: Group, ctx: RewardContext, *, anchor: Anchor = "onehot", sign: Literal[1, -1] = -1,
     transform: Literal["identity", "exp"] = "identity", granularity: Literal["token", "answer"] = "token",

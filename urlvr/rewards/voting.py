@@ -60,7 +60,7 @@ def majority_answer(answers: Sequence[str | None]) -> str | None:
     return next(iter(winners)) if winners else None
 
 
-@reward("majority_vote")
+@reward("majority_vote", family="verdict")
 def majority_vote(
     group: Group, ctx: RewardContext, *, ties: Ties = "first", no_answer: NoAnswer = "abstain",
     min_majority_ratio: float = 0.0,

@@ -193,8 +193,11 @@ def _step_metrics(groups, records, batch, stats, rewards: BatchRewards, contexts
     metrics["dynamics/majority_ratio"] = float(all_gather_rows(p_maj).mean())
     # label metrics, std and zero-variance groups need every sample: gather the small [B, G] rewards once
     total = all_gather_rows(rewards.total)
+    # each label metric only where the reward's family defines it (Reward Accuracy: verdicts only)
+    family, verdict = parts.settings.reward_family
+    judged = total if verdict is None else all_gather_rows(rewards.per_term[recipe.reward.terms[verdict].key])
     metrics.update(dynamics.label_metrics(
-        total, None if oracle is None else all_gather_rows(oracle), all_gather_rows(majority_correct)))
+        judged, None if oracle is None else all_gather_rows(oracle), all_gather_rows(majority_correct), family=family))
     metrics.update(dynamics.reward_metrics(total, {name: all_gather_rows(s) for name, s in rewards.per_term.items()}))
     metrics["actor/lr"] = parts.actor.learning_rate()
     metrics["actor/optimizer_steps_per_rollout"] = float(parts.settings.minibatches_per_step * recipe.trainer.ppo_epochs)

@@ -14,6 +14,7 @@ import yaml
 from urlvr.metrics.collapse import CollapseMonitor
 from urlvr.metrics.evaluation import evaluate
 from urlvr.metrics.loggers import JsonlLogger, console_line, make_loggers, read_jsonl
+from urlvr.metrics.loggers import open_for_append, truncate_appended_files
 from urlvr.metrics.tracking import PromptTrackWriter
 from urlvr.recipe import Recipe, RecipeError, load_recipe
 from urlvr.trainer import checkpoint
@@ -57,16 +58,16 @@ class Trainer:
             start_step = state["step"]
         # every rank judges collapse from the same (rank-reduced) metrics, so all stop together
         self.monitor = monitor = CollapseMonitor(recipe.collapse, state.get("collapse"))
-        resume_step = start_step if self.resume else None
         main = dist.is_main
-        loggers = make_loggers(recipe, run_dir, resume_from_step=resume_step) if main else []
+        if main and self.resume:  # every per-step file back to the checkpoint: its later rows come again
+            truncate_appended_files(run_dir, start_step)
+        loggers = make_loggers(recipe, run_dir) if main else []
         # evaluations go to eval.jsonl (and wandb), keeping metrics.jsonl one line per step
-        eval_log = [JsonlLogger(run_dir / "eval.jsonl", resume_from_step=resume_step)] + loggers[1:] if main else []
-        tracks = (PromptTrackWriter(run_dir / "prompts.jsonl", resume_from_step=resume_step)
-                  if main and recipe.dynamics.track_prompts else None)
+        eval_log = [JsonlLogger(run_dir / "eval.jsonl")] + loggers[1:] if main else []
+        tracks = PromptTrackWriter(run_dir / "prompts.jsonl") if main and recipe.dynamics.track_prompts else None
         result = RunResult(run_dir=run_dir)
         progress = _progress(recipe.logging.console and main, parts.total_steps, start_step)
-        completions = open(run_dir / "completions.jsonl", "a") if main else None
+        completions = open_for_append(run_dir / "completions.jsonl") if main else None
         last_saved, done, stopped = start_step, start_step, None
         started = time.time()
         try:

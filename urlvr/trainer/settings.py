@@ -19,7 +19,8 @@ from urlvr.data.records import PromptRecord
 from urlvr.dist import DistInfo
 from urlvr.metrics.collapse import COLLAPSE_DETECTORS
 from urlvr.recipe import Recipe
-from urlvr.rewards.base import REWARDS, RewardContext
+from urlvr.rewards.base import REWARDS, RewardContext, RewardFamily
+from urlvr.rewards.compose import reward_family
 from urlvr.rewards.extractors import make_extractor
 from urlvr.rollout.base import Group, SamplingParams, hashed_seed
 
@@ -35,6 +36,7 @@ class RunSettings:
     reward_stats: tuple[str, ...]  # token statistics the reward terms read (lent via ctx.token_stats)
     metric_stats: tuple[str, ...]  # token statistics logged as `actor/<name>_mean` (metrics, detectors)
     extract: Callable[[str], str | None]  # reward.extractor bound to its kwargs
+    reward_family: tuple[RewardFamily, int | None]  # what the training reward claims (which label metrics apply)
 
     @classmethod
     def derive(cls, recipe: Recipe, dist: DistInfo) -> RunSettings:
@@ -55,6 +57,7 @@ class RunSettings:
             rows_per_minibatch=rows, micro_steps_per_minibatch=math.ceil(rows / trainer.micro_batch_size),
             reward_stats=reward_stats, metric_stats=_ordered([*recipe.dynamics.token_metrics, *detector_stats]),
             extract=make_extractor(recipe.reward.extractor, recipe.reward.extractor_kwargs),
+            reward_family=reward_family([(t.name, t.weight) for t in recipe.reward.terms]),
         )
 
     # ------------------------------------------------------------------ token statistics

@@ -126,9 +126,10 @@ def _default_detectors() -> list[DetectorSpec]:
 class CollapseSection(Section):
     reward_accuracy_threshold: float = Field(0.01, ge=0.0, le=1.0)
     """Model Collapse Step (paper §6): the first step whose Reward Accuracy is below this (paper:
-    1%). Needs labels (metrics only); written to summary.json."""
+    1%); for certainty rewards, whose top-reward Label Accuracy is (docs/dynamics.md). Needs
+    labels (metrics only); written to summary.json."""
     smoothing_window: int = Field(1, ge=1, le=10_000)
-    """Reward Accuracy is averaged over this many trailing steps before the threshold; 1 = raw (paper)."""
+    """The collapse metric is averaged over this many trailing steps before the threshold; 1 = raw (paper)."""
     detectors: list[DetectorSpec] = Field(default_factory=_default_detectors)
     """Label-free early warnings, each firing once; [] = none."""
     action: Literal["warn", "stop", "checkpoint"] = "warn"
