@@ -119,8 +119,9 @@ def test_documented_engine_trains_a_step_with_its_own_knob(random_tiny_model, tm
     knob, trains one step on the tiny model and writes its transcript where the knob says."""
     import json
 
-    import urlvr
     from conftest import small_run_recipe
+
+    import urlvr
 
     page = REPO / "docs" / "writing-engines.md"
     module = next(c.heredoc for b in blocks(page) if b.lang == "bash" for c in shell_commands(b)

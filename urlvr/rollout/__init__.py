@@ -16,7 +16,10 @@ from urlvr.rollout.base import (
     SamplingParams,
 )
 from urlvr.rollout.collate import collate_groups, position_ids_from_attention_mask
-from urlvr.rollout.transformers_engine import TransformersEngineSection, TransformersRolloutEngine
+from urlvr.rollout.transformers_engine import (
+    TransformersEngineSection,
+    TransformersRolloutEngine,
+)
 from urlvr.rollout.vllm_engine import VLLMEngineSection, VLLMRolloutEngine
 
 __all__ = [
