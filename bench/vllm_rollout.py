@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
 
     recipe = Recipe.model_validate({
         "model": {"path": args.model},
-        "rollout": {"engine": "vllm", "group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
-                    "temperature": args.temperature,
-                    "vllm": {"sync_bucket_mb": args.sync_bucket_mb, "gpu_memory_utilization": args.gpu_memory_utilization,
-                             "sleep": False}},
+        "rollout": {"engine": {"name": "vllm", "sync_bucket_mb": args.sync_bucket_mb,
+                               "gpu_memory_utilization": args.gpu_memory_utilization, "sleep": False},
+                    "group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
+                    "temperature": args.temperature},
         "data": {"max_prompt_length": 256},
         "optim": {"deepspeed": {"precision": "bf16" if args.dtype == "bfloat16" else "fp32"}},
     })

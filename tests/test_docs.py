@@ -114,6 +114,36 @@ def test_documented_reward_works_on_a_group():
     assert REWARDS.get("boxed_and_short").fn(group, ctx, max_tokens=64) == [1.0, 0.0]
 
 
+def test_documented_engine_trains_a_step_with_its_own_knob(random_tiny_model, tmp_path, monkeypatch):
+    """The plugin engine of docs/writing-engines.md, named in `plugins:` and selected with its own
+    knob, trains one step on the tiny model and writes its transcript where the knob says."""
+    import json
+
+    from conftest import small_run_recipe
+
+    import urlvr
+
+    page = REPO / "docs" / "writing-engines.md"
+    module = next(c.heredoc for b in blocks(page) if b.lang == "bash" for c in shell_commands(b)
+                  if c.heredoc is not None and c.text.strip().startswith("cat > my_engines.py"))
+    (tmp_path / "my_engines.py").write_text(module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = urlvr.load_recipe(small_run_recipe(
+        random_tiny_model[0], tmp_path / "run", plugins=["my_engines"],
+        rollout={"engine": {"name": "transcript", "transcript_file": "every-sample.jsonl", "generation_batch_size": 3},
+                 "group_size": 2, "max_new_tokens": 4},
+        trainer={"total_steps": 1, "prompts_per_step": 2, "prompts_per_minibatch": 2, "micro_batch_size": 4,
+                 "save_every": 0, "export_final_model": False}))
+    assert type(recipe.rollout.engine).__name__ == "TranscriptEngineSection"
+    urlvr.train(recipe)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == [1]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "every-sample.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 and all(not row["greedy"] for row in rows)  # 2 prompts x 2 samples, nothing else
+    saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["rollout"]["engine"]
+    assert saved == {"name": "transcript", "generation_batch_size": 3, "transcript_file": "every-sample.jsonl"}
+
+
 # --------------------------------------------------------------------------- shell
 @dataclass(frozen=True)
 class Command:

@@ -88,6 +88,44 @@ def test_unknown_loss_and_advantage(tmp_path):
                                "did you mean 'token-mean'?")
 
 
+def test_engine_is_a_variant_with_its_own_section(tmp_path):
+    assert Recipe().rollout.engine.name == "transformers" and Recipe().rollout.engine.generation_batch_size == 64
+    recipe = load_recipe(write(tmp_path, {"rollout": {"engine": {"name": "vllm", "sync_bucket_mb": 1}}}),
+                         ["rollout.engine.enforce_eager=true"])
+    assert (recipe.rollout.engine.name, recipe.rollout.engine.sync_bucket_mb, recipe.rollout.engine.enforce_eager) == ("vllm", 1, True)
+    by_name = load_recipe(write(tmp_path, {"rollout": {"engine": "transformers"}}), ["rollout.engine.generation_batch_size=3"])
+    assert by_name.rollout.engine.generation_batch_size == 3
+    assert Recipe.model_validate(recipe.model_dump(mode="json")) == recipe  # the engine's knobs round-trip
+
+
+def test_unknown_engine_name_fails_at_load_with_a_suggestion(tmp_path):
+    assert error_of(tmp_path, {"rollout": {"engine": "vlm"}}) == (
+        "recipe.yaml: rollout.engine: unknown rollout engine 'vlm'; did you mean 'vllm'? (known: transformers, vllm)")
+    assert error_of(tmp_path, {"rollout": {"engine": {"name": "transformer", "generation_batch_size": 8}}}).startswith(
+        "recipe.yaml: rollout.engine: unknown rollout engine 'transformer'; did you mean 'transformers'?")
+
+
+def test_unknown_engine_knob_names_the_known_ones(tmp_path):
+    assert error_of(tmp_path, {"rollout": {"engine": {"name": "vllm", "sync_bucket": 1}}}) == (
+        "recipe.yaml: rollout.engine.sync_bucket: unknown field 'sync_bucket'; did you mean 'sync_bucket_mb'? "
+        "(known: cpu_kv_cache_gib, enable_prefix_caching, enforce_eager, gpu_memory_utilization, kwargs, "
+        "max_model_len, max_num_batched_tokens, name, sleep, sync_bucket_mb)")
+    # a knob of another engine: the transformers engine's section has no vLLM knobs
+    assert error_of(tmp_path, {"rollout": {"engine": "transformers"}}, ["rollout.engine.sync_bucket_mb=8"]) == (
+        "recipe.yaml: rollout.engine.sync_bucket_mb: unknown field 'sync_bucket_mb' (known: generation_batch_size, name)")
+
+
+@pytest.mark.parametrize(("rollout", "where"), [
+    ({"generation_batch_size": 8}, "`engine: {name: transformers, generation_batch_size: ...}`"),
+    ({"engine": "vllm", "vllm": {"sync_bucket_mb": 1}}, "`engine: {name: vllm, <the keys of rollout.vllm>}`"),
+])
+def test_moved_engine_keys_say_where_they_went(tmp_path, rollout, where):
+    message = error_of(tmp_path, {"rollout": rollout})
+    assert len(message.splitlines()) == 1
+    assert message.startswith(f"recipe.yaml: rollout: {next(iter(k for k in rollout if k != 'engine'))} moved into "
+                              f"the engine's own section: write {where}")
+
+
 def test_minibatch_must_divide_step(tmp_path):
     message = error_of(tmp_path, {"trainer": {"prompts_per_step": 10, "prompts_per_minibatch": 4}})
     assert message == ("recipe.yaml: trainer: prompts_per_step (10) must be a multiple of "

@@ -53,6 +53,40 @@ def test_registered_and_satisfies_protocol(tiny):
     assert engine.model is other
 
 
+def test_engine_is_built_from_its_own_recipe_section(tiny):
+    from urlvr.dist import DistInfo
+    from urlvr.recipe import Recipe
+    from urlvr.rollout import TransformersEngineSection
+
+    model, tokenizer, _ = tiny
+    assert TransformersRolloutEngine.settings is TransformersEngineSection
+    recipe = Recipe.model_validate({"rollout": {"engine": {"name": "transformers", "generation_batch_size": 5}}})
+    engine = ROLLOUT_ENGINES.get(recipe.rollout.engine.name).from_recipe(recipe, model, tokenizer,
+                                                                         DistInfo(0, 1, 0, torch.device("cpu")))
+    assert engine.generation_batch_size == 5 and engine.model is model
+
+
+def test_engine_registration_checks_the_section_name():
+    from typing import Literal
+
+    from urlvr.recipe.variants import VariantSection
+
+    class MisnamedSection(VariantSection):
+        name: Literal["other"] = "other"
+
+    class Misnamed:
+        settings = MisnamedSection
+
+    class Bare:
+        pass
+
+    with pytest.raises(ValueError, match="registered as 'mine' but its section's `name` defaults to 'other'"):
+        ROLLOUT_ENGINES.register("mine")(Misnamed)
+    with pytest.raises(TypeError, match="has a `settings` VariantSection"):
+        ROLLOUT_ENGINES.register("bare")(Bare)
+    assert "mine" not in ROLLOUT_ENGINES and "bare" not in ROLLOUT_ENGINES
+
+
 def test_groups_whole_and_in_prompt_order(tiny):
     model, tokenizer, prompts = tiny
     # A chunk size of 5 cuts groups of 4 across chunks; groups must still come back whole.

@@ -33,8 +33,8 @@ TINY = "urlvr/tiny"  # the embedded model: head_dim 32, the CPU backend's minimu
 
 
 def _recipe(output_dir: Path, **sections) -> Recipe:
-    base = small_run_recipe(TINY, output_dir, rollout={"engine": "vllm", "group_size": 4, "max_new_tokens": 16,
-                                                       "vllm": {"sync_bucket_mb": 1}})
+    base = small_run_recipe(TINY, output_dir, rollout={"engine": {"name": "vllm", "sync_bucket_mb": 1},
+                                                       "group_size": 4, "max_new_tokens": 16})
     return Recipe.model_validate({**base, **sections})
 
 
@@ -168,8 +168,8 @@ def test_grpo_steps_keep_engine_and_trainer_in_step(run):
 def test_two_ranks_zero3_under_torchrun(tmp_path):
     """Two CPU ranks (gloo), ZeRO-3, one vLLM engine per rank through `external_launcher`:
     the run finishes, every rank's sync gathers bucket by bucket, one checkpoint is written."""
-    recipe = small_run_recipe(TINY, tmp_path / "run", rollout={"engine": "vllm", "group_size": 4,
-                                                               "max_new_tokens": 12, "vllm": {"sync_bucket_mb": 1}},
+    recipe = small_run_recipe(TINY, tmp_path / "run", rollout={"engine": {"name": "vllm", "sync_bucket_mb": 1},
+                                                               "group_size": 4, "max_new_tokens": 12},
                               optim={"lr": 1e-3, "deepspeed": {"zero_stage": 3}},
                               trainer={"total_steps": 2, "prompts_per_step": 4, "prompts_per_minibatch": 4,
                                        "micro_batch_size": 8, "save_every": 2})

@@ -59,7 +59,9 @@ def section_table(model: type[BaseModel], prefix: str, out: list[str], seen: set
     for name, field in model.model_fields.items():
         marker = variant_marker(field)
         if marker is not None:  # a registered part with its own section: one table per variant
-            choices = marker.choices()
+            # urlvr's own variants only: a plugin imported in this process (a test, a docs example)
+            # is no part of urlvr's reference
+            choices = {n: sub for n, sub in marker.choices().items() if sub.__module__.startswith("urlvr.")}
             nested += [(f"{prefix}{name}", sub) for sub in choices.values()]
             rows.append(f"| `{name}` | a name or `{{name: ..., ...}}`, one of: {', '.join(f'`{n}`' for n in choices)} "
                         f"| {_default(field)} | {_cell(field.description)} |")

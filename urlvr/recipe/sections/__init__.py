@@ -24,7 +24,7 @@ from urlvr.recipe.sections.data import (
     DataSource,
     DataSection,
 )
-from urlvr.recipe.sections.generation import ModelSection, VLLMSection, RolloutSection
+from urlvr.recipe.sections.generation import ModelSection, RolloutSection
 from urlvr.recipe.sections.reward import RewardTerm, RewardSection
 from urlvr.recipe.sections.optimisation import (
     AlgorithmSection,
@@ -52,7 +52,6 @@ __all__ = [
     "DataSource",
     "DataSection",
     "ModelSection",
-    "VLLMSection",
     "RolloutSection",
     "RewardTerm",
     "RewardSection",

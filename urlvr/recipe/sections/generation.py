@@ -1,13 +1,13 @@
-"""The policy and its sampling: `model` and `rollout` (with the vLLM engine's settings)."""
+"""The policy and its sampling: `model` and `rollout` (the engine's own section lives in its module)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 
-from urlvr.recipe.names import check_registered
 from urlvr.recipe.sections.base import Section
+from urlvr.recipe.variants import VariantOf, VariantSection
 
 
 class ModelSection(Section):
@@ -22,38 +22,11 @@ class ModelSection(Section):
     """Allow model code from the checkpoint (needed by some hub models)."""
 
 
-class VLLMSection(Section):
-    """The colocated vLLM engine: one in-process engine per training rank (docs/vllm.md)."""
-
-    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
-    """Fraction of the GPU's memory vLLM may take (weights + KV cache); the actor shares the
-    device, so keep room for its weights, gradients and optimizer states."""
-    sleep: bool = True
-    """Offload vLLM's weights and free its KV cache while the actor trains (sleep level 1), wake
-    it for the next rollout. Platforms without sleep mode (CPU) log a line and keep the memory."""
-    max_model_len: int | None = Field(None, ge=16)
-    """Longest prompt + response vLLM plans its KV cache for; null = `data.max_prompt_length +
-    rollout.max_new_tokens`, capped by the model's context length."""
-    sync_bucket_mb: int = Field(256, ge=1)
-    """Weight sync moves parameters in buckets of this many MiB (under ZeRO-3 each bucket is
-    gathered, loaded and released before the next, so peak extra memory stays near one bucket)."""
-    enforce_eager: bool = False
-    """Disable CUDA graphs (slower decoding, faster start, less memory)."""
-    enable_prefix_caching: bool = True
-    """Reuse the KV cache of shared prompt prefixes (the N samples of a group share the prompt).
-    The cache is reset after every weight sync, so stale entries never serve a new policy."""
-    max_num_batched_tokens: int | None = Field(None, ge=16)
-    """vLLM scheduler budget per engine step; null = vLLM's default (on CPU: at least
-    `max_model_len`, with chunked prefill off, which CPU sampling with seeds requires)."""
-    cpu_kv_cache_gib: float = Field(1.0, gt=0.0)
-    """KV cache size on the CPU backend, in GiB (sets `VLLM_CPU_KVCACHE_SPACE` if unset)."""
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Extra keyword arguments passed verbatim to `vllm.LLM` (they win over the fields above)."""
-
-
 class RolloutSection(Section):
-    engine: str = "transformers"
-    """Rollout engine by name (registry `rollout engine`)."""
+    engine: Annotated[VariantSection, VariantOf("rollout_engine", default="transformers")] = "transformers"
+    """Rollout engine: a registered name, or a mapping `{name: ..., <its own knobs>}` (each engine's
+    section is listed below: `transformers` samples with the trainer's own module, `vllm` with a
+    colocated vLLM engine, docs/vllm.md; docs/writing-engines.md adds one)."""
     group_size: int = Field(8, ge=1, le=1024)
     """Samples per prompt, N (Table 7: 8)."""
     temperature: float = Field(1.0, gt=0.0, le=10.0)
@@ -66,12 +39,19 @@ class RolloutSection(Section):
     """Longest response in tokens (Table 7: 7168)."""
     stop_token_ids: list[int] = Field(default_factory=list)
     """Extra token ids that end a response (the tokenizer's eos always does)."""
-    generation_batch_size: int = Field(64, ge=1)
-    """Sequences generated together by the transformers engine (memory knob)."""
-    vllm: VLLMSection = Field(default_factory=lambda: VLLMSection())
-    """Settings of the `vllm` engine (ignored by the others)."""
 
-    @field_validator("engine")
+    @model_validator(mode="before")
     @classmethod
-    def _engine_known(cls, name: str) -> str:
-        return check_registered("rollout_engine", name)
+    def _moved_engine_knobs(cls, data: Any) -> Any:
+        found = [key for key in _MOVED_ENGINE_KNOBS if isinstance(data, dict) and key in data]
+        if found:
+            raise ValueError("; ".join(f"{key} moved into the engine's own section: write {_MOVED_ENGINE_KNOBS[key]}"
+                                       for key in found))
+        return data
+
+
+_MOVED_ENGINE_KNOBS = {  # a key RolloutSection no longer has -> where it lives now
+    "generation_batch_size": "`engine: {name: transformers, generation_batch_size: ...}` "
+                             "(--set rollout.engine.generation_batch_size=...)",
+    "vllm": "`engine: {name: vllm, <the keys of rollout.vllm>}` (--set rollout.engine.sync_bucket_mb=...)",
+}
