@@ -69,7 +69,7 @@ def test_engine_is_built_from_its_own_recipe_section(tiny):
 def test_engine_registration_checks_the_section_name():
     from typing import Literal
 
-    from urlvr.recipe.variants import VariantSection
+    from urlvr.recipe.sections.base import VariantSection
 
     class MisnamedSection(VariantSection):
         name: Literal["other"] = "other"

@@ -89,7 +89,7 @@ def test_certainty_reward_and_detector_declare_their_statistics(random_tiny_mode
 @pytest.mark.parametrize(("recipe", "message"), [
     ({"algorithm": {"loss": "ppo_clp"}}, "algorithm.loss: unknown policy loss 'ppo_clp'; did you mean 'ppo_clip'?"),
     ({"dynamics": {"token_metrics": ["entropyy"]}},
-     "dynamics.token_metrics: unknown token statistic 'entropyy'; did you mean 'entropy'?"),
+     "dynamics.token_metrics.0: unknown token statistic 'entropyy'; did you mean 'entropy'?"),
     ({"plugins": ["step_plugins"], "reward": {"terms": [{"name": "test_declares_unknown_stat"}]}},
      "reward 'test_declares_unknown_stat' declares stats=('test_no_such_stat',): unknown token statistic 'test_no_such_stat'"),
     ({"algorithm": {"clip_eps_high": 0.28}}, "clip_eps_high moved into the loss's own section"),

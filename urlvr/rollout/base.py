@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 
 from urlvr.data.records import PromptInput  # noqa: F401  (re-exported: engines take prompts in this form)
-from urlvr.recipe.variants import VariantSection, check_variant_name
+from urlvr.recipe.sections.base import VariantSection, check_variant_name
 from urlvr.registry import Registry
 
 if TYPE_CHECKING:

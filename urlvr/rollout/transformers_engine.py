@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from urlvr.recipe.variants import VariantSection
+from urlvr.recipe.sections.base import VariantSection
 from urlvr.rollout.base import (
     ROLLOUT_ENGINES,
     FinishReason,

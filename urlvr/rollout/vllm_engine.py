@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from urlvr.recipe.variants import VariantSection
+from urlvr.recipe.sections.base import VariantSection
 from urlvr.rollout.base import (
     ROLLOUT_ENGINES,
     FinishReason,

@@ -6,8 +6,8 @@ from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
-from urlvr.recipe.sections.base import Section
-from urlvr.recipe.variants import VariantOf, VariantSection
+from urlvr.recipe.sections.base import Section, VariantSection
+from urlvr.recipe.variants import VariantOf
 
 
 class ModelSection(Section):
