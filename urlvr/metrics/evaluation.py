@@ -13,7 +13,7 @@ target) name a *judge*, a registered reward whose score > 0.5 means correct (`ev
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from math import comb
 from typing import Any
@@ -44,11 +44,15 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
 
 def evaluate(
     engine: RolloutEngine, records: Sequence[PromptRecord], prompts: Sequence[PromptInput], *,
-    samples_per_prompt: int, sampling: SamplingParams, extractor: str, name: str = "eval", greedy: bool = False,
-    judge: str | None = None, extractor_kwargs: Mapping[str, Any] | None = None,
+    samples_per_prompt: int, sampling: SamplingParams, extractor: str | Callable[[str], str | None],
+    name: str = "eval", greedy: bool = False, judge: str | None = None,
+    extractor_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Sample k answers per (labelled) prompt on this rank's shard and return rank-reduced scores."""
-    extract = make_extractor(extractor, extractor_kwargs)
+    """Sample k answers per (labelled) prompt on this rank's shard and return rank-reduced scores.
+
+    `extractor` is a registered extractor's name (bound to `extractor_kwargs`) or an extractor
+    already bound (the trainer passes the run's own, `RunSettings.extract`)."""
+    extract = extractor if callable(extractor) else make_extractor(extractor, extractor_kwargs)
     groups = engine.generate(list(prompts), samples_per_prompt, sampling) if prompts else []
     greedy_groups = engine.generate(list(prompts), 1, replace(sampling, greedy=True)) if greedy and prompts else []
     sums = torch.zeros(5, dtype=torch.float64)  # avg@k, pass@k, maj@k, prompts, greedy correct

@@ -101,8 +101,10 @@ def console_line(step: int, total: int, metrics: dict[str, float]) -> str:
     return "  ".join(parts)
 
 
-def make_loggers(recipe: Recipe, run_dir: Path) -> list[Any]:
-    loggers: list[Any] = [JsonlLogger(run_dir / "metrics.jsonl")]
+def make_trackers(recipe: Recipe, run_dir: Path) -> list[Any]:
+    """The experiment trackers the recipe turns on (each with `log(step, metrics)` and `close()`);
+    they receive step metrics and evaluations alike, beside the run directory's own JSONL files."""
+    loggers: list[Any] = []
     if recipe.logging.wandb.enabled:
         try:
             loggers.append(WandbLogger(recipe, run_dir))
