@@ -1,5 +1,15 @@
 """The GRPO loop. `grpo_step` is the whole algorithm for one rollout batch, top to bottom:
-rollout -> score (one forward) -> reward -> advantage -> clipped-surrogate updates -> metrics.
+rollout -> score (one forward) -> reward -> advantage -> policy-loss updates -> weight sync -> metrics.
+
+Where it departs from the papers it follows, on purpose (docs/step.md):
+- On-policy means one optimizer step per rollout batch (Table 7); old log-probs then come from a
+  scoring forward over the same micro-batches as the training forward, so the ratio is exactly 1.
+  That forward also computes the token statistics the run declared; it runs even when only the
+  old log-probs are needed (skipping it then is future work).
+- Every aggregation mode uses mini-batch-wide normalisers summed over ranks, so micro-batching and
+  the number of ranks change no gradient (verl normalises per micro-batch in some modes).
+- Groups never split across ranks; labels reach the loss only through an oracle reward the recipe
+  names as a term, never through `reward.oracle` (metrics only).
 """
 
 from __future__ import annotations
@@ -92,26 +102,9 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
                 )).tolist()
                 minibatch_loss = 0.0  # this rank's share of the mini-batch's policy loss, x world_size
                 for micro in micro_batches(batch, rows, recipe.trainer.micro_batch_size, per_row):
-                    mask = micro["response_mask"].float()
-                    out = parts.actor.forward(micro, settings.train_stats)
-                    loss_out = algo.loss(out["logprob"], micro["old_logprobs"], micro["advantages"], mask)
-                    # x world_size: DeepSpeed averages gradients over ranks; we want the global sum
-                    weights = dist.world_size * token_weights(
-                        mask, algo.loss_aggregation, max_response_length=recipe.rollout.max_new_tokens,
-                        num_sequences=int(n_seqs), num_tokens=int(n_tokens),
-                    )
-                    if "tis_weights" in micro:
-                        weights = weights * micro["tis_weights"]
-                    loss = (weights * loss_out.per_token_loss).sum()
-                    minibatch_loss += loss.item()
-                    log = {f"actor/{k}": v for k, v in loss_out.metrics.items()}
-                    if "ref_logprobs" in micro:
-                        kl = KL_ESTIMATORS.get(algo.kl_estimator)(out["logprob"], micro["ref_logprobs"])
-                        loss = loss + algo.kl_coef * (weights * kl).sum()
-                        log["actor/kl_to_reference"] = dynamics.masked_mean(kl.detach(), mask)
-                    if algo.entropy_coef > 0:
-                        loss = loss - algo.entropy_coef * (weights * out["entropy"]).sum()
+                    loss, policy_loss, log = _micro_batch_loss(parts, micro, dist.world_size, n_seqs, n_tokens)
                     parts.actor.backward_and_step(loss)
+                    minibatch_loss += policy_loss
                     update_log.append(log)
                 # summed over micro-batches here, over ranks by the mean (x world_size) in the metrics
                 update_log[-1].update({"loss/policy": minibatch_loss, "actor/grad_norm": parts.actor.grad_norm()})
@@ -134,6 +127,34 @@ def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
         return batch
     return replace(batch, **{k: getattr(batch, k).to(device) for k in
                              ("input_ids", "attention_mask", "response_mask", "sampler_logprobs")})
+
+
+def _micro_batch_loss(parts: RunParts, micro: dict, world_size: int, num_sequences: float,
+                      num_tokens: float) -> tuple[torch.Tensor, float, dict[str, float]]:
+    """(the micro-batch's loss to backward, its policy-loss share, its metrics): the recipe's loss
+    variant weighted by the mini-batch-wide aggregation weights, plus the KL, entropy and
+    mismatch-correction terms the recipe turns on."""
+    algo, settings = parts.settings.recipe.algorithm, parts.settings
+    mask = micro["response_mask"].float()  # [b, T]
+    out = parts.actor.forward(micro, settings.train_stats)
+    loss_out = algo.loss(out["logprob"], micro["old_logprobs"], micro["advantages"], mask)
+    # x world_size: DeepSpeed averages gradients over ranks; we want the global sum
+    weights = world_size * token_weights(
+        mask, algo.loss_aggregation, max_response_length=settings.recipe.rollout.max_new_tokens,
+        num_sequences=int(num_sequences), num_tokens=int(num_tokens),
+    )  # [b, T]
+    if "tis_weights" in micro:
+        weights = weights * micro["tis_weights"]
+    loss = (weights * loss_out.per_token_loss).sum()
+    policy_loss = loss.item()
+    log = {f"actor/{k}": v for k, v in loss_out.metrics.items()}
+    if "ref_logprobs" in micro:
+        kl = KL_ESTIMATORS.get(algo.kl_estimator)(out["logprob"], micro["ref_logprobs"])  # [b, T]
+        loss = loss + algo.kl_coef * (weights * kl).sum()
+        log["actor/kl_to_reference"] = dynamics.masked_mean(kl.detach(), mask)
+    if algo.entropy_coef > 0:
+        loss = loss - algo.entropy_coef * (weights * out["entropy"]).sum()
+    return loss, policy_loss, log
 
 
 def _score(parts: RunParts, batch: RolloutBatch, rows: range) -> dict[str, torch.Tensor]:
