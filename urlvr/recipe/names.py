@@ -51,13 +51,16 @@ class Registered:
     with a "did you mean"; the JSON schema and the recipe reference list the registry's names at
     the moment they are generated, so a plugin's parts show up there too."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, validate: bool = True) -> None:
         self.kind = kind  # a key of `registries()`
+        self.validate = validate  # False: the section checks the name itself (e.g. with the kwargs)
 
     def names(self) -> list[str]:
         return registries()[self.kind].names()
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        if not self.validate:
+            return handler(source)
         return core_schema.no_info_after_validator_function(lambda name: check_registered(self.kind, name), handler(source))
 
     def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> dict:

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from urlvr.recipe.names import check_registered
+from urlvr.recipe.names import Registered
 from urlvr.recipe.sections.base import Section
 
 
@@ -53,9 +53,8 @@ class DatasetsSource(Section):
 
 class AdapterSource(Section):
     kind: Literal["adapter"] = "adapter"
-    dataset: str
-    """A paper dataset by its adapter's name: dapo-17k, math-500, aime-2024, aime-2025, amc-2023,
-    countdown-3to4 (docs/datasets.md; plugins may add more). The adapter knows the hub id, split,
+    dataset: Annotated[str, Registered("dataset_adapter")]
+    """A paper dataset by its adapter's name (docs/datasets.md; plugins may add more). The adapter knows the hub id, split,
     question and answer fields, answer normalisation and the paper's prompt template."""
     path: str | None = None
     """A local copy in the hub schema instead of the hub: a .jsonl/.json/.parquet file or a
@@ -72,11 +71,6 @@ class AdapterSource(Section):
     sample_offset: int = Field(0, ge=0)
     """Skip this many rows of the shuffled order first: the same seed with non-overlapping offsets
     gives disjoint subsets (e.g. train = offset 0, validation = offset 4000)."""
-
-    @field_validator("dataset")
-    @classmethod
-    def _adapter_known(cls, name: str) -> str:
-        return check_registered("dataset_adapter", name)
 
     @field_validator("path")
     @classmethod

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from urlvr.recipe.names import Registered, check_registered
+from urlvr.recipe.names import Registered
 from urlvr.recipe.sections.base import Section
 from urlvr.recipe.sections.data import DataSource
 
@@ -50,7 +50,7 @@ class EvalSection(Section):
     """Response budget; null = rollout.max_new_tokens."""
     greedy: bool = True
     """Also decode each prompt greedily once and report `greedy_accuracy`."""
-    judge: str | None = None
+    judge: Annotated[str, Registered("reward")] | None = None
     """A registered reward that decides whether an evaluation sample is correct (score > 0.5),
     for tasks where an answer is not a string to compare with the label: `countdown` (an
     expression must use the numbers and reach the target). null = the extracted answer equals
@@ -58,11 +58,6 @@ class EvalSection(Section):
     held_out: dict[str, DataSource] = Field(default_factory=dict)
     """More labelled sets evaluated at the same times as `source`, by name; logged as
     `eval/<name>/avg@k` etc. (e.g. the held-out benchmarks of a test-time run)."""
-
-    @field_validator("judge")
-    @classmethod
-    def _judge_known(cls, name: str | None) -> str | None:
-        return None if name is None else check_registered("reward", name)
 
     @model_validator(mode="after")
     def _needs_source(self) -> EvalSection:
@@ -103,19 +98,13 @@ class DynamicsSection(Section):
 
 
 class DetectorSpec(Section):
-    name: str
-    """A registered collapse detector: proxy_saturation | entropy_collapse | length_collapse |
-    repetition_growth | kl_drift (or a plugin's)."""
+    name: Annotated[str, Registered("collapse_detector")]
+    """A registered collapse detector (or a plugin's; docs/dynamics.md describes each)."""
     threshold: float | None = None
     """The detector's limit (absolute, or a fraction of its starting value for the relative
     ones); null = the detector's default (docs/dynamics.md lists them)."""
     window: int = Field(5, ge=1, le=10_000)
     """Steps in the trailing mean compared with the limit (and in the baseline of relative detectors)."""
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        return check_registered("collapse_detector", name)
 
 
 def _default_detectors() -> list[DetectorSpec]:

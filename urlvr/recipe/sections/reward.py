@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from urlvr.recipe.names import check_registered
+from urlvr.recipe.names import Registered, check_registered
 from urlvr.recipe.sections.base import Section
 
 
 class RewardTerm(Section):
-    name: str
-    """A registered reward (`urlvr rewards` lists them)."""
+    name: Annotated[str, Registered("reward", validate=False)]
+    """A registered reward (`urlvr rewards` lists them with their formulas)."""
     weight: float = 1.0
     """Weight of this term in the summed reward."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -20,7 +20,7 @@ class RewardTerm(Section):
     alias: str | None = None
     """Name of this term in metrics (`reward/<alias>_mean`); default the reward's name. Needed
     when one reward appears twice with different kwargs."""
-    gate: str | None = None
+    gate: Annotated[str, Registered("reward", validate=False)] | None = None
     """A registered reward whose per-sample score multiplies this term's, e.g. `format` (1 when an
     answer was extracted) to zero a certainty reward on answerless samples; null = ungated."""
     on_error: Literal["raise", "zero"] = "raise"
@@ -45,11 +45,11 @@ class RewardTerm(Section):
 class RewardSection(Section):
     terms: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="majority_vote")], min_length=1)
     """Reward terms; the training reward is their weighted sum."""
-    extractor: str = "boxed"
-    """Answer extractor by name (registry `extractor`), e.g. the last `\\boxed{...}`."""
+    extractor: Annotated[str, Registered("extractor")] = "boxed"
+    """Answer extractor by name, e.g. `boxed`: the last `\\boxed{...}`."""
     extractor_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for the extractor, e.g. `{pattern: "Answer: (.*)"}` for `regex`."""
-    oracle: str | None = "ground_truth"
+    oracle: Annotated[str, Registered("reward")] | None = "ground_truth"
     """Reward computed alongside for METRICS ONLY where labels exist (ground-truth reward,
     reward accuracy); null to skip. It never enters the training signal."""
     certainty_logits: Literal["scaled", "raw"] = "scaled"
@@ -59,16 +59,6 @@ class RewardSection(Section):
     vote_group_size: int | None = Field(None, ge=1)
     """Samples drawn per prompt for voting rewards (majority vote, semantic cluster); the first
     `rollout.group_size` are trained, all of them vote (TTRL: 64 votes, 32 trained). null = group_size."""
-
-    @field_validator("extractor")
-    @classmethod
-    def _extractor_known(cls, name: str) -> str:
-        return check_registered("extractor", name)
-
-    @field_validator("oracle")
-    @classmethod
-    def _oracle_known(cls, name: str | None) -> str | None:
-        return None if name is None else check_registered("reward", name)
 
     @model_validator(mode="after")
     def _terms_unique_and_extractor_kwargs_fit(self) -> RewardSection:
