@@ -15,3 +15,7 @@ import urlvr.rollout.transformers_engine  # noqa: F401
 import urlvr.algorithms.advantages  # noqa: F401
 import urlvr.algorithms.losses  # noqa: F401
 import urlvr.algorithms.policy_losses  # noqa: F401
+import urlvr.algorithms.gspo  # noqa: F401
+import urlvr.algorithms.cispo  # noqa: F401
+import urlvr.algorithms.token_filters  # noqa: F401
+import urlvr.algorithms.mismatch  # noqa: F401
