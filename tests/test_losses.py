@@ -389,7 +389,9 @@ def test_aggregation_rejects_bad_arguments() -> None:
 
 # --------------------------------------------------------------------------- registries
 def test_registered_names() -> None:
-    assert POLICY_LOSSES.names() == ["ppo_clip"]
+    import urlvr.builtins  # noqa: F401  (GSPO and CISPO register in their own modules)
+
+    assert [n for n in POLICY_LOSSES.names() if not n.startswith("test_")] == ["cispo", "gspo", "gspo_token", "ppo_clip"]
     assert KL_ESTIMATORS.names() == ["k1", "k2", "k3"]
     assert LOSS_AGGREGATIONS.names() == sorted(MODES)
 
