@@ -32,6 +32,25 @@ class TruncatedPolicyGradient(PolicyLoss):
                                  "max_ratio_knob": self.max_ratio})
 
 
+@POLICY_LOSSES.register("test_entropy_weighted_pg")
+class EntropyWeightedPolicyGradient(PolicyLoss):
+    """L = -A · ρ · sg(H_t) per token: reads the current policy's entropy, declared in `stats()`."""
+
+    name: Literal["test_entropy_weighted_pg"] = "test_entropy_weighted_pg"
+
+    def stats(self) -> tuple[str, ...]:
+        return ("entropy",)
+
+    def __call__(self, logprobs, old_logprobs, advantages, response_mask, *, token_stats) -> PolicyLossResult:
+        mask = response_mask.bool()
+        entropy = token_stats["entropy"]  # [B, T], from the training forward
+        ratio = torch.exp(torch.where(mask, logprobs - old_logprobs, 0.0))
+        per_token = -advantages.unsqueeze(-1) * ratio * entropy.detach()
+        return PolicyLossResult(torch.where(mask, per_token, 0.0),
+                                {"entropy_seen_mean": float(entropy[mask].mean()),
+                                 "entropy_has_grad": float(entropy.requires_grad)})
+
+
 @TOKEN_STATS.register("test_max_logit")
 def max_logit(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """max_v z_v (a plugin statistic)."""

@@ -13,6 +13,7 @@ from urlvr.algorithms.advantages import (
     dr_grpo_advantages,
     group_normalized_advantages,
     grpo_advantages,
+    rloo_advantages,
 )
 
 
@@ -96,7 +97,7 @@ def test_dr_grpo_hand_computed() -> None:
 
 
 # --------------------------------------------------------------------------- edge cases
-@pytest.mark.parametrize("name", ["grpo", "dr_grpo"])
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_zero_variance_groups_get_exactly_zero(name: str, dtype: torch.dtype) -> None:
     # three 0.1s average to 0.10000000000000002 in float64: the estimator must still return 0
@@ -106,7 +107,7 @@ def test_zero_variance_groups_get_exactly_zero(name: str, dtype: torch.dtype) ->
     assert (got[3] != 0).all()
 
 
-@pytest.mark.parametrize("name", ["grpo", "dr_grpo"])
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
 def test_group_size_one_gives_zero(name: str) -> None:
     got = ADVANTAGE_ESTIMATORS.get(name)(torch.tensor([[3.0], [-1.0]]))
     assert torch.equal(got, torch.zeros(2, 1))
@@ -135,9 +136,40 @@ def test_rejects_bad_input() -> None:
 
 # --------------------------------------------------------------------------- registry
 def test_registry_names_duplicates_and_suggestions() -> None:
-    assert ADVANTAGE_ESTIMATORS.names() == ["dr_grpo", "grpo"]
+    assert ADVANTAGE_ESTIMATORS.names() == ["dr_grpo", "grpo", "rloo"]
     with pytest.raises(ValueError, match="already registered"):
         ADVANTAGE_ESTIMATORS.register("grpo")(lambda rewards, **kw: rewards)
     assert ADVANTAGE_ESTIMATORS.get("grpo") is grpo_advantages  # the duplicate did not replace it
     with pytest.raises(UnknownNameError, match="did you mean 'dr_grpo'"):
         ADVANTAGE_ESTIMATORS.get("drgrpo")
+
+
+# --------------------------------------------------------------------------- RLOO
+def reference_rloo(groups: list[list[float]]) -> list[list[float]]:
+    """Loops over lists: A_i = r_i - mean_{j != i} r_j (Kool et al. 2019); size-1 groups -> 0."""
+    out = []
+    for group in groups:
+        n = len(group)
+        if n < 2:
+            out.append([0.0] * n)
+            continue
+        out.append([r - sum(group[j] for j in range(n) if j != i) / (n - 1) for i, r in enumerate(group)])
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("group_size", [1, 2, 5, 8])
+def test_rloo_matches_float64_reference(seed: int, group_size: int) -> None:
+    rewards = random_rewards(seed, num_groups=7, group_size=group_size)  # group 0 has equal rewards
+    got = rloo_advantages(rewards)
+    want = torch.tensor(reference_rloo(rewards.tolist()), dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[0], torch.zeros(group_size, dtype=torch.float64))  # all-equal rewards: exactly 0
+    assert ADVANTAGE_ESTIMATORS.get("rloo") is rloo_advantages
+
+
+def test_rloo_hand_computed() -> None:
+    # [1, 0, 0, 1]: 1 - 1/3 = 2/3, 0 - 2/3 = -2/3; [3, 1]: 3 - 1 = 2, 1 - 3 = -2
+    got = rloo_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close(got, torch.tensor([[2 / 3, -2 / 3, -2 / 3, 2 / 3]], dtype=torch.float64))
+    assert torch.equal(rloo_advantages(torch.tensor([[3.0, 1.0]])), torch.tensor([[2.0, -2.0]]))

@@ -403,8 +403,10 @@ def test_aggregation_rejects_bad_arguments() -> None:
 
 # --------------------------------------------------------------------------- registries
 def test_registered_names() -> None:
+    import urlvr.builtins  # noqa: F401  (GSPO and CISPO register in their own modules)
+
     builtin = [n for n in POLICY_LOSSES.names() if POLICY_LOSSES.get(n).__module__.startswith("urlvr.")]  # not plugins
-    assert builtin == ["ppo_clip"]
+    assert builtin == ["cispo", "gspo", "gspo_token", "ppo_clip"]
     assert KL_ESTIMATORS.names() == ["k1", "k2", "k3"]
     assert LOSS_AGGREGATIONS.names() == sorted(MODES)
 

@@ -116,10 +116,10 @@ def test_section_5_6_7_and_table_9_settings():
 
 
 # --------------------------------------------------------------------------- CPU runs
-def cpu_overrides(name: str, out: Path) -> list[str]:
-    """Shrink a paper recipe to a few CPU steps: the embedded tiny model, every adapter pointed at
+def cpu_overrides(name: str, out: Path, directory: Path = PAPER) -> list[str]:
+    """Shrink a shipped recipe to a few CPU steps: the embedded tiny model, every adapter pointed at
     its fixture, tiny batches. Everything else (rewards, extractor, oracle, mode, templates) stays."""
-    r = recipe(name)
+    r = load_recipe(directory / f"{name}.yaml")
     sets = [f"output_dir={out}", "model.path=urlvr/tiny", "model.gradient_checkpointing=false",
             "optim.deepspeed.zero_stage=0", "optim.deepspeed.precision=fp32", "optim.lr=1e-4",
             "rollout.group_size=2", "rollout.max_new_tokens=8", "data.max_prompt_length=480",

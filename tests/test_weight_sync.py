@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from urlvr.rollout.weight_sync import iter_weights, parameter_buckets
+from urlvr.algorithms.mismatch import TokenTIS
 from urlvr.metrics.dynamics import sampler_mismatch_metrics
 from urlvr.algorithms.losses import truncated_importance_weights
 
@@ -78,13 +79,14 @@ def test_mismatch_metrics_against_hand_computed_values():
     sampler = torch.tensor([[-1.2, -2.0, -0.1], [-0.1, -2.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # the last token is padding: ignored
     diffs = [0.2, 0.0, -0.4, 0.0, -1.0]  # trainer - sampler on the 5 real tokens
-    out = sampler_mismatch_metrics(trainer, sampler, mask, tis_cap=1.1)
+    out = sampler_mismatch_metrics(trainer, sampler, mask)
     assert out["rollout/logprob_mismatch_mean"] == pytest.approx(sum(abs(d) for d in diffs) / 5, rel=1e-6)
     k3 = [math.expm1(d) - d for d in diffs]  # KL(sampler || trainer), samples from the sampler
     assert out["rollout/mismatch_kl"] == pytest.approx(sum(k3) / 5, rel=1e-6)
-    assert out["rollout/tis_weight_mean"] == pytest.approx(sum(min(math.exp(d), 1.1) for d in diffs) / 5, rel=1e-6)
-    assert out["rollout/tis_truncated_fraction"] == pytest.approx(1 / 5)  # only exp(0.2) > 1.1
-    assert "rollout/tis_weight_mean" not in sampler_mismatch_metrics(trainer, sampler, mask, tis_cap=None)
+    assert "rollout/tis_weight_mean" not in out  # logged by algorithm.mismatch: token_tis (tests/test_mismatch.py)
+    tis = TokenTIS(cap=1.1).weights(trainer, sampler, mask).token_means
+    assert tis["rollout/tis_weight_mean"] == pytest.approx(sum(min(math.exp(d), 1.1) for d in diffs) / 5, rel=1e-6)
+    assert tis["rollout/tis_truncated_fraction"] == pytest.approx(1 / 5)  # only exp(0.2) > 1.1
 
 
 def test_vllm_engine_without_vllm_is_a_one_line_error(tmp_path, capsys):

@@ -16,3 +16,7 @@ import urlvr.rollout.vllm_engine  # noqa: F401  (imports vLLM only when an engin
 import urlvr.algorithms.advantages  # noqa: F401
 import urlvr.algorithms.losses  # noqa: F401
 import urlvr.algorithms.policy_losses  # noqa: F401
+import urlvr.algorithms.gspo  # noqa: F401
+import urlvr.algorithms.cispo  # noqa: F401
+import urlvr.algorithms.token_filters  # noqa: F401
+import urlvr.algorithms.mismatch  # noqa: F401

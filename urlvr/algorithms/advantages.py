@@ -75,3 +75,19 @@ def dr_grpo_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, **kw: Any) -
     rewards `[num_groups, group_size]` -> advantages `[num_groups, group_size]`.
     """
     return group_normalized_advantages(rewards, scale_by_std=False, eps=eps)
+
+
+@ADVANTAGE_ESTIMATORS.register("rloo")
+def rloo_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, **kw: Any) -> torch.Tensor:
+    """A_ij = r_ij - (1/(N-1)) Σ_{k≠j} r_ik = N/(N-1) · (r_ij - mean_k r_ik) (`eps` unused); size-1 groups -> 0.
+
+    REINFORCE Leave-One-Out: each response's baseline is the mean reward of the OTHER responses
+    to its prompt, so the baseline is independent of the response and the estimate unbiased
+    (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free!"; for LLMs,
+    Ahmadian et al. 2024, "Back to Basics", Sec. 3.2). A group of one has no other response,
+    hence no baseline: 0. A zero-variance group gets exactly 0.
+    rewards `[num_groups, group_size]` -> advantages `[num_groups, group_size]`.
+    """
+    centered = group_normalized_advantages(rewards, scale_by_std=False, eps=eps)  # [G, N]
+    group_size = rewards.shape[1]
+    return centered if group_size < 2 else centered * (group_size / (group_size - 1))

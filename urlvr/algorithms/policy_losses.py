@@ -4,7 +4,7 @@ holding its knobs, and maps per-token log-probs to a per-token loss plus the met
     algorithm:
       loss: {name: ppo_clip, clip_eps_high: 0.28}
 
-A new loss (GSPO, CISPO, a plugin's) is one `PolicyLoss` subclass registered under its name;
+A new loss (`gspo.py`, `cispo.py`, a plugin's) is one `PolicyLoss` subclass registered under its name;
 the loop, the schema, the docs and the error messages pick it up from `POLICY_LOSSES`
 (docs/writing-losses.md). Shapes: B responses, T response tokens (right-padded);
 `response_mask [B, T]` is 1 (or True) on real response tokens.
@@ -37,7 +37,16 @@ class PolicyLoss(VariantSection):
     """Base of a policy loss section: `__call__(logprobs, old_logprobs, advantages, response_mask)`
     with `[B, T]` log-probs under the current and the rollout policy, `[B]` (or `[B, T]`)
     advantages and a `[B, T]` mask, returning a `PolicyLossResult`. The trainer weights the
-    per-token loss by the recipe's `algorithm.loss_aggregation` (global normalisers)."""
+    per-token loss by the recipe's `algorithm.loss_aggregation` (global normalisers).
+
+    A loss that reads statistics of the CURRENT policy's next-token distribution (entropy, ...)
+    names them in `stats()`: the training forward then computes them, with gradient, and the
+    trainer passes them as `token_stats={name: [B, T]}`. A loss that needs none keeps the
+    four-argument call; the keyword is passed only when `stats()` is not empty."""
+
+    def stats(self) -> tuple[str, ...]:
+        """Token statistics (names in `TOKEN_STATS`) the training forward computes for this loss."""
+        return ()
 
     def __call__(self, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                  response_mask: torch.Tensor) -> PolicyLossResult:

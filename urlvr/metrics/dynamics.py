@@ -27,25 +27,20 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def sampler_mismatch_metrics(
-    trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, tis_cap: float | None,
+    trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
 ) -> dict[str, float]:
-    """Sampler vs trainer log-probs of the sampled tokens: mean |difference|, KL(sampler || trainer)
-    by k3, and, with truncated IS on (``algorithm.tis_cap``), the mean weight and the fraction of
-    tokens truncated. Token means over ``mask``; [B, T] x3 -> floats. A vLLM sampler differs from
-    the trainer by kernels and precision; the transformers engine only by float noise."""
+    """Sampler vs trainer log-probs of the sampled tokens: mean |difference| and KL(sampler || trainer)
+    by k3. Token means over ``mask``; [B, T] x3 -> floats. A vLLM sampler differs from the trainer by
+    kernels and precision; the transformers engine only by float noise. A correction
+    (``algorithm.mismatch``) logs its own weights' statistics."""
     real = mask.bool()  # zero both on padding, so the padding's difference is 0, not garbage
     trainer = torch.where(real, trainer_logprobs, 0.0).double()
     sampler = torch.where(real, sampler_logprobs, 0.0).double()
     diff = trainer - sampler
-    out = {
+    return {
         "rollout/logprob_mismatch_mean": masked_mean(diff.abs(), mask),
         "rollout/mismatch_kl": masked_mean(kl_k3(sampler, trainer), mask),  # KL(sampler || trainer): samples from the sampler
     }
-    if tis_cap is not None:
-        ratio = torch.exp(diff)
-        out["rollout/tis_weight_mean"] = masked_mean(ratio.clamp(max=tis_cap), mask)
-        out["rollout/tis_truncated_fraction"] = masked_mean((ratio > tis_cap).double(), mask)
-    return out
 
 
 # --------------------------------------------------------------------------- responses

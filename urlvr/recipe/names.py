@@ -21,7 +21,9 @@ def registries() -> dict[str, Registry]:
     from urlvr.rollout.base import ROLLOUT_ENGINES
     from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
     from urlvr.algorithms.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS
+    from urlvr.algorithms.mismatch import MISMATCH_CORRECTIONS
     from urlvr.algorithms.policy_losses import POLICY_LOSSES
+    from urlvr.algorithms.token_filters import TOKEN_FILTERS
     from urlvr.algorithms.token_stats import TOKEN_STATS
 
     return {
@@ -30,6 +32,8 @@ def registries() -> dict[str, Registry]:
         "rollout_engine": ROLLOUT_ENGINES,
         "advantage_estimator": ADVANTAGE_ESTIMATORS,
         "policy_loss": POLICY_LOSSES,
+        "token_filter": TOKEN_FILTERS,
+        "mismatch_correction": MISMATCH_CORRECTIONS,
         "loss_aggregation": LOSS_AGGREGATIONS,
         "kl_estimator": KL_ESTIMATORS,
         "collapse_detector": COLLAPSE_DETECTORS,

