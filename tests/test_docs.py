@@ -97,7 +97,8 @@ def blocks(page: Path) -> list[Block]:
 def test_python_blocks_run(page):
     for block in blocks(page):
         if block.lang == "python" and block.runs:
-            exec(compile(block.code, block.where, "exec"), {"__name__": f"docs_{page.stem}"})
+            # dont_inherit: a block runs as a reader's own file, without this module's `from __future__` flags
+            exec(compile(block.code, block.where, "exec", dont_inherit=True), {"__name__": f"docs_{page.stem}"})
 
 
 def test_documented_reward_works_on_a_group():
