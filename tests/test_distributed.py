@@ -286,3 +286,30 @@ def test_prompt_tracking_and_kl_gather_every_rank(stage, request, single):
 
 def test_prompt_tracking_resumes_exactly(zero2_resumed, zero2):
     _rows_close(_prompt_rows(zero2), _prompt_rows(zero2_resumed), "ZeRO-2 resumed vs straight prompts.jsonl")
+
+
+
+def test_token_budget_under_two_processes_trains_like_one(random_tiny_model, work):
+    """With a token budget each rank packs its own rows, so ranks can need different numbers of
+    micro-batches; they agree on the largest (the short rank repeats a dummy with its loss x 0), or
+    ZeRO-3's parameter gathers would hang. Same weights and metrics as one process with fixed
+    micro-batches. A large Adam eps keeps each update linear in the gradient: with the default,
+    the first steps are lr x sign(g), and the float noise of trimmed shapes in a near-zero
+    gradient would become a full lr step."""
+    overrides = {"optim": {"lr": 1e-3, "adam_eps": 1e-2}, "trainer": {"total_steps": 2}}
+    recipe = recipe_for(random_tiny_model[0], work / "fixed_one_process", zero_stage=0)
+    reference = urlvr.train({**recipe, "optim": overrides["optim"], "trainer": {**recipe["trainer"], **overrides["trainer"]}})
+    path = _recipe_file(random_tiny_model, work, "zero3_budget", zero_stage=3)
+    launch("torchrun", ["train", str(path), "--set", "trainer.max_tokens_per_micro_batch=60", "--set",
+                        "optim.adam_eps=0.01", "--set", "trainer.total_steps=2"], work, "zero3_budget")
+    run_dir = work / "zero3_budget"
+    diff = max_weight_diff(read_weights(reference.run_dir), read_weights(run_dir))
+    assert diff <= WEIGHT_ATOL / 10, f"token budget under ZeRO-3: final weights differ by {diff}"
+    initial = load_file(random_tiny_model[0] / "model.safetensors")
+    assert max_weight_diff(initial, read_weights(run_dir)) > 100 * diff, "training did not move the weights"
+
+    def without_perf(metrics: list[dict]) -> list[dict]:  # padding and tokens per forward differ by design
+        return [{k: v for k, v in m.items() if not k.startswith("perf/")} for m in metrics]
+
+    assert_metrics_close(without_perf(read_metrics(reference.run_dir)), without_perf(read_metrics(run_dir)),
+                         "token budget, 2 processes vs fixed, 1 process")

@@ -4,6 +4,8 @@ are computed only when some part of the run declares them, and unknown names fai
 from __future__ import annotations
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import urlvr
 from conftest import small_run_recipe
@@ -84,6 +86,52 @@ def test_certainty_reward_and_detector_declare_their_statistics(random_tiny_mode
     urlvr.train(recipe_for(random_tiny_model, tmp_path / "run", reward=reward, trainer={"total_steps": 1},
                            dynamics={"token_metrics": []}, collapse={"detectors": [{"name": "entropy_collapse"}]}))
     assert computed_stats == {"logprob", "top1_prob", "top2_prob", "entropy"}
+
+
+def test_settings_skip_the_scoring_pass_only_when_nothing_needs_it():
+    from urlvr.dist import DistInfo
+    from urlvr.trainer.settings import RunSettings
+
+    def scoring_pass(**sections) -> bool:
+        recipe = load_recipe({"plugins": ["reward_plugins"], "reward": SHORT,
+                              "trainer": {"prompts_per_step": 4, "prompts_per_minibatch": 4}, **sections})
+        return RunSettings.derive(recipe, DistInfo(0, 1, 0, torch.device("cpu"))).scoring_pass
+
+    assert not scoring_pass()  # on-policy; metrics and detectors read statistics after the update
+    assert not scoring_pass(algorithm={"mismatch": {"name": "token_tis", "cap": 2.0}, "entropy_coef": 0.01})
+    assert scoring_pass(reward={"terms": [{"name": "self_certainty"}]})  # a reward reads them before the update
+    assert scoring_pass(trainer={"prompts_per_step": 4, "prompts_per_minibatch": 2})  # 2 optimizer steps
+    assert scoring_pass(trainer={"prompts_per_step": 4, "prompts_per_minibatch": 4, "ppo_epochs": 2})
+
+
+def test_skipped_scoring_pass_gives_the_update_of_the_scoring_pass(random_tiny_model, tmp_path, monkeypatch):
+    """On-policy with no reward reading statistics: no scoring forward; the training forward's
+    detached log-probs are the old ones (ratio exactly 1) and its statistics feed the metrics,
+    truncated IS and the KL to pi_0 -- the same weights and metrics as the run forced through it."""
+    from urlvr.trainer.actor import Actor
+    from urlvr.trainer.settings import RunSettings
+
+    calls = []
+    real_score = Actor.score
+    monkeypatch.setattr(Actor, "score", lambda self, *args, **kw: calls.append(1) or real_score(self, *args, **kw))
+    sections = dict(algorithm={"mismatch": {"name": "token_tis", "cap": 1.5}, "entropy_coef": 0.01}, dynamics={"kl_to_initial_every": 1},
+                    trainer={"total_steps": 2}, rollout={"group_size": 4, "max_new_tokens": 12,
+                                                         "stop_token_ids": [3, 4, 5, 6, 7]})
+    skipped = urlvr.train(recipe_for(random_tiny_model, tmp_path / "skipped", **sections))
+    assert calls == []
+    monkeypatch.setattr(RunSettings, "scoring_pass", property(lambda self: True))
+    scored = urlvr.train(recipe_for(random_tiny_model, tmp_path / "scored", **sections))
+    assert len(calls) == 2 * 2  # the control ran it: 2 steps x 2 micro-batches
+
+    for a, b in zip(scored.metrics, skipped.metrics, strict=True):
+        assert b["actor/ratio_min"] == b["actor/ratio_max"] == 1.0
+        assert a.keys() == b.keys() and {"actor/entropy_mean", "rollout/tis_weight_mean", "actor/kl_to_initial"} <= set(b)
+        for key in a:
+            if not key.startswith(("time/", "perf/tokens_per_second")):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    want = load_file(scored.final_model_dir / "model.safetensors")
+    got = load_file(skipped.final_model_dir / "model.safetensors")
+    assert max(float((want[k] - got[k]).abs().max()) for k in want) < 1e-6
 
 
 @pytest.mark.parametrize(("recipe", "message"), [

@@ -40,21 +40,29 @@ class TokenScorer(nn.Module):
         temperature: float,
         stats: tuple[str, ...],
         raw_stats: tuple[str, ...] = (),
+        detached_stats: tuple[str, ...] = (),
     ) -> dict[str, torch.Tensor]:
         """`stats` on temperature-scaled logits; `raw_stats` also on the unscaled ones, returned as
-        `raw_<name>` (certainty rewards measured on the model's own distribution) -- same pass."""
+        `raw_<name>` (certainty rewards measured on the model's own distribution); `detached_stats`
+        on the scaled logits without gradients (logged only: no autograd graph kept) -- same pass."""
         hidden = self.model.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # [b, P+T, H]
         targets = input_ids[:, prompt_length:]  # [b, T]
         hidden = hidden[:, prompt_length - 1 : -1]  # position P-1+t predicts response token t
         lm_head = self.model.get_output_embeddings()
-        chunks: dict[str, list[torch.Tensor]] = {name: [] for name in stats + tuple(f"raw_{n}" for n in raw_stats)}
+        names = stats + tuple(f"raw_{n}" for n in raw_stats) + detached_stats
+        chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         for start in range(0, targets.shape[1], self.chunk_size):
             end = start + self.chunk_size
             raw = lm_head(hidden[:, start:end]).float()  # [b, chunk, V]
             for name, value in compute_token_stats(raw / temperature, targets[:, start:end], stats).items():
                 chunks[name].append(value)
+            if detached_stats:
+                with torch.no_grad():
+                    for name, value in compute_token_stats(raw / temperature, targets[:, start:end],
+                                                           detached_stats).items():
+                        chunks[name].append(value)
             if raw_stats:
                 for name, value in compute_token_stats(raw, targets[:, start:end], raw_stats).items():
                     chunks[f"raw_{name}"].append(value)
@@ -142,11 +150,12 @@ class Actor:
         return self.recipe.optim.deepspeed.zero_stage
 
     def forward(self, micro: dict[str, torch.Tensor], stats: tuple[str, ...],
-                raw_stats: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+                raw_stats: tuple[str, ...] = (), detached_stats: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         return self.engine(
             input_ids=micro["input_ids"], attention_mask=micro["attention_mask"],
             position_ids=micro["position_ids"], prompt_length=micro["prompt_length"],
             temperature=self.recipe.rollout.temperature, stats=stats, raw_stats=raw_stats,
+            detached_stats=detached_stats,
         )
 
     @torch.no_grad()
@@ -154,12 +163,16 @@ class Actor:
               raw_stats: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         return self.forward(micro, stats, raw_stats)
 
-    def backward_and_step(self, loss: torch.Tensor) -> None:
-        """Accumulate one micro-batch; DeepSpeed applies the optimizer at the mini-batch boundary.
+    def backward_and_step(self, loss: torch.Tensor, *, last_of_minibatch: bool) -> None:
+        """Accumulate one micro-batch; the optimizer steps after the mini-batch's last one.
 
+        The loop marks the boundary itself (`set_gradient_accumulation_boundary`) rather than
+        trusting DeepSpeed's counter of `gradient_accumulation_steps` fixed at init: with a token
+        budget the number of micro-batches varies from one mini-batch to the next.
         `scale_wrt_gas=False`: the loss is already weighted by mini-batch-wide token weights, so
         DeepSpeed must not divide it again by the number of micro-batches.
         """
+        self.engine.set_gradient_accumulation_boundary(last_of_minibatch)
         self.engine.backward(loss, scale_wrt_gas=False)
         if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
             # DeepSpeed records the global norm only for ZeRO/fp16 optimizers; measure it here

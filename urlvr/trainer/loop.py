@@ -1,11 +1,13 @@
 """The GRPO loop. `grpo_step` is the whole algorithm for one rollout batch, top to bottom:
-rollout -> score (one forward) -> reward -> advantage -> policy-loss updates -> weight sync -> metrics.
+rollout -> score (a forward, only when needed) -> reward -> advantage -> policy-loss updates
+-> weight sync -> metrics.
 
 Where it departs from the papers it follows, on purpose (docs/step.md):
-- On-policy means one optimizer step per rollout batch (Table 7); old log-probs then come from a
-  scoring forward over the same micro-batches as the training forward, so the ratio is exactly 1.
-  That forward also computes the token statistics the run declared; it runs even when only the
-  old log-probs are needed (skipping it then is future work).
+- On-policy means one optimizer step per rollout batch (Table 7). When no reward reads token
+  statistics, there is no scoring forward: old log-probs are the detached log-probs of the
+  training forward itself (ratio exactly 1), which also computes the logged statistics. Otherwise
+  (`RunSettings.scoring_pass`) a scoring forward over the same micro-batches computes the old
+  log-probs and exactly the declared statistics, and the ratio is exactly 1 all the same.
 - Every aggregation mode uses mini-batch-wide normalisers summed over ranks, so micro-batching and
   the number of ranks change no gradient (verl normalises per micro-batch in some modes).
 - Groups never split across ranks; labels reach the loss only through an oracle reward the recipe
@@ -27,7 +29,7 @@ from urlvr.rewards.policy import EnginePolicy
 from urlvr.rollout.base import RolloutBatch, hashed_seed
 from urlvr.rollout.collate import collate_groups
 from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
-from urlvr.trainer.batching import micro_batches
+from urlvr.trainer.batching import micro_batches, padding_summary, same_count_on_every_rank, scatter_rows
 from urlvr.trainer.build import RunParts
 from urlvr.dist import DistInfo, all_gather_rows, all_reduce_max, all_reduce_sum
 from urlvr.algorithms.losses import KL_ESTIMATORS, token_weights
@@ -60,8 +62,8 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         batch = _to_device(collate_groups(groups, pad_token_id=parts.tokenizer.pad_token_id), dist.device)
         all_rows = range(batch.input_ids.shape[0])
 
-    with timer("score"):  # ONE forward: old log-probs + exactly the statistics the run declared
-        stats = _score(parts, batch, all_rows)
+    with timer("score"):  # old log-probs + exactly the declared statistics; else the training forward gives them
+        stats = _score(parts, batch, all_rows) if settings.scoring_pass else None
         kl_every = recipe.dynamics.kl_to_initial_every  # KL to pi_0 measured even without a penalty
         measure_kl = algo.kl_coef > 0 or (kl_every > 0 and step % kl_every == 0)
         ref_logprobs = _reference_logprobs(parts, batch, recipe) if measure_kl else None
@@ -87,15 +89,18 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
     with timer("update"):
         parts.engine.offload()  # a vLLM engine frees the device for the actor (sleep mode)
         rows_per_minibatch = settings.rows_per_minibatch
-        per_row = {"old_logprobs": stats["logprob"], "advantages": advantages}
+        per_row = {"advantages": advantages, "sampler_logprobs": batch.sampler_logprobs}
+        correction = None  # sampler/trainer mismatch correction (algorithm.mismatch), fixed for the step
+        if stats is not None:  # else old log-probs and IS weights come from each micro-batch's own forward
+            per_row["old_logprobs"] = stats["logprob"]
+            correction = algo.mismatch.weights(stats["logprob"], batch.sampler_logprobs, batch.response_mask)
+            if correction is not None:
+                per_row["is_weights"] = correction.weights
         if algo.kl_coef > 0:
             per_row["ref_logprobs"] = ref_logprobs
-        # sampler/trainer mismatch correction (algorithm.mismatch), fixed for the step
-        correction = algo.mismatch.weights(stats["logprob"], batch.sampler_logprobs, batch.response_mask)
-        if correction is not None:
-            per_row["is_weights"] = correction.weights
         selected = torch.zeros_like(batch.response_mask, dtype=torch.bool)  # algorithm.token_filter, per mini-batch
         update_log: list[dict[str, float]] = []
+        forwards, trained = [], []  # every training forward; (micro, detached statistics) standing in for the scoring pass
         for epoch in range(recipe.trainer.ppo_epochs):
             for mb_start in range(0, len(all_rows), rows_per_minibatch):
                 rows = range(mb_start, mb_start + rows_per_minibatch)
@@ -108,16 +113,28 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
                     [float(batch.response_mask[mb_start:rows.stop].sum()), float(len(rows))], dtype=torch.float64
                 )).tolist()
                 minibatch_loss = 0.0  # this rank's share of the mini-batch's policy loss, x world_size
-                for micro in micro_batches(batch, rows, recipe.trainer.micro_batch_size, per_row):
-                    loss, policy_loss, log = _micro_batch_loss(parts, micro, dist.world_size, n_seqs, n_tokens,
-                                                               None if selection is None else selected[micro["rows"]])
-                    parts.actor.backward_and_step(loss)
+                micros = same_count_on_every_rank(micro_batches(batch, rows, recipe.trainer, per_row))
+                for i, micro in enumerate(micros):
+                    loss, policy_loss, log, out = _micro_batch_loss(
+                        parts, micro, dist.world_size, n_seqs, n_tokens,
+                        None if selection is None else selected[micro["rows"]])
+                    last = i == len(micros) - 1
+                    parts.actor.backward_and_step(loss * 0.0 if micro["dummy"] else loss, last_of_minibatch=last)
+                    forwards.append(micro)
+                    if micro["dummy"]:
+                        continue
                     minibatch_loss += policy_loss
                     update_log.append(log)
+                    trained.append((micro, out))
                 # summed over micro-batches here, over ranks by the mean (x world_size) in the metrics
                 update_log[-1].update({"loss/policy": minibatch_loss, "actor/grad_norm": parts.actor.grad_norm()})
                 if selection is not None:
                     update_log[-1].update({f"actor/token_filter/{k}": v for k, v in selection.metrics.items()})
+        update_log.append(padding_summary(forwards))  # the only entry with these keys: kept as is
+        if stats is None:  # on-policy, one pass over every row: the training forwards' statistics
+            stats = scatter_rows(trained, *batch.response_mask.shape)
+            # the same weights the micro-batches used (each row's depends on that row only), for the metrics
+            correction = algo.mismatch.weights(stats["logprob"], batch.sampler_logprobs, batch.response_mask)
 
     with timer("weight_sync"):  # the next rollout (and any evaluation) samples the updated policy
         parts.engine.sync_weights(parts.actor.model)
@@ -140,26 +157,35 @@ def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
 
 
 def _micro_batch_loss(parts: RunParts, micro: dict, world_size: int, num_sequences: float, num_tokens: float,
-                      selected: torch.Tensor | None) -> tuple[torch.Tensor, float, dict[str, float]]:
-    """(the micro-batch's loss to backward, its policy-loss share, its metrics): the recipe's loss
-    variant (restricted to the `selected` tokens of a token filter, if any) weighted by the
-    mini-batch-wide aggregation weights and the mismatch correction, plus the KL and entropy
-    terms the recipe turns on."""
+                      selected: torch.Tensor | None,
+                      ) -> tuple[torch.Tensor, float, dict[str, float], dict[str, torch.Tensor]]:
+    """(the micro-batch's loss to backward, its policy-loss share, its metrics, its forward's
+    statistics detached): the recipe's loss variant (restricted to the `selected` tokens of a
+    token filter, if any) weighted by the mini-batch-wide aggregation weights and the mismatch
+    correction, plus the KL and entropy terms the recipe turns on."""
     algo, settings = parts.settings.recipe.algorithm, parts.settings
     mask = micro["response_mask"].float()  # [b, T]
-    out = parts.actor.forward(micro, settings.train_stats)
+    out = parts.actor.forward(micro, settings.train_stats, detached_stats=settings.logged_train_stats)
+    # no scoring pass (on-policy): the old policy is this very forward's, so the ratio is exactly 1
+    old_logprobs = micro["old_logprobs"] if "old_logprobs" in micro else out["logprob"].detach()
     loss_stats = algo.loss.stats()  # current-policy statistics the loss reads, from this forward
-    loss_out = algo.loss(out["logprob"], micro["old_logprobs"], micro["advantages"], mask,
+    loss_out = algo.loss(out["logprob"], old_logprobs, micro["advantages"], mask,
                          **({"token_stats": {n: out[n] for n in loss_stats}} if loss_stats else {}))
     per_token_loss = loss_out.per_token_loss  # [b, T]
     if selected is not None:
-        per_token_loss = algo.token_filter.apply(per_token_loss, out["logprob"], micro["old_logprobs"], selected)
+        per_token_loss = algo.token_filter.apply(per_token_loss, out["logprob"], old_logprobs, selected)
     # x world_size: DeepSpeed averages gradients over ranks; we want the global sum
     weights = world_size * token_weights(
         mask, algo.loss_aggregation, max_response_length=settings.recipe.rollout.max_new_tokens,
         num_sequences=int(num_sequences), num_tokens=int(num_tokens),
     )  # [b, T]
-    policy_weights = weights * micro["is_weights"] if "is_weights" in micro else weights  # algorithm.mismatch
+    if "is_weights" in micro:  # algorithm.mismatch, fixed for the step by the scoring pass
+        policy_weights = weights * micro["is_weights"]
+    elif "old_logprobs" not in micro:  # no scoring pass: this forward's detached log-probs give the same weights
+        correction = algo.mismatch.weights(out["logprob"].detach(), micro["sampler_logprobs"], micro["response_mask"])
+        policy_weights = weights if correction is None else weights * correction.weights
+    else:
+        policy_weights = weights
     loss = (policy_weights * per_token_loss).sum()
     policy_loss = loss.item()
     log = {f"actor/{k}": v for k, v in loss_out.metrics.items()}
@@ -169,25 +195,26 @@ def _micro_batch_loss(parts: RunParts, micro: dict, world_size: int, num_sequenc
         log["actor/kl_to_reference"] = dynamics.masked_mean(kl.detach(), mask)
     if algo.entropy_coef > 0:
         loss = loss - algo.entropy_coef * (weights * out["entropy"]).sum()
-    return loss, policy_loss, log
+    return loss, policy_loss, log, {name: value.detach() for name, value in out.items()}
 
 
 def _score(parts: RunParts, batch: RolloutBatch, rows: range) -> dict[str, torch.Tensor]:
     settings = parts.settings  # certainty also on raw logits (same pass) when reward.certainty_logits asks
-    micros = micro_batches(batch, rows, settings.recipe.trainer.micro_batch_size)
-    pieces = [parts.actor.score(micro, settings.score_stats, settings.raw_score_stats) for micro in micros]
-    return {name: torch.cat([p[name] for p in pieces]) for name in pieces[0]}
+    micros = same_count_on_every_rank(micro_batches(batch, rows, settings.recipe.trainer))
+    pieces = [(micro, parts.actor.score(micro, settings.score_stats, settings.raw_score_stats)) for micro in micros]
+    return scatter_rows([(micro, out) for micro, out in pieces if not micro["dummy"]], *batch.response_mask.shape)
 
 
 @torch.no_grad()
 def _reference_logprobs(parts: RunParts, batch: RolloutBatch, recipe: Recipe) -> torch.Tensor:
     pieces = []
     device = next(parts.reference.parameters()).device  # the training device, or the host (dynamics.kl_reference_device)
-    for micro in micro_batches(batch, range(batch.input_ids.shape[0]), recipe.trainer.micro_batch_size):
+    for micro in micro_batches(batch, range(batch.input_ids.shape[0]), recipe.trainer):  # no DeepSpeed: no dummies
         ids, attention, positions = (micro[k].to(device) for k in ("input_ids", "attention_mask", "position_ids"))
-        pieces.append(parts.reference(ids, attention, positions, micro["prompt_length"], recipe.rollout.temperature,
-                                      ("logprob",))["logprob"].to(batch.input_ids.device))
-    return torch.cat(pieces)
+        logprob = parts.reference(ids, attention, positions, micro["prompt_length"], recipe.rollout.temperature,
+                                  ("logprob",))["logprob"]
+        pieces.append((micro, {"logprob": logprob.to(batch.input_ids.device)}))
+    return scatter_rows(pieces, *batch.response_mask.shape)["logprob"]
 
 
 def _token_selection(token_filter: TokenFilter, batch: RolloutBatch, stats: dict[str, torch.Tensor],

@@ -32,7 +32,7 @@ class RunSettings:
     world_size: int
     minibatches_per_step: int  # optimizer steps per rollout batch and epoch
     rows_per_minibatch: int  # sequences of one mini-batch on this rank (whole groups)
-    micro_steps_per_minibatch: int  # forward/backward calls per mini-batch = DeepSpeed's accumulation steps
+    micro_steps_per_minibatch: int  # DeepSpeed's nominal accumulation steps (the loop marks each boundary itself)
     reward_stats: tuple[str, ...]  # token statistics the reward terms read (lent via ctx.token_stats)
     metric_stats: tuple[str, ...]  # token statistics logged as `actor/<name>_mean` (metrics, detectors)
     extract: Callable[[str], str | None]  # reward.extractor bound to its kwargs
@@ -62,6 +62,20 @@ class RunSettings:
 
     # ------------------------------------------------------------------ token statistics
     @property
+    def scoring_pass(self) -> bool:
+        """Whether the no-grad scoring forward runs before the rewards. It must when a reward reads
+        token statistics (rewards run before the update: nothing else has them yet), or when a
+        rollout feeds more than one optimizer step (the second mini-batch, or epoch, trains a policy
+        that no longer sampled the batch: its old log-probs must be measured before any update).
+        Otherwise every training forward runs the rollout's policy on the micro-batches the scoring
+        pass would see, so it stands in for it: its detached log-probs are the old log-probs (ratio
+        exactly 1), and it also computes the statistics that are only logged (metrics, detectors).
+        A token filter (`algorithm.token_filter`) also needs it: it selects tokens over the whole
+        mini-batch before the update."""
+        off_policy = self.minibatches_per_step * self.recipe.trainer.ppo_epochs > 1
+        return bool(self.reward_stats) or off_policy or self.recipe.algorithm.token_filter.name != "none"
+
+    @property
     def score_stats(self) -> tuple[str, ...]:
         """What the scoring pass computes on temperature-scaled logits: old log-probs for the
         update, plus every statistic a reward, metric, detector or token filter declared -- nothing else."""
@@ -80,6 +94,12 @@ class RunSettings:
         and the statistics the loss declares (`PolicyLoss.stats()`, passed to it as `token_stats`)."""
         algo = self.recipe.algorithm
         return _ordered(["logprob", *(["entropy"] if algo.entropy_coef > 0 else []), *algo.loss.stats()])
+
+    @property
+    def logged_train_stats(self) -> tuple[str, ...]:
+        """What the training forward adds without gradients when it stands in for the scoring pass:
+        the metrics' and detectors' statistics it does not compute already."""
+        return () if self.scoring_pass else tuple(n for n in self.metric_stats if n not in self.train_stats)
 
     # ------------------------------------------------------------------ sampling
     def sampling_seed(self, step: int, prompt_index: int) -> int:

@@ -114,6 +114,15 @@ class TrainerSection(Section):
     """Passes over each rollout batch (Table 7: 1)."""
     micro_batch_size: int = Field(8, ge=1)
     """Sequences per forward/backward on each rank (gradient accumulation fills the mini-batch)."""
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1)
+    """Token budget per forward on each rank, instead of a fixed sequence count: a mini-batch's
+    rows, sorted by length, are packed while rows x (longest prompt + longest response among them)
+    stays within it (a longer row goes alone). The number of micro-batches then varies; ranks agree
+    on the largest. None = `micro_batch_size` sequences per forward. The loss is unchanged."""
+    bucket_by_length: bool = False
+    """Sort a mini-batch's rows by length before cutting `micro_batch_size`-row micro-batches, so
+    each forward's padding is small (every micro-batch is trimmed to its own longest row anyway).
+    Implied by `max_tokens_per_micro_batch`. The loss is unchanged."""
     save_every: int = Field(50, ge=0)
     """Checkpoint every K steps (and at the end); 0 = only at the end."""
     keep_last: int = Field(2, ge=1)

@@ -76,7 +76,7 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> Recipe:
         samples = self.trainer.prompts_per_minibatch * self.rollout.group_size
-        if self.trainer.micro_batch_size > samples:
+        if self.trainer.micro_batch_size > samples and self.trainer.max_tokens_per_micro_batch is None:
             raise ValueError(
                 f"trainer.micro_batch_size ({self.trainer.micro_batch_size}) exceeds the "
                 f"sequences in one mini-batch ({samples} = prompts_per_minibatch x group_size)"
