@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) train exactly like one: ZeRO-2 and ZeRO-3 under each of torchrun and
-the deepspeed launcher, ZeRO-3 under `accelerate launch`, and a ZeRO-2 run split by a checkpoint
-and `--resume`.
+the deepspeed launcher, ZeRO-3 under `accelerate launch`, a ZeRO-2 run split by a checkpoint
+and `--resume`, and batches that two ranks do not divide (3 prompts per step, 1 prompt per
+mini-batch).
 
 Why the runs can be compared at all: the rollout seed of a prompt depends on (recipe seed, step,
 the prompt's index in the global batch), not on the rank, so one process and two sample the
@@ -45,14 +46,25 @@ TWO_PROCESS_RUNS = {  # run name -> (launcher, ZeRO stage)
 }
 
 
-def recipe_for(model_path: Path, out: Path, zero_stage: int) -> dict:
+# batches that two ranks do not divide: run name -> (launcher, ZeRO stage, trainer settings), group size 3.
+# Prompts split 2/1 per step; each mini-batch's rows split 5/4 (3 prompts) or 2/1 (1 prompt), so
+# the rank with fewer rows runs filler micro-batches, in the scoring pass and in the update
+UNEVEN_GROUP_SIZE = 3
+UNEVEN_RUNS = {
+    "three_prompts": ("torchrun", 3, {"prompts_per_step": 3, "prompts_per_minibatch": 3, "micro_batch_size": 2}),
+    "one_prompt_minibatch": ("deepspeed", 2, {"prompts_per_step": 3, "prompts_per_minibatch": 1, "micro_batch_size": 1}),
+}
+
+
+def recipe_for(model_path: Path, out: Path, zero_stage: int, *, group_size: int = GROUP_SIZE,
+               trainer: dict | None = None) -> dict:
     return small_run_recipe(
         model_path, out, plugins=["reward_plugins"],
         reward={"terms": [{"name": "test_short_response"}], "oracle": "ground_truth"},
         # stopping on the digits 0-4 spreads response lengths, so most groups carry a gradient
-        rollout={"group_size": GROUP_SIZE, "max_new_tokens": int(BUDGET), "stop_token_ids": [3, 4, 5, 6, 7]},
+        rollout={"group_size": group_size, "max_new_tokens": int(BUDGET), "stop_token_ids": [3, 4, 5, 6, 7]},
         trainer={"total_steps": STEPS, "prompts_per_step": PROMPTS_PER_STEP, "prompts_per_minibatch": PROMPTS_PER_STEP,
-                 "micro_batch_size": 8, "save_every": 0},
+                 "micro_batch_size": 8, "save_every": 0, **(trainer or {})},
         optim={"lr": 1e-3, "deepspeed": {"zero_stage": zero_stage}},
         # KL to pi_0 (a frozen reference per rank) and per-prompt tracking (rows gathered from every rank)
         dynamics={"kl_to_initial_every": 2, "track_prompts": "all", "greedy_every": 2},
@@ -286,3 +298,41 @@ def test_prompt_tracking_and_kl_gather_every_rank(stage, request, single):
 
 def test_prompt_tracking_resumes_exactly(zero2_resumed, zero2):
     _rows_close(_prompt_rows(zero2), _prompt_rows(zero2_resumed), "ZeRO-2 resumed vs straight prompts.jsonl")
+
+
+@pytest.mark.parametrize("run", list(UNEVEN_RUNS))
+def test_batches_the_ranks_do_not_divide_train_like_one_process(run, random_tiny_model, work):
+    """3 prompts per step on 2 ranks (ZeRO-3: fillers keep the parameter gathers in step) and 1
+    prompt per mini-batch (3 optimizer steps per rollout): the same weights and metrics as one
+    process, whole groups per rank, and on-policy an importance ratio of exactly 1."""
+    import reward_plugins
+
+    launcher, stage, trainer = UNEVEN_RUNS[run]
+    model = random_tiny_model[0]
+    reward_plugins.SEEN_GROUPS.clear()
+    single = urlvr.train(recipe_for(model, work / f"{run}-single", 0, group_size=UNEVEN_GROUP_SIZE, trainer=trainer))
+    per_step = trainer["prompts_per_step"]
+    ids = [prompt_id for prompt_id, _, _ in reward_plugins.SEEN_GROUPS]
+    global_batches = [ids[s * per_step:(s + 1) * per_step] for s in range(STEPS)]
+    recipe = work / f"{run}.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_for(model, work / run, stage, group_size=UNEVEN_GROUP_SIZE, trainer=trainer)))
+    launch(launcher, ["train", str(recipe)], work, run)
+    context = f"{run} (ZeRO-{stage} under {launcher})"
+
+    seen = seen_by_rank(work / f"{run}-seen")  # rank 0 holds prompts [0, 2), rank 1 prompt 2, whole groups
+    for rank, shard in ((0, slice(0, 2)), (1, slice(2, 3))):
+        assert all(len(call["lengths"]) == UNEVEN_GROUP_SIZE for call in seen[rank])
+        size = shard.stop - shard.start
+        assert [[c["prompt_id"] for c in seen[rank][s * size:(s + 1) * size]] for s in range(STEPS)] == \
+            [batch[shard] for batch in global_batches], (context, rank)
+    diff = max_weight_diff(read_weights(single.run_dir), read_weights(work / run))
+    print(f"{context}, 2 processes vs 1: max |weight diff| = {diff:.3g}")
+    assert diff <= WEIGHT_ATOL, f"{context}: final weights differ by {diff}"
+    assert max_weight_diff(load_file(model / "model.safetensors"), read_weights(work / run)) > 100 * WEIGHT_ATOL
+    logged = read_metrics(work / run)
+    assert_metrics_close(read_metrics(single.run_dir), logged, f"{context} vs one process")
+    _rows_close(_prompt_rows(single.run_dir), _prompt_rows(work / run), f"{context} prompts.jsonl vs one process")
+    steps_per_rollout = per_step // trainer["prompts_per_minibatch"]
+    assert all(m["actor/optimizer_steps_per_rollout"] == steps_per_rollout for m in logged)
+    if steps_per_rollout == 1:  # scoring and training forwards saw the same micro-batches on each rank
+        assert all(m["actor/ratio_min"] == m["actor/ratio_max"] == 1.0 for m in logged), context
