@@ -471,6 +471,20 @@ def test_stream_rank_sharding_four_ways():
         assert sum(shards, []) == whole
 
 
+def test_stream_shards_a_batch_the_world_size_does_not_divide():
+    """30 prompts on 8 ranks: 4,4,4,4,4,4,3,3, contiguous, in the single-rank order."""
+    records = numbered(40)
+    reference = PromptStream(records, prompts_per_step=30, seed=5)
+    ranks = [PromptStream(records, prompts_per_step=30, seed=5, rank=r, world_size=8) for r in range(8)]
+    for _ in range(3):  # the second batch spans an epoch boundary
+        whole = ids(reference.next_batch())
+        shards = [ids(stream.next_batch()) for stream in ranks]
+        assert [len(shard) for shard in shards] == [4, 4, 4, 4, 4, 4, 3, 3]
+        assert sum(shards, []) == whole
+    three = [PromptStream(numbered(4), prompts_per_step=4, seed=0, rank=r, world_size=3) for r in range(3)]
+    assert [len(stream.next_batch()) for stream in three] == [2, 1, 1]
+
+
 def test_stream_state_round_trip_replays_exactly():
     records = numbered(9)
     stream = PromptStream(records, prompts_per_step=4, seed=2, rank=1, world_size=2)
@@ -533,7 +547,6 @@ def test_stream_with_fewer_prompts_than_a_batch_repeats_from_the_next_epochs():
     ("records", "kwargs", "message"),
     [
         ([], {}, "PromptStream needs at least one prompt, got none"),
-        (numbered(4), {"world_size": 3}, r"prompts_per_step \(4\) must be a multiple of world_size \(3\)"),
         (numbered(4), {"world_size": 2, "rank": 2}, r"rank must lie in \[0, world_size\)"),
         (numbered(4), {"epochs": 0}, "epochs must be >= 1 or None"),
     ],

@@ -1,6 +1,8 @@
 """Two CPU processes (gloo) train exactly like one: ZeRO-2 and ZeRO-3 under each of torchrun and
-the deepspeed launcher, ZeRO-3 under `accelerate launch`, and a ZeRO-2 run split by a checkpoint
-and `--resume`.
+the deepspeed launcher, ZeRO-3 under `accelerate launch`, a ZeRO-2 run split by a checkpoint
+and `--resume`, batches that two ranks do not divide (3 prompts per step, 1 prompt per
+mini-batch), two "nodes" (two `torchrun --nnodes 2` invocations on this machine), and resuming
+on another number of processes (ZeRO-0/1/2; ZeRO-3 refused with its remedy).
 
 Why the runs can be compared at all: the rollout seed of a prompt depends on (recipe seed, step,
 the prompt's index in the global batch), not on the rank, so one process and two sample the
@@ -45,14 +47,25 @@ TWO_PROCESS_RUNS = {  # run name -> (launcher, ZeRO stage)
 }
 
 
-def recipe_for(model_path: Path, out: Path, zero_stage: int) -> dict:
+# batches that two ranks do not divide: run name -> (launcher, ZeRO stage, trainer settings), group size 3.
+# Prompts split 2/1 per step; each mini-batch's rows split 5/4 (3 prompts) or 2/1 (1 prompt), so
+# the rank with fewer rows runs filler micro-batches, in the scoring pass and in the update
+UNEVEN_GROUP_SIZE = 3
+UNEVEN_RUNS = {
+    "three_prompts": ("torchrun", 3, {"prompts_per_step": 3, "prompts_per_minibatch": 3, "micro_batch_size": 2}),
+    "one_prompt_minibatch": ("deepspeed", 2, {"prompts_per_step": 3, "prompts_per_minibatch": 1, "micro_batch_size": 1}),
+}
+
+
+def recipe_for(model_path: Path, out: Path, zero_stage: int, *, group_size: int = GROUP_SIZE,
+               trainer: dict | None = None) -> dict:
     return small_run_recipe(
         model_path, out, plugins=["reward_plugins"],
         reward={"terms": [{"name": "test_short_response"}], "oracle": "ground_truth"},
         # stopping on the digits 0-4 spreads response lengths, so most groups carry a gradient
-        rollout={"group_size": GROUP_SIZE, "max_new_tokens": int(BUDGET), "stop_token_ids": [3, 4, 5, 6, 7]},
+        rollout={"group_size": group_size, "max_new_tokens": int(BUDGET), "stop_token_ids": [3, 4, 5, 6, 7]},
         trainer={"total_steps": STEPS, "prompts_per_step": PROMPTS_PER_STEP, "prompts_per_minibatch": PROMPTS_PER_STEP,
-                 "micro_batch_size": 8, "save_every": 0},
+                 "micro_batch_size": 8, "save_every": 0, **(trainer or {})},
         optim={"lr": 1e-3, "deepspeed": {"zero_stage": zero_stage}},
         # KL to pi_0 (a frozen reference per rank) and per-prompt tracking (rows gathered from every rank)
         dynamics={"kl_to_initial_every": 2, "track_prompts": "all", "greedy_every": 2},
@@ -66,34 +79,45 @@ def _free_port() -> int:
 
 
 def launch(launcher: str, args: list[str], work: Path, name: str, timeout: float = 300) -> Path:
-    """Run `urlvr <args>` on two ranks in a clean environment; returns the log (checked for exit 0)."""
+    """Run `urlvr <args>` on two ranks in a clean environment; returns the log (checked for exit 0).
+    `launcher`: torchrun, deepspeed, accelerate, `nodes` (two torchrun invocations, --nnodes 2,
+    one process each: two "nodes" on this machine) or `none` (one process, no launcher)."""
     port = str(_free_port())
     if launcher == "torchrun":
-        cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
-               "--master_port", port, "-m", "urlvr.cli", *args]
+        cmds = [[str(VENV_BIN / "torchrun"), "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
+                 "--master_port", port, "-m", "urlvr.cli", *args]]
+    elif launcher == "nodes":  # what each node of a cluster runs, with its own --node_rank
+        cmds = [[str(VENV_BIN / "torchrun"), "--nnodes", str(WORLD), "--nproc_per_node", "1", "--node_rank", str(node),
+                 "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", name,
+                 "-m", "urlvr.cli", *args] for node in range(WORLD)]
     elif launcher == "accelerate":  # --multi_gpu is accelerate's torch-elastic launcher, gloo ranks on a CPU
         # box; its --cpu would start ONE process (multi-CPU needs MPI), silently: the seen-groups check catches it
-        cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(WORLD), "--num_machines", "1",
-               "--main_process_ip", "127.0.0.1", "--main_process_port", port, "-m", "urlvr.cli", *args]
+        cmds = [[str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(WORLD), "--num_machines", "1",
+                 "--main_process_ip", "127.0.0.1", "--main_process_port", port, "-m", "urlvr.cli", *args]]
+    elif launcher == "none":
+        cmds = [[sys.executable, "-m", "urlvr.cli", *args]]
     else:  # the deepspeed launcher inserts --local_rank=N after the module name
-        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(WORLD), "--master_port", port,
-               "--module", "urlvr.cli", *args]
+        cmds = [[str(VENV_BIN / "deepspeed"), "--num_gpus", str(WORLD), "--master_port", port,
+                 "--module", "urlvr.cli", *args]]
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"  # two ranks on a small CPU box: no oversubscription
     seen = work / f"{name}-seen"
-    seen.mkdir()
+    seen.mkdir(exist_ok=True)
     env["URLVR_TEST_SEEN_GROUPS_DIR"] = str(seen)
     log = work / f"{name}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher's own session: it and its ranks
-            proc.wait()
-            code = "timeout"
-    assert code == 0, f"{' '.join(cmd)} -> {code}\n--- {log} ---\n{log.read_text()[-6000:]}"
+        procs = [subprocess.Popen(cmd, env=env, cwd=work, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                 for cmd in cmds]
+        codes = []
+        for proc in procs:
+            try:
+                codes.append(proc.wait(timeout=timeout))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the launcher's own session: it and its ranks
+                proc.wait()
+                codes.append("timeout")
+    assert codes == [0] * len(cmds), f"{cmds} -> {codes}\n--- {log} ---\n{log.read_text()[-6000:]}"
     return log
 
 
@@ -313,3 +337,112 @@ def test_token_budget_under_two_processes_trains_like_one(random_tiny_model, wor
 
     assert_metrics_close(without_perf(read_metrics(reference.run_dir)), without_perf(read_metrics(run_dir)),
                          "token budget, 2 processes vs fixed, 1 process")
+
+
+@pytest.mark.parametrize("run", list(UNEVEN_RUNS))
+def test_batches_the_ranks_do_not_divide_train_like_one_process(run, random_tiny_model, work):
+    """3 prompts per step on 2 ranks (ZeRO-3: fillers keep the parameter gathers in step) and 1
+    prompt per mini-batch (3 optimizer steps per rollout): the same weights and metrics as one
+    process, whole groups per rank, and on-policy an importance ratio of exactly 1."""
+    import reward_plugins
+
+    launcher, stage, trainer = UNEVEN_RUNS[run]
+    model = random_tiny_model[0]
+    reward_plugins.SEEN_GROUPS.clear()
+    single = urlvr.train(recipe_for(model, work / f"{run}-single", 0, group_size=UNEVEN_GROUP_SIZE, trainer=trainer))
+    per_step = trainer["prompts_per_step"]
+    ids = [prompt_id for prompt_id, _, _ in reward_plugins.SEEN_GROUPS]
+    global_batches = [ids[s * per_step:(s + 1) * per_step] for s in range(STEPS)]
+    recipe = work / f"{run}.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_for(model, work / run, stage, group_size=UNEVEN_GROUP_SIZE, trainer=trainer)))
+    launch(launcher, ["train", str(recipe)], work, run)
+    context = f"{run} (ZeRO-{stage} under {launcher})"
+
+    seen = seen_by_rank(work / f"{run}-seen")  # rank 0 holds prompts [0, 2), rank 1 prompt 2, whole groups
+    for rank, shard in ((0, slice(0, 2)), (1, slice(2, 3))):
+        assert all(len(call["lengths"]) == UNEVEN_GROUP_SIZE for call in seen[rank])
+        size = shard.stop - shard.start
+        assert [[c["prompt_id"] for c in seen[rank][s * size:(s + 1) * size]] for s in range(STEPS)] == \
+            [batch[shard] for batch in global_batches], (context, rank)
+    diff = max_weight_diff(read_weights(single.run_dir), read_weights(work / run))
+    print(f"{context}, 2 processes vs 1: max |weight diff| = {diff:.3g}")
+    assert diff <= WEIGHT_ATOL, f"{context}: final weights differ by {diff}"
+    assert max_weight_diff(load_file(model / "model.safetensors"), read_weights(work / run)) > 100 * WEIGHT_ATOL
+    logged = read_metrics(work / run)
+    assert_metrics_close(read_metrics(single.run_dir), logged, f"{context} vs one process")
+    _rows_close(_prompt_rows(single.run_dir), _prompt_rows(work / run), f"{context} prompts.jsonl vs one process")
+    steps_per_rollout = per_step // trainer["prompts_per_minibatch"]
+    assert all(m["actor/optimizer_steps_per_rollout"] == steps_per_rollout for m in logged)
+    if steps_per_rollout == 1:  # scoring and training forwards saw the same micro-batches on each rank
+        assert all(m["actor/ratio_min"] == m["actor/ratio_max"] == 1.0 for m in logged), context
+
+
+# --------------------------------------------------------------------------- more than one node
+@pytest.fixture(scope="module")
+def two_nodes(random_tiny_model, work) -> Path:
+    """ZeRO-2 on two "nodes": two torchrun invocations (--nnodes 2, c10d rendezvous on 127.0.0.1)."""
+    launch("nodes", ["train", str(_recipe_file(random_tiny_model, work, "two_nodes", zero_stage=2))], work, "two_nodes")
+    return work / "two_nodes"
+
+
+def test_two_nodes_train_like_two_processes_on_one_node(two_nodes, zero2, single, work):
+    assert sorted(p.name for p in (work / "two_nodes-seen").iterdir()) == ["rank0.jsonl", "rank1.jsonl"]
+    diff = max_weight_diff(read_weights(zero2), read_weights(two_nodes))
+    print(f"two nodes vs two processes on one node: max |weight diff| = {diff:.3g}")
+    assert diff <= WEIGHT_ATOL
+    assert_metrics_close(read_metrics(zero2), read_metrics(two_nodes), "two nodes vs one node")
+    assert_metrics_close(read_metrics(single[0]), read_metrics(two_nodes), "two nodes vs one process")
+    _rows_close(_prompt_rows(zero2), _prompt_rows(two_nodes), "two nodes prompts.jsonl")
+    # rank 0 of the world alone writes the logs, the export and the checkpoint's shared files
+    assert [c.name for c in (two_nodes / "checkpoints").iterdir()] == [f"step-{STEPS:06d}"]
+    assert len(read_metrics(two_nodes)) == STEPS
+
+
+RESHARD_RUNS = {  # run name -> (ZeRO stage, launcher of the first 2 steps, launcher of the last 2)
+    "zero2_2to1": (2, "torchrun", "none"), "zero2_1to2": (2, "none", "torchrun"),
+    "zero1_2to1": (1, "nodes", "none"), "zero0_1to2": (0, "none", "deepspeed"),
+}
+
+
+@pytest.mark.parametrize("run", list(RESHARD_RUNS))
+def test_resume_on_another_number_of_ranks(run, random_tiny_model, single, work):
+    """2 steps on 2 ranks then 2 on 1 (and the reverse): ZeRO-1/2 load a universal copy of the
+    checkpoint, ZeRO-0 loads it as it is; the run ends like 4 straight steps."""
+    stage, first, second = RESHARD_RUNS[run]
+    recipe = _recipe_file(random_tiny_model, work, run, zero_stage=stage)
+    launch(first, ["train", str(recipe), "--set", "trainer.total_steps=2"], work, f"{run}-first")
+    launch(second, ["train", str(recipe), "--resume", str(work / run)], work, f"{run}-resumed")
+    assert [m["step"] for m in read_metrics(work / run)] == [1, 2, 3, 4]
+    assert (work / run / "checkpoints" / "step-000002" / "universal").is_dir() == (stage > 0)
+    diff = max_weight_diff(read_weights(single[0]), read_weights(work / run))
+    print(f"{run}: 2 + 2 resumed vs 4 steps in one process: max |weight diff| = {diff:.3g}")
+    assert diff <= WEIGHT_ATOL, f"{run}: weights differ by {diff}"
+    assert_metrics_close(read_metrics(single[0]), read_metrics(work / run), f"{run} vs one process")
+
+
+def test_zero3_refuses_another_number_of_ranks_with_the_remedy(zero3, work):
+    import shutil
+
+    copy = work / "zero3_copy"
+    shutil.copytree(zero3, copy)
+    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
+    recipe["trainer"]["total_steps"] = STEPS + 1
+    with pytest.raises(urlvr.RecipeError, match=r"saved on 2 ranks under ZeRO-3 and this run has 1.*Resume on 2 ranks"):
+        urlvr.train(recipe, resume=copy)
+
+
+def test_node_local_run_directories_fail_clearly(tmp_path, monkeypatch):
+    """What a node-local output_dir looks like (rank 1 sees another disk), simulated on one rank
+    by a second rank's answers: the run stops on every rank, naming the ranks and the remedy."""
+    from urlvr.trainer import checkpoint
+
+    (tmp_path / "checkpoints" / "step-000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-000002" / checkpoint.COMPLETE_MARKER).write_text("step 2\n")
+    monkeypatch.setattr(checkpoint, "all_gather_objects", lambda items: [*items, None])  # rank 1: no checkpoint
+    with pytest.raises(urlvr.RecipeError, match=r"rank 0: step-000002, rank 1: none.*filesystem all nodes share"):
+        checkpoint.agreed_latest_checkpoint(tmp_path)
+    monkeypatch.setattr(checkpoint, "all_gather_objects",
+                        lambda items: [*items, False] if isinstance(items[0], bool) else [*items, "other"])
+    with pytest.raises(urlvr.RecipeError, match=r"ranks \[1\] cannot see the files rank 0 writes"):
+        checkpoint.check_shared_run_dir(tmp_path, is_main=True)
+    assert not list(tmp_path.glob(".rank-check-*"))  # the probe is cleaned up

@@ -89,10 +89,35 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_rows(values: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's equal-shaped tensor along dim 0, in rank order."""
+    """Concatenate every rank's tensor along dim 0, in rank order. The first dims may differ
+    (ranks hold unequal shares of a batch); the other dims must match."""
     if _world_of_many():
         local = _to_comm_device(values)
-        pieces = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(pieces, local)
-        values = torch.cat(pieces).to(values.device)
+        world = torch.distributed.get_world_size()
+        counts = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(world)]
+        torch.distributed.all_gather(counts, torch.tensor([local.shape[0]], device=local.device))
+        longest = max(int(c) for c in counts)
+        padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=local.device)
+        padded[: local.shape[0]] = local
+        pieces = [torch.empty_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(pieces, padded)
+        values = torch.cat([piece[: int(n)] for piece, n in zip(pieces, counts)]).to(values.device)
     return values
+
+
+def all_gather_objects(items: list) -> list:
+    """Every rank's list of picklable items, concatenated in rank order (the list itself in a
+    world of one)."""
+    if not _world_of_many():
+        return items
+    everyone: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, items)
+    return [item for part in everyone for item in part]
+
+
+def even_shard(total: int, world_size: int, rank: int) -> range:
+    """Rank `rank`'s contiguous share of `total` items split as evenly as they go: the first
+    `total % world_size` ranks take one more (30 over 8 ranks: 4,4,4,4,4,4,3,3)."""
+    base, extra = divmod(total, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))

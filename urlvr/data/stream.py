@@ -2,8 +2,9 @@
 
 Positions are global -- (epoch, offset into that epoch's order) -- and the order of epoch e
 depends only on (seed, e). So every rank computes the same global batch and keeps its own
-contiguous slice of whole prompts (a group is never split across ranks), the order does not
-change with the world size, and a checkpoint taken on 8 ranks resumes on 4.
+contiguous slice of whole prompts (a group is never split across ranks; the slices differ by at
+most one prompt when the world size does not divide the batch), the order does not change with
+the world size, and a checkpoint taken on 8 ranks resumes on 4 or 3.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from urlvr.data.records import PromptRecord
+from urlvr.dist import even_shard
 
 
 class PromptStream:
     """Endless (or ``epochs``-long) stream of prompt batches; ``next_batch`` returns this
-    rank's ``prompts_per_step // world_size`` prompts of the next global batch."""
+    rank's share of the next global batch (``even_shard``: 30 prompts on 8 ranks give
+    4,4,4,4,4,4,3,3)."""
 
     def __init__(
         self,
@@ -37,11 +40,6 @@ class PromptStream:
             raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, world_size), got rank={rank}, world_size={world_size}")
-        if prompts_per_step % world_size:
-            raise ValueError(
-                f"prompts_per_step ({prompts_per_step}) must be a multiple of world_size "
-                f"({world_size}): each rank takes whole prompts, never part of a group"
-            )
         if epochs is not None and epochs < 1:
             raise ValueError(f"epochs must be >= 1 or None (endless), got {epochs}")
         self.records = list(records)
@@ -70,8 +68,8 @@ class PromptStream:
         # Every rank walks the whole global batch so that all ranks advance identically.
         global_batch = [self._take_one() for _ in range(self.prompts_per_step)]
         self.steps_taken += 1
-        per_rank = self.prompts_per_step // self.world_size
-        return global_batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+        mine = even_shard(self.prompts_per_step, self.world_size, self.rank)
+        return global_batch[mine.start : mine.stop]
 
     def __iter__(self) -> Iterator[list[PromptRecord]]:
         return self

@@ -7,6 +7,12 @@ Atomicity: every rank writes into `.tmp-step-000004/`; after a barrier rank 0 wr
 old checkpoints untouched or the new one complete; half-written `.tmp-*` folders are ignored
 and swept at the next save. Older complete checkpoints beyond `keep_last` are deleted only
 after the new one is in place.
+
+Another number of ranks: the prompt stream's position and the per-prompt sampling seeds do not
+depend on the world size, but ZeRO-1/2/3 split the optimizer state per rank. Resuming on another
+world size therefore first converts the checkpoint once into DeepSpeed's universal format
+(`universal/` next to `deepspeed/`, per-parameter fp32 weights and Adam moments), which any world
+size loads. ZeRO-0 keeps the whole state on every rank and loads as it is. docs/multi-node.md.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -23,10 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from urlvr.dist import barrier
+from urlvr.dist import all_gather_objects, barrier
+from urlvr.errors import RecipeError
 
 COMPLETE_MARKER = "COMPLETE"
 DEEPSPEED_TAG = "deepspeed"
+UNIVERSAL_TAG = "universal"  # the same state, resharded for any world size (DeepSpeed's universal checkpoint)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -99,17 +109,92 @@ def save_checkpoint(run_dir: Path, step: int, engine, trainer_state: dict[str, A
     return final
 
 
-def load_checkpoint(path: Path, engine, *, rank: int) -> dict[str, Any]:
-    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; return trainer state."""
-    load_path, _ = engine.load_checkpoint(
-        str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+def load_checkpoint(path: Path, engine, *, rank: int, universal: bool = False) -> dict[str, Any]:
+    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; return trainer state.
+    `universal`: from the universal copy (`prepare_reshard`), for another world size."""
+    engine._config.load_universal_checkpoint = universal  # DeepSpeed reads it at load time
+    try:
+        load_path, _ = engine.load_checkpoint(
+            str(path), tag=UNIVERSAL_TAG if universal else DEEPSPEED_TAG, load_optimizer_states=True,
+            load_lr_scheduler_states=True)
+    finally:
+        engine._config.load_universal_checkpoint = False
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the engine state from {path}")
     rng_file = path / f"rng-rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def agreed_latest_checkpoint(run_dir: Path) -> Path:
+    """The latest complete checkpoint, which every rank must see: a node that cannot see the run
+    directory (a node-local disk) fails here, on every rank, before anything loads."""
+    latest = latest_checkpoint(run_dir)
+    seen = all_gather_objects([None if latest is None else latest.name])
+    if all(name is None for name in seen):
+        raise RecipeError(f"{run_dir}: --resume given but the run has no complete checkpoint")
+    if len(set(seen)) > 1:
+        views = ", ".join(f"rank {r}: {name or 'none'}" for r, name in enumerate(seen))
+        raise RecipeError(
+            f"{run_dir}: the ranks do not see the same latest complete checkpoint ({views}). Every rank loads "
+            "it, so output_dir must be on a filesystem all nodes share")
+    return latest
+
+
+def saved_world_size(path: Path) -> int:
+    """The number of ranks that wrote checkpoint `path` (one RNG file each)."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    return state.get("world_size") or len(list(path.glob("rng-rank*.pt")))
+
+
+def prepare_reshard(path: Path, *, world_size: int, zero_stage: int, is_main: bool) -> bool:
+    """Whether checkpoint `path` must load through its universal copy (written here, once, by
+    the main rank) because it was saved on another number of ranks."""
+    saved = saved_world_size(path)
+    if saved == world_size or zero_stage == 0:  # ZeRO-0: every rank holds the whole state
+        return False
+    if zero_stage == 3:
+        raise RecipeError(
+            f"{path} was saved on {saved} ranks under ZeRO-3 and this run has {world_size}: resuming ZeRO-3 on "
+            f"another number of ranks is not supported yet. Resume on {saved} ranks, or start a new run from the "
+            f"weights (`final/`, or `python {path / 'zero_to_fp32.py'} {path} OUT_DIR --tag {DEEPSPEED_TAG}`)")
+    target = path / UNIVERSAL_TAG
+    if is_main and not target.is_dir():
+        tmp = path / f".{UNIVERSAL_TAG}-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(path / DEEPSPEED_TAG), "--output_folder", str(tmp), "--inject_missing_state"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(
+                f"{path} was saved on {saved} ranks and this run has {world_size}; converting it to DeepSpeed's "
+                f"universal checkpoint failed ({' '.join(command)}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}\n"
+                f"Resume on {saved} ranks instead.")
+        os.rename(tmp, target)
+    barrier()
+    return True
+
+
+def check_shared_run_dir(run_dir: Path, *, is_main: bool) -> None:
+    """Every rank must see the run directory the main rank writes (checkpoints are written by all
+    ranks into one folder and loaded by all): a node whose `output_dir` is a node-local disk
+    stops the run on every rank before step 1."""
+    token = all_gather_objects([os.urandom(8).hex()])[0]  # rank 0's
+    probe = Path(run_dir) / f".rank-check-{token}"
+    if is_main:
+        probe.write_text(token)
+    barrier()
+    seen = all_gather_objects([probe.is_file() and probe.read_text() == token])
+    barrier()
+    if is_main:
+        probe.unlink()
+    blind = [rank for rank, ok in enumerate(seen) if not ok]
+    if blind:
+        raise RecipeError(
+            f"{run_dir}: ranks {blind} cannot see the files rank 0 writes there. output_dir must be on a "
+            "filesystem every node shares (NFS, Lustre, ...): every rank writes its checkpoint shards into it "
+            "and loads them from it on resume")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

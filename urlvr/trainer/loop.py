@@ -10,8 +10,10 @@ Where it departs from the papers it follows, on purpose (docs/step.md):
   log-probs and exactly the declared statistics, and the ratio is exactly 1 all the same.
 - Every aggregation mode uses mini-batch-wide normalisers summed over ranks, so micro-batching and
   the number of ranks change no gradient (verl normalises per micro-batch in some modes).
-- Groups never split across ranks; labels reach the loss only through an oracle reward the recipe
-  names as a term, never through `reward.oracle` (metrics only).
+- Groups never split across ranks for rollout, rewards and advantages; the update spreads each
+  mini-batch's rows evenly over ranks (trainer/sharding.py), so any batch runs on any number of
+  ranks. Labels reach the loss only through an oracle reward the recipe names as a term, never
+  through `reward.oracle` (metrics only).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from urlvr.rollout.collate import collate_groups
 from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from urlvr.trainer.batching import micro_batches, padding_summary, same_count_on_every_rank, scatter_rows
 from urlvr.trainer.build import RunParts
-from urlvr.dist import DistInfo, all_gather_rows, all_reduce_max, all_reduce_sum
+from urlvr.trainer.sharding import RowLayout
+from urlvr.dist import DistInfo, all_gather_objects, all_gather_rows, all_reduce_max, all_reduce_sum
 from urlvr.algorithms.losses import KL_ESTIMATORS, token_weights
 from urlvr.algorithms.token_filters import TokenFilter, TokenSelection
 
@@ -47,9 +50,11 @@ class StageTimer(dict):
 
 
 def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tuple[dict[str, float], list[dict], list[dict]]:
-    """One GRPO step on this rank's share of the global batch; returns (metrics, completions,
-    per-prompt tracking rows of every rank)."""
+    """One GRPO step: this rank's whole groups for rollout, rewards and advantages, its even share
+    of every mini-batch's rows for the update; returns (metrics, completions, per-prompt tracking
+    rows of every rank)."""
     timer, algo, group_size, settings = StageTimer(), recipe.algorithm, recipe.rollout.group_size, parts.settings
+    layout = settings.layout
     step_start = time.perf_counter()
 
     with timer("rollout"):  # this rank's whole prompts; every group stays on one rank
@@ -59,18 +64,21 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         with parts.generation_context():
             drawn = parts.engine.generate([parts.prompts[r.prompt_id] for r in records], vote_size, sampling)
         groups = [replace(g, samples=g.samples[:group_size]) for g in drawn]  # the first group_size are trained
-        batch = _to_device(collate_groups(groups, pad_token_id=parts.tokenizer.pad_token_id), dist.device)
-        all_rows = range(batch.input_ids.shape[0])
+        # every rank collates the global batch, as one process would, and scores and trains its rows of it
+        batch = _to_device(collate_groups(all_gather_objects(groups), pad_token_id=parts.tokenizer.pad_token_id),
+                           dist.device)
+        own = slice(settings.prompt_shard.start * group_size, settings.prompt_shard.stop * group_size)  # our groups' rows
 
-    with timer("score"):  # old log-probs + exactly the declared statistics; else the training forward gives them
-        stats = _score(parts, batch, all_rows) if settings.scoring_pass else None
+    with timer("score"):  # old log-probs + exactly the declared statistics ([B*G, T] each); else the training forward gives them
+        stats = _score(parts, batch) if settings.scoring_pass else None
         kl_every = recipe.dynamics.kl_to_initial_every  # KL to pi_0 measured even without a penalty
         measure_kl = algo.kl_coef > 0 or (kl_every > 0 and step % kl_every == 0)
         ref_logprobs = _reference_logprobs(parts, batch, recipe) if measure_kl else None
 
     with timer("reward"):
-        lent = settings.lent_stats(stats)  # reward.certainty_logits
-        contexts = [settings.reward_context(group, voters, record, batch.response_mask[g * group_size:(g + 1) * group_size],
+        lent = {name: value[own] for name, value in settings.lent_stats(stats).items()}  # reward.certainty_logits
+        own_mask = batch.response_mask[own]
+        contexts = [settings.reward_context(group, voters, record, own_mask[g * group_size:(g + 1) * group_size],
                                             {name: value[g * group_size:(g + 1) * group_size] for name, value in lent.items()},
                                             parts.tokenizer)
                     for g, (group, voters, record) in enumerate(zip(groups, drawn, records, strict=True))]
@@ -78,18 +86,18 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         policy = EnginePolicy(  # lent to rewards that generate (self-verification): one batched call each
             parts.engine, parts.tokenizer, template=recipe.data.template, system_prompt=recipe.data.system_prompt,
             prompt_suffix=recipe.data.prompt_suffix, sampling=settings.policy_sampling(),
-            seed=settings.sampling_seed(step, settings.first_prompt_index(len(records))),
+            seed=settings.sampling_seed(step, settings.first_prompt_index()),
             generation_context=parts.generation_context)
         rewards = score_batch(groups, contexts, terms, recipe.reward.oracle, policy)
 
-    with timer("advantage"):  # [B, G] -> one advantage per sample, broadcast over its tokens
+    with timer("advantage"):  # [B, G] -> one advantage per sample, broadcast over its tokens; every rank's
         estimator = ADVANTAGE_ESTIMATORS.get(algo.advantage)
-        advantages = estimator(rewards.total.double(), eps=algo.advantage_eps).float().flatten().to(dist.device)
+        advantages = all_gather_rows(estimator(rewards.total.double(), eps=algo.advantage_eps).float().flatten())
+        advantages = advantages.to(dist.device)  # [B*G] of the global batch
 
     with timer("update"):
         parts.engine.offload()  # a vLLM engine frees the device for the actor (sleep mode)
-        rows_per_minibatch = settings.rows_per_minibatch
-        per_row = {"advantages": advantages, "sampler_logprobs": batch.sampler_logprobs}
+        per_row = {"advantages": advantages, "sampler_logprobs": batch.sampler_logprobs}  # rows of the global batch
         correction = None  # sampler/trainer mismatch correction (algorithm.mismatch), fixed for the step
         if stats is not None:  # else old log-probs and IS weights come from each micro-batch's own forward
             per_row["old_logprobs"] = stats["logprob"]
@@ -99,21 +107,22 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         if algo.kl_coef > 0:
             per_row["ref_logprobs"] = ref_logprobs
         selected = torch.zeros_like(batch.response_mask, dtype=torch.bool)  # algorithm.token_filter, per mini-batch
-        update_log: list[dict[str, float]] = []
+        micro_logs: list[tuple[dict[str, float], int]] = []  # (metrics, 1) per real micro-batch
+        step_logs: list[tuple[dict[str, float], int]] = []  # one per optimizer step
         forwards, trained = [], []  # every training forward; (micro, detached statistics) standing in for the scoring pass
         for epoch in range(recipe.trainer.ppo_epochs):
-            for mb_start in range(0, len(all_rows), rows_per_minibatch):
-                rows = range(mb_start, mb_start + rows_per_minibatch)
-                selection = _token_selection(algo.token_filter, batch, stats, advantages, rows, dist,
+            for mb_start in range(0, layout.rows, layout.rows_per_minibatch):
+                minibatch = range(mb_start, mb_start + layout.rows_per_minibatch)  # every rank's rows
+                selection = _token_selection(algo.token_filter, batch, stats, advantages, minibatch,
                                              hashed_seed(recipe.seed, step, epoch, mb_start))
                 if selection is not None:
-                    selected[mb_start:rows.stop] = selection.selected
-                # mini-batch-wide normalisers, summed over ranks: micro-batching changes nothing
-                n_tokens, n_seqs = all_reduce_sum(torch.tensor(
-                    [float(batch.response_mask[mb_start:rows.stop].sum()), float(len(rows))], dtype=torch.float64
-                )).tolist()
+                    selected[minibatch.start:minibatch.stop] = selection.selected
+                # mini-batch-wide normalisers over all ranks' rows: micro-batching and sharding change nothing
+                n_tokens = float(batch.response_mask[minibatch.start:minibatch.stop].sum())
+                n_seqs = float(layout.rows_per_minibatch)
                 minibatch_loss = 0.0  # this rank's share of the mini-batch's policy loss, x world_size
-                micros = same_count_on_every_rank(micro_batches(batch, rows, recipe.trainer, per_row))
+                rows = layout.minibatch_rows(mb_start)  # this rank's even share of the mini-batch
+                micros = _micro_batches_on_every_rank(batch, rows, recipe.trainer, per_row)
                 for i, micro in enumerate(micros):
                     loss, policy_loss, log, out = _micro_batch_loss(
                         parts, micro, dist.world_size, n_seqs, n_tokens,
@@ -124,15 +133,17 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
                     if micro["dummy"]:
                         continue
                     minibatch_loss += policy_loss
-                    update_log.append(log)
+                    micro_logs.append((log, 1))
                     trained.append((micro, out))
                 # summed over micro-batches here, over ranks by the mean (x world_size) in the metrics
-                update_log[-1].update({"loss/policy": minibatch_loss, "actor/grad_norm": parts.actor.grad_norm()})
-                if selection is not None:
-                    update_log[-1].update({f"actor/token_filter/{k}": v for k, v in selection.metrics.items()})
-        update_log.append(padding_summary(forwards))  # the only entry with these keys: kept as is
-        if stats is None:  # on-policy, one pass over every row: the training forwards' statistics
-            stats = scatter_rows(trained, *batch.response_mask.shape)
+                step_log = {"loss/policy": minibatch_loss, "actor/grad_norm": parts.actor.grad_norm()}
+                if selection is not None:  # the same on every rank: selected over the whole mini-batch
+                    step_log.update({f"actor/token_filter/{k}": v for k, v in selection.metrics.items()})
+                step_logs.append((step_log, 1))
+        step_logs.append((padding_summary(forwards), 1))  # the only entry with these keys
+        if stats is None:  # on-policy, one pass over every row: the training forwards' statistics, every rank's
+            stats = _gather_rows(scatter_rows(trained, *batch.response_mask.shape), layout,
+                                 [*settings.train_stats, *settings.logged_train_stats], batch)
             # the same weights the micro-batches used (each row's depends on that row only), for the metrics
             correction = algo.mismatch.weights(stats["logprob"], batch.sampler_logprobs, batch.response_mask)
 
@@ -140,8 +151,8 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         parts.engine.sync_weights(parts.actor.model)
 
     with timer("metrics"):
-        metrics, prompt_rows = _step_metrics(groups, records, batch, stats, rewards, contexts, update_log, parts,
-                                             timer, recipe, ref_logprobs, step, correction)
+        metrics, prompt_rows = _step_metrics(groups, records, batch, own, stats, rewards, contexts,
+                                             micro_logs + step_logs, parts, timer, recipe, ref_logprobs, step, correction)
     metrics["time/step"] = time.perf_counter() - step_start
     metrics["perf/tokens_per_second"] = metrics["perf/response_tokens"] / metrics["time/step"]
     completions = _completions(groups, records, rewards, contexts, recipe.logging.completions_per_step, step)
@@ -198,78 +209,110 @@ def _micro_batch_loss(parts: RunParts, micro: dict, world_size: int, num_sequenc
     return loss, policy_loss, log, {name: value.detach() for name, value in out.items()}
 
 
-def _score(parts: RunParts, batch: RolloutBatch, rows: range) -> dict[str, torch.Tensor]:
-    settings = parts.settings  # certainty also on raw logits (same pass) when reward.certainty_logits asks
-    micros = same_count_on_every_rank(micro_batches(batch, rows, settings.recipe.trainer))
+def _micro_batches_on_every_rank(batch: RolloutBatch, rows, trainer, per_row=None) -> list[dict]:
+    """This rank's micro-batches of `rows`, padded with dummies to the count of the rank with the
+    most (ZeRO needs equal forward/backward calls); a rank with no rows runs dummies only."""
+    micros = micro_batches(batch, rows, trainer, per_row) if len(rows) else \
+        [{**micro_batches(batch, [0], trainer, per_row)[0], "dummy": True}]
+    return same_count_on_every_rank(micros)
+
+
+def _gather_rows(local: dict[str, torch.Tensor], layout: RowLayout, names, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+    """Every rank's rows of the `[B*G, T]` statistics `names` (`local` holds zeros where another
+    rank computed the row, and may lack a name on a rank that had no rows): each row is computed
+    by exactly one rank, so a sum over ranks puts every row in place, exactly."""
+    if layout.world_size == 1:
+        return local
+    return {name: all_reduce_sum(local[name] if name in local else torch.zeros_like(batch.sampler_logprobs))
+            for name in names}
+
+
+def _score(parts: RunParts, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+    """Each rank scores its rows of the global batch (certainty also on raw logits when
+    reward.certainty_logits asks); the rows are then gathered, so every rank holds every row's."""
+    settings, layout = parts.settings, parts.settings.layout
+    rows = [row for run in layout.scored_rows() for row in run]
+    micros = _micro_batches_on_every_rank(batch, rows, settings.recipe.trainer)
     pieces = [(micro, parts.actor.score(micro, settings.score_stats, settings.raw_score_stats)) for micro in micros]
-    return scatter_rows([(micro, out) for micro, out in pieces if not micro["dummy"]], *batch.response_mask.shape)
+    local = scatter_rows([(micro, out) for micro, out in pieces if not micro["dummy"]], *batch.response_mask.shape)
+    return _gather_rows(local, layout, [*settings.score_stats, *(f"raw_{n}" for n in settings.raw_score_stats)], batch)
 
 
 @torch.no_grad()
 def _reference_logprobs(parts: RunParts, batch: RolloutBatch, recipe: Recipe) -> torch.Tensor:
-    pieces = []
+    """pi_0's log-probs of every row: each rank its scored rows, then gathered (no dummies: the
+    reference is a plain module, no collectives)."""
+    layout, pieces = parts.settings.layout, []
+    rows = [row for run in layout.scored_rows() for row in run]
     device = next(parts.reference.parameters()).device  # the training device, or the host (dynamics.kl_reference_device)
-    for micro in micro_batches(batch, range(batch.input_ids.shape[0]), recipe.trainer):  # no DeepSpeed: no dummies
+    for micro in (micro_batches(batch, rows, recipe.trainer) if rows else []):
         ids, attention, positions = (micro[k].to(device) for k in ("input_ids", "attention_mask", "position_ids"))
         logprob = parts.reference(ids, attention, positions, micro["prompt_length"], recipe.rollout.temperature,
                                   ("logprob",))["logprob"]
         pieces.append((micro, {"logprob": logprob.to(batch.input_ids.device)}))
-    return scatter_rows(pieces, *batch.response_mask.shape)["logprob"]
+    local = scatter_rows(pieces, *batch.response_mask.shape) or {"logprob": torch.zeros_like(batch.sampler_logprobs)}
+    return _gather_rows(local, layout, ["logprob"], batch)["logprob"]
 
 
 def _token_selection(token_filter: TokenFilter, batch: RolloutBatch, stats: dict[str, torch.Tensor],
-                     advantages: torch.Tensor, rows: range, dist: DistInfo, seed: int) -> TokenSelection | None:
-    """The token filter's selection over the WHOLE mini-batch (every rank's rows, gathered, padded to
-    the longest response), so neither micro-batching nor the number of ranks changes it; this rank's rows."""
+                     advantages: torch.Tensor, minibatch: range, seed: int) -> TokenSelection | None:
+    """The token filter's selection over the WHOLE mini-batch (every rank holds every row), so
+    neither micro-batching nor the number of ranks changes it."""
     if token_filter.name == "none":
         return None
-    width = batch.response_mask.shape[1]
-    longest = int(all_reduce_max(torch.tensor([width], dtype=torch.float64)))
-
-    def gathered(values: torch.Tensor) -> torch.Tensor:  # [rows, T] -> [world * rows, T_max]
-        return all_gather_rows(torch.nn.functional.pad(values[rows.start:rows.stop], (0, longest - width)))
-
-    names = token_filter.stats()
-    selection = token_filter.select(
-        gathered(stats["logprob"]), all_gather_rows(advantages[rows.start:rows.stop]),
-        gathered(batch.response_mask), {n: gathered(stats[n]) for n in names},
-        torch.Generator().manual_seed(seed))
-    first = dist.rank * len(rows)
-    return TokenSelection(selection.selected[first:first + len(rows), :width], selection.metrics)
+    rows = slice(minibatch.start, minibatch.stop)
+    return token_filter.select(stats["logprob"][rows], advantages[rows], batch.response_mask[rows],
+                               {n: stats[n][rows] for n in token_filter.stats()}, torch.Generator().manual_seed(seed))
 
 
-def _reward_term_metrics(rewards: BatchRewards) -> dict[str, float]:
-    """Per-term error rates (on_error: zero) and the means of the terms' diagnostics."""
+def _reward_term_metrics(rewards: BatchRewards, num_groups: int) -> tuple[dict[str, float], dict[str, int]]:
+    """Per-term error rates (on_error: zero) and the means of the terms' diagnostics, with what
+    each is a mean over (groups, finite values)."""
     out = {f"reward/{key}/error_rate": rate for key, rate in rewards.errors.items()}
+    counts = dict.fromkeys(out, num_groups)
     for key, values in rewards.diagnostics.items():
         finite = values[torch.isfinite(values)]
         out[f"reward/{key}_mean"] = float(finite.mean()) if finite.numel() else 0.0
-    return out
+        counts[f"reward/{key}_mean"] = finite.numel()
+    return out, counts
 
 
-def _step_metrics(groups, records, batch, stats, rewards: BatchRewards, contexts, update_log, parts: RunParts,
-                  timer: StageTimer, recipe: Recipe, ref_logprobs, step: int, correction) -> tuple[dict[str, float], list[dict]]:
-    mask = batch.response_mask.float()
+def _mean_logs(logs: list[tuple[dict[str, float], int]]) -> tuple[dict[str, float], dict[str, int]]:
+    """Per key: the mean over the logs of weight 1 that have it (0.0 if none), and their number."""
+    keys = {k for log, _ in logs for k in log}
+    counts = {k: sum(weight for log, weight in logs if k in log) for k in keys}
+    return {k: sum(log[k] for log, weight in logs if weight and k in log) / max(1, counts[k]) for k in keys}, counts
+
+
+def _step_metrics(groups, records, batch, own: slice, stats, rewards: BatchRewards, contexts, update_logs,
+                  parts: RunParts, timer: StageTimer, recipe: Recipe, ref_logprobs, step: int,
+                  correction) -> tuple[dict[str, float], list[dict]]:
+    """Each rank measures its own groups (rows `own` of the global batch); `_reduce_over_ranks` combines them."""
+    mask = batch.response_mask[own].float()
+    logprob, sampler_logprobs = stats["logprob"][own], batch.sampler_logprobs[own]
     answers, voters = [ctx.answers for ctx in contexts], [ctx.voters for ctx in contexts]
-    mismatch = torch.where(mask.bool(), (stats["logprob"] - batch.sampler_logprobs).abs(), 0.0)
+    mismatch = torch.where(mask.bool(), (logprob - sampler_logprobs).abs(), 0.0)
+    responses = dynamics.response_metrics(groups, ngram=recipe.dynamics.repetition_ngram)
+    term_metrics, term_counts = _reward_term_metrics(rewards, len(groups))
+    update, update_counts = _mean_logs(update_logs)
     local = {
         "rollout/logprob_mismatch_max": float(mismatch.max()) if mismatch.numel() else 0.0,
-        **dynamics.response_metrics(groups, ngram=recipe.dynamics.repetition_ngram),
-        **_reward_term_metrics(rewards),
+        **responses, **term_metrics,
         "dynamics/answer_rate": sum(a is not None for group in answers for a in group) / mask.shape[0],
-        **{k: sum(u[k] for u in update_log if k in u) / max(1, sum(k in u for u in update_log))
-           for k in {k for u in update_log for k in u}},
-        **timer,
-        **(correction.sequence_means if correction is not None else {}),  # equal rows per rank: plain mean
+        **update, **timer,
+        # computed over the whole batch, the same on every rank: the plain mean over ranks is that value
+        **(correction.sequence_means if correction is not None else {}),
     }
+    sample_means = [k for k in responses if not k.endswith(("_max", "_min"))] + ["dynamics/answer_rate"]
+    counts = {**dict.fromkeys(sample_means, mask.shape[0]), **term_counts, **update_counts}
     token_means = {  # ranks hold different token counts: weight each rank's mean by its count
-        **{f"actor/{name}_mean": dynamics.masked_mean(stats[name], mask) for name in parts.settings.metric_stats},
-        **dynamics.sampler_mismatch_metrics(stats["logprob"], batch.sampler_logprobs, mask),
-        **(correction.token_means if correction is not None else {}),
+        **{f"actor/{name}_mean": dynamics.masked_mean(stats[name][own], mask) for name in parts.settings.metric_stats},
+        **dynamics.sampler_mismatch_metrics(logprob, sampler_logprobs, mask),
+        **(correction.token_means if correction is not None else {}),  # whole batch: any token weighting gives it
     }
     if ref_logprobs is not None:  # KL(pi || pi_0) of the policy that sampled this batch
-        token_means["actor/kl_to_initial"] = dynamics.masked_mean(dynamics.kl_k3(stats["logprob"], ref_logprobs), mask)
-    metrics = _reduce_over_ranks(local, token_means, float(mask.sum()))
+        token_means["actor/kl_to_initial"] = dynamics.masked_mean(dynamics.kl_k3(logprob, ref_logprobs[own]), mask)
+    metrics = _reduce_over_ranks(local, counts, token_means, float(mask.sum()))
     # label metrics and p_maj over the global batch: gather per-sample [B, G] and per-prompt [B] rows
     oracle = rewards.oracle
     if oracle is None and recipe.reward.oracle is not None:  # no label on this rank: NaN rows, same shapes
@@ -293,16 +336,23 @@ def _step_metrics(groups, records, batch, stats, rewards: BatchRewards, contexts
     return metrics, prompt_rows
 
 
-def _reduce_over_ranks(local: dict[str, float], token_means: dict[str, float], tokens: float) -> dict[str, float]:
-    """Mean over ranks (equal shards), max for `*_max` keys, min for `*_min` keys; `token_means`
-    are weighted by each rank's `tokens`. Keys present on all ranks. Adds `perf/response_tokens`."""
+def _reduce_over_ranks(local: dict[str, float], counts: dict[str, int], token_means: dict[str, float],
+                       tokens: float) -> dict[str, float]:
+    """A key of `local` with a count is a mean over that many of this rank's items (samples,
+    groups, micro-batches: ranks hold unequal shares), so the ranks' values are weighted by their
+    counts; without a count, `*_max` keys take the max over ranks, `*_min` keys the min, and the
+    rest (timings) the plain mean. `token_means` are weighted by each rank's `tokens`. Keys
+    present on all ranks. Adds `perf/response_tokens`."""
     keys, weighted = sorted(local), sorted(token_means)
-    values = torch.tensor([local[k] for k in keys] + [token_means[k] * tokens for k in weighted] + [tokens],
-                          dtype=torch.float64)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    sums, maxima, minima = all_reduce_sum(values), all_reduce_max(values), -all_reduce_max(-values)
-    out = {k: float(maxima[i] if k.endswith("_max") else minima[i] if k.endswith("_min") else sums[i] / world)
-           for i, k in enumerate(keys)}
+    count = torch.tensor([float(counts.get(k, 1)) for k in keys], dtype=torch.float64)  # 1: each rank the same
+    total = all_reduce_sum(count)
+    share = torch.where(total > 0, count / total.clamp(min=1e-300), 0.0)  # this rank's weight: 1.0 in a world of one
+    raw = torch.tensor([local[k] for k in keys], dtype=torch.float64)
+    values = torch.cat([torch.where(count > 0, raw * share, 0.0),
+                        torch.tensor([token_means[k] * tokens for k in weighted] + [tokens], dtype=torch.float64)])
+    sums, maxima, minima = all_reduce_sum(values), all_reduce_max(raw), -all_reduce_max(-raw)
+    out = {k: float(sums[i] if k in counts or not k.endswith(("_max", "_min"))
+                    else maxima[i] if k.endswith("_max") else minima[i]) for i, k in enumerate(keys)}
     total_tokens = float(sums[-1])
     out.update({k: float(sums[len(keys) + j]) / total_tokens if total_tokens else 0.0 for j, k in enumerate(weighted)})
     out["perf/response_tokens"] = total_tokens

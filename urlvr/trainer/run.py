@@ -45,8 +45,9 @@ class Trainer:
     def fit(self) -> RunResult:
         recipe, run_dir = self.recipe, self.run_dir
         dist = init_distributed()
-        resume_from = self._checkpoint_to_resume(dist.is_main)
+        resume_from = self._checkpoint_to_resume(dist.rank)
         barrier()
+        checkpoint.check_shared_run_dir(run_dir, is_main=dist.is_main)  # several nodes: one shared folder
         parts = build_run(recipe, dist)
         start_step, state = self._restore(parts, dist, resume_from)
         # every rank judges collapse from the same (rank-reduced) metrics, so all stop together
@@ -124,20 +125,19 @@ class Trainer:
         self.last_saved = 0
         if resume_from is None:
             return 0, {}
-        state = checkpoint.load_checkpoint(resume_from, parts.actor.engine, rank=dist.rank)
+        universal = checkpoint.prepare_reshard(resume_from, world_size=dist.world_size, is_main=dist.is_main,
+                                               zero_stage=self.recipe.optim.deepspeed.zero_stage)
+        state = checkpoint.load_checkpoint(resume_from, parts.actor.engine, rank=dist.rank, universal=universal)
         parts.engine.sync_weights(parts.actor.model)
         parts.stream.load_state_dict(state["stream"])
         self.last_saved = state["step"]
         return state["step"], state
 
-    def _checkpoint_to_resume(self, is_main: bool) -> Path | None:
+    def _checkpoint_to_resume(self, rank: int) -> Path | None:
         run_dir = self.run_dir
         if self.resume:
-            latest = checkpoint.latest_checkpoint(run_dir)
-            if latest is None:
-                raise RecipeError(f"{run_dir}: --resume given but the run has no complete checkpoint")
-            return latest
-        if is_main:
+            return checkpoint.agreed_latest_checkpoint(run_dir)  # every rank must see the same one
+        if rank == 0:
             if (run_dir / "metrics.jsonl").exists() or checkpoint.complete_checkpoints(run_dir):
                 raise RecipeError(
                     f"{run_dir}: run directory already holds a run; pass --resume {run_dir} to continue it "
@@ -176,7 +176,7 @@ class Trainer:
         self.monitor.record_checkpoint(step)
         best = self.monitor.best_checkpoint_step()
         state = {"step": step, "stream": parts.stream.state_dict(), "time": time.time(),
-                 "collapse": self.monitor.state_dict()}
+                 "collapse": self.monitor.state_dict(), "world_size": dist.world_size}
         checkpoint.save_checkpoint(self.run_dir, step, parts.actor.engine, state, rank=dist.rank,
                                    keep_last=self.recipe.trainer.keep_last, keep_steps=() if best is None else (best,))
 

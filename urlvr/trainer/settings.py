@@ -8,7 +8,6 @@ to be derived at its point of use. Everything else asks this object.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,13 +15,14 @@ import torch
 
 from urlvr.algorithms.token_stats import BUILTIN_TOKEN_STATS, TOKEN_STATS
 from urlvr.data.records import PromptRecord
-from urlvr.dist import DistInfo
+from urlvr.dist import DistInfo, even_shard
 from urlvr.metrics.collapse import COLLAPSE_DETECTORS
 from urlvr.recipe import Recipe
 from urlvr.rewards.base import REWARDS, RewardContext, RewardFamily
 from urlvr.rewards.compose import reward_family
 from urlvr.rewards.extractors import make_extractor
 from urlvr.rollout.base import Group, SamplingParams, hashed_seed
+from urlvr.trainer.sharding import RowLayout
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,10 @@ class RunSettings:
     rank: int
     world_size: int
     minibatches_per_step: int  # optimizer steps per rollout batch and epoch
-    rows_per_minibatch: int  # sequences of one mini-batch on this rank (whole groups)
+    rows_per_minibatch: int  # sequences of one mini-batch, all ranks together (whole groups)
     micro_steps_per_minibatch: int  # DeepSpeed's nominal accumulation steps (the loop marks each boundary itself)
+    prompt_shard: range  # this rank's prompts: indices into each step's global batch (whole groups)
+    layout: RowLayout  # which rows of the global batch this rank scores and trains
     reward_stats: tuple[str, ...]  # token statistics the reward terms read (lent via ctx.token_stats)
     metric_stats: tuple[str, ...]  # token statistics logged as `actor/<name>_mean` (metrics, detectors)
     extract: Callable[[str], str | None]  # reward.extractor bound to its kwargs
@@ -41,20 +43,23 @@ class RunSettings:
     @classmethod
     def derive(cls, recipe: Recipe, dist: DistInfo) -> RunSettings:
         trainer, group_size = recipe.trainer, recipe.rollout.group_size
-        if trainer.prompts_per_step % dist.world_size or trainer.prompts_per_minibatch % dist.world_size:
+        if trainer.prompts_per_step < dist.world_size:
             raise ValueError(
-                f"trainer.prompts_per_step ({trainer.prompts_per_step}) and prompts_per_minibatch "
-                f"({trainer.prompts_per_minibatch}) must be multiples of the world size ({dist.world_size}): "
-                "groups are never split across ranks"
+                f"trainer.prompts_per_step ({trainer.prompts_per_step}) is smaller than the world size "
+                f"({dist.world_size}): every rank generates at least one whole group; use fewer processes "
+                "or more prompts per step"
             )
-        rows = trainer.prompts_per_minibatch // dist.world_size * group_size
+        rows = trainer.prompts_per_minibatch * group_size
+        layout = RowLayout(rows=trainer.prompts_per_step * group_size, rows_per_minibatch=rows,
+                           micro_batch_size=trainer.micro_batch_size, world_size=dist.world_size, rank=dist.rank)
         reward_stats = _ordered(stat for term in recipe.reward.terms
                                 for stat in REWARDS.get(term.name).token_stats(term.kwargs))
         detector_stats = (stat for spec in recipe.collapse.detectors for stat in COLLAPSE_DETECTORS.get(spec.name).stats)
         return cls(
             recipe=recipe, rank=dist.rank, world_size=dist.world_size,
             minibatches_per_step=trainer.prompts_per_step // trainer.prompts_per_minibatch,
-            rows_per_minibatch=rows, micro_steps_per_minibatch=math.ceil(rows / trainer.micro_batch_size),
+            rows_per_minibatch=rows, micro_steps_per_minibatch=layout.micro_steps_per_minibatch,
+            prompt_shard=even_shard(trainer.prompts_per_step, dist.world_size, dist.rank), layout=layout,
             reward_stats=reward_stats, metric_stats=_ordered([*recipe.dynamics.token_metrics, *detector_stats]),
             extract=make_extractor(recipe.reward.extractor, recipe.reward.extractor_kwargs),
             reward_family=reward_family([(t.name, t.weight) for t in recipe.reward.terms]),
@@ -107,13 +112,13 @@ class RunSettings:
         reproducible, resume-exact without RNG replay, and the same on 1 rank or 8."""
         return hashed_seed(self.recipe.seed, step, prompt_index, bits=62)
 
-    def first_prompt_index(self, prompts_on_rank: int) -> int:
-        """Global index of this rank's first prompt (ranks hold equal contiguous slices)."""
-        return self.rank * prompts_on_rank
+    def first_prompt_index(self) -> int:
+        """Global index of this rank's first prompt (ranks hold contiguous slices)."""
+        return self.prompt_shard.start
 
     def train_sampling(self, step: int, num_prompts: int) -> SamplingParams:
         """The rollout's sampling for this rank's `num_prompts` prompts of `step`."""
-        first = self.first_prompt_index(num_prompts)
+        first = self.first_prompt_index()
         return SamplingParams(**self._rollout_fields(),
                               prompt_seeds=tuple(self.sampling_seed(step, first + i) for i in range(num_prompts)))
 
