@@ -128,13 +128,16 @@ class PaddingCounter:
     mask 0). The same count on both sides, neither trainer modified: ``nn.Module.__call__`` is
     wrapped for the child's life (global forward hooks would not see keyword arguments)."""
 
+    active: PaddingCounter | None = None  # the counter of this child, paused by the floor measurement
+
     def __init__(self) -> None:
         self.positions = self.real = self.calls = 0
+        self.paused = False
 
     def count(self, module, args, kwargs) -> None:
         import torch
 
-        if not torch.is_grad_enabled() or not hasattr(module, "embed_tokens") or not hasattr(module, "layers"):
+        if self.paused or not torch.is_grad_enabled() or not hasattr(module, "embed_tokens") or not hasattr(module, "layers"):
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
@@ -154,6 +157,7 @@ class PaddingCounter:
             return original_call(module, *args, **kwargs)
 
         torch.nn.Module.__call__ = call
+        PaddingCounter.active = self
         return self
 
     def __exit__(self, *exc) -> None:
@@ -192,7 +196,7 @@ class RecordedRollouts:
         TransformersRolloutEngine.generate = self._original
 
 
-def floor_forward_backward(model_path: str, steps: list[list[tuple[tuple[int, ...], tuple[int, ...]]]]) -> list[float]:
+def floor_forward_backward(model_path: str, steps: list[list[tuple[tuple[int, ...], tuple[int, ...]]]]) -> dict[str, list[float]]:
     """Per step: one forward + backward over that step's sequences with no padding at all (one
     sequence per call, exact length), a summed response log-prob as the loss. Same model shape,
     fresh weights from disk (the compute does not depend on their values)."""
@@ -201,17 +205,20 @@ def floor_forward_backward(model_path: str, steps: list[list[tuple[tuple[int, ..
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.train()
-    times = []
+    if PaddingCounter.active is not None:  # these forwards are no part of the update's padding count
+        PaddingCounter.active.paused = True
+    times, cpu_times = [], []
     for sequences in steps:
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         for prompt, response in sequences:
             ids = torch.tensor([prompt + response])
             logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]  # [T, V]
             logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[0, len(prompt) :, None])
             logprobs.sum().backward()
         times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - started_cpu)
         model.zero_grad(set_to_none=True)
-    return times
+    return {"wall": times, "cpu": cpu_times}
 
 
 def urlvr_token_budget(settings: dict) -> int | None:

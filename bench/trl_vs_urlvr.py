@@ -127,12 +127,21 @@ def summarize(runs: list[dict], warmup: int) -> dict:
     timed_cpu = [t for run in runs for t in run["step_cpu_times"][warmup:]] if have_cpu else []
     others = [run["other_processes_cpu_cores_mean"] for run in runs if run["other_processes_cpu_cores_mean"] is not None]
     padding = [run["training_forwards"]["padding_fraction"] for run in runs if run["training_forwards"]["padding_fraction"] is not None]
-    floor = None
+    floor = floor_cpu = None
     if all(run.get("floor_forward_backward_s") for run in runs):
-        # floor of a timed step = its rollout (time/rollout) + one unpadded forward/backward of its sequences
-        floor = [rollout + fwd_bwd for run in runs
-                 for rollout, fwd_bwd in zip(run["stages"]["time/rollout"][-len(run["floor_forward_backward_s"]):],
-                                             run["floor_forward_backward_s"])]
+        # floor of a timed step = its rollout (time/rollout) + one unpadded forward/backward of its sequences;
+        # in CPU time: the rollout's share of the step's CPU time is taken as its share of wall time
+        floor, floor_cpu, step_cpu = [], [], []
+        for run in runs:
+            fwd_bwd = run["floor_forward_backward_s"]
+            n = len(fwd_bwd["wall"])
+            rollouts, walls = run["stages"]["time/rollout"][-n:], run["step_times"][-n:]
+            cpus = run["step_cpu_times"][-n:] if run["step_cpu_times"] else [None] * n
+            for rollout, wall, cpu, fb_wall, fb_cpu in zip(rollouts, walls, cpus, fwd_bwd["wall"], fwd_bwd["cpu"]):
+                floor.append(rollout + fb_wall)
+                if cpu is not None:
+                    floor_cpu.append(cpu * rollout / wall + fb_cpu)
+                    step_cpu.append(cpu)
     startups = [run["startup_s"] for run in runs if run.get("startup_s") is not None]
     return {"median_step_s": statistics.median(timed), "mean_step_s": statistics.fmean(timed),
             "min_step_s": min(timed), "max_step_s": max(timed), "median_step_cpu_s": statistics.median(timed_cpu) if timed_cpu else None,
@@ -144,6 +153,8 @@ def summarize(runs: list[dict], warmup: int) -> dict:
             "update_padding_fraction": statistics.fmean(padding) if padding else None,
             "median_floor_s": statistics.median(floor) if floor else None,
             "step_over_floor": statistics.median(timed) / statistics.median(floor) if floor else None,
+            "median_floor_cpu_s": statistics.median(floor_cpu) if floor_cpu else None,
+            "step_over_floor_cpu": statistics.median(step_cpu) / statistics.median(floor_cpu) if floor_cpu else None,
             "startup_s": statistics.median(startups) if startups else None,
             "startup_s_all": startups}
 
@@ -260,8 +271,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         report["targets"] = {name: {"max": limit, "measured": measured[name],
                                     "met": measured[name] is not None and measured[name] <= limit}
                              for name, limit in args.targets.items()}
-        print("\nurlvr/TRL  median step time {:.2f}x  peak RSS {:.2f}x  start-up {}".format(
-            ratios["median_step_time"], ratios["peak_rss"], "n/a" if ratios["startup"] is None else f"{ratios['startup']:.2f}x"))
+        print("\nurlvr/TRL  median step time {:.2f}x (CPU time {})  peak RSS {:.2f}x  start-up {}".format(
+            ratios["median_step_time"], "n/a" if ratios["median_step_cpu_time"] is None else f"{ratios['median_step_cpu_time']:.2f}x",
+            ratios["peak_rss"], "n/a" if ratios["startup"] is None else f"{ratios['startup']:.2f}x"))
+        if urlvr["step_over_floor_cpu"] is not None:
+            print(f"urlvr step / its floor: {urlvr['step_over_floor']:.2f}x wall, {urlvr['step_over_floor_cpu']:.2f}x CPU time")
         for name, target in report["targets"].items():
             print(f"target {name} <= {target['max']}x: {target['measured'] if target['measured'] is None else round(target['measured'], 2)}x "
                   f"({'met' if target['met'] else 'NOT met'})")
