@@ -96,6 +96,7 @@ class TimedSpans:
     def __init__(self, warmup_steps: int, total_steps: int, profile_to: str | None) -> None:
         self.wall: list[float] = []
         self.cpu: list[float] = []
+        self.first_step_epoch: float | None = None  # time.time() when step 1 began: start-up ends here
         self.warmup_steps, self.total_steps = warmup_steps, total_steps
         self.profiler = None
         if profile_to:
@@ -104,6 +105,8 @@ class TimedSpans:
             self.profiler, self.profile_to = Profiler(interval=0.001), Path(profile_to)
 
     def begin(self) -> None:
+        if self.first_step_epoch is None:
+            self.first_step_epoch = time.time()
         if self.profiler is not None and len(self.wall) == self.warmup_steps:
             self.profiler.start()
         self._wall, self._cpu = time.perf_counter(), time.process_time()
@@ -118,6 +121,116 @@ class TimedSpans:
             self.profile_to.write_text("Self time by function (top):\n" + "\n".join(flat) + "\n\n" + tree)
 
 
+# --------------------------------------------------------------------------- padding, floor, token budget
+class PaddingCounter:
+    """Counts the positions fed to the model's body (a ``*Model`` module such as ``LlamaModel``)
+    in forwards that build a graph (the update), and how many of them are padding (attention
+    mask 0). The same count on both sides, neither trainer modified: ``nn.Module.__call__`` is
+    wrapped for the child's life (global forward hooks would not see keyword arguments)."""
+
+    active: PaddingCounter | None = None  # the counter of this child, paused by the floor measurement
+
+    def __init__(self) -> None:
+        self.positions = self.real = self.calls = 0
+        self.paused = False
+
+    def count(self, module, args, kwargs) -> None:
+        import torch
+
+        if self.paused or not torch.is_grad_enabled() or not hasattr(module, "embed_tokens") or not hasattr(module, "layers"):
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs["inputs_embeds"][..., 0]
+        mask = kwargs.get("attention_mask")
+        self.calls += 1
+        self.positions += ids.numel()
+        self.real += int(mask.sum()) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else ids.numel()
+
+    def __enter__(self) -> PaddingCounter:
+        import torch
+
+        self._original_call = original_call = torch.nn.Module.__call__
+
+        def call(module, *args, **kwargs):
+            self.count(module, args, kwargs)
+            return original_call(module, *args, **kwargs)
+
+        torch.nn.Module.__call__ = call
+        PaddingCounter.active = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        torch.nn.Module.__call__ = self._original_call
+
+    def summary(self) -> dict:
+        return {"calls": self.calls, "positions": self.positions, "real_tokens": self.real,
+                "padding_fraction": 1 - self.real / self.positions if self.positions else None}
+
+
+class RecordedRollouts:
+    """Records (prompt ids, response ids) of every sample urlvr's transformers engine returns, per call."""
+
+    def __init__(self) -> None:
+        self.sequences: list[list[tuple[tuple[int, ...], tuple[int, ...]]]] = []
+
+    def __enter__(self) -> RecordedRollouts:
+        from urlvr.rollout.transformers_engine import TransformersRolloutEngine
+
+        self._original = original = TransformersRolloutEngine.generate
+        recorded = self
+
+        def generate(engine, prompts, group_size, sampling):
+            groups = original(engine, prompts, group_size, sampling)
+            recorded.sequences.append([(g.prompt.token_ids, s.token_ids) for g in groups for s in g.samples])
+            return groups
+
+        TransformersRolloutEngine.generate = generate
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from urlvr.rollout.transformers_engine import TransformersRolloutEngine
+
+        TransformersRolloutEngine.generate = self._original
+
+
+def floor_forward_backward(model_path: str, steps: list[list[tuple[tuple[int, ...], tuple[int, ...]]]]) -> dict[str, list[float]]:
+    """Per step: one forward + backward over that step's sequences with no padding at all (one
+    sequence per call, exact length), a summed response log-prob as the loss. Same model shape,
+    fresh weights from disk (the compute does not depend on their values)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.train()
+    if PaddingCounter.active is not None:  # these forwards are no part of the update's padding count
+        PaddingCounter.active.paused = True
+    times, cpu_times = [], []
+    for sequences in steps:
+        started, started_cpu = time.perf_counter(), time.process_time()
+        for prompt, response in sequences:
+            ids = torch.tensor([prompt + response])
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]  # [T, V]
+            logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[0, len(prompt) :, None])
+            logprobs.sum().backward()
+        times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - started_cpu)
+        model.zero_grad(set_to_none=True)
+    return {"wall": times, "cpu": cpu_times}
+
+
+def urlvr_token_budget(settings: dict) -> int | None:
+    """``trainer.max_tokens_per_micro_batch`` when urlvr's recipe has it (feature-detected), sized
+    to the memory of a fixed micro-batch of full-length sequences; None when it does not."""
+    from urlvr.recipe.sections.optimisation import TrainerSection
+
+    if "max_tokens_per_micro_batch" not in TrainerSection.model_fields or not settings.get("token_budget", True):
+        return None
+    return settings["micro_batch_size"] * (settings["max_new_tokens"] + settings.get("prompt_tokens_max", 64))
+
+
 # --------------------------------------------------------------------------- urlvr child
 def run_urlvr(settings: dict, work_dir: Path) -> dict:
     import urlvr
@@ -130,17 +243,23 @@ def run_urlvr(settings: dict, work_dir: Path) -> dict:
         "data": {"source": {"kind": "arithmetic", "num_problems": settings["num_prompts"], "seed": settings["data_seed"]},
                  "template": "chat", "shuffle": False},
         "rollout": {"group_size": settings["group_size"], "max_new_tokens": settings["max_new_tokens"],
+                    "engine": {"name": "transformers", "generation_batch_size": settings.get("generation_batch_size", 64)},
                     "temperature": settings["temperature"], "top_p": 1.0, "top_k": 0},
         # the oracle (ground-truth reward for metrics) is off: TRL computes no such extra reward
         "reward": {"terms": [{"name": "majority_vote"}], "extractor": "boxed", "oracle": None},
         "algorithm": {"kl_coef": 0.0, "entropy_coef": 0.0, "loss": {"name": "ppo_clip", "clip_eps_low": 0.2, "clip_eps_high": 0.2},
                       "loss_aggregation": "token-mean"},
-        "optim": {"lr": settings["lr"], "weight_decay": 0.01, "grad_clip": 1.0, "schedule": "constant"},
+        "optim": {"lr": settings["lr"], "weight_decay": 0.01, "grad_clip": 1.0, "schedule": "constant",
+                  "deepspeed": {"precision": "bf16" if settings.get("bf16") else "fp32"}},
         "trainer": {"total_steps": total_steps, "prompts_per_step": settings["prompts_per_step"],
                     "prompts_per_minibatch": settings["prompts_per_step"],
                     "micro_batch_size": settings["micro_batch_size"], "save_every": 0, "export_final_model": False},
         "logging": {"console": False, "completions_per_step": 0},
     }
+    token_budget = urlvr_token_budget(settings)
+    if token_budget is not None:
+        recipe["trainer"]["max_tokens_per_micro_batch"] = token_budget
+    rollouts = RecordedRollouts()
     # CPU time (and the profile) of the same span as time/step: wrap the step function the loop calls
     import urlvr.trainer.run as run_module
 
@@ -155,7 +274,8 @@ def run_urlvr(settings: dict, work_dir: Path) -> dict:
 
     run_module.grpo_step = timed_step
     started = time.perf_counter()
-    urlvr.train(recipe)
+    with rollouts:
+        urlvr.train(recipe)
     train_seconds = time.perf_counter() - started
     rows = [json.loads(line) for line in (work_dir / "run" / "metrics.jsonl").read_text().splitlines() if line]
     stage_keys = sorted(k for k in rows[0] if k.startswith("time/"))
@@ -166,6 +286,11 @@ def run_urlvr(settings: dict, work_dir: Path) -> dict:
         "tokens_per_step": [row["perf/response_tokens"] for row in rows],
         "stages": {key: [row[key] for row in rows] for key in stage_keys},
         "train_call_seconds": train_seconds,
+        "first_step_epoch": spans.first_step_epoch,
+        "max_tokens_per_micro_batch": token_budget,
+        # urlvr's floor: its own rollout + one forward/backward over the same sequences, unpadded
+        "floor_forward_backward_s": (floor_forward_backward(settings["model"], rollouts.sequences[-settings["timed_steps"]:])
+                                     if settings.get("measure_floor") else None),
     }
 
 
@@ -226,8 +351,8 @@ def run_trl(settings: dict, work_dir: Path) -> dict:
         max_grad_norm=1.0,
         # TRL turns activation checkpointing on by default; urlvr's recipe default is off
         gradient_checkpointing=settings["trl_gradient_checkpointing"],
-        use_vllm=False, use_cpu=True, bf16=False, fp16=False,
-        model_init_kwargs={"dtype": torch.float32},
+        use_vllm=False, use_cpu=not settings.get("cuda"), bf16=bool(settings.get("bf16")), fp16=False,
+        model_init_kwargs={"dtype": torch.bfloat16 if settings.get("bf16") else torch.float32},
         shuffle_dataset=False, seed=settings["seed"], dataloader_num_workers=0,
         report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True, log_completions=False,
     )
@@ -254,6 +379,7 @@ def run_trl(settings: dict, work_dir: Path) -> dict:
         "trl_reported_step_time": [log.get("step_time") for log in timer.logs],
         "trl_config": derived,
         "train_call_seconds": train_seconds,
+        "first_step_epoch": spans.first_step_epoch,
     }
 
 
@@ -263,8 +389,12 @@ def child_main(side: str, settings: dict, result_path: Path) -> None:
     torch.set_num_threads(settings["threads"])
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f"{side}-", dir=RESULTS_DIR) as work:
+    with tempfile.TemporaryDirectory(prefix=f"{side}-", dir=RESULTS_DIR) as work, PaddingCounter() as padding:
         raw = (run_urlvr if side == "urlvr" else run_trl)(settings, Path(work))
+    raw["training_forwards"] = padding.summary()
+    if torch.cuda.is_available():
+        raw["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        raw["gpu"] = torch.cuda.get_device_name()
     raw.update(side=side, peak_rss_mib=peak_rss_mib(), process_seconds=time.perf_counter() - started,
                torch_threads=torch.get_num_threads(), versions=versions(), python=sys.executable)
     result_path.write_text(json.dumps(raw))

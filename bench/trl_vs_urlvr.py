@@ -29,14 +29,35 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 SIDES_SCRIPT = BENCH_DIR / "grpo_sides.py"
 SIDES = ("urlvr", "trl")
-STEP_TIME_TARGET = 0.5  # urlvr step time should be <= 0.5x TRL's
-RSS_TARGET = 1.0  # urlvr peak RSS should be <= TRL's
+# Workloads (--preset); every knob can still be overridden on the command line.
+PRESETS: dict[str, dict] = {
+    # the embedded tiny model, nearly every response at the cap: the original comparison
+    "tiny": dict(model="urlvr/tiny", prompts_per_step=8, group_size=4, max_new_tokens=32, micro_batch_size=8,
+                 warmup_steps=2, timed_steps=5, measure_floor=False,
+                 targets={"step_time": 0.5, "peak_rss": 1.0}),
+    # compute-bound: ~25M-parameter random Llama, 32k vocabulary, lengths spread over the cap
+    # (eos hazard 1.5/cap: mean about half the cap, ~20% cut at it; bench/random_model.py)
+    "compute": dict(model="random:compute", prompts_per_step=8, group_size=4, max_new_tokens=64, micro_batch_size=8,
+                    warmup_steps=1, timed_steps=3, measure_floor=True,
+                    targets={"step_time": 0.8, "floor": 1.15}),
+    # memory at long responses: 2 prompts x 4 samples x 2048 tokens, 32k vocabulary, eos never sampled
+    "memory": dict(model="random:memory", prompts_per_step=2, group_size=4, max_new_tokens=2048, micro_batch_size=4,
+                   warmup_steps=0, timed_steps=1, measure_floor=False,
+                   targets={"peak_rss": 0.6}),
+}
 
 
 # --------------------------------------------------------------------------- parent
-def resolve_model(spec: str) -> str:
+def resolve_model(spec: str, max_new_tokens: int) -> str:
     """``urlvr/tiny`` -> the embedded tiny model (built into the cache if no asset is committed);
-    ``random`` -> a random-init model of the same architecture and tokenizer; else a path."""
+    ``random`` -> a random-init model of the same architecture and tokenizer; ``random:compute``
+    / ``random:memory`` -> bench/random_model.py's presets (eos rate set from ``max_new_tokens``); else a path."""
+    if spec.startswith("random:"):
+        from random_model import preset_settings, save_random_model
+
+        preset = spec.split(":", 1)[1]
+        eos_rate = -1.0 if preset == "memory" else 1.5 / max_new_tokens
+        return str(save_random_model(RESULTS_DIR / f"random-{preset}", preset_settings(preset, eos_rate=eos_rate)))
     if spec == "urlvr/tiny":
         from urlvr.models.tiny import ensure_tiny_model
 
@@ -57,12 +78,15 @@ def run_child(python: str, side: str, settings: dict, env: dict[str, str]) -> di
     """One side in a fresh process; adds how busy the rest of the machine was meanwhile."""
     with tempfile.NamedTemporaryFile(suffix=".json", dir=RESULTS_DIR) as result:
         load_before = os.getloadavg()
+        launched = time.time()
         child = subprocess.Popen([python, str(SIDES_SCRIPT), side, json.dumps(settings), result.name], env=env)
         others = sample_other_cpu(child)
         if child.wait():
             raise SystemExit(f"the {side} child failed with exit code {child.returncode}")
         raw = json.loads(Path(result.name).read_text())
     raw["load_average_before_after"] = [load_before[0], os.getloadavg()[0]]
+    # start-up: from the command (process launch) to the first step's start
+    raw["startup_s"] = raw["first_step_epoch"] - launched if raw.get("first_step_epoch") else None
     # CPU used by processes outside the bench while the child ran, in cores (None without psutil).
     # On a shared 2-core box this is what makes timings noisy: read the numbers with it.
     raw["other_processes_cpu_cores_mean"] = statistics.fmean(others) if others else None
@@ -102,13 +126,37 @@ def summarize(runs: list[dict], warmup: int) -> dict:
     have_cpu = all(run["step_cpu_times"] for run in runs)
     timed_cpu = [t for run in runs for t in run["step_cpu_times"][warmup:]] if have_cpu else []
     others = [run["other_processes_cpu_cores_mean"] for run in runs if run["other_processes_cpu_cores_mean"] is not None]
+    padding = [run["training_forwards"]["padding_fraction"] for run in runs if run["training_forwards"]["padding_fraction"] is not None]
+    floor = floor_cpu = None
+    if all(run.get("floor_forward_backward_s") for run in runs):
+        # floor of a timed step = its rollout (time/rollout) + one unpadded forward/backward of its sequences;
+        # in CPU time: the rollout's share of the step's CPU time is taken as its share of wall time
+        floor, floor_cpu, step_cpu = [], [], []
+        for run in runs:
+            fwd_bwd = run["floor_forward_backward_s"]
+            n = len(fwd_bwd["wall"])
+            rollouts, walls = run["stages"]["time/rollout"][-n:], run["step_times"][-n:]
+            cpus = run["step_cpu_times"][-n:] if run["step_cpu_times"] else [None] * n
+            for rollout, wall, cpu, fb_wall, fb_cpu in zip(rollouts, walls, cpus, fwd_bwd["wall"], fwd_bwd["cpu"]):
+                floor.append(rollout + fb_wall)
+                if cpu is not None:
+                    floor_cpu.append(cpu * rollout / wall + fb_cpu)
+                    step_cpu.append(cpu)
+    startups = [run["startup_s"] for run in runs if run.get("startup_s") is not None]
     return {"median_step_s": statistics.median(timed), "mean_step_s": statistics.fmean(timed),
             "min_step_s": min(timed), "max_step_s": max(timed), "median_step_cpu_s": statistics.median(timed_cpu) if timed_cpu else None,
             "peak_rss_mib": max(run["peak_rss_mib"] for run in runs),
             "tokens_per_step": statistics.fmean(n for run in runs for n in run["tokens_per_step"][warmup:]),
             # whole child process minus its steps: imports, model load, trainer setup, teardown
             "overhead_s": statistics.fmean(run["process_seconds"] - sum(run["step_times"]) for run in runs),
-            "other_processes_cpu_cores": statistics.fmean(others) if others else None}
+            "other_processes_cpu_cores": statistics.fmean(others) if others else None,
+            "update_padding_fraction": statistics.fmean(padding) if padding else None,
+            "median_floor_s": statistics.median(floor) if floor else None,
+            "step_over_floor": statistics.median(timed) / statistics.median(floor) if floor else None,
+            "median_floor_cpu_s": statistics.median(floor_cpu) if floor_cpu else None,
+            "step_over_floor_cpu": statistics.median(step_cpu) / statistics.median(floor_cpu) if floor_cpu else None,
+            "startup_s": statistics.median(startups) if startups else None,
+            "startup_s_all": startups}
 
 
 def machine() -> dict:
@@ -120,25 +168,32 @@ def machine() -> dict:
 
 
 def table(results: dict[str, dict]) -> str:
+    def fmt(value, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
     lines = [f"{'side':<6} {'median step s':>14} {'mean step s':>12} {'median CPU s':>13} {'peak RSS MiB':>13}"
-             f" {'tokens/step':>12} {'overhead s':>11} {'busy cores elsewhere':>21}"]
+             f" {'tokens/step':>12} {'padding':>8} {'start-up s':>11} {'step/floor':>11} {'busy cores elsewhere':>21}"]
     for side, r in results.items():
-        others = "n/a" if r["other_processes_cpu_cores"] is None else f"{r['other_processes_cpu_cores']:.2f}"
-        cpu = "n/a" if r["median_step_cpu_s"] is None else f"{r['median_step_cpu_s']:.3f}"
-        lines.append(f"{side:<6} {r['median_step_s']:>14.3f} {r['mean_step_s']:>12.3f} {cpu:>13}"
-                     f" {r['peak_rss_mib']:>13.0f} {r['tokens_per_step']:>12.0f} {r['overhead_s']:>11.1f} {others:>21}")
+        lines.append(f"{side:<6} {r['median_step_s']:>14.3f} {r['mean_step_s']:>12.3f} {fmt(r['median_step_cpu_s'], '.3f'):>13}"
+                     f" {r['peak_rss_mib']:>13.0f} {r['tokens_per_step']:>12.0f} {fmt(r['update_padding_fraction'], '.1%'):>8}"
+                     f" {fmt(r['startup_s'], '.1f'):>11} {fmt(r['step_over_floor'], '.2f'):>11}"
+                     f" {fmt(r['other_processes_cpu_cores'], '.2f'):>21}")
     return "\n".join(lines)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="urlvr/tiny", help="urlvr/tiny (default), random, or a model directory")
-    parser.add_argument("--prompts-per-step", type=int, default=8)
-    parser.add_argument("--group-size", type=int, default=4, help="samples per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward, both sides")
-    parser.add_argument("--warmup-steps", type=int, default=2, help="steps run but not timed")
-    parser.add_argument("--timed-steps", type=int, default=5)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                        help="workload: tiny (default), compute (25M params, 32k vocab, mixed lengths), memory (2x4x2048 tokens)")
+    parser.add_argument("--model", help="urlvr/tiny, random, random:compute, random:memory, or a model directory")
+    parser.add_argument("--prompts-per-step", type=int)
+    parser.add_argument("--group-size", type=int, help="samples per prompt")
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--micro-batch-size", type=int, help="sequences per forward/backward, both sides")
+    parser.add_argument("--warmup-steps", type=int, help="steps run but not timed")
+    parser.add_argument("--timed-steps", type=int)
+    parser.add_argument("--no-token-budget", action="store_true",
+                        help="do not set trainer.max_tokens_per_micro_batch even where urlvr's recipe has it")
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1,
@@ -151,11 +206,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--urlvr-python", default=sys.executable, help="interpreter for the urlvr child")
     parser.add_argument("--trl-python", default=sys.executable, help="interpreter for the TRL child (needs trl)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "trl_vs_urlvr.json")
+    parser.add_argument("--out", type=Path, help="default: bench/results/trl_vs_urlvr[_<preset>].json")
     parser.add_argument("--profile", action="store_true",
                         help="pyinstrument-profile the timed steps of each side into bench/results/profile_<side>.txt "
                              "(slows them: do not quote a profiled run's timings)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    for key, value in preset.items():
+        if key in vars(args) and getattr(args, key) is None:
+            setattr(args, key, value)
+    args.measure_floor, args.targets = preset["measure_floor"], preset["targets"]
+    if args.out is None:
+        args.out = RESULTS_DIR / ("trl_vs_urlvr.json" if args.preset == "tiny" else f"trl_vs_urlvr_{args.preset}.json")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -164,12 +227,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     total_steps = args.warmup_steps + args.timed_steps
     settings = {
-        "model": resolve_model(args.model), "prompts_per_step": args.prompts_per_step,
+        "preset": args.preset, "model": resolve_model(args.model, args.max_new_tokens), "prompts_per_step": args.prompts_per_step,
         "group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
         "micro_batch_size": args.micro_batch_size, "warmup_steps": args.warmup_steps,
         "timed_steps": args.timed_steps, "lr": args.lr, "temperature": args.temperature,
         "threads": args.threads, "seed": args.seed, "data_seed": args.data_seed,
         "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
+        "measure_floor": args.measure_floor, "token_budget": not args.no_token_budget,
         **{f"profile_{side}": str(RESULTS_DIR / f"profile_{side}.txt") if args.profile else None for side in SIDES},
         # one pass over exactly the prompts the steps need: both sides see the same prompts in order
         "num_prompts": total_steps * args.prompts_per_step,
@@ -193,19 +257,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     print("\n" + table(results))
     if set(results) == set(SIDES):
-        step_ratio = results["urlvr"]["median_step_s"] / results["trl"]["median_step_s"]
-        rss_ratio = results["urlvr"]["peak_rss_mib"] / results["trl"]["peak_rss_mib"]
-        report["ratios_urlvr_over_trl"] = {
-            "median_step_time": step_ratio, "mean_step_time": results["urlvr"]["mean_step_s"] / results["trl"]["mean_step_s"],
-            "median_step_cpu_time": (results["urlvr"]["median_step_cpu_s"] / results["trl"]["median_step_cpu_s"]
-                                     if results["urlvr"]["median_step_cpu_s"] and results["trl"]["median_step_cpu_s"] else None),
-            "peak_rss": rss_ratio,
+        urlvr, trl = results["urlvr"], results["trl"]
+        ratios = {
+            "median_step_time": urlvr["median_step_s"] / trl["median_step_s"],
+            "mean_step_time": urlvr["mean_step_s"] / trl["mean_step_s"],
+            "median_step_cpu_time": (urlvr["median_step_cpu_s"] / trl["median_step_cpu_s"]
+                                     if urlvr["median_step_cpu_s"] and trl["median_step_cpu_s"] else None),
+            "peak_rss": urlvr["peak_rss_mib"] / trl["peak_rss_mib"],
+            "startup": urlvr["startup_s"] / trl["startup_s"] if urlvr["startup_s"] and trl["startup_s"] else None,
         }
-        report["targets"] = {"step_time_ratio_max": STEP_TIME_TARGET, "step_time_met": step_ratio <= STEP_TIME_TARGET,
-                             "peak_rss_ratio_max": RSS_TARGET, "peak_rss_met": rss_ratio <= RSS_TARGET}
-        print(f"\nurlvr/TRL  median step time {step_ratio:.2f}x (target <= {STEP_TIME_TARGET}x: "
-              f"{'met' if step_ratio <= STEP_TIME_TARGET else 'NOT met'})  "
-              f"peak RSS {rss_ratio:.2f}x (target <= {RSS_TARGET}x: {'met' if rss_ratio <= RSS_TARGET else 'NOT met'})")
+        report["ratios_urlvr_over_trl"] = ratios
+        measured = {"step_time": ratios["median_step_time"], "peak_rss": ratios["peak_rss"], "floor": urlvr["step_over_floor"]}
+        report["targets"] = {name: {"max": limit, "measured": measured[name],
+                                    "met": measured[name] is not None and measured[name] <= limit}
+                             for name, limit in args.targets.items()}
+        print("\nurlvr/TRL  median step time {:.2f}x (CPU time {})  peak RSS {:.2f}x  start-up {}".format(
+            ratios["median_step_time"], "n/a" if ratios["median_step_cpu_time"] is None else f"{ratios['median_step_cpu_time']:.2f}x",
+            ratios["peak_rss"], "n/a" if ratios["startup"] is None else f"{ratios['startup']:.2f}x"))
+        if urlvr["step_over_floor_cpu"] is not None:
+            print(f"urlvr step / its floor: {urlvr['step_over_floor']:.2f}x wall, {urlvr['step_over_floor_cpu']:.2f}x CPU time")
+        for name, target in report["targets"].items():
+            print(f"target {name} <= {target['max']}x: {target['measured'] if target['measured'] is None else round(target['measured'], 2)}x "
+                  f"({'met' if target['met'] else 'NOT met'})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}  ({report['bench_seconds']:.0f} s)")

@@ -403,3 +403,44 @@ def test_per_row_generators_sample_the_right_distribution():
     sigma = (expected * (1 - expected) / tokens.numel()).sqrt()
     assert counts[4] == 0  # filtered by top_k
     assert torch.all((counts[:4] - expected).abs() < 5 * sigma), (counts, expected)
+
+
+def test_finished_rows_leave_the_batch_and_cost_no_more_forwards(tiny):
+    """Mixed lengths: a row that ended is fed to the model no more, so a batch whose rows stop
+    early processes fewer tokens than one that runs to ``max_new_tokens``; the samples equal
+    those of each group generated alone (per-row seeds: draws independent of the batch)."""
+    model, tokenizer, prompts = tiny
+    # Make the random model's favourite first token eos, so that most rows end early.
+    firsts = first_sampled_tokens(make_engine(model, tokenizer), prompts, SamplingParams(max_new_tokens=1, seed=5))
+    eos_tokenizer = copy.deepcopy(tokenizer)
+    eos_tokenizer.eos_token = tokenizer.convert_ids_to_tokens(max(set(firsts), key=firsts.count))
+    engine, budget, group_size = make_engine(model, eos_tokenizer), 24, 4
+    sampling = SamplingParams(max_new_tokens=budget, prompt_seeds=(11, 12, 13))
+
+    decode_rows: list[int] = []  # rows fed to the model at each decoding step (after the prefill)
+
+    def count_rows(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] == 1:
+            decode_rows.append(kwargs["input_ids"].shape[0])
+
+    hook = model.register_forward_pre_hook(count_rows, with_kwargs=True)
+    try:
+        groups = engine.generate(prompts, group_size, sampling)
+    finally:
+        hook.remove()
+    lengths = [len(s.token_ids) for g in groups for s in g.samples]
+    rows = len(lengths)
+    assert min(lengths) < budget // 2 and sum(n < budget for n in lengths) > rows // 2  # mixed, mostly early
+    assert decode_rows == sorted(decode_rows, reverse=True) and decode_rows[0] <= rows
+    # Each row is fed once per token it sampled after the first and before it ended.
+    assert sum(decode_rows) == sum(n - 1 for n in lengths) < 0.6 * rows * (budget - 1)
+    assert len(decode_rows) == max(lengths) - 1
+
+    # Dropping rows changes no sample: each group alone (one row per forward) gives the same.
+    for p, group in enumerate(groups):
+        alone = make_engine(model, eos_tokenizer, generation_batch_size=1).generate(
+            prompts[p : p + 1], group_size, SamplingParams(max_new_tokens=budget, prompt_seeds=(11 + p,)))
+        assert [s.token_ids for s in alone[0].samples] == [s.token_ids for s in group.samples]
+        assert [s.finish_reason for s in alone[0].samples] == [s.finish_reason for s in group.samples]
+        for a, b in zip(alone[0].samples, group.samples):  # padding and batch change float noise only
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)

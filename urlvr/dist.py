@@ -4,12 +4,20 @@
 Why the environment defaults: a single process started without a launcher has no RANK /
 WORLD_SIZE / MASTER_ADDR, and DeepSpeed then falls back to MPI discovery, which fails without
 mpi4py. DS_ACCELERATOR must be set before deepspeed is first imported.
+
+Why a world of one on CPU skips DeepSpeed's shared-memory op: DeepSpeed JIT-compiles it
+(``deepspeed_shm_comm``, a C++ build of minutes on a small machine) the first time its torch
+backend starts in each torch-extensions directory, and loads it (a compatibility probe of every
+op, then a build check) on every later start, to speed up all-reduce between processes on one
+host. A single process has no peer to share memory with, so urlvr's start-up does without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,13 +53,34 @@ def init_distributed() -> DistInfo:
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        alone_on_cpu = not use_cuda and os.environ.get("WORLD_SIZE") == "1"
+        with _no_shm_comm_op() if alone_on_cpu else contextlib.nullcontext():
+            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+@contextlib.contextmanager
+def _no_shm_comm_op() -> Iterator[None]:
+    """DeepSpeed's torch backend starts without its shared-memory all-reduce op (see the module
+    docstring); ``deepspeed.initialize`` later reuses that backend, so the op is never built."""
+    import importlib
+
+    # not `import deepspeed.comm.torch as ...`: the package re-exports the name `torch` (torch itself)
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    build = getattr(ds_torch, "build_shm_op", None)
+    if build is None:  # another DeepSpeed layout: leave it alone
+        yield
+        return
+    ds_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch.build_shm_op = build
 
 
 def barrier() -> None:

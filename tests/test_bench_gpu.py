@@ -1,0 +1,26 @@
+"""bench/gpu/check.py's CPU dry run: the one-call GPU check must not rot between GPU loans."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "bench/gpu/check.py", "--dry-run", "--out", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["dry_run"] and report["tests"]["returncode"] == 0 and report["tests"]["collect_only"]
+    assert "test_bf16_training_steps_under_zero[3]" in (tmp_path / "gpu_tests.log").read_text()
+    urlvr = report["sides"]["urlvr"]
+    assert urlvr["median_step_s"] > 0 and urlvr["response_tokens_per_step"] > 0
+    assert "time/update" in urlvr["stages_median_s"] and urlvr["update_mfu"] > 0
+    for side in report["sides_skipped"]:  # TRL is in the bench extra only
+        assert side == "trl"
