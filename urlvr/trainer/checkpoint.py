@@ -7,6 +7,8 @@ Atomicity: every rank writes into `.tmp-step-000004/`; after a barrier rank 0 wr
 old checkpoints untouched or the new one complete; half-written `.tmp-*` folders are ignored
 and swept at the next save. Older complete checkpoints beyond `keep_last` are deleted only
 after the new one is in place.
+Frozen parameters (a LoRA run's base model) are left out: the run reloads them from
+`model.path`, so a checkpoint holds the adapters, their optimizer state and the schedule.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def save_checkpoint(run_dir: Path, step: int, engine, trainer_state: dict[str, A
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG)  # collective: every rank writes its shards
+    engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG,  # collective: every rank writes its shards
+                           exclude_frozen_parameters=_has_frozen_parameters(engine))
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     if rank == 0:
         _write_json(tmp / "trainer_state.json", trainer_state)
@@ -101,8 +104,9 @@ def save_checkpoint(run_dir: Path, step: int, engine, trainer_state: dict[str, A
 
 def load_checkpoint(path: Path, engine, *, rank: int) -> dict[str, Any]:
     """Restore engine (weights, optimizer, scheduler) and this rank's RNG; return trainer state."""
-    load_path, _ = engine.load_checkpoint(
-        str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+    load_path, _ = engine.load_checkpoint(  # not strict when the frozen weights were left out of it
+        str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+        load_module_strict=not _has_frozen_parameters(engine),
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the engine state from {path}")
@@ -110,6 +114,10 @@ def load_checkpoint(path: Path, engine, *, rank: int) -> dict[str, Any]:
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def _has_frozen_parameters(engine) -> bool:
+    return any(not p.requires_grad for p in engine.module.parameters())
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -22,7 +22,8 @@ class AlgorithmSection(Section):
     loss_aggregation: Annotated[str, Registered("loss_aggregation")] = "token-mean"
     """How per-token losses are weighted into the mini-batch loss (`seq-mean-token-sum-norm` is Dr.GRPO's)."""
     kl_coef: float = Field(0.0, ge=0.0)
-    """Weight of the KL penalty to the frozen initial policy (Table 7: none). >0 loads a reference model."""
+    """Weight of the KL penalty to the frozen initial policy (Table 7: none). >0 loads a reference model
+    (under `model.lora`: none, the actor with its adapters off is the reference)."""
     kl_estimator: Annotated[str, Registered("kl_estimator")] = "k3"
     """KL estimator of the penalty (Schulman's k2 or k3; k1 is refused: as a loss term its expected
     gradient is zero). k2's gradient is that of KL(π‖π_ref), k3's that of KL(π_ref‖π) (docs/concepts.md)."""
