@@ -15,8 +15,6 @@ from urlvr.dist import init_distributed
 from urlvr.recipe import load_recipe
 from urlvr.trainer import build
 
-pytest.importorskip("peft", reason="LoRA needs peft (a core dependency)")
-
 LORA = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
 REWARD = {"terms": [{"name": "test_short_response"}], "oracle": "ground_truth"}
 VOLATILE = ("time/", "perf/tokens_per_second")
@@ -162,3 +160,22 @@ def test_zero3_lora_trains_and_exports_like_zero0(exported, random_tiny_model, t
         want, got = load_file(exported.final_model_dir / name), load_file(result.final_model_dir / name)
         assert want.keys() == got.keys()
         assert max(float((want[k] - got[k]).abs().max()) for k in want) < 1e-5, name
+
+
+def test_gradient_checkpointing_and_adapter_dropout_still_train_the_adapters(random_tiny_model, tmp_path):
+    """Checkpointed blocks over frozen embeddings get no gradient unless the input requires one
+    (the classic LoRA pitfall); dropout acts in the training forward only."""
+    from urlvr.trainer.loop import grpo_step
+
+    raw = lora_recipe(random_tiny_model, tmp_path / "run", lora={"dropout": 0.5})
+    recipe = load_recipe({**raw, "model": {**raw["model"], "gradient_checkpointing": True}})
+    dist = init_distributed()
+    parts = build.build_run(recipe, dist)
+    first, _, _ = grpo_step(parts, recipe, dist, 1)
+    assert first["actor/grad_norm"] > 0.0
+    assert any(float(p.abs().max()) > 0 for n, p in parts.actor.model.named_parameters() if "lora_B" in n)
+    assert all(not m.training for m in parts.actor.adapter_dropouts)  # back to eval after the training forward
+    # step 1: B = 0, so dropout on the adapters' input changes nothing yet; step 2: it does
+    assert first["actor/ratio_max"] == first["actor/ratio_min"] == 1.0
+    second, _, _ = grpo_step(parts, recipe, dist, 2)
+    assert second["actor/ratio_max"] != 1.0 or second["actor/ratio_min"] != 1.0

@@ -41,7 +41,8 @@ class LoraSection(Section):
         return value
 
 
-_EMBEDDING_NAMES = {"lm_head", "embed_tokens"}  # by name here; any model's embeddings are refused when the adapters are built
+# refused by name here; whatever name reaches a model's embeddings is refused when the adapters are built
+_EMBEDDING_NAMES = {"lm_head", "embed_tokens"}
 
 
 class ModelSection(Section):
