@@ -165,6 +165,40 @@ def test_grpo_steps_keep_engine_and_trainer_in_step(run):
     assert moved > 1e-4, "three steps at lr 3e-3 should move the weights"
 
 
+def test_lora_run_syncs_merged_weights_after_every_step(run, tmp_path):
+    """A LoRA run (`model.lora`) sampling through the same vLLM engine: after every step the
+    merged weights are synced (base + scaling * B @ A, computed into the copies), vLLM's greedy
+    output equals the trainer's PeftModel's, and the trained module's base weights never move."""
+    from urlvr.trainer.build import build_run
+    from urlvr.trainer.loop import grpo_step
+
+    parts, _, dist = run
+    recipe = Recipe.model_validate(small_run_recipe(
+        TINY, tmp_path / "lora", rollout={"group_size": 4, "max_new_tokens": 16}, optim={"lr": 2e-2},
+        model={"path": TINY, "lora": {"rank": 8, "alpha": 16}}, dynamics={"kl_to_initial_every": 1},
+        reward={"terms": [{"name": "self_certainty"}]}))  # varies within every group: the adapters move
+    lora = build_run(recipe, dist)  # built with the transformers engine, then handed the vLLM one
+    lora.engine = parts.engine  # one vLLM engine per process: lend the run's, give it back after
+    prompts = _prompts(lora)
+    base = {k: v.clone() for k, v in lora.actor.model.state_dict().items() if "lora_" not in k}
+    try:
+        lora.engine.sync_weights(lora.actor.model)
+        start = _greedy(lora.engine, prompts)
+        assert start == _greedy(_reference_engine(lora), prompts)
+        outputs = []
+        for step in range(1, 4):
+            metrics, _, _ = grpo_step(lora, recipe, dist, step)
+            outputs.append(_greedy(lora.engine, prompts))
+            assert outputs[-1] == _greedy(_reference_engine(lora), prompts), f"step {step}"
+            assert metrics["rollout/logprob_mismatch_mean"] < 1e-3
+        assert metrics["actor/kl_to_initial"] > 0.0  # the adapters moved the policy
+        assert outputs[-1] != start, "the adapters should change some greedy output (else the check is empty)"
+        state = lora.actor.model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in base.items()), "a sync or a step changed a base weight"
+    finally:
+        parts.engine.sync_weights(parts.actor.model)
+
+
 def test_two_ranks_zero3_under_torchrun(tmp_path):
     """Two CPU ranks (gloo), ZeRO-3, one vLLM engine per rank through `external_launcher`:
     the run finishes, every rank's sync gathers bucket by bucket, one checkpoint is written."""

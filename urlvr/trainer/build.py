@@ -17,10 +17,11 @@ from urlvr.data.loaders import load_records
 from urlvr.data.records import DataError, PromptRecord
 from urlvr.data.stream import PromptStream
 from urlvr.data.templates import encode_prompts
+from urlvr.models.lora import apply_lora
 from urlvr.models.tiny import resolve_model_path
 from urlvr.recipe import Recipe
 from urlvr.rollout.base import ROLLOUT_ENGINES, PromptInput, RolloutEngine
-from urlvr.trainer.actor import Actor
+from urlvr.trainer.actor import Actor, AdapterOffReference
 from urlvr.trainer.settings import RunSettings
 from urlvr.dist import DistInfo
 
@@ -29,7 +30,8 @@ from urlvr.dist import DistInfo
 class RunParts:
     tokenizer: Any
     actor: Actor
-    reference: Any  # frozen initial policy (TokenScorer) when kl_coef > 0, else None
+    reference: Any  # the initial policy when a KL is measured or penalised, else None: a frozen TokenScorer,
+    # or under LoRA the actor itself with its adapters off (AdapterOffReference)
     engine: RolloutEngine
     records: dict[str, PromptRecord]
     prompts: dict[str, PromptInput]
@@ -75,6 +77,8 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
     settings = RunSettings.derive(recipe, dist)  # a batch that does not fit the world size fails first
     seed_everything(recipe.seed)
     model, tokenizer = load_model_and_tokenizer(recipe)
+    if recipe.model.lora is not None:  # base frozen, adapters trained; the reference is the base itself
+        model = apply_lora(model, recipe.model.lora)
     records = load_prompt_records(recipe.data.source, recipe)
     # encode every prompt now: an over-long prompt fails before step 1, not at step 300
     encoded = encode_prompts(
@@ -90,14 +94,17 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
         epochs=None if trainer.total_steps else trainer.data_epochs, rank=dist.rank, world_size=dist.world_size,
     )
     total_steps = trainer.total_steps or stream.steps_available()
+    needs_reference = recipe.algorithm.kl_coef > 0 or recipe.dynamics.kl_to_initial_every > 0  # penalty, or KL-to-pi_0 metric
     reference = None
-    if recipe.algorithm.kl_coef > 0 or recipe.dynamics.kl_to_initial_every > 0:  # penalty, or KL-to-pi_0 metric
+    if needs_reference and recipe.model.lora is None:
         on_host = recipe.algorithm.kl_coef == 0 and recipe.dynamics.kl_reference_device == "cpu"
         reference = _frozen_reference(recipe, torch.device("cpu") if on_host else dist.device)
     actor = Actor(
         model, recipe, world_size=dist.world_size, micro_steps_per_minibatch=settings.micro_steps_per_minibatch,
         total_optimizer_steps=total_steps * settings.minibatches_per_step * trainer.ppo_epochs,
     )
+    if needs_reference and recipe.model.lora is not None:
+        reference = AdapterOffReference(actor)  # no second copy: dynamics.kl_reference_device does not apply
     engine = ROLLOUT_ENGINES.get(recipe.rollout.engine.name).from_recipe(recipe, actor.model, tokenizer, dist)
     eval_records, eval_prompts = _evaluation_shard(recipe.eval.source, recipe, tokenizer, dist)
     held_out = {name: _evaluation_shard(source, recipe, tokenizer, dist, f"eval.held_out.{name}")

@@ -13,6 +13,9 @@ depend on the world size, but ZeRO-1/2/3 split the optimizer state per rank. Res
 world size therefore first converts the checkpoint once into DeepSpeed's universal format
 (`universal/` next to `deepspeed/`, per-parameter fp32 weights and Adam moments), which any world
 size loads. ZeRO-0 keeps the whole state on every rank and loads as it is. docs/multi-node.md.
+
+Frozen parameters (a LoRA run's base model) are left out: the run reloads them from
+`model.path`, so a checkpoint holds the adapters, their optimizer state and the schedule.
 """
 
 from __future__ import annotations
@@ -89,7 +92,8 @@ def save_checkpoint(run_dir: Path, step: int, engine, trainer_state: dict[str, A
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG)  # collective: every rank writes its shards
+    engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG,  # collective: every rank writes its shards
+                           exclude_frozen_parameters=_has_frozen_parameters(engine))
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     if rank == 0:
         _write_json(tmp / "trainer_state.json", trainer_state)
@@ -114,9 +118,9 @@ def load_checkpoint(path: Path, engine, *, rank: int, universal: bool = False) -
     `universal`: from the universal copy (`prepare_reshard`), for another world size."""
     engine._config.load_universal_checkpoint = universal  # DeepSpeed reads it at load time
     try:
-        load_path, _ = engine.load_checkpoint(
+        load_path, _ = engine.load_checkpoint(  # not strict when the frozen weights were left out of it
             str(path), tag=UNIVERSAL_TAG if universal else DEEPSPEED_TAG, load_optimizer_states=True,
-            load_lr_scheduler_states=True)
+            load_lr_scheduler_states=True, load_module_strict=not _has_frozen_parameters(engine))
     finally:
         engine._config.load_universal_checkpoint = False
     if load_path is None:
@@ -195,6 +199,10 @@ def check_shared_run_dir(run_dir: Path, *, is_main: bool) -> None:
             f"{run_dir}: ranks {blind} cannot see the files rank 0 writes there. output_dir must be on a "
             "filesystem every node shares (NFS, Lustre, ...): every rank writes its checkpoint shards into it "
             "and loads them from it on resume")
+
+
+def _has_frozen_parameters(engine) -> bool:
+    return any(not p.requires_grad for p in engine.module.parameters())
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -182,13 +182,21 @@ class Trainer:
 
 
 def export_model(parts, out_dir: Path, is_main: bool) -> Path:
-    """HF format (safetensors + tokenizer), loadable by AutoModelForCausalLM.from_pretrained."""
-    state = parts.actor.full_state_dict()  # collective under ZeRO-3: every rank calls it
+    """HF format (safetensors + tokenizer), loadable by AutoModelForCausalLM.from_pretrained. A LoRA
+    run writes its adapter instead (`PeftModel.from_pretrained(base, out_dir)`), and with
+    `model.lora.export_merged` the merged model in `out_dir/merged` (docs/lora.md)."""
+    actor, lora = parts.actor, parts.actor.recipe.model.lora
+    # collective under ZeRO-3: every rank gathers
+    state = actor.adapter_state_dict() if lora is not None else actor.full_state_dict()
+    merged = actor.full_state_dict() if lora is not None and lora.export_merged else None
     if is_main:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        parts.actor.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        actor.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         parts.tokenizer.save_pretrained(tmp)
+        if merged is not None:
+            actor.model.get_base_model().save_pretrained(tmp / "merged", state_dict=merged, safe_serialization=True)
+            parts.tokenizer.save_pretrained(tmp / "merged")
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
     barrier()

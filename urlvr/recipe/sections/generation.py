@@ -2,12 +2,47 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from urlvr.recipe.sections.base import Section, VariantSection
 from urlvr.recipe.variants import VariantOf
+
+
+class LoraSection(Section):
+    """`model.lora`: train low-rank adapters through `peft` instead of every weight (docs/lora.md)."""
+
+    rank: int = Field(16, ge=1)
+    """LoRA rank r of each adapter (`peft.LoraConfig.r`)."""
+    alpha: float = Field(32.0, gt=0.0)
+    """LoRA alpha; the adapter's update is scaled by alpha / rank."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapters' input, applied in the training forward only (the scoring pass runs
+    without it, so with dropout > 0 the on-policy ratio is no longer exactly 1)."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Modules that get adapters: `all-linear` (every linear layer of the decoder, never the LM
+    head) or a list of module-name suffixes (`[q_proj, v_proj]`). The LM head and the token
+    embeddings cannot be targeted (tied with each other in many models)."""
+    export_merged: bool = False
+    """Also write the merged model (base + adapters, loadable with `AutoModelForCausalLM`) to
+    `<export>/merged/` beside the adapter."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _no_embeddings(cls, value: list[str] | str) -> list[str] | str:
+        refused = [name for name in value if name in _EMBEDDING_NAMES] if isinstance(value, list) else []
+        if refused:
+            raise ValueError(f"LoRA on {refused} is not supported: the LM head and the token embeddings are tied in "
+                             "many models and the trainer scores with the head's plain weight; adapt the decoder's "
+                             "linear layers (`all-linear`)")
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one module, or write `all-linear`")
+        return value
+
+
+# refused by name here; whatever name reaches a model's embeddings is refused when the adapters are built
+_EMBEDDING_NAMES = {"lm_head", "embed_tokens"}
 
 
 class ModelSection(Section):
@@ -20,6 +55,9 @@ class ModelSection(Section):
     """transformers attention backend (`sdpa`, `eager`, `flash_attention_2`); None = default."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint (needed by some hub models)."""
+    lora: LoraSection | None = None
+    """Train LoRA adapters instead of the whole model (`{rank: 16, alpha: 32}`); null = full
+    fine-tuning. The KL reference is then the same model with its adapters off (docs/lora.md)."""
 
 
 class RolloutSection(Section):

@@ -74,7 +74,8 @@ class DynamicsSection(Section):
     kl_reference_device: Literal["auto", "cpu"] = "auto"
     """Where that frozen copy lives when the KL penalty is off: `auto` = the training device,
     `cpu` = host memory (saves accelerator memory; slower). With a penalty the penalty's
-    reference model is reused."""
+    reference model is reused. Under `model.lora` there is no copy (the reference is the actor
+    with its adapters off) and this field does not apply."""
     repetition_ngram: int = Field(4, ge=1, le=64)
     """n of `response/repetition_rate` = 1 - unique n-grams / n-grams of a response's tokens."""
     track_prompts: list[str] | Literal["all"] | None = None

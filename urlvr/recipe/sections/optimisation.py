@@ -27,7 +27,8 @@ class AlgorithmSection(Section):
     """Entropy control: which tokens train, chosen once per mini-batch and applied to any loss
     (`high_entropy`: top-q entropy tokens only; `clip_cov`/`kl_cov`: Cui et al.'s covariance controls)."""
     kl_coef: float = Field(0.0, ge=0.0)
-    """Weight of the KL penalty to the frozen initial policy (Table 7: none). >0 loads a reference model."""
+    """Weight of the KL penalty to the frozen initial policy (Table 7: none). >0 loads a reference model
+    (under `model.lora`: none, the actor with its adapters off is the reference)."""
     kl_estimator: Annotated[str, Registered("kl_estimator")] = "k3"
     """KL estimator of the penalty (Schulman's k2 or k3; k1 is refused: as a loss term its expected
     gradient is zero). k2's gradient is that of KL(π‖π_ref), k3's that of KL(π_ref‖π) (docs/concepts.md)."""
