@@ -12,7 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_dry_run(tmp_path):
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # a fresh world of one: drop the rendezvous variables an in-process run of this session set
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     done = subprocess.run([sys.executable, "bench/gpu/check.py", "--dry-run", "--out", str(tmp_path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

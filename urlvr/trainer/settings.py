@@ -76,9 +76,12 @@ class RunSettings:
         pass would see, so it stands in for it: its detached log-probs are the old log-probs (ratio
         exactly 1), and it also computes the statistics that are only logged (metrics, detectors).
         A token filter (`algorithm.token_filter`) also needs it: it selects tokens over the whole
-        mini-batch before the update."""
+        mini-batch before the update. So does LoRA dropout (`model.lora.dropout > 0`): the training
+        forward then is not the policy that sampled, whose log-probs the ratio must divide by."""
         off_policy = self.minibatches_per_step * self.recipe.trainer.ppo_epochs > 1
-        return bool(self.reward_stats) or off_policy or self.recipe.algorithm.token_filter.name != "none"
+        lora = self.recipe.model.lora
+        return (bool(self.reward_stats) or off_policy or self.recipe.algorithm.token_filter.name != "none"
+                or (lora is not None and lora.dropout > 0))
 
     @property
     def score_stats(self) -> tuple[str, ...]:
