@@ -83,6 +83,9 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
     with timer("advantage"):  # [B, G] -> one advantage per sample, broadcast over its tokens
         estimator = ADVANTAGE_ESTIMATORS.get(algo.advantage)
         advantages = estimator(rewards.total.double(), eps=algo.advantage_eps).float().flatten().to(dist.device)
+        rollout_batch = batch  # metrics describe every sampled row
+        if algo.mask_truncated:  # DAPO's overlong filtering: truncated rows leave the update and its normalisers
+            batch = _without_truncated(batch, groups)
 
     with timer("update"):
         parts.engine.offload()  # a vLLM engine frees the device for the actor (sleep mode)
@@ -123,7 +126,7 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         parts.engine.sync_weights(parts.actor.model)
 
     with timer("metrics"):
-        metrics, prompt_rows = _step_metrics(groups, records, batch, stats, rewards, contexts, update_log, parts,
+        metrics, prompt_rows = _step_metrics(groups, records, rollout_batch, stats, rewards, contexts, update_log, parts,
                                              timer, recipe, ref_logprobs, step, correction)
     metrics["time/step"] = time.perf_counter() - step_start
     metrics["perf/tokens_per_second"] = metrics["perf/response_tokens"] / metrics["time/step"]
@@ -137,6 +140,14 @@ def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
         return batch
     return replace(batch, **{k: getattr(batch, k).to(device) for k in
                              ("input_ids", "attention_mask", "response_mask", "sampler_logprobs")})
+
+
+def _without_truncated(batch: RolloutBatch, groups) -> RolloutBatch:
+    """The batch with the response mask of every truncated sample (finish reason `length`) zeroed:
+    those rows get no loss weight and no tokens in the normalisers (`algorithm.mask_truncated`)."""
+    truncated = torch.tensor([s.finish_reason == "length" for g in groups for s in g.samples],
+                             device=batch.response_mask.device)  # [B*G], the batch's row order
+    return replace(batch, response_mask=batch.response_mask.masked_fill(truncated.unsqueeze(-1), 0))
 
 
 def _micro_batch_loss(parts: RunParts, micro: dict, world_size: int, num_sequences: float, num_tokens: float,
