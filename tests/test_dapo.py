@@ -80,3 +80,104 @@ def test_mask_truncated_leaves_no_gradient_when_every_response_is_cut(random_tin
     assert m["loss/policy"] == 0.0 and m["actor/grad_norm"] == 0.0
     assert c["actor/grad_norm"] > 0.0 and c["reward/proxy_mean"] == m["reward/proxy_mean"]
     assert m["perf/response_tokens"] == 4 * 4 * 2  # metrics still describe every sampled row
+
+
+# --------------------------------------------------------------------------- dynamic sampling: the filter
+def paper_informative(rewards: list[float]) -> bool:
+    """DAPO Eq. 11's constraint 0 < |{o_i correct}| < G, for any reward: not every r_i the same."""
+    return any(r != rewards[0] for r in rewards[1:])
+
+
+@pytest.mark.parametrize("rewards", [
+    [[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.1, 0.1, 0.1, 0.1], [0.3, 0.3, 0.3, 0.30000000000000004]],
+    [[5.0], [0.0], [-1.0]],  # groups of one: never informative
+    [[0.2, 0.2], [0.2, -0.2]],
+])
+def test_zero_variance_rule_matches_the_paper(rewards):
+    from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
+    from urlvr.algorithms.group_filters import ZeroVarianceFilter, zero_variance_groups
+
+    tensor = torch.tensor(rewards, dtype=torch.float64)
+    expected = [not paper_informative(row) for row in rewards]
+    assert zero_variance_groups(tensor).tolist() == expected
+    assert ZeroVarianceFilter().keep(tensor, [[None] * len(r) for r in rewards]).tolist() == [not e for e in expected]
+    for name in ("grpo", "dr_grpo", "rloo"):  # what the filter drops is exactly what gets no advantage
+        no_signal = (ADVANTAGE_ESTIMATORS.get(name)(tensor) == 0).all(dim=1)
+        assert no_signal.tolist() == expected, name
+
+
+def test_agreement_filter_drops_confident_and_flat_groups():
+    from urlvr.algorithms.group_filters import AgreementFilter
+
+    voters = [["1", "1", "1", "2"], ["1", "1", "2", "2"], ["1", "1", "1", "1"], [None, None, None, None]]
+    rewards = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.float64)
+    assert AgreementFilter(max_agreement=0.75).keep(rewards, voters).tolist() == [True, True, False, False]
+    assert AgreementFilter(max_agreement=0.5).keep(rewards, voters).tolist() == [False, True, False, False]
+    # filling: a reward spread first (by p_maj), zero-variance groups last
+    priority = AgreementFilter(max_agreement=0.5).fill_priority(rewards, voters)
+    assert priority.tolist() == [0.75, 0.5, 3.0, 2.0]
+
+
+def paper_select(keep: list[bool], priority: list[float], quota: int) -> tuple[list[int], int]:
+    """Reference: walk the draws in order taking informative groups; then fill by priority."""
+    taken = []
+    for i, k in enumerate(keep):
+        if k and len(taken) < quota:
+            taken.append(i)
+    rest = [i for i, k in enumerate(keep) if not k]
+    rest.sort(key=lambda i: (priority[i], i))
+    filler = rest[:quota - len(taken)]
+    return sorted(taken + filler), len(filler)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_select_groups_matches_a_reference_loop(seed):
+    from urlvr.algorithms.group_filters import select_groups
+
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(4, 24, (1,), generator=gen))
+    quota = int(torch.randint(1, n + 1, (1,), generator=gen))
+    keep = (torch.rand(n, generator=gen) < 0.4)
+    priority = torch.randint(0, 3, (n,), generator=gen).double()
+    got = select_groups(keep, priority, quota)
+    assert got == paper_select(keep.tolist(), priority.tolist(), quota)
+    assert len(got[0]) == quota and len(set(got[0])) == quota
+
+
+def test_dynamic_sample_rounds_indices_and_cap():
+    """In a world of one: rounds stop once the quota is met, refill prompts get the next global
+    indices, the selection keeps draw order, and at the cap filtered groups fill the step."""
+    from urlvr.dist import DistInfo
+    from urlvr.rewards.compose import BatchRewards
+    from urlvr.trainer.dynamic_sampling import Round, dynamic_sample
+    from urlvr.algorithms.group_filters import ZeroVarianceFilter
+
+    def run(informative_per_round: list[list[bool]], max_rounds: int):
+        batches = iter(range(100))
+        seen = []
+
+        def next_batch():
+            b = next(batches)
+            return [f"b{b}p{i}" for i in range(4)]
+
+        def sample_round(records, round_index):
+            seen.append(round_index)
+            flags = informative_per_round[round_index]
+            total = torch.tensor([[1.0, 0.0] if f else [1.0, 1.0] for f in flags])
+            groups = [group_of([1, 2]) for _ in records]
+            contexts = [RewardContext.for_group([None, None], torch.ones(2, 2), extract_answer=lambda t: None)] * 4
+            return Round(records, groups, groups, contexts, BatchRewards(total=total, per_term={"t": total},
+                                                                         oracle=None, diagnostics={}, errors={}))
+
+        return dynamic_sample(next_batch, sample_round, ZeroVarianceFilter(max_rounds=max_rounds), 4,
+                              DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))), seen
+
+    out, seen = run([[True, False, False, True], [False, True, True, True], [True] * 4], max_rounds=3)
+    assert seen == [0, 1]  # 2 informative, then 3 more: quota met after round 1
+    assert out.records == ["b0p0", "b0p3", "b1p1", "b1p2"]  # draw order; b1p3 drawn, not needed
+    assert out.metrics == {"dynamic_sampling/rounds": 2.0, "dynamic_sampling/prompts_consumed": 8.0,
+                           "dynamic_sampling/filtered_fraction": 3 / 8, "dynamic_sampling/filled_groups": 0.0}
+    capped, seen = run([[False, False, True, False], [False] * 4, [True] * 4], max_rounds=2)
+    assert seen == [0, 1] and capped.metrics["dynamic_sampling/filled_groups"] == 3.0
+    assert capped.records == ["b0p0", "b0p1", "b0p2", "b0p3"]  # b0p2 informative; then the first drawn fill
+    assert capped.rewards.total.tolist() == [[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0]]

@@ -96,3 +96,13 @@ def all_gather_rows(values: torch.Tensor) -> torch.Tensor:
         torch.distributed.all_gather(pieces, local)
         values = torch.cat(pieces).to(values.device)
     return values
+
+
+def all_gather_objects(items: list) -> list:
+    """Every rank's list of picklable items, concatenated in rank order (the list itself in a
+    world of one)."""
+    if not _world_of_many():
+        return items
+    everyone: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, items)
+    return [item for part in everyone for item in part]

@@ -24,11 +24,13 @@ from urlvr.metrics import dynamics, tracking
 from urlvr.recipe import Recipe
 from urlvr.rewards.compose import BatchRewards, RewardTermSpec, score_batch
 from urlvr.rewards.policy import EnginePolicy
-from urlvr.rollout.base import RolloutBatch, hashed_seed
+from urlvr.rewards.base import RewardContext
+from urlvr.rollout.base import Group, RolloutBatch, hashed_seed
 from urlvr.rollout.collate import collate_groups
 from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from urlvr.trainer.batching import micro_batches
 from urlvr.trainer.build import RunParts
+from urlvr.trainer.dynamic_sampling import Round, dynamic_sample
 from urlvr.dist import DistInfo, all_gather_rows, all_reduce_max, all_reduce_sum
 from urlvr.algorithms.losses import KL_ESTIMATORS, token_weights
 from urlvr.algorithms.token_filters import TokenFilter, TokenSelection
@@ -47,16 +49,19 @@ class StageTimer(dict):
 def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tuple[dict[str, float], list[dict], list[dict]]:
     """One GRPO step on this rank's share of the global batch; returns (metrics, completions,
     per-prompt tracking rows of every rank)."""
-    timer, algo, group_size, settings = StageTimer(), recipe.algorithm, recipe.rollout.group_size, parts.settings
+    timer, algo, settings = StageTimer(), recipe.algorithm, parts.settings
     step_start = time.perf_counter()
 
     with timer("rollout"):  # this rank's whole prompts; every group stays on one rank
-        records = parts.stream.next_batch()
-        sampling = settings.train_sampling(step, len(records))
-        vote_size = recipe.reward.vote_group_size or group_size  # TTRL: draw more samples to vote than to train
-        with parts.generation_context():
-            drawn = parts.engine.generate([parts.prompts[r.prompt_id] for r in records], vote_size, sampling)
-        groups = [replace(g, samples=g.samples[:group_size]) for g in drawn]  # the first group_size are trained
+        sampled = None
+        if recipe.rollout.dynamic_sampling.name != "none":  # DAPO: rounds of generate -> reward -> filter (refill)
+            sampled = dynamic_sample(parts.stream.next_batch, lambda batch_records, round_index: _sample_round(
+                parts, recipe, dist, step, batch_records, round_index), recipe.rollout.dynamic_sampling,
+                recipe.trainer.prompts_per_step, dist)
+            records, drawn, groups = sampled.records, sampled.drawn, sampled.groups
+        else:
+            records = parts.stream.next_batch()
+            drawn, groups = _generate(parts, recipe, records, settings.train_sampling(step, len(records)))
         batch = _to_device(collate_groups(groups, pad_token_id=parts.tokenizer.pad_token_id), dist.device)
         all_rows = range(batch.input_ids.shape[0])
 
@@ -66,19 +71,10 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         measure_kl = algo.kl_coef > 0 or (kl_every > 0 and step % kl_every == 0)
         ref_logprobs = _reference_logprobs(parts, batch, recipe) if measure_kl else None
 
-    with timer("reward"):
-        lent = settings.lent_stats(stats)  # reward.certainty_logits
-        contexts = [settings.reward_context(group, voters, record, batch.response_mask[g * group_size:(g + 1) * group_size],
-                                            {name: value[g * group_size:(g + 1) * group_size] for name, value in lent.items()},
-                                            parts.tokenizer)
-                    for g, (group, voters, record) in enumerate(zip(groups, drawn, records, strict=True))]
-        terms = [RewardTermSpec(t.name, t.weight, t.kwargs, t.key, t.gate, t.on_error) for t in recipe.reward.terms]
-        policy = EnginePolicy(  # lent to rewards that generate (self-verification): one batched call each
-            parts.engine, parts.tokenizer, template=recipe.data.template, system_prompt=recipe.data.system_prompt,
-            prompt_suffix=recipe.data.prompt_suffix, sampling=settings.policy_sampling(),
-            seed=settings.sampling_seed(step, settings.first_prompt_index(len(records))),
-            generation_context=parts.generation_context)
-        rewards = score_batch(groups, contexts, terms, recipe.reward.oracle, policy)
+    with timer("reward"):  # dynamic sampling scored each round's new groups already
+        contexts = _contexts(parts, groups, drawn, records, batch, stats)
+        rewards = sampled.rewards if sampled is not None else _rewards(
+            parts, recipe, step, groups, contexts, settings.first_prompt_index(len(records)))
 
     with timer("advantage"):  # [B, G] -> one advantage per sample, broadcast over its tokens
         estimator = ADVANTAGE_ESTIMATORS.get(algo.advantage)
@@ -128,6 +124,7 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
     with timer("metrics"):
         metrics, prompt_rows = _step_metrics(groups, records, rollout_batch, stats, rewards, contexts, update_log, parts,
                                              timer, recipe, ref_logprobs, step, correction)
+        metrics.update(sampled.metrics if sampled is not None else {})  # dynamic_sampling/*, already global
     metrics["time/step"] = time.perf_counter() - step_start
     metrics["perf/tokens_per_second"] = metrics["perf/response_tokens"] / metrics["time/step"]
     completions = _completions(groups, records, rewards, contexts, recipe.logging.completions_per_step, step)
@@ -135,6 +132,49 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
 
 
 # --------------------------------------------------------------------------- helpers of the step
+def _generate(parts: RunParts, recipe: Recipe, records, sampling) -> tuple[list[Group], list[Group]]:
+    """(voting groups, trained groups) of `records`: `vote_group_size` samples drawn, the first
+    `group_size` of each trained (TTRL: draw more samples to vote than to train)."""
+    group_size = recipe.rollout.group_size
+    with parts.generation_context():
+        drawn = parts.engine.generate([parts.prompts[r.prompt_id] for r in records],
+                                      recipe.reward.vote_group_size or group_size, sampling)
+    return drawn, [replace(g, samples=g.samples[:group_size]) for g in drawn]
+
+
+def _contexts(parts: RunParts, groups, drawn, records, batch: RolloutBatch, stats) -> list[RewardContext]:
+    """One reward context per group, lending the rewards' statistics of its rows."""
+    settings, group_size = parts.settings, parts.settings.recipe.rollout.group_size
+    lent = settings.lent_stats(stats)  # reward.certainty_logits
+    return [settings.reward_context(group, voters, record, batch.response_mask[g * group_size:(g + 1) * group_size],
+                                    {name: value[g * group_size:(g + 1) * group_size] for name, value in lent.items()},
+                                    parts.tokenizer)
+            for g, (group, voters, record) in enumerate(zip(groups, drawn, records, strict=True))]
+
+
+def _rewards(parts: RunParts, recipe: Recipe, step: int, groups, contexts, first_prompt_index: int) -> BatchRewards:
+    """The recipe's reward terms (and the metrics-only oracle) over these groups."""
+    settings = parts.settings
+    terms = [RewardTermSpec(t.name, t.weight, t.kwargs, t.key, t.gate, t.on_error) for t in recipe.reward.terms]
+    policy = EnginePolicy(  # lent to rewards that generate (self-verification): one batched call each
+        parts.engine, parts.tokenizer, template=recipe.data.template, system_prompt=recipe.data.system_prompt,
+        prompt_suffix=recipe.data.prompt_suffix, sampling=settings.policy_sampling(),
+        seed=settings.sampling_seed(step, first_prompt_index), generation_context=parts.generation_context)
+    return score_batch(groups, contexts, terms, recipe.reward.oracle, policy)
+
+
+def _sample_round(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int, records, round_index: int) -> Round:
+    """One round of dynamic sampling on this rank: generate, score only if a reward reads token
+    statistics (the step's scoring pass runs again on the selected groups), reward."""
+    settings = parts.settings
+    drawn, groups = _generate(parts, recipe, records, settings.round_sampling(step, round_index, len(records)))
+    batch = _to_device(collate_groups(groups, pad_token_id=parts.tokenizer.pad_token_id), dist.device)
+    stats = _score(parts, batch, range(batch.input_ids.shape[0])) if settings.reward_stats else {}
+    contexts = _contexts(parts, groups, drawn, records, batch, stats)
+    first = settings.round_first_index(round_index, len(records))
+    return Round(records, drawn, groups, contexts, _rewards(parts, recipe, step, groups, contexts, first))
+
+
 def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
     if device.type == "cpu":
         return batch
