@@ -181,3 +181,50 @@ def test_dynamic_sample_rounds_indices_and_cap():
     assert seen == [0, 1] and capped.metrics["dynamic_sampling/filled_groups"] == 3.0
     assert capped.records == ["b0p0", "b0p1", "b0p2", "b0p3"]  # b0p2 informative; then the first drawn fill
     assert capped.rewards.total.tolist() == [[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
+
+
+# --------------------------------------------------------------------------- dynamic sampling: CPU runs
+def tiny_majority_recipe(out, dynamic_sampling="none", steps: int = 2) -> dict:
+    """The embedded tiny model on arithmetic with majority voting: at temperature 0.2 two samples
+    often agree (p_maj = 1), so many groups have no reward spread."""
+    return small_run_recipe(
+        "urlvr/tiny", out, reward={"terms": [{"name": "majority_vote"}], "oracle": "ground_truth"},
+        data={"source": {"kind": "arithmetic", "num_problems": 64, "seed": 3}},
+        rollout={"group_size": 2, "max_new_tokens": 72, "temperature": 0.2, "dynamic_sampling": dynamic_sampling},
+        trainer={"total_steps": steps, "prompts_per_step": 4, "prompts_per_minibatch": 4, "micro_batch_size": 8,
+                 "save_every": 0, "export_final_model": False})
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("dapo")
+    plain = urlvr.train(tiny_majority_recipe(work / "plain"))
+    filtered = urlvr.train(tiny_majority_recipe(work / "filtered", {"name": "zero_variance", "max_rounds": 4}))
+    return work, plain.metrics, filtered.metrics
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_raises_the_share_of_informative_groups(tiny_runs):
+    _, plain, filtered = tiny_runs
+    # step 1 starts from the same weights, and its first round is the plain run's step 1 (same seeds)
+    assert plain[0]["reward/zero_variance_group_fraction"] > 0, "the test needs flat groups to filter"
+    for m in filtered:  # only groups filling a capped step can be flat
+        assert m["reward/zero_variance_group_fraction"] == m["dynamic_sampling/filled_groups"] / 4
+        assert m["dynamic_sampling/prompts_consumed"] == 4 * m["dynamic_sampling/rounds"]
+    assert filtered[0]["dynamic_sampling/rounds"] > 1
+    assert filtered[0]["reward/zero_variance_group_fraction"] < plain[0]["reward/zero_variance_group_fraction"]
+    share = lambda run: sum(1 - m["reward/zero_variance_group_fraction"] for m in run) / len(run)  # noqa: E731
+    assert share(filtered) > share(plain)
+    assert all(not k.startswith("dynamic_sampling/") for k in plain[0])
+
+
+@pytest.mark.slow
+def test_resume_with_dynamic_sampling_continues_exactly(tiny_runs):
+    from test_training import stable
+
+    work, _, filtered = tiny_runs
+    recipe = tiny_majority_recipe(work / "split", {"name": "zero_variance", "max_rounds": 4}, steps=1)
+    first = urlvr.train(recipe)
+    resumed = urlvr.train({**recipe, "trainer": {**recipe["trainer"], "total_steps": 2}}, resume=first.run_dir)
+    assert [m["step"] for m in resumed.metrics] == [2]
+    assert stable(first.metrics + resumed.metrics) == stable(filtered)
