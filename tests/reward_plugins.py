@@ -29,3 +29,9 @@ def short_response(group, ctx, *, budget: float = 12.0):
 def peeks_at_label(group, ctx):
     """Illegal: reads the label without needs_label=True."""
     return [float(ctx.label is not None)] * group.size
+
+
+@reward("test_first_token")
+def first_token(group, ctx):
+    """The first response token's id / 64: varies within groups whatever the lengths."""
+    return [s.token_ids[0] / 64 if s.token_ids else 0.0 for s in group.samples]

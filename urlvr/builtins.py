@@ -7,6 +7,7 @@ import urlvr.rewards.countdown  # noqa: F401
 import urlvr.rewards.ensemble  # noqa: F401
 import urlvr.rewards.external  # noqa: F401
 import urlvr.rewards.extractors  # noqa: F401
+import urlvr.rewards.length  # noqa: F401
 import urlvr.rewards.math_verify  # noqa: F401
 import urlvr.rewards.self_verification  # noqa: F401
 import urlvr.rewards.unified  # noqa: F401
@@ -20,3 +21,4 @@ import urlvr.algorithms.gspo  # noqa: F401
 import urlvr.algorithms.cispo  # noqa: F401
 import urlvr.algorithms.token_filters  # noqa: F401
 import urlvr.algorithms.mismatch  # noqa: F401
+import urlvr.algorithms.group_filters  # noqa: F401

@@ -20,6 +20,7 @@ def registries() -> dict[str, Registry]:
     from urlvr.rewards.extractors import EXTRACTORS
     from urlvr.rollout.base import ROLLOUT_ENGINES
     from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
+    from urlvr.algorithms.group_filters import GROUP_FILTERS
     from urlvr.algorithms.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS
     from urlvr.algorithms.mismatch import MISMATCH_CORRECTIONS
     from urlvr.algorithms.policy_losses import POLICY_LOSSES
@@ -30,6 +31,7 @@ def registries() -> dict[str, Registry]:
         "reward": REWARDS,
         "extractor": EXTRACTORS,
         "rollout_engine": ROLLOUT_ENGINES,
+        "group_filter": GROUP_FILTERS,
         "advantage_estimator": ADVANTAGE_ESTIMATORS,
         "policy_loss": POLICY_LOSSES,
         "token_filter": TOKEN_FILTERS,

@@ -28,11 +28,13 @@ from urlvr.metrics import dynamics, tracking
 from urlvr.recipe import Recipe
 from urlvr.rewards.compose import BatchRewards, RewardTermSpec, score_batch
 from urlvr.rewards.policy import EnginePolicy
-from urlvr.rollout.base import RolloutBatch, hashed_seed
+from urlvr.rewards.base import RewardContext
+from urlvr.rollout.base import Group, RolloutBatch, hashed_seed
 from urlvr.rollout.collate import collate_groups
 from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from urlvr.trainer.batching import micro_batches, padding_summary, same_count_on_every_rank, scatter_rows
 from urlvr.trainer.build import RunParts
+from urlvr.trainer.dynamic_sampling import Round, dynamic_sample
 from urlvr.trainer.sharding import RowLayout
 from urlvr.dist import DistInfo, all_gather_objects, all_gather_rows, all_reduce_max, all_reduce_sum
 from urlvr.algorithms.losses import KL_ESTIMATORS, token_weights
@@ -58,15 +60,18 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
     step_start = time.perf_counter()
 
     with timer("rollout"):  # this rank's whole prompts; every group stays on one rank
-        records = parts.stream.next_batch()
-        sampling = settings.train_sampling(step, len(records))
-        vote_size = recipe.reward.vote_group_size or group_size  # TTRL: draw more samples to vote than to train
-        with parts.generation_context():
-            drawn = parts.engine.generate([parts.prompts[r.prompt_id] for r in records], vote_size, sampling)
-        groups = [replace(g, samples=g.samples[:group_size]) for g in drawn]  # the first group_size are trained
+        sampled = None
+        if recipe.rollout.dynamic_sampling.name != "none":  # DAPO: rounds of generate -> reward -> filter (refill)
+            sampled = dynamic_sample(parts.stream.next_batch, lambda batch_records, round_index: _sample_round(
+                parts, recipe, dist, step, batch_records, round_index), recipe.rollout.dynamic_sampling,
+                recipe.trainer.prompts_per_step, dist)
+            records, drawn, groups = sampled.records, sampled.drawn, sampled.groups
+        else:
+            records = parts.stream.next_batch()
+            drawn, groups = _generate(parts, recipe, records, settings.train_sampling(step, len(records)))
         # every rank collates the global batch, as one process would, and scores and trains its rows of it
-        batch = _to_device(collate_groups(all_gather_objects(groups), pad_token_id=parts.tokenizer.pad_token_id),
-                           dist.device)
+        every_group = all_gather_objects(groups)
+        batch = _to_device(collate_groups(every_group, pad_token_id=parts.tokenizer.pad_token_id), dist.device)
         own = slice(settings.prompt_shard.start * group_size, settings.prompt_shard.stop * group_size)  # our groups' rows
 
     with timer("score"):  # old log-probs + exactly the declared statistics ([B*G, T] each); else the training forward gives them
@@ -75,25 +80,19 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         measure_kl = algo.kl_coef > 0 or (kl_every > 0 and step % kl_every == 0)
         ref_logprobs = _reference_logprobs(parts, batch, recipe) if measure_kl else None
 
-    with timer("reward"):
+    with timer("reward"):  # dynamic sampling scored each round's new groups already
         lent = {name: value[own] for name, value in settings.lent_stats(stats).items()}  # reward.certainty_logits
-        own_mask = batch.response_mask[own]
-        contexts = [settings.reward_context(group, voters, record, own_mask[g * group_size:(g + 1) * group_size],
-                                            {name: value[g * group_size:(g + 1) * group_size] for name, value in lent.items()},
-                                            parts.tokenizer)
-                    for g, (group, voters, record) in enumerate(zip(groups, drawn, records, strict=True))]
-        terms = [RewardTermSpec(t.name, t.weight, t.kwargs, t.key, t.gate, t.on_error) for t in recipe.reward.terms]
-        policy = EnginePolicy(  # lent to rewards that generate (self-verification): one batched call each
-            parts.engine, parts.tokenizer, template=recipe.data.template, system_prompt=recipe.data.system_prompt,
-            prompt_suffix=recipe.data.prompt_suffix, sampling=settings.policy_sampling(),
-            seed=settings.sampling_seed(step, settings.first_prompt_index()),
-            generation_context=parts.generation_context)
-        rewards = score_batch(groups, contexts, terms, recipe.reward.oracle, policy)
+        contexts = _contexts(parts, groups, drawn, records, batch.response_mask[own], lent)
+        rewards = sampled.rewards if sampled is not None else _rewards(
+            parts, recipe, step, groups, contexts, settings.first_prompt_index())
 
     with timer("advantage"):  # [B, G] -> one advantage per sample, broadcast over its tokens; every rank's
         estimator = ADVANTAGE_ESTIMATORS.get(algo.advantage)
         advantages = all_gather_rows(estimator(rewards.total.double(), eps=algo.advantage_eps).float().flatten())
         advantages = advantages.to(dist.device)  # [B*G] of the global batch
+        rollout_batch = batch  # metrics describe every sampled row
+        if algo.mask_truncated:  # DAPO's overlong filtering: truncated rows leave the update and its normalisers
+            batch = _without_truncated(batch, every_group)
 
     with timer("update"):
         parts.engine.offload()  # a vLLM engine frees the device for the actor (sleep mode)
@@ -151,8 +150,9 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         parts.engine.sync_weights(parts.actor.model)
 
     with timer("metrics"):
-        metrics, prompt_rows = _step_metrics(groups, records, batch, own, stats, rewards, contexts,
+        metrics, prompt_rows = _step_metrics(groups, records, rollout_batch, own, stats, rewards, contexts,
                                              micro_logs + step_logs, parts, timer, recipe, ref_logprobs, step, correction)
+        metrics.update(sampled.metrics if sampled is not None else {})  # dynamic_sampling/*, already global
     metrics["time/step"] = time.perf_counter() - step_start
     metrics["perf/tokens_per_second"] = metrics["perf/response_tokens"] / metrics["time/step"]
     completions = _completions(groups, records, rewards, contexts, recipe.logging.completions_per_step, step)
@@ -160,6 +160,58 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
 
 
 # --------------------------------------------------------------------------- helpers of the step
+def _generate(parts: RunParts, recipe: Recipe, records, sampling) -> tuple[list[Group], list[Group]]:
+    """(voting groups, trained groups) of `records`: `vote_group_size` samples drawn, the first
+    `group_size` of each trained (TTRL: draw more samples to vote than to train)."""
+    group_size = recipe.rollout.group_size
+    with parts.generation_context():
+        drawn = parts.engine.generate([parts.prompts[r.prompt_id] for r in records],
+                                      recipe.reward.vote_group_size or group_size, sampling)
+    return drawn, [replace(g, samples=g.samples[:group_size]) for g in drawn]
+
+
+def _contexts(parts: RunParts, groups, drawn, records, response_mask: torch.Tensor,
+              lent: dict[str, torch.Tensor]) -> list[RewardContext]:
+    """One reward context per group, lending the rewards' statistics of its rows (`response_mask`
+    and `lent` hold these groups' rows, in order)."""
+    settings, group_size = parts.settings, parts.settings.recipe.rollout.group_size
+    return [settings.reward_context(group, voters, record, response_mask[g * group_size:(g + 1) * group_size],
+                                    {name: value[g * group_size:(g + 1) * group_size] for name, value in lent.items()},
+                                    parts.tokenizer)
+            for g, (group, voters, record) in enumerate(zip(groups, drawn, records, strict=True))]
+
+
+def _rewards(parts: RunParts, recipe: Recipe, step: int, groups, contexts, first_prompt_index: int) -> BatchRewards:
+    """The recipe's reward terms (and the metrics-only oracle) over these groups."""
+    settings = parts.settings
+    terms = [RewardTermSpec(t.name, t.weight, t.kwargs, t.key, t.gate, t.on_error) for t in recipe.reward.terms]
+    policy = EnginePolicy(  # lent to rewards that generate (self-verification): one batched call each
+        parts.engine, parts.tokenizer, template=recipe.data.template, system_prompt=recipe.data.system_prompt,
+        prompt_suffix=recipe.data.prompt_suffix, sampling=settings.policy_sampling(),
+        seed=settings.sampling_seed(step, first_prompt_index), generation_context=parts.generation_context)
+    return score_batch(groups, contexts, terms, recipe.reward.oracle, policy)
+
+
+def _sample_round(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int, records, round_index: int) -> Round:
+    """One round of dynamic sampling on this rank: generate, score its own new groups only if a
+    reward reads token statistics (the step's scoring pass runs again on the selected groups), reward."""
+    settings = parts.settings
+    drawn, groups = _generate(parts, recipe, records, settings.round_sampling(step, round_index, len(records)))
+    batch = _to_device(collate_groups(groups, pad_token_id=parts.tokenizer.pad_token_id), dist.device)
+    stats = _score_rows(parts, batch, range(batch.input_ids.shape[0])) if settings.reward_stats else {}
+    contexts = _contexts(parts, groups, drawn, records, batch.response_mask, settings.lent_stats(stats) if stats else {})
+    first = settings.round_first_index(round_index)
+    return Round(records, drawn, groups, contexts, _rewards(parts, recipe, step, groups, contexts, first))
+
+
+def _without_truncated(batch: RolloutBatch, groups) -> RolloutBatch:
+    """The batch with the response mask of every truncated sample (finish reason `length`) zeroed:
+    those rows get no loss weight and no tokens in the normalisers (`algorithm.mask_truncated`)."""
+    truncated = torch.tensor([s.finish_reason == "length" for g in groups for s in g.samples],
+                             device=batch.response_mask.device)  # [B*G], the batch's row order
+    return replace(batch, response_mask=batch.response_mask.masked_fill(truncated.unsqueeze(-1), 0))
+
+
 def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
     if device.type == "cpu":
         return batch
@@ -227,14 +279,20 @@ def _gather_rows(local: dict[str, torch.Tensor], layout: RowLayout, names, batch
             for name in names}
 
 
-def _score(parts: RunParts, batch: RolloutBatch) -> dict[str, torch.Tensor]:
-    """Each rank scores its rows of the global batch (certainty also on raw logits when
-    reward.certainty_logits asks); the rows are then gathered, so every rank holds every row's."""
-    settings, layout = parts.settings, parts.settings.layout
-    rows = [row for run in layout.scored_rows() for row in run]
+def _score_rows(parts: RunParts, batch: RolloutBatch, rows) -> dict[str, torch.Tensor]:
+    """The scoring pass over `rows` of `batch` (certainty also on raw logits when
+    reward.certainty_logits asks): `[B*G, T]` statistics, zero on the other rows."""
+    settings = parts.settings
     micros = _micro_batches_on_every_rank(batch, rows, settings.recipe.trainer)
     pieces = [(micro, parts.actor.score(micro, settings.score_stats, settings.raw_score_stats)) for micro in micros]
-    local = scatter_rows([(micro, out) for micro, out in pieces if not micro["dummy"]], *batch.response_mask.shape)
+    return scatter_rows([(micro, out) for micro, out in pieces if not micro["dummy"]], *batch.response_mask.shape)
+
+
+def _score(parts: RunParts, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+    """Each rank scores its rows of the global batch; the rows are then gathered, so every rank
+    holds every row's statistics."""
+    settings, layout = parts.settings, parts.settings.layout
+    local = _score_rows(parts, batch, [row for run in layout.scored_rows() for row in run])
     return _gather_rows(local, layout, [*settings.score_stats, *(f"raw_{n}" for n in settings.raw_score_stats)], batch)
 
 

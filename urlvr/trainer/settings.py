@@ -125,6 +125,18 @@ class RunSettings:
         return SamplingParams(**self._rollout_fields(),
                               prompt_seeds=tuple(self.sampling_seed(step, first + i) for i in range(num_prompts)))
 
+    def round_first_index(self, round_index: int) -> int:
+        """Global index of this rank's first prompt in round `round_index` of dynamic sampling: a
+        refill round's prompts continue the index after the earlier rounds' (round r holds r*P ..
+        r*P + P - 1, P = prompts_per_step), so its seeds stay the same on 1 rank or 8."""
+        return round_index * self.recipe.trainer.prompts_per_step + self.first_prompt_index()
+
+    def round_sampling(self, step: int, round_index: int, num_prompts: int) -> SamplingParams:
+        """The rollout's sampling for round `round_index` of dynamic sampling (round 0 = `train_sampling`)."""
+        first = self.round_first_index(round_index)
+        return SamplingParams(**self._rollout_fields(),
+                              prompt_seeds=tuple(self.sampling_seed(step, first + i) for i in range(num_prompts)))
+
     def policy_sampling(self) -> SamplingParams:
         """The rollout's settings without seeds, for the policy handle lent to rewards (it seeds each call)."""
         return SamplingParams(**self._rollout_fields())

@@ -77,6 +77,12 @@ class RolloutSection(Section):
     """Longest response in tokens (Table 7: 7168)."""
     stop_token_ids: list[int] = Field(default_factory=list)
     """Extra token ids that end a response (the tokenizer's eos always does)."""
+    dynamic_sampling: Annotated[VariantSection, VariantOf("group_filter", default="none")] = "none"
+    """DAPO's dynamic sampling with refill: groups the filter drops (`zero_variance`: all rewards
+    equal; `agreement`: also p_maj above a threshold) are replaced by groups of further prompts,
+    one more global batch per round, until the step has `prompts_per_step` informative groups or
+    `max_rounds` is reached (then filtered groups fill it). Needs `trainer.total_steps`.
+    Logs `dynamic_sampling/{filtered_fraction,rounds,prompts_consumed,filled_groups}`; `none` = off."""
 
     @model_validator(mode="before")
     @classmethod

@@ -26,6 +26,12 @@ class AlgorithmSection(Section):
     token_filter: Annotated[VariantSection, VariantOf("token_filter", default="none")] = "none"
     """Entropy control: which tokens train, chosen once per mini-batch and applied to any loss
     (`high_entropy`: top-q entropy tokens only; `clip_cov`/`kl_cov`: Cui et al.'s covariance controls)."""
+    mask_truncated: bool = False
+    """DAPO's overlong filtering (Yu et al. 2025, Sec. 3.4): responses cut at `rollout.max_new_tokens`
+    (finish reason `length`) leave the update -- no loss, no KL or entropy term, and their tokens
+    leave the token normaliser of `token-mean` (the seq-mean modes still count the row in N). They
+    still count in their group's advantage baseline. Pair with the `overlong_penalty` reward or use
+    instead of it."""
     kl_coef: float = Field(0.0, ge=0.0)
     """Weight of the KL penalty to the frozen initial policy (Table 7: none). >0 loads a reference model
     (under `model.lora`: none, the actor with its adapters off is the reference)."""

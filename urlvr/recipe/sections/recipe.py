@@ -74,6 +74,14 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _dynamic_sampling_counts_steps(self) -> Recipe:
+        if self.rollout.dynamic_sampling.name != "none" and self.trainer.total_steps is None:
+            raise ValueError("rollout.dynamic_sampling draws a varying number of prompts per step, so "
+                             "trainer.data_epochs cannot say how many steps there are: set trainer.total_steps "
+                             "(the prompt stream then cycles through its epochs)")
+        return self
+
+    @model_validator(mode="after")
     def _micro_batch_fits(self) -> Recipe:
         samples = self.trainer.prompts_per_minibatch * self.rollout.group_size
         if self.trainer.micro_batch_size > samples and self.trainer.max_tokens_per_micro_batch is None:

@@ -1,0 +1,114 @@
+"""Group filters of dynamic sampling (DAPO, Yu et al. 2025, arXiv:2503.14476, Sec. 3.2, Eq. 11):
+which sampled groups are informative enough to train on (`rollout.dynamic_sampling`).
+
+    rollout:
+      dynamic_sampling: {name: zero_variance, max_rounds: 3}      # or agreement; `none` (default) = off
+
+A group whose rewards are all equal gets zero advantage under every estimator, so it adds no
+gradient, only tokens to the normaliser: DAPO keeps sampling prompts until the batch holds
+`prompts_per_step` groups with 0 < acc < G ("s.t. 0 < |{o_i | is_equivalent(a, o_i)}| < G").
+Under majority voting that happens whenever p_maj = 1, common late in a URLVR run. `agreement`
+also drops groups whose proxy agreement (p_maj, the majority answer's share of the voters) is
+above a threshold. The refill rounds themselves live in `urlvr/trainer/dynamic_sampling.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from urlvr.recipe.sections.base import VariantSection, check_variant_name
+from urlvr.registry import Registry
+
+
+class GroupFilter(VariantSection):
+    """Base of a group filter: `keep(rewards, voters)` says which groups train, `fill_priority`
+    which filtered groups fill a step first when the rounds run out (lower first)."""
+
+    max_rounds: int = Field(3, ge=1, le=64)
+    """Generation rounds per step at most, the first included; each round draws one more global
+    batch of `trainer.prompts_per_step` prompts. When the cap is hit before the step has its
+    informative groups, the rest is filled with filtered groups (fill_priority order)."""
+
+    def keep(self, rewards: torch.Tensor, voters: Sequence[Sequence[str | None]]) -> torch.Tensor:
+        """`[B, G] rewards, B voter answer lists -> [B] bool`: True = informative, trains."""
+        raise NotImplementedError
+
+    def fill_priority(self, rewards: torch.Tensor, voters: Sequence[Sequence[str | None]]) -> torch.Tensor:
+        """`[B] float64`: which filtered groups fill a short step first (lower first; ties: drawn first)."""
+        return torch.zeros(rewards.shape[0], dtype=torch.float64)
+
+
+GROUP_FILTERS: Registry[type[VariantSection]] = Registry("group filter", check=check_variant_name)
+
+
+# --------------------------------------------------------------------------- pure functions
+def zero_variance_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """1[r_i1 = r_i2 = ... = r_iG]: every sample of the group got the same reward. `[B, G] -> [B] bool`.
+
+    Exact equality, the rule under which the advantage estimators give exactly 0; a group of one
+    always has zero variance (no baseline, no relative signal). DAPO's 0 < acc < G, for any reward.
+    """
+    return (rewards == rewards[:, :1]).all(dim=1)
+
+
+def agreement(voters: Sequence[Sequence[str | None]]) -> torch.Tensor:
+    """p_maj per group: the majority answer's share of the voters (samples without an answer count
+    in the denominator; 0 when nobody answered), as logged in `dynamics/majority_ratio`. `-> [B]`"""
+    from urlvr.metrics.dynamics import majority_ratios  # lazy: metrics sit above algorithms
+
+    return majority_ratios(voters)
+
+
+def select_groups(keep: torch.Tensor, priority: torch.Tensor, quota: int) -> tuple[list[int], int]:
+    """(indices of the groups that train, how many of them were filtered groups filling a short step).
+
+    The first `quota` informative groups in draw order (round, then position in the global batch);
+    if fewer were drawn, the filtered groups with the lowest `priority` (then drawn first) fill the
+    step. Returned in draw order. The same on every rank and for any number of ranks: it reads
+    the global flags only. `keep [N] bool, priority [N] -> (list of quota indices, filled)`.
+    """
+    if quota > keep.numel():
+        raise ValueError(f"cannot select {quota} groups out of {keep.numel()}")
+    informative = torch.nonzero(keep).flatten().tolist()[:quota]
+    filtered = torch.nonzero(~keep).flatten().tolist()
+    filler = sorted(filtered, key=lambda i: (float(priority[i]), i))[:quota - len(informative)]
+    return sorted(informative + filler), len(filler)
+
+
+# --------------------------------------------------------------------------- variants
+@GROUP_FILTERS.register("none")
+class NoFilter(VariantSection):
+    """Dynamic sampling off: every drawn group trains (Table 7)."""
+
+    name: Literal["none"] = "none"
+
+
+@GROUP_FILTERS.register("zero_variance")
+class ZeroVarianceFilter(GroupFilter):
+    """DAPO's dynamic sampling: drop groups whose rewards are all equal (zero advantage, no gradient)."""
+
+    name: Literal["zero_variance"] = "zero_variance"
+
+    def keep(self, rewards: torch.Tensor, voters: Sequence[Sequence[str | None]]) -> torch.Tensor:
+        return ~zero_variance_groups(rewards)
+
+
+@GROUP_FILTERS.register("agreement")
+class AgreementFilter(GroupFilter):
+    """Drop groups whose rewards are all equal or whose proxy agreement p_maj exceeds `max_agreement`."""
+
+    name: Literal["agreement"] = "agreement"
+    max_agreement: float = Field(0.875, ge=0.0, le=1.0)
+    """Largest p_maj (share of voters giving the majority answer) a training group may have.
+    0.875 = 7 of 8 voters; 1.0 drops only zero-variance groups (then equal to `zero_variance`)."""
+
+    def keep(self, rewards: torch.Tensor, voters: Sequence[Sequence[str | None]]) -> torch.Tensor:
+        return ~zero_variance_groups(rewards) & (agreement(voters) <= self.max_agreement)
+
+    def fill_priority(self, rewards: torch.Tensor, voters: Sequence[Sequence[str | None]]) -> torch.Tensor:
+        """Groups with a reward spread (some gradient) before zero-variance ones, each by p_maj."""
+        return zero_variance_groups(rewards).double() * 2.0 + agreement(voters)
