@@ -83,9 +83,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _quiet_libraries() -> None:
+    """The console shows urlvr's lines and its one progress bar: transformers' per-call bars
+    (loading weights, writing shards) are switched off through its own setting."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def _run(args: argparse.Namespace) -> int:
     from urlvr.recipe import Recipe, load_recipe
 
+    if args.command in ("train", "mcs", "sweep", "probe"):
+        _quiet_libraries()
     if args.command == "schema":
         print(json.dumps(Recipe.model_json_schema(), indent=2))
         return 0

@@ -8,8 +8,11 @@ mpi4py. DS_ACCELERATOR must be set before deepspeed is first imported.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +48,15 @@ def init_distributed() -> DistInfo:
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        # DeepSpeed prints a build notice for its CPU shared-memory op even with verbose=False:
+        # keep it off the console, and show it only if initialisation fails
+        notice = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(notice):
+                deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        except BaseException:
+            sys.stdout.write(notice.getvalue())
+            raise
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
