@@ -50,12 +50,14 @@ PROBE_BASE = {"seed": 0, "data": {"source": {"kind": "arithmetic", "num_problems
 
 @pytest.fixture(scope="module")
 def probed(tmp_path_factory):
-    """Both tiny priors probed once: 32 prompts x 8 samples each (about 10 s on 2 cores)."""
+    """Both tiny priors probed once: 64 prompts x 8 samples each (about 15 s on 2 idle cores).
+    Measured: majority right on 0.297 (urlvr/tiny) and 0.578 (urlvr/tiny-aligned) of these prompts;
+    on the first 32 alone the aligned prior's is 0.5 or less, so 64 is the smallest safe size."""
     from urlvr.commands.probe import run_probe
 
     out = tmp_path_factory.mktemp("probe")
     results = run_probe(["urlvr/tiny", "urlvr/tiny-aligned"], PROBE_BASE, out,
-                        rewards=["majority_vote", "self_certainty", "trajectory_entropy"], num_prompts=32, progress=False)
+                        rewards=["majority_vote", "self_certainty", "trajectory_entropy"], num_prompts=64, progress=False)
     return out, results
 
 
@@ -70,7 +72,7 @@ def test_probe_predicts_fall_for_the_weak_prior_and_rise_for_the_aligned_one(pro
         assert vote.top_reward_accuracy == pytest.approx(result.majority_correct)  # the top vote is the majority
         assert vote.reward_accuracy is not None  # 0/1 reward
         assert {r.reward: r for r in result.rewards}["self_certainty"].reward_accuracy is None  # not 0/1
-        assert sum(sum(result.p_maj_histogram[k]) for k in ("correct", "wrong")) == result.labelled_prompts == 32
+        assert sum(sum(result.p_maj_histogram[k]) for k in ("correct", "wrong")) == result.labelled_prompts == 64
 
 
 def test_probe_writes_json_csv_and_one_png_per_model(probed):
