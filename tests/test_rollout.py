@@ -444,3 +444,20 @@ def test_finished_rows_leave_the_batch_and_cost_no_more_forwards(tiny):
         assert [s.finish_reason for s in alone[0].samples] == [s.finish_reason for s in group.samples]
         for a, b in zip(alone[0].samples, group.samples):  # padding and batch change float noise only
             assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def test_generation_uses_the_current_cache_api_and_warns_nothing(tiny, monkeypatch):
+    """The quiet console: the engine passes and reads the KV cache by its current name, so
+    transformers emits neither its FutureWarning nor its `past_key_values` deprecation line."""
+    import warnings
+
+    from transformers.utils import generic
+
+    model, tokenizer, prompts = tiny
+    logged: list[str] = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda message, *a, **k: logged.append(message))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_engine(model, tokenizer).generate(prompts, 2, SamplingParams(max_new_tokens=6, seed=0))
+    assert [str(w.message) for w in caught if "past_key_values" in str(w.message)] == []
+    assert [m for m in logged if "past_key_values" in m] == []

@@ -152,6 +152,18 @@ def test_alias_resolution() -> None:
     assert ensure_tiny_model() == ASSET_DIR
 
 
+def test_aligned_prior_is_committed_small_and_stronger() -> None:
+    """The second asset (`urlvr/tiny-aligned`, build seed 2): same architecture, recorded prior
+    above the default's (docs/tiny-model.md; `urlvr probe` measures the majority itself)."""
+    assert resolve_model_path(tiny.ALIGNED_MODEL_ALIAS) == str(tiny.ALIGNED_ASSET_DIR)
+    assert tiny.is_complete(tiny.ALIGNED_ASSET_DIR)
+    assert (tiny.ALIGNED_ASSET_DIR / "model.safetensors").stat().st_size <= 5 * 1024 * 1024
+    aligned = json.loads((tiny.ALIGNED_ASSET_DIR / INFO_FILE).read_text())
+    default = json.loads((ASSET_DIR / INFO_FILE).read_text())
+    assert aligned["seed"] == tiny.ALIGNED_SEED and aligned["settings"] == default["settings"]
+    assert aligned["heldout"]["greedy_accuracy"] > default["heldout"]["greedy_accuracy"] + 0.2
+
+
 def _short_build(output_dir: Path, seed: int = 0) -> Path:
     return build_tiny_model(output_dir, seed=seed, warmup_steps=3, eval_problems=0, num_threads=1)
 

@@ -239,6 +239,24 @@ def test_wandb_offline_run_records_the_metrics(random_tiny_model, tmp_path, monk
     assert list(runs[0].glob("*.wandb")), "no offline wandb log written"
 
 
+def test_tensorboard_event_file_holds_the_step_metrics(random_tiny_model, tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = recipe_for(random_tiny_model, tmp_path / "run", trainer={"total_steps": 2},
+                        logging={"console": False, "tensorboard": {"enabled": True}})
+    result = urlvr.train(recipe)
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for key in ("reward/proxy_mean", "reward/ground_truth_mean", "loss/policy"):
+        assert key in tags
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        expected = [(m["step"], m[key]) for m in result.metrics]
+        assert [s for s, _ in logged] == [s for s, _ in expected]
+        assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)  # float32 on disk
+
+
 @pytest.fixture(scope="module")
 def zero0_run(random_tiny_model, tmp_path_factory):
     return urlvr.train(recipe_for(random_tiny_model, tmp_path_factory.mktemp("zero0") / "run"))

@@ -9,6 +9,7 @@ import urlvr.rewards.external  # noqa: F401
 import urlvr.rewards.extractors  # noqa: F401
 import urlvr.rewards.length  # noqa: F401
 import urlvr.rewards.math_verify  # noqa: F401
+import urlvr.rewards.reasoning_gym  # noqa: F401  (reasoning-gym itself is imported on first use)
 import urlvr.rewards.self_verification  # noqa: F401
 import urlvr.rewards.unified  # noqa: F401
 import urlvr.rewards.voting  # noqa: F401

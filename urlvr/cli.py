@@ -1,4 +1,4 @@
-"""`urlvr` command line: train, validate, schema, rewards, plot, sweep, mcs.
+"""`urlvr` command line: train, validate, schema, rewards, plot, sweep, probe, mcs.
 
 Errors a user can fix (bad recipe, missing file, bad data) print as one line naming the file and
 field, exit code 2; `--debug` shows the traceback instead.
@@ -53,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--launcher", default="urlvr", help="command the printed lines start with, e.g. "
                        "'torchrun --nproc_per_node 8 -m urlvr.cli' (default: urlvr)")
     common(sweep, "override a field in every point (repeatable)")
+    probe = sub.add_parser("probe", help="how well each reward agrees with correctness on each model's own samples")
+    probe.add_argument("models", nargs="+", metavar="MODEL", help="model directories or hub ids (urlvr/tiny, ...)")
+    probe.add_argument("--recipe", help="base recipe YAML (data, template, sampling, extractor)")
+    probe.add_argument("--reward", dest="rewards", action="append", default=[], metavar="NAME",
+                       help="a reward to score (repeatable; default: every intrinsic reward that needs no extra generation)")
+    probe.add_argument("--prompts", type=int, default=64, help="prompts to sample (default 64)")
+    probe.add_argument("--group-size", type=int, help="samples per prompt (default: the recipe's rollout.group_size)")
+    probe.add_argument("--out", default="runs/probe", help="folder for probe.json, probe.csv, <model>.png (default runs/probe)")
+    common(probe, "override a recipe field (repeatable)")
     mcs = sub.add_parser("mcs", help="rank models by prior: Model Collapse Step of a majority-vote diagnostic run")
     mcs.add_argument("models", nargs="+", metavar="MODEL", help="model directories or hub ids")
     mcs.add_argument("--recipe", help="base recipe YAML (data, lengths, lr, ...); the diagnostic settings go on top")
@@ -83,9 +92,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _quiet_libraries() -> None:
+    """The console shows urlvr's lines and its one progress bar: transformers' per-call bars
+    (loading weights, writing shards) are switched off through its own setting."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def _run(args: argparse.Namespace) -> int:
     from urlvr.recipe import Recipe, load_recipe
 
+    if args.command in ("train", "mcs", "sweep", "probe"):
+        _quiet_libraries()
     if args.command == "schema":
         print(json.dumps(Recipe.model_json_schema(), indent=2))
         return 0
@@ -115,6 +134,18 @@ def _run(args: argparse.Namespace) -> int:
             print("\n".join(launch_lines(sweep, launcher=args.launcher)))
         else:
             run_sweep(sweep)
+        return 0
+    if args.command == "probe":
+        from pathlib import Path
+
+        from urlvr.commands.probe import print_table, run_probe
+        from urlvr.recipe.load import read_recipe_source
+
+        base = read_recipe_source(args.recipe)[1] if args.recipe else {}
+        results = run_probe(args.models, base, Path(args.out), rewards=args.rewards or None, num_prompts=args.prompts,
+                            group_size=args.group_size, overrides=args.overrides)
+        print_table(results)
+        print(f"urlvr: wrote {Path(args.out) / 'probe.json'}, probe.csv and one PNG per model")
         return 0
     if args.command == "mcs":
         from pathlib import Path

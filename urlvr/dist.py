@@ -15,8 +15,10 @@ host. A single process has no peer to share memory with, so urlvr's start-up doe
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -54,8 +56,15 @@ def init_distributed() -> DistInfo:
 
     if not torch.distributed.is_initialized():
         alone_on_cpu = not use_cuda and os.environ.get("WORLD_SIZE") == "1"
-        with _no_shm_comm_op() if alone_on_cpu else contextlib.nullcontext():
-            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        # DeepSpeed prints a build notice for its CPU shared-memory op even with verbose=False:
+        # keep it off the console, and show it only if initialisation fails
+        notice = io.StringIO()
+        try:
+            with _no_shm_comm_op() if alone_on_cpu else contextlib.nullcontext(), contextlib.redirect_stdout(notice):
+                deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        except BaseException:
+            sys.stdout.write(notice.getvalue())
+            raise
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")

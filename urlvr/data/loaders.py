@@ -27,7 +27,7 @@ DATA_SOURCES: Registry[DataSource] = Registry("data source")
 
 def load_records(kind: str, **options: Any) -> list[PromptRecord]:
     """Load prompts from the data source registered as ``kind`` (file | datasets | adapter |
-    arithmetic | countdown | a plugin's); ``options`` are that source's keyword arguments."""
+    arithmetic | countdown | reasoning_gym | a plugin's); ``options`` are that source's keyword arguments."""
     source = DATA_SOURCES.get(kind)
     try:
         inspect.signature(source).bind(**options)
@@ -120,6 +120,13 @@ def _countdown_source(num_problems: int, seed: int) -> list[PromptRecord]:
     from urlvr.data.synthetic import countdown_problems
 
     return countdown_problems(num_problems, seed)
+
+
+@DATA_SOURCES.register("reasoning_gym")
+def _reasoning_gym_source(tasks: list[str], size: int, seed: int, config: dict | None = None) -> list[PromptRecord]:
+    from urlvr.data.reasoning_gym import reasoning_gym_problems
+
+    return reasoning_gym_problems(tasks, size, seed, config)
 
 
 # --------------------------------------------------------------------------- rows -> records

@@ -1,4 +1,4 @@
-"""Where per-step metrics go: metrics.jsonl (always), the console, wandb (optional)."""
+"""Where per-step metrics go: metrics.jsonl (always), the console, wandb and TensorBoard (optional)."""
 
 from __future__ import annotations
 
@@ -87,6 +87,24 @@ class WandbLogger:
         self.run.finish()
 
 
+class TensorBoardLogger:
+    """Each finite metric as a scalar under its own name (`reward/proxy_mean`, ...), at its step."""
+
+    def __init__(self, log_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 CONSOLE_KEYS = (
     ("reward/proxy_mean", "proxy"), ("reward/ground_truth_mean", "gt"), ("actor/entropy_mean", "ent"),
     ("response/length_mean", "len"), ("loss/policy", "loss"), ("time/step", "s"),
@@ -110,4 +128,11 @@ def make_trackers(recipe: Recipe, run_dir: Path) -> list[Any]:
             loggers.append(WandbLogger(recipe, run_dir))
         except ImportError:
             raise RuntimeError("logging.wandb.enabled is true but wandb is not installed: pip install 'urlvr[wandb]'") from None
+    board = recipe.logging.tensorboard
+    if board.enabled:
+        try:
+            loggers.append(TensorBoardLogger(Path(board.log_dir) if board.log_dir else run_dir / "tensorboard"))
+        except ImportError:
+            raise RuntimeError("logging.tensorboard.enabled is true but tensorboard is not installed: "
+                               "pip install 'urlvr[tensorboard]'") from None
     return loggers

@@ -177,3 +177,46 @@ def plot_prompt_heatmap(run: RunData, path: Path) -> Figure:
     fig.colorbar(image, ax=ax, label=f"right (+, blue) / wrong (-, red) x {depth_key}")
     fig.savefig(path, dpi=100)
     return Figure(path, (title,))
+
+
+def plot_probe(probe: Any, path: Path) -> Path:
+    """`urlvr probe`'s figure for one model (a `commands.probe.ModelProbe`): left, each reward's
+    AUROC against correctness (pooled and within groups; 0.5 = chance) with its expected
+    direction; right, the p_maj histogram, split by whether the majority answer is right."""
+    fig, axes = _new_figure(1, 2, 12.0, 3.8)
+    left, right = axes[0]
+    rewards = [r for r in probe.rewards if r.auroc is not None]
+    if rewards:
+        positions = range(len(rewards))
+        left.barh([p - 0.2 for p in positions], [r.auroc for r in rewards], height=0.4, label="AUROC (pooled)")
+        left.barh([p + 0.2 for p in positions], [r.group_auroc or 0.0 for r in rewards], height=0.4,
+                  label="AUROC (within groups)")
+        left.set_yticks(list(positions), [f"{r.reward} ({r.direction})" for r in rewards], fontsize=8)
+        left.axvline(0.5, color="k", linestyle="--", linewidth=1)
+        left.set_xlim(0, 1)
+        left.legend(fontsize=7, loc="lower right")
+        left.set_title("Reward vs correctness (expected direction)")
+    else:
+        left.text(0.5, 0.5, "no labelled prompts:\nrun `urlvr mcs` for a label-free measure",
+                  ha="center", va="center", transform=left.transAxes)
+        left.set_axis_off()
+    hist = probe.p_maj_histogram
+    bins = [f"{p:.2f}" for p in hist["p_maj"]]
+    bottom = [0] * len(bins)
+    for kind, colour in (("correct", "tab:blue"), ("wrong", "tab:red"), ("unlabelled", "tab:gray"), ("all", "tab:gray")):
+        if kind in hist and any(hist[kind]):
+            right.bar(bins, hist[kind], bottom=bottom, color=colour, label=f"majority {kind}" if kind != "all" else None)
+            bottom = [b + c for b, c in zip(bottom, hist[kind])]
+    right.set_xlabel("p_maj (share of the group giving the majority answer)")
+    right.set_ylabel("prompts")
+    right.set_title(f"p_maj histogram (majority right on {_pct(probe.majority_correct)} of prompts)")
+    if right.patches and any(k in hist for k in ("correct", "wrong")):
+        right.legend(fontsize=7)
+    fig.suptitle(f"urlvr probe: {probe.model}  ({probe.prompts} prompts x {probe.group_size} samples, "
+                 f"sample accuracy {_pct(probe.sample_accuracy)})")
+    fig.savefig(path, dpi=100)
+    return Path(path)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"

@@ -43,6 +43,12 @@ if TYPE_CHECKING:
 TINY_MODEL_ALIAS = "urlvr/tiny"
 ASSET_DIR = Path(__file__).parent / "assets" / "tiny"
 CACHE_SUBDIR = "tiny-v1"  # bump when the build recipe changes, so stale caches are not reused
+# The aligned prior: the same build with seed 2, whose majority answer is right on most held-out
+# prompts (75% greedy), so majority voting first *raises* ground truth (docs/probe.md).
+ALIGNED_MODEL_ALIAS = "urlvr/tiny-aligned"
+ALIGNED_ASSET_DIR = Path(__file__).parent / "assets" / "tiny-aligned"
+ALIGNED_CACHE_SUBDIR = "tiny-aligned-v1"
+ALIGNED_SEED = 2
 INFO_FILE = "urlvr_tiny.json"  # written last: its presence marks a complete build
 REQUIRED_FILES = (
     "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", INFO_FILE
@@ -388,24 +394,27 @@ def is_complete(model_dir: Path) -> bool:
     return all((Path(model_dir) / name).is_file() for name in REQUIRED_FILES)
 
 
-def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
+def ensure_tiny_model(cache_dir: Path | None = None, *, aligned: bool = False) -> Path:
     """The committed asset if complete; otherwise a cached build, built once and atomically.
+    ``aligned=True``: the aligned prior (`urlvr/tiny-aligned`, build seed 2) instead.
 
     Without the asset (e.g. a source tree that dropped it) the model is built at
     ``<root>/tiny-v1`` with root = ``cache_dir``, else ``$URLVR_CACHE``, else ``~/.cache/urlvr``,
     and reused from then on. The build goes to a temporary sibling that is renamed into place,
     so a concurrent or interrupted build never leaves a half-written model at the final path.
     """
-    if is_complete(ASSET_DIR):
-        return ASSET_DIR
+    asset, subdir, seed = (ALIGNED_ASSET_DIR, ALIGNED_CACHE_SUBDIR, ALIGNED_SEED) if aligned else (
+        ASSET_DIR, CACHE_SUBDIR, DEFAULT_SEED)
+    if is_complete(asset):
+        return asset
     root = Path(cache_dir or os.environ.get("URLVR_CACHE") or Path.home() / ".cache" / "urlvr")
-    target = root / CACHE_SUBDIR
+    target = root / subdir
     if is_complete(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{CACHE_SUBDIR}-", dir=root))
+    staging = Path(tempfile.mkdtemp(prefix=f".{subdir}-", dir=root))
     try:
-        build_tiny_model(staging)
+        build_tiny_model(staging, seed=seed)
         try:
             staging.rename(target)
         except OSError:  # another process got there first, or a stale partial dir is in the way
@@ -418,8 +427,11 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
 
 
 def resolve_model_path(path: str) -> str:
-    """Map the ``urlvr/tiny`` alias to a local directory; any other path is returned unchanged."""
-    return str(ensure_tiny_model()) if path == TINY_MODEL_ALIAS else path
+    """Map the ``urlvr/tiny`` and ``urlvr/tiny-aligned`` aliases to local directories; any other
+    path is returned unchanged."""
+    if path in (TINY_MODEL_ALIAS, ALIGNED_MODEL_ALIAS):
+        return str(ensure_tiny_model(aligned=path == ALIGNED_MODEL_ALIAS))
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> None:

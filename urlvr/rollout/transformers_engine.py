@@ -162,7 +162,8 @@ class TransformersRolloutEngine:
         stop_ids = torch.tensor(sorted(set(sampling.stop_token_ids)), dtype=torch.long, device=device)
 
         # 1. Prefill each distinct prompt once; its samples then share copies of its cache.
-        extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(self.model) else {}
+        extra = {"logits_to_keep": 1} if _accepts(self.model, "logits_to_keep") else {}
+        cache_kwarg = "cache" if _accepts(self.model, "cache") else "past_key_values"  # transformers >= 5.24: `cache`
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -209,8 +210,8 @@ class TransformersRolloutEngine:
                 input_ids=next_tokens[:, None],
                 attention_mask=attention_mask,
                 position_ids=position_ids_from_attention_mask(attention_mask)[:, -1:],
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_kwarg: cache},
             )
             cache = _checked_cache(out)
             logits = out.logits[:, -1]
@@ -306,7 +307,10 @@ def _left_pad(sequences: Iterable[Sequence[int]], pad_token_id: int) -> tuple[to
 
 
 def _checked_cache(out):
-    cache = getattr(out, "past_key_values", None)
+    # `cache` first: reading the old `past_key_values` name warns in transformers >= 5.24
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_select_indices"):
         raise TypeError(
             "the model returned no transformers Cache (past_key_values) with use_cache=True; "
@@ -315,9 +319,10 @@ def _checked_cache(out):
     return cache
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether forward() can return logits for the last position only (saves a [U, P, V] tensor)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+def _accepts(model: torch.nn.Module, argument: str) -> bool:
+    """Whether forward() takes ``argument`` (`logits_to_keep`: logits for the last position only,
+    which saves a [U, P, V] tensor; `cache`: the current name of `past_key_values`)."""
+    return argument in inspect.signature(model.forward).parameters
 
 
 @contextlib.contextmanager

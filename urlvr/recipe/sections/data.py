@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
@@ -104,14 +104,35 @@ class CountdownSource(Section):
     """Generator seed."""
 
 
+class ReasoningGymSource(Section):
+    kind: Literal["reasoning_gym"] = "reasoning_gym"
+    tasks: list[str] = Field(min_length=1)
+    """reasoning-gym task names, e.g. [countdown, basic_arithmetic] (needs the `reasoning-gym`
+    extra; generated locally, no download). Score them with the `reasoning_gym` reward."""
+    size: int = Field(256, ge=1, le=10_000_000)
+    """Problems per task."""
+    seed: int = 0
+    """Generator seed (task i uses seed + i)."""
+    config: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Generator settings per task name, e.g. `{countdown: {min_numbers: 3, max_numbers: 3}}`."""
+
+    @model_validator(mode="after")
+    def _config_names_tasks(self) -> ReasoningGymSource:
+        unknown = sorted(set(self.config) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"config names tasks that are not in `tasks`: {', '.join(unknown)}")
+        return self
+
+
 DataSource = Annotated[
-    Union[FileSource, DatasetsSource, AdapterSource, ArithmeticSource, CountdownSource], Field(discriminator="kind")
+    Union[FileSource, DatasetsSource, AdapterSource, ArithmeticSource, CountdownSource, ReasoningGymSource],
+    Field(discriminator="kind"),
 ]
 
 
 class DataSection(Section):
     source: DataSource = Field(default_factory=ArithmeticSource)
-    """Where prompts come from; `kind` picks the variant: file | datasets | adapter | arithmetic | countdown."""
+    """Where prompts come from; `kind` picks the variant: file | datasets | adapter | arithmetic | countdown | reasoning_gym."""
     template: str = "chat"
     """`chat` = the tokenizer's chat template; anything else is a plain format string with a
     single `{prompt}` field, e.g. `"Question: {prompt}\\nAnswer:"`."""

@@ -22,6 +22,14 @@ class WandbSection(Section):
     """`auto` = online when WANDB_API_KEY is set, offline otherwise."""
 
 
+class TensorBoardSection(Section):
+    enabled: bool = False
+    """Write TensorBoard event files (needs the `tensorboard` extra); view with
+    `tensorboard --logdir RUN_DIR/tensorboard`."""
+    log_dir: str | None = None
+    """Folder of the event files; null = `<output_dir>/tensorboard`."""
+
+
 class LoggingSection(Section):
     console: bool = True
     """Rich progress bar and per-step line on the console."""
@@ -29,6 +37,8 @@ class LoggingSection(Section):
     """Sample completions written to `completions.jsonl` each step (0 = none)."""
     wandb: WandbSection = Field(default_factory=WandbSection)
     """Weights & Biases settings."""
+    tensorboard: TensorBoardSection = Field(default_factory=TensorBoardSection)
+    """TensorBoard settings: every per-step metric and every evaluation as a scalar."""
 
 
 class EvalSection(Section):

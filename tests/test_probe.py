@@ -1,0 +1,98 @@
+"""`urlvr probe`: the alignment metrics by hand, the command end to end on the two tiny priors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from urlvr.metrics import alignment
+
+
+def test_auroc_by_hand_with_ties():
+    scores = torch.tensor([0.9, 0.5, 0.5, 0.1])
+    correct = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    # pairs (correct, wrong): (0.9,0.5)=1 (0.9,0.1)=1 (0.5,0.5)=1/2 (0.5,0.1)=1 -> 3.5 / 4
+    assert alignment.auroc(scores, correct) == pytest.approx(0.875)
+    assert alignment.auroc(scores, torch.ones(4)) is None
+    assert alignment.auroc(-scores, correct) == pytest.approx(0.125)
+
+
+def test_group_auroc_skips_one_class_groups():
+    scores = torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.5, 0.5]])
+    correct = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+    assert alignment.group_auroc(scores, correct) == pytest.approx(0.5)  # (1 + 0) / 2; the third has no wrong sample
+
+
+def test_advantage_correctness_is_cov_over_std_for_grpo():
+    from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
+
+    rewards = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    correct = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    advantages = ADVANTAGE_ESTIMATORS.get("grpo")(rewards, eps=0.0)
+    # mean_j A_ij c_ij = Cov_j(r, c) / std_j(r) (GRPO's std is the unbiased one); then the mean over groups
+    expected = sum(float(((r - r.mean()) * (c - c.mean())).mean() / r.std()) for r, c in zip(rewards, correct)) / 2
+    assert alignment.advantage_correctness(advantages, correct) == pytest.approx(expected)
+    assert alignment.expected_direction(0.6) == "rise" and alignment.expected_direction(0.5) == "fall"
+
+
+def test_p_maj_histogram_splits_by_majority_correctness():
+    hist = alignment.p_maj_histogram(torch.tensor([0.25, 0.5, 0.5, 1.0]), torch.tensor([0.0, 1.0, float("nan"), 1.0]), 4)
+    assert hist["p_maj"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert hist["correct"] == [0, 0, 1, 0, 1] and hist["wrong"] == [0, 1, 0, 0, 0] and hist["unlabelled"] == [0, 0, 1, 0, 0]
+
+
+PROBE_BASE = {"seed": 0, "data": {"source": {"kind": "arithmetic", "num_problems": 64, "seed": 1}},
+              "rollout": {"group_size": 8, "max_new_tokens": 80}}
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+    """Both tiny priors probed once: 64 prompts x 8 samples each (about 15 s on 2 idle cores).
+    Measured: majority right on 0.297 (urlvr/tiny) and 0.578 (urlvr/tiny-aligned) of these prompts;
+    on the first 32 alone the aligned prior's is 0.5 or less, so 64 is the smallest safe size."""
+    from urlvr.commands.probe import run_probe
+
+    out = tmp_path_factory.mktemp("probe")
+    results = run_probe(["urlvr/tiny", "urlvr/tiny-aligned"], PROBE_BASE, out,
+                        rewards=["majority_vote", "self_certainty", "trajectory_entropy"], num_prompts=64, progress=False)
+    return out, results
+
+
+def test_probe_predicts_fall_for_the_weak_prior_and_rise_for_the_aligned_one(probed):
+    _, (weak, aligned) = probed
+    by_reward = {r.reward: r for r in weak.rewards}
+    assert by_reward["majority_vote"].direction == "fall"
+    assert {r.reward: r for r in aligned.rewards}["majority_vote"].direction == "rise"
+    assert aligned.majority_correct > 0.5 > weak.majority_correct
+    for result in (weak, aligned):
+        vote = {r.reward: r for r in result.rewards}["majority_vote"]
+        assert vote.top_reward_accuracy == pytest.approx(result.majority_correct)  # the top vote is the majority
+        assert vote.reward_accuracy is not None  # 0/1 reward
+        assert {r.reward: r for r in result.rewards}["self_certainty"].reward_accuracy is None  # not 0/1
+        assert sum(sum(result.p_maj_histogram[k]) for k in ("correct", "wrong")) == result.labelled_prompts == 64
+
+
+def test_probe_writes_json_csv_and_one_png_per_model(probed):
+    out, results = probed
+    saved = json.loads((out / "probe.json").read_text())
+    assert [m["model"] for m in saved] == ["urlvr/tiny", "urlvr/tiny-aligned"]
+    rows = list(csv.DictReader(open(out / "probe.csv")))
+    assert len(rows) == 2 * 3 and {"auroc", "direction", "majority_correct"} <= set(rows[0])
+    assert sorted(p.name for p in out.glob("*.png")) == ["urlvr__tiny-aligned.png", "urlvr__tiny.png"]
+
+
+def test_probe_without_labels_reports_label_free_quantities_only(tmp_path, capsys):
+    from urlvr.commands.probe import print_table, run_probe
+
+    rows = [{"prompt": f"Compute {a}+{a + 1}."} for a in range(4)]
+    data = tmp_path / "unlabelled.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = {**PROBE_BASE, "data": {"source": {"kind": "file", "path": str(data), "label_field": None}}}
+    (result,) = run_probe(["urlvr/tiny"], base, rewards=["majority_vote"], num_prompts=4, group_size=4, progress=False)
+    assert result.labelled_prompts == 0 and result.sample_accuracy is None
+    assert result.rewards[0].auroc is None and result.rewards[0].direction is None
+    print_table([result])
+    assert "urlvr mcs" in capsys.readouterr().out

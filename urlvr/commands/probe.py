@@ -1,0 +1,279 @@
+"""`urlvr probe`: before training, how well does each reward agree with correctness on a model's own samples?
+
+For each model: sample `group_size` responses for `num_prompts` prompts once, run one chunked
+scoring pass for the union of the token statistics the named rewards declare, score every
+sample with every reward, and measure on the labelled prompts (paper §3-4, App. B.2):
+
+- AUROC of reward vs correctness (pooled, and within groups, the ranking GRPO uses);
+- Reward Accuracy (Eq. 40) where the reward is 0/1;
+- Label Accuracy of the top-reward sample (Eq. 39 for voting, App. B.2's for certainty rewards);
+- the majority-correct fraction and the p_maj histogram (Theorem 1's alignment);
+- the expected direction of ground truth under training with the reward (docs/probe.md).
+
+Without labels only the label-free quantities are reported (reward spread, p_maj); `urlvr mcs`
+measures a prior without labels. The pieces are the trainer's: RunSettings (sampling, extractor,
+reward contexts, statistics), the engine registry and the actor's chunked `TokenScorer`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from urlvr.commands.mcs import _slug
+
+# label-free rewards that need no extra generation or worker: scored by default
+INTRINSIC_REWARDS = ("majority_vote", "self_certainty", "token_entropy", "trajectory_entropy", "probability",
+                     "probability_disparity")
+
+
+@dataclass(frozen=True)
+class RewardProbe:
+    reward: str
+    reward_mean: float
+    zero_variance_groups: float  # share of groups where the reward is constant (no GRPO signal)
+    auroc: float | None = None  # None: no labels, or one class only
+    group_auroc: float | None = None
+    reward_accuracy: float | None = None  # 0/1 rewards only
+    top_reward_accuracy: float | None = None  # Label Accuracy of the top-reward sample
+    advantage_correctness: float | None = None  # mean A_ij c_ij: first-order drift of correctness
+    direction: str | None = None  # "rise" | "fall"
+
+
+@dataclass(frozen=True)
+class ModelProbe:
+    model: str
+    prompts: int
+    labelled_prompts: int
+    group_size: int
+    answer_rate: float  # samples with an extracted answer
+    p_maj_mean: float
+    sample_accuracy: float | None  # mean correctness of the samples (ground-truth reward)
+    majority_correct: float | None  # Label Accuracy of majority vote
+    p_maj_histogram: dict[str, list] = field(default_factory=dict)
+    rewards: tuple[RewardProbe, ...] = ()
+    figure: str | None = None
+
+
+def probe_recipe(base: dict[str, Any], model: str, rewards: Sequence[str], *, group_size: int | None) -> dict[str, Any]:
+    """The base recipe (a dict) with this model and one unit-weight term per reward (a term of the
+    base recipe keeps its kwargs); nothing is trained, so the other sections only shape sampling."""
+    recipe = json.loads(json.dumps(base))  # deep copy of plain data
+    own = {t["name"]: t for t in recipe.get("reward", {}).get("terms", []) if isinstance(t, dict)}
+    recipe["model"] = {**recipe.get("model", {}), "path": model}
+    recipe["reward"] = {**recipe.get("reward", {}), "terms": [
+        {"name": name, "kwargs": own.get(name, {}).get("kwargs", {})} for name in rewards]}
+    recipe["reward"].pop("vote_group_size", None)
+    if group_size is not None:
+        recipe.setdefault("rollout", {})["group_size"] = group_size
+    return recipe
+
+
+def run_probe(models: Sequence[str], base: dict[str, Any], out_dir: Path | None = None, *,
+              rewards: Sequence[str] | None = None, num_prompts: int = 64, group_size: int | None = None,
+              overrides: Sequence[str] = (), progress: bool = True) -> list[ModelProbe]:
+    """Probe every model with the same prompts and rewards; with `out_dir`, write probe.json,
+    probe.csv and `<model>.png` there. `rewards=None`: INTRINSIC_REWARDS."""
+    results, taken = [], set()
+    for model in models:
+        result = probe_model(model, base, rewards or INTRINSIC_REWARDS, num_prompts=num_prompts,
+                             group_size=group_size, overrides=overrides, progress=progress)
+        if out_dir is not None:
+            from urlvr.metrics.plots import plot_probe
+
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            figure = plot_probe(result, Path(out_dir) / f"{_slug(model, taken)}.png")
+            result = replace(result, figure=str(figure))
+        results.append(result)
+    if out_dir is not None:
+        write_probe(results, Path(out_dir))
+    return results
+
+
+def probe_model(model: str, base: dict[str, Any], rewards: Sequence[str], *, num_prompts: int = 64,
+                group_size: int | None = None, overrides: Sequence[str] = (), progress: bool = True) -> ModelProbe:
+    from urlvr.data.templates import encode_prompts
+    from urlvr.dist import init_distributed
+    from urlvr.recipe import load_recipe
+    from urlvr.rollout.base import ROLLOUT_ENGINES
+    from urlvr.rollout.collate import collate_groups
+    from urlvr.trainer.build import load_model_and_tokenizer, load_prompt_records, seed_everything
+    from urlvr.trainer.settings import RunSettings
+
+    recipe = load_recipe(probe_recipe(base, model, rewards, group_size=group_size), overrides)
+    dist = init_distributed()
+    settings = RunSettings.derive(recipe, dist)
+    seed_everything(recipe.seed)
+    hf_model, tokenizer = load_model_and_tokenizer(recipe)
+    hf_model.to(dist.device).eval()
+    data = recipe.data
+    records = load_prompt_records(data.source, recipe)[:num_prompts]
+    encoded = encode_prompts(tokenizer, records, template=data.template, system_prompt=data.system_prompt,
+                             suffix=data.prompt_suffix, max_prompt_length=data.max_prompt_length,
+                             on_long_prompt=data.on_long_prompt)
+    records, prompts = list(encoded.records), list(encoded.inputs)
+    engine = ROLLOUT_ENGINES.get(recipe.rollout.engine.name).from_recipe(recipe, hf_model, tokenizer, dist)
+    groups = _sample(engine, prompts, settings, progress=progress)
+    batch = collate_groups(groups, pad_token_id=tokenizer.pad_token_id)
+    stats = _score(hf_model, batch, settings, dist.device)
+    return _measure(model, groups, records, batch, stats, settings, engine, tokenizer)
+
+
+def _sample(engine, prompts, settings, *, progress: bool, prompts_per_call: int = 8) -> list:
+    """Groups of `rollout.group_size` samples, `prompts_per_call` prompts per engine call (the bar's
+    unit); each prompt seeded by its index, so the result does not depend on the chunking."""
+    group_size, groups = settings.recipe.rollout.group_size, []
+    sampling = settings.policy_sampling()
+    bar = _progress_bar(len(prompts)) if progress else None
+    try:
+        for start in range(0, len(prompts), prompts_per_call):
+            chunk = prompts[start : start + prompts_per_call]
+            seeds = tuple(settings.sampling_seed(0, start + i) for i in range(len(chunk)))
+            groups.extend(engine.generate(chunk, group_size, replace(sampling, prompt_seeds=seeds)))
+            if bar:
+                bar.advance(bar.task_ids[0], len(chunk))
+    finally:
+        if bar:
+            bar.stop()
+    return groups
+
+
+@torch.no_grad()
+def _score(hf_model, batch, settings, device) -> dict[str, torch.Tensor]:
+    """The trainer's scoring pass (`TokenScorer`, chunked over the sequence): exactly the statistics
+    the probed rewards declare, on scaled (and, where asked, raw) logits."""
+    from urlvr.trainer.actor import TokenScorer
+    from urlvr.trainer.batching import micro_batches, scatter_rows
+
+    scorer = TokenScorer(hf_model)
+    pieces = []
+    for micro in micro_batches(batch, range(batch.input_ids.shape[0]), settings.recipe.trainer):
+        pieces.append((micro, scorer(micro["input_ids"].to(device), micro["attention_mask"].to(device),
+                                     micro["position_ids"].to(device), micro["prompt_length"],
+                                     settings.recipe.rollout.temperature, settings.score_stats,
+                                     settings.raw_score_stats)))
+    return {name: value.cpu() for name, value in scatter_rows(pieces, *batch.response_mask.shape).items()}
+
+
+def _measure(model: str, groups, records, batch, stats, settings, engine, tokenizer) -> ModelProbe:
+    from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
+    from urlvr.metrics import alignment, dynamics
+    from urlvr.rewards.compose import RewardTermSpec, score_batch
+    from urlvr.rewards.policy import EnginePolicy
+
+    recipe, size = settings.recipe, settings.recipe.rollout.group_size
+    lent = settings.lent_stats(stats)
+    contexts = [settings.reward_context(group, group, record, batch.response_mask[g * size:(g + 1) * size],
+                                        {k: v[g * size:(g + 1) * size] for k, v in lent.items()}, tokenizer)
+                for g, (group, record) in enumerate(zip(groups, records, strict=True))]
+    policy = EnginePolicy(engine, tokenizer, template=recipe.data.template, system_prompt=recipe.data.system_prompt,
+                          prompt_suffix=recipe.data.prompt_suffix, sampling=settings.policy_sampling(), seed=recipe.seed)
+    terms = [RewardTermSpec(t.name, 1.0, t.kwargs, t.key, t.gate, t.on_error) for t in recipe.reward.terms]
+    scored = score_batch(groups, contexts, terms, recipe.reward.oracle, policy)
+    answers = [ctx.answers for ctx in contexts]
+    p_maj = dynamics.majority_ratios(answers)  # [B]
+    labels = [r.label for r in records]
+    oracle = scored.oracle  # [B, G], NaN rows unlabelled; None without an oracle or labels
+    majority_correct = dynamics.majority_correctness(answers, answers, oracle, labels) if oracle is not None else None
+    labelled = ~torch.isnan(oracle).any(dim=1) if oracle is not None else torch.zeros(len(groups), dtype=torch.bool)
+    correct = (oracle[labelled] > 0.5).double() if bool(labelled.any()) else None  # [M, G]
+    estimator = ADVANTAGE_ESTIMATORS.get(recipe.algorithm.advantage)
+    per_reward = []
+    for name, scores in scored.per_term.items():  # [B, G] each
+        std = scores.std(dim=1, unbiased=False) if size > 1 else torch.zeros(len(groups))
+        probe = RewardProbe(reward=name, reward_mean=float(scores.mean()),
+                            zero_variance_groups=float((std == 0).double().mean()))
+        if correct is not None:
+            mine = scores[labelled].double()
+            top = float(correct.gather(1, mine.argmax(dim=1, keepdim=True)).mean())  # ties: the first sample
+            advantages = estimator(mine, eps=recipe.algorithm.advantage_eps)
+            probe = replace(
+                probe, auroc=alignment.auroc(mine, correct), group_auroc=alignment.group_auroc(mine, correct),
+                reward_accuracy=float(((mine > 0.5).double() == correct).double().mean())
+                if alignment.is_binary(mine) else None,
+                top_reward_accuracy=top, advantage_correctness=alignment.advantage_correctness(advantages, correct),
+                direction=alignment.expected_direction(top))
+        per_reward.append(probe)
+    return ModelProbe(
+        model=model, prompts=len(groups), labelled_prompts=int(labelled.sum()), group_size=size,
+        answer_rate=sum(a is not None for group in answers for a in group) / (len(groups) * size),
+        p_maj_mean=float(p_maj.mean()), sample_accuracy=float(correct.mean()) if correct is not None else None,
+        majority_correct=float(majority_correct[labelled].mean()) if correct is not None else None,
+        p_maj_histogram=alignment.p_maj_histogram(p_maj, majority_correct if correct is not None else None, size),
+        rewards=tuple(per_reward))
+
+
+def _progress_bar(total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]urlvr probe: sampling"), BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn(), transient=True)
+    bar.add_task("sample", total=total)
+    bar.start()
+    return bar
+
+
+# --------------------------------------------------------------------------- reporting
+COLUMNS = ("model", "reward", "auroc", "group_auroc", "reward_accuracy", "top_reward_accuracy",
+           "sample_accuracy", "majority_correct", "advantage_correctness", "direction")
+
+
+def rows(results: Sequence[ModelProbe]) -> list[dict[str, Any]]:
+    """One flat row per (model, reward): the CSV's and the table's content."""
+    out = []
+    for result in results:
+        shared = {k: v for k, v in asdict(result).items() if k not in ("rewards", "p_maj_histogram", "figure")}
+        for reward in result.rewards:
+            out.append({**shared, **asdict(reward)})
+    return out
+
+
+def write_probe(results: Sequence[ModelProbe], out_dir: Path) -> None:
+    (out_dir / "probe.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    flat = rows(results)
+    with open(out_dir / "probe.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else ["model"])
+        writer.writeheader()
+        writer.writerows(flat)
+
+
+def print_table(results: Sequence[ModelProbe]) -> None:
+    """A rich table, one row per (model, reward); label-free columns only where no labels exist."""
+    from rich.console import Console
+    from rich.table import Table
+
+    labelled = any(r.labelled_prompts for r in results)
+    columns = COLUMNS if labelled else ("model", "reward", "reward_mean", "zero_variance_groups", "p_maj_mean")
+    table = Table(title="urlvr probe" + ("" if labelled else " (no labels: label-free quantities only)"))
+    for column in columns:
+        table.add_column(HEADERS.get(column, column), justify="left" if column in ("model", "reward", "direction") else "right")
+    for row in rows(results):
+        table.add_row(*(_cell(row.get(c)) if c != "model" else _short(row[c]) for c in columns))
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    if not labelled:
+        console.print("urlvr: no labelled prompts; to measure a prior without labels, run `urlvr mcs`")
+
+
+HEADERS = {"auroc": "AUROC", "group_auroc": "AUROC in group", "reward_accuracy": "reward acc", "top_reward_accuracy":
+           "top-reward acc", "sample_accuracy": "sample acc", "majority_correct": "maj right",
+           "advantage_correctness": "adv x correct", "reward_mean": "mean reward",
+           "zero_variance_groups": "flat groups", "p_maj_mean": "p_maj"}
+
+
+def _short(model: str) -> str:
+    """The last two path parts of a model directory (hub ids and aliases are short already)."""
+    parts = Path(model).parts
+    return model if len(parts) <= 2 else str(Path(*parts[-2:]))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)

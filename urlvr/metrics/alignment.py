@@ -1,0 +1,82 @@
+"""How well a reward agrees with correctness on one batch of groups, as pure functions (`urlvr probe`).
+
+Inputs are per-sample tensors `[B, G]`: a reward's scores and 0/1 correctness (NaN rows for
+prompts without a label are dropped by the caller). The paper's Theorem 1 says that training on
+an intrinsic reward concentrates each prompt's policy on the answer the reward ranks first (the
+initial majority, for voting); whether that helps depends on how often that answer is right --
+the confidence-correctness alignment these functions measure.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def auroc(scores: torch.Tensor, correct: torch.Tensor) -> float | None:
+    """P(score of a random correct sample > score of a random wrong one), ties count 1/2
+    (Mann-Whitney U / (n1 n0)). Pooled over every sample; None without both classes. [N] x2 -> float."""
+    scores, correct = scores.double().flatten(), correct.flatten() > 0.5
+    n1, n0 = int(correct.sum()), int((~correct).sum())
+    if n1 == 0 or n0 == 0:
+        return None
+    ranks = _average_ranks(scores)
+    u = float(ranks[correct].sum()) - n1 * (n1 + 1) / 2
+    return u / (n1 * n0)
+
+
+def group_auroc(scores: torch.Tensor, correct: torch.Tensor) -> float | None:
+    """Mean of the within-group AUROC over the groups that hold both correct and wrong samples:
+    the ranking GRPO uses (advantages compare siblings, not prompts). [B, G] x2 -> float."""
+    values = [auroc(s, c) for s, c in zip(scores, correct)]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def is_binary(scores: torch.Tensor) -> bool:
+    """Whether every score is 0 or 1 (Reward Accuracy, Eq. 40, is defined for such rewards only)."""
+    return bool(((scores == 0) | (scores == 1)).all())
+
+
+def advantage_correctness(advantages: torch.Tensor, correct: torch.Tensor) -> float:
+    """mean_ij A_ij c_ij: the first-order direction of the expected correctness under a policy
+    gradient step with these advantages (it raises log pi(y_ij) by A_ij). For GRPO's
+    A = (r - mean) / std this is mean_i Cov_i(r, c) / std_i(r) (population covariance, GRPO's
+    unbiased std). [B, G] x2 -> float."""
+    return float((advantages.double() * correct.double()).mean()) if advantages.numel() else 0.0
+
+
+def expected_direction(top_reward_accuracy: float) -> str:
+    """`rise` when the reward's top-ranked sample is right on more than half of the prompts,
+    else `fall` (docs/probe.md: the rule and where it comes from)."""
+    return "rise" if top_reward_accuracy > 0.5 else "fall"
+
+
+def p_maj_histogram(p_maj: torch.Tensor, majority_correct: torch.Tensor | None, group_size: int) -> dict[str, list]:
+    """Counts of prompts per p_maj value k/G (k = 0..G), split by whether the majority is right
+    (`correct`, `wrong`, `unlabelled`). [B] x2 -> {"p_maj": [...], "correct": [...], ...}."""
+    bins = torch.round(p_maj.double() * group_size).long().clamp(0, group_size)
+    out: dict[str, list] = {"p_maj": [k / group_size for k in range(group_size + 1)]}
+    kinds = {"all": torch.ones_like(bins, dtype=torch.bool)}
+    if majority_correct is not None:
+        labelled = ~torch.isnan(majority_correct)
+        kinds = {"correct": labelled & (majority_correct > 0.5), "wrong": labelled & (majority_correct <= 0.5),
+                 "unlabelled": ~labelled}
+    for kind, rows in kinds.items():
+        out[kind] = torch.bincount(bins[rows], minlength=group_size + 1).tolist()
+    return out
+
+
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks, tied values sharing their mean rank. [N] -> [N] float64."""
+    order = torch.argsort(values, stable=True)
+    sorted_values = values[order]
+    ranks = torch.empty_like(values, dtype=torch.float64)
+    start = 0
+    n = values.numel()
+    while start < n:
+        end = start
+        while end + 1 < n and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
