@@ -138,7 +138,7 @@ BUILTIN_FAMILIES = {  # what each built-in's score claims (docs/dynamics.md): a 
     "self_certainty": "certainty", "token_entropy": "certainty", "trajectory_entropy": "certainty",
     "probability": "certainty", "probability_disparity": "certainty", "unified": "certainty",
     "semantic_cluster": "certainty",
-    "format": "other", "overlong_penalty": "other",
+    "format": "other", "overlong_penalty": "other", "reasoning_gym": "other",  # partial credit: not a 0/1 verdict
 }
 
 

@@ -49,16 +49,16 @@ def test_grid_is_the_cartesian_product_first_axis_slowest(tmp_path):
     recipe = write(tmp_path / "r.yaml", {"output_dir": str(tmp_path / "base")})
     spec = write(tmp_path / "s.yaml", {"recipe": "r.yaml", "set": ["trainer.total_steps=3"], "grid": {
         "rollout.group_size": [4, 8],
-        "kl": {"off": {"algorithm.kl_coef": 0.0}, "on": {"algorithm.kl_coef": 0.01, "algorithm.kl_estimator": "k1"}},
+        "kl": {"off": {"algorithm.kl_coef": 0.0}, "on": {"algorithm.kl_coef": 0.01, "algorithm.kl_estimator": "k2"}},
     }})
     sweep = load_sweep(spec)
     assert sweep.recipe == recipe and sweep.out_dir == tmp_path / "base" / "s"
     points = validate_points(sweep)
     assert [p.name for p in points] == ["group_size=4,kl=off", "group_size=4,kl=on", "group_size=8,kl=off", "group_size=8,kl=on"]
     assert points[1].overrides == ("trainer.total_steps=3", "rollout.group_size=4", "algorithm.kl_coef=0.01",
-                                   "algorithm.kl_estimator=k1", f"output_dir={tmp_path / 'base' / 's' / 'group_size=4,kl=on'}")
+                                   "algorithm.kl_estimator=k2", f"output_dir={tmp_path / 'base' / 's' / 'group_size=4,kl=on'}")
     resolved = load_recipe(recipe, points[1].overrides)
-    assert (resolved.rollout.group_size, resolved.algorithm.kl_coef, resolved.algorithm.kl_estimator) == (4, 0.01, "k1")
+    assert (resolved.rollout.group_size, resolved.algorithm.kl_coef, resolved.algorithm.kl_estimator) == (4, 0.01, "k2")
     assert resolved.output_dir == points[1].run_dir and resolved.trainer.total_steps == 3
 
 
