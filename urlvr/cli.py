@@ -79,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("urlvr: interrupted; the last complete checkpoint is intact (resume with --resume RUN_DIR)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `urlvr schema | head`: the reader left; nothing to report
+        sys.stderr.close()
+        return 0
     except Exception as err:
         if args.debug:
             raise

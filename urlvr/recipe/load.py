@@ -111,6 +111,8 @@ def _import_plugins(plugins: Any, origin: str) -> None:
         except Exception as err:  # the plugin's own error, shown in one line
             raise RecipeError(
                 f"{origin}: plugins.{index}: cannot import {module!r}: {type(err).__name__}: {err}"
+                + (f" (is the folder holding {module.split('.')[0]!r} on PYTHONPATH? e.g. PYTHONPATH=. urlvr ...)"
+                   if isinstance(err, ModuleNotFoundError) and err.name == module.split(".")[0] else "")
             ) from None
 
 

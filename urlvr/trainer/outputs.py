@@ -30,7 +30,8 @@ class RunOutputs:
         if resume:
             truncate_appended_files(run_dir, start_step)
         self.metrics = JsonlLogger(run_dir / "metrics.jsonl")
-        self.evaluations = JsonlLogger(run_dir / "eval.jsonl")  # metrics.jsonl stays one line per step
+        # metrics.jsonl stays one line per step; eval.jsonl exists only where something evaluates
+        self.evaluations = JsonlLogger(run_dir / "eval.jsonl") if recipe.eval.source is not None else None
         self.completions = open_for_append(run_dir / "completions.jsonl")
         self.prompts = PromptTrackWriter(run_dir / "prompts.jsonl") if recipe.dynamics.track_prompts else None
         self.trackers = make_trackers(recipe, run_dir)  # wandb: steps and evaluations alike
@@ -51,12 +52,14 @@ class RunOutputs:
         self.completions.flush()
         self.prompt_rows(prompt_rows)
         if self.progress:
-            self.progress.console.print(console_line(step, self.total_steps, metrics))
+            self.progress.console.print(console_line(step, self.total_steps, metrics), soft_wrap=True)
             self.progress.advance(self.progress.task_ids[0])
 
     def evaluation(self, step: int, metrics: dict[str, float]) -> None:
         if self.main:
             for logger in (self.evaluations, *self.trackers):
+                if logger is None:
+                    continue
                 logger.log(step, metrics)
 
     def prompt_rows(self, rows: list[dict]) -> None:
@@ -69,7 +72,7 @@ class RunOutputs:
             return
         for line in lines:
             if self.progress:
-                self.progress.console.print(line)
+                self.progress.console.print(line, soft_wrap=True)
             else:
                 print(line, file=sys.stderr)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,18 @@ class Trainer:
             self.recipe = self.recipe.model_copy(update={"output_dir": Path(resume)})
         self.resume = resume is not None
         self.run_dir = Path(self.recipe.output_dir)
+        self._preflight()
+
+    def _preflight(self) -> None:
+        """The run-directory mistakes a user makes most, caught before the slow start-up (model
+        load, process group); `fit` checks again on every rank."""
+        if os.environ.get("RANK", "0") != "0":
+            return
+        if self.resume and not self.run_dir.is_dir():
+            raise RecipeError(f"{self.run_dir}: --resume names a folder that does not exist")
+        if not self.resume and ((self.run_dir / "metrics.jsonl").exists() or checkpoint.complete_checkpoints(self.run_dir)):
+            raise RecipeError(f"{self.run_dir}: run directory already holds a run; pass --resume {self.run_dir} "
+                              "to continue it or set output_dir to a new folder")
 
     def fit(self) -> RunResult:
         recipe, run_dir = self.recipe, self.run_dir
@@ -55,6 +68,10 @@ class Trainer:
         result, started = RunResult(run_dir=run_dir), time.time()
         with RunOutputs(recipe, run_dir, main=dist.is_main, total_steps=parts.total_steps, start_step=start_step,
                         resume=self.resume) as out:
+            if resume_from is not None:
+                out.say(f"urlvr: resuming from step {start_step} ({resume_from})" if start_step < parts.total_steps else
+                        f"urlvr: the run is already at step {start_step} of {parts.total_steps}: nothing to train "
+                        f"(raise trainer.total_steps, e.g. --set trainer.total_steps={parts.total_steps + 10}, to continue)")
             if start_step == 0:  # the starting point: evaluation and greedy probe before any update
                 if recipe.eval.at_start:
                     self._evaluate(parts, 0, out, result)

@@ -87,15 +87,15 @@ class RolloutSection(Section):
     @model_validator(mode="before")
     @classmethod
     def _moved_engine_knobs(cls, data: Any) -> Any:
-        found = [key for key in _MOVED_ENGINE_KNOBS if isinstance(data, dict) and key in data]
-        if found:
-            raise ValueError("; ".join(f"{key} moved into the engine's own section: write {_MOVED_ENGINE_KNOBS[key]}"
-                                       for key in found))
+        if not isinstance(data, dict):
+            return data
+        if "vllm" in data:  # the old vLLM section: its knobs now sit beside the engine's name
+            knobs = "".join(f", {k}: {v}" for k, v in (data["vllm"] or {}).items()) if isinstance(data["vllm"], dict) else ""
+            raise ValueError(f"vllm moved into the engine's own section: write `engine: {{name: vllm{knobs}}}` "
+                             f"(--set 'rollout.engine={{name: vllm{knobs}}}')")
+        if "generation_batch_size" in data:
+            size = data["generation_batch_size"]
+            raise ValueError(f"generation_batch_size moved into the engine's own section: write `engine: {{name: "
+                             f"transformers, generation_batch_size: {size}}}` (--set rollout.engine.generation_batch_size={size})")
         return data
 
-
-_MOVED_ENGINE_KNOBS = {  # a key RolloutSection no longer has -> where it lives now
-    "generation_batch_size": "`engine: {name: transformers, generation_batch_size: ...}` "
-                             "(--set rollout.engine.generation_batch_size=...)",
-    "vllm": "`engine: {name: vllm, <the keys of rollout.vllm>}` (--set rollout.engine.sync_bucket_mb=...)",
-}

@@ -51,10 +51,13 @@ class AlgorithmSection(Section):
     def _moved_loss_knobs(cls, data: Any) -> Any:
         moved = sorted(k for k in ("clip_eps_low", "clip_eps_high", "dual_clip_c") if isinstance(data, dict) and k in data)
         if moved:
-            raise ValueError(f"{', '.join(moved)} moved into the loss's own section: write "
-                             f"`loss: {{name: ppo_clip, {moved[0]}: ...}}` (--set algorithm.loss.{moved[0]}=...)")
+            knobs = ", ".join(f"{k}: {data[k]}" for k in moved)
+            raise ValueError(f"{', '.join(moved)} moved into the loss's own section: write `loss: {{name: ppo_clip, "
+                             f"{knobs}}}` (--set 'algorithm.loss={{name: ppo_clip, {knobs}}}')")
         if isinstance(data, dict) and "tis_cap" in data:
-            raise ValueError("tis_cap moved to `mismatch: {name: token_tis, cap: ...}` (--set 'algorithm.mismatch={name: token_tis, cap: 2}')")
+            cap = data["tis_cap"]
+            raise ValueError(f"tis_cap moved to `mismatch: {{name: token_tis, cap: {cap}}}` "
+                             f"(--set 'algorithm.mismatch={{name: token_tis, cap: {cap}}}')")
         return data
 
     @field_validator("kl_estimator")
