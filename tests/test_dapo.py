@@ -95,7 +95,7 @@ def paper_informative(rewards: list[float]) -> bool:
 ])
 def test_zero_variance_rule_matches_the_paper(rewards):
     from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
-    from urlvr.algorithms.group_filters import ZeroVarianceFilter, zero_variance_groups
+    from urlvr.trainer.group_filters import ZeroVarianceFilter, zero_variance_groups
 
     tensor = torch.tensor(rewards, dtype=torch.float64)
     expected = [not paper_informative(row) for row in rewards]
@@ -107,7 +107,7 @@ def test_zero_variance_rule_matches_the_paper(rewards):
 
 
 def test_agreement_filter_drops_confident_and_flat_groups():
-    from urlvr.algorithms.group_filters import AgreementFilter
+    from urlvr.trainer.group_filters import AgreementFilter
 
     voters = [["1", "1", "1", "2"], ["1", "1", "2", "2"], ["1", "1", "1", "1"], [None, None, None, None]]
     rewards = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.float64)
@@ -132,7 +132,7 @@ def paper_select(keep: list[bool], priority: list[float], quota: int) -> tuple[l
 
 @pytest.mark.parametrize("seed", range(20))
 def test_select_groups_matches_a_reference_loop(seed):
-    from urlvr.algorithms.group_filters import select_groups
+    from urlvr.trainer.group_filters import select_groups
 
     gen = torch.Generator().manual_seed(seed)
     n = int(torch.randint(4, 24, (1,), generator=gen))
@@ -150,7 +150,7 @@ def test_dynamic_sample_rounds_indices_and_cap():
     from urlvr.dist import DistInfo
     from urlvr.rewards.compose import BatchRewards
     from urlvr.trainer.dynamic_sampling import Round, dynamic_sample
-    from urlvr.algorithms.group_filters import ZeroVarianceFilter
+    from urlvr.trainer.group_filters import ZeroVarianceFilter
 
     def run(informative_per_round: list[list[bool]], max_rounds: int):
         batches = iter(range(100))

@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import pytest
 
+import urlvr.builtins  # noqa: F401  (registers the built-in rewards the judges name)
 from urlvr.data.records import PromptRecord
 from urlvr.metrics.evaluation import evaluate, judge_samples
 from urlvr.rewards.extractors import EXTRACTORS

@@ -88,8 +88,7 @@ def judge_samples(group: Group, record: PromptRecord, answers: Sequence[str | No
     if judge is None:
         label = normalize_answer(record.label)
         return [a is not None and a == label for a in answers]
-    import urlvr.builtins  # noqa: F401  (registers the built-in rewards)
-    from urlvr.rewards.base import REWARDS, RewardContext, call_reward
+    from urlvr.rewards.base import REWARDS, RewardContext, call_reward  # registered: the recipe named it
 
     ctx = RewardContext.for_group(answers, torch.ones(group.size, 1), extract_answer=extract, label=record.label,
                                   metadata=record.metadata, question=record.prompt, tokenizer=tokenizer)

@@ -20,7 +20,7 @@ def registries() -> dict[str, Registry]:
     from urlvr.rewards.extractors import EXTRACTORS
     from urlvr.rollout.base import ROLLOUT_ENGINES
     from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
-    from urlvr.algorithms.group_filters import GROUP_FILTERS
+    from urlvr.trainer.group_filters import GROUP_FILTERS
     from urlvr.algorithms.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS
     from urlvr.algorithms.mismatch import MISMATCH_CORRECTIONS
     from urlvr.algorithms.policy_losses import POLICY_LOSSES

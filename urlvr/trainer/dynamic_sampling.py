@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from urlvr.algorithms.group_filters import GroupFilter, select_groups
+from urlvr.trainer.group_filters import GroupFilter, select_groups
 from urlvr.data.records import PromptRecord
 from urlvr.dist import DistInfo, all_gather_objects, all_gather_rows, even_shard
 from urlvr.rewards.base import RewardContext

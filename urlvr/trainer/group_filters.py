@@ -9,7 +9,7 @@ gradient, only tokens to the normaliser: DAPO keeps sampling prompts until the b
 `prompts_per_step` groups with 0 < acc < G ("s.t. 0 < |{o_i | is_equivalent(a, o_i)}| < G").
 Under majority voting that happens whenever p_maj = 1, common late in a URLVR run. `agreement`
 also drops groups whose proxy agreement (p_maj, the majority answer's share of the voters) is
-above a threshold. The refill rounds themselves live in `urlvr/trainer/dynamic_sampling.py`.
+above a threshold. The refill rounds themselves live in `dynamic_sampling.py` beside it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from urlvr.metrics.dynamics import majority_ratios
 from urlvr.recipe.sections.base import VariantSection, check_variant_name
 from urlvr.registry import Registry
 
@@ -58,8 +59,6 @@ def zero_variance_groups(rewards: torch.Tensor) -> torch.Tensor:
 def agreement(voters: Sequence[Sequence[str | None]]) -> torch.Tensor:
     """p_maj per group: the majority answer's share of the voters (samples without an answer count
     in the denominator; 0 when nobody answered), as logged in `dynamics/majority_ratio`. `-> [B]`"""
-    from urlvr.metrics.dynamics import majority_ratios  # lazy: metrics sit above algorithms
-
     return majority_ratios(voters)
 
 
