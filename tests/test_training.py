@@ -106,7 +106,7 @@ def test_resume_after_a_kill_between_logging_and_checkpoint_writes_every_appende
     expected = _rows_by_file(straight.run_dir)
     assert all(expected[name] for name in APPENDED_FILES), "every per-step file should be written"
     # no other file grows step by step: anything new beside these must be registered in APPENDED_FILES
-    assert {p.name for p in straight.run_dir.iterdir() if p.is_file()} == {*APPENDED_FILES, "recipe.yaml", "summary.json"}
+    assert {p.name for p in straight.run_dir.iterdir() if p.is_file()} == {*APPENDED_FILES, "recipe.yaml", "summary.json", ".urlvr.lock"}
 
     recipe = recipe_for(random_tiny_model, tmp_path / "killed", **everything)
     real_step = run_module.grpo_step
@@ -277,3 +277,30 @@ def test_zero_stages_train_like_zero0(stage, zero0_run, random_tiny_model, tmp_p
     assert max(float((ref[k] - new[k]).abs().max()) for k in ref) < 1e-5
     initial = load_file(random_tiny_model[0] / "model.safetensors")
     assert max(float((initial[k] - new[k]).abs().max()) for k in initial) > 1e-3  # the weights did move
+
+
+def test_a_run_folder_takes_one_run_at_a_time(tmp_path):
+    """A second run (or a resume) into a folder a live run is writing is refused (the lock goes
+    with the process, so a killed run leaves none behind)."""
+    from urlvr.recipe import RecipeError
+    from urlvr.trainer.checkpoint import lock_run_dir
+
+    held = lock_run_dir(tmp_path / "run")
+    with pytest.raises(RecipeError, match="another urlvr process is running in this folder"):
+        lock_run_dir(tmp_path / "run")
+    held.close()  # what the kernel does when the process ends
+    lock_run_dir(tmp_path / "run").close()
+
+
+def test_resuming_a_finished_run_changes_nothing(random_tiny_model, tmp_path, capsys):
+    recipe = recipe_for(random_tiny_model, tmp_path / "run")
+    urlvr.train(recipe)
+    def files() -> dict[str, int]:  # the lock file is the one the resume opens, and it holds nothing
+        return {str(p): p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".urlvr.lock"}
+
+    before = files()
+    result = urlvr.train(recipe, resume=tmp_path / "run")
+    assert result.metrics == []
+    after = files()
+    assert after == before, {k: (before.get(k), after.get(k)) for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert "already at step 2 of 2: nothing to train" in capsys.readouterr().err

@@ -218,3 +218,21 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on `run_dir` for this process's lifetime (returned: keep it referenced):
+    a second run (or a resume) started into a folder a run is still writing is refused, instead of
+    interleaving two runs' metrics and checkpoints. The kernel drops the lock when the process
+    ends, even on kill -9, so no stale lock survives a crash."""
+    import fcntl
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    handle = open(Path(run_dir) / ".urlvr.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RecipeError(f"{run_dir}: another urlvr process is running in this folder; wait for it to finish "
+                          "(then --resume it) or set output_dir to a new folder") from None
+    return handle

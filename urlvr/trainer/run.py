@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import os
 import shutil
 import time
@@ -66,12 +67,15 @@ class Trainer:
         # every rank judges collapse from the same (rank-reduced) metrics, so all stop together
         self.monitor = CollapseMonitor(recipe.collapse, state.get("collapse"))
         result, started = RunResult(run_dir=run_dir), time.time()
+        if start_step >= parts.total_steps:  # a finished run: nothing in its folder changes
+            if dist.is_main:
+                print(f"urlvr: the run is already at step {start_step} of {parts.total_steps}: nothing to train (raise "
+                      f"trainer.total_steps, e.g. --set trainer.total_steps={start_step + 10}, to continue)", file=sys.stderr)
+            return result
         with RunOutputs(recipe, run_dir, main=dist.is_main, total_steps=parts.total_steps, start_step=start_step,
                         resume=self.resume) as out:
             if resume_from is not None:
-                out.say(f"urlvr: resuming from step {start_step} ({resume_from})" if start_step < parts.total_steps else
-                        f"urlvr: the run is already at step {start_step} of {parts.total_steps}: nothing to train "
-                        f"(raise trainer.total_steps, e.g. --set trainer.total_steps={parts.total_steps + 10}, to continue)")
+                out.say(f"urlvr: resuming from step {start_step} ({resume_from})")
             if start_step == 0:  # the starting point: evaluation and greedy probe before any update
                 if recipe.eval.at_start:
                     self._evaluate(parts, 0, out, result)
@@ -152,6 +156,8 @@ class Trainer:
 
     def _checkpoint_to_resume(self, rank: int) -> Path | None:
         run_dir = self.run_dir
+        if rank == 0:
+            self._lock = checkpoint.lock_run_dir(run_dir)  # held until the process ends
         if self.resume:
             return checkpoint.agreed_latest_checkpoint(run_dir)  # every rank must see the same one
         if rank == 0:
