@@ -41,3 +41,11 @@ def test_rewards_lists_builtins(capsys):
     assert main(["rewards"]) == 0
     out = capsys.readouterr().out
     assert "majority_vote" in out and "ground_truth" in out and "[oracle]" in out
+
+
+def test_probe_refuses_a_prompt_count_below_one(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as err:
+        main(["probe", "urlvr/tiny", "--prompts", "0"])
+    assert err.value.code == 2 and "must be at least 1" in capsys.readouterr().err

@@ -237,3 +237,13 @@ def test_docs_recipe_reference_is_current():
     rendered = subprocess.run([sys.executable, "-m", "urlvr.recipe.reference"], capture_output=True, text=True,
                               check=True, cwd=REPO).stdout
     assert (REPO / "docs" / "recipe.md").read_text() == rendered, "run: python -m urlvr.recipe.reference > docs/recipe.md"
+
+
+@pytest.mark.parametrize(("recipe", "message"), [
+    ({"algorithm": {"token_filter": {"name": "clip_cov", "cov_low": 5, "cov_high": 1}}},
+     "algorithm.token_filter: Value error, cov_low (5.0) must not exceed cov_high (1.0)"),
+    ({"rollout": {"dynamic_sampling": {"name": "agreement", "max_agreement": 0}}},
+     "rollout.dynamic_sampling.max_agreement: Input should be greater than 0"),
+])
+def test_settings_that_select_nothing_are_refused(tmp_path, recipe, message):
+    assert message.replace("Value error, ", "") in error_of(tmp_path, recipe)

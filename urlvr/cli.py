@@ -58,8 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--recipe", help="base recipe YAML (data, template, sampling, extractor)")
     probe.add_argument("--reward", dest="rewards", action="append", default=[], metavar="NAME",
                        help="a reward to score (repeatable; default: every intrinsic reward that needs no extra generation)")
-    probe.add_argument("--prompts", type=int, default=64, help="prompts to sample (default 64)")
-    probe.add_argument("--group-size", type=int, help="samples per prompt (default: the recipe's rollout.group_size)")
+    probe.add_argument("--prompts", type=_positive_int, default=64, help="prompts to sample (default 64)")
+    probe.add_argument("--group-size", type=_positive_int,
+                       help="samples per prompt (default: the recipe's rollout.group_size)")
     probe.add_argument("--out", default="runs/probe", help="folder for probe.json, probe.csv, <model>.png (default runs/probe)")
     common(probe, "override a recipe field (repeatable)")
     mcs = sub.add_parser("mcs", help="rank models by prior: Model Collapse Step of a majority-vote diagnostic run")
@@ -70,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     mcs.add_argument("--label-free", action="store_true", help="ignore labels: stop at the first label-free alarm")
     common(mcs, "override a field of the diagnostic recipe (repeatable), applied last")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

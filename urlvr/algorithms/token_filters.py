@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from urlvr.recipe.sections.base import VariantSection, check_variant_name
 from urlvr.registry import Registry
@@ -173,6 +173,12 @@ class ClipCovFilter(TokenFilter):
     """Lower covariance bound ω_low of the candidates (paper: 1)."""
     cov_high: float = 5.0
     """Upper covariance bound ω_high of the candidates (paper: 5)."""
+
+    @model_validator(mode="after")
+    def _band(self) -> ClipCovFilter:
+        if self.cov_low > self.cov_high:
+            raise ValueError(f"cov_low ({self.cov_low}) must not exceed cov_high ({self.cov_high}): no token could be chosen")
+        return self
 
     def select(self, old_logprobs, advantages, response_mask, token_stats, generator) -> TokenSelection:
         cov = token_covariance(old_logprobs, advantages, response_mask)

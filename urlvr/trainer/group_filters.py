@@ -101,7 +101,7 @@ class AgreementFilter(GroupFilter):
     """Drop groups whose rewards are all equal or whose proxy agreement p_maj exceeds `max_agreement`."""
 
     name: Literal["agreement"] = "agreement"
-    max_agreement: float = Field(0.875, ge=0.0, le=1.0)
+    max_agreement: float = Field(0.875, gt=0.0, le=1.0)
     """Largest p_maj (share of voters giving the majority answer) a training group may have.
     0.875 = 7 of 8 voters; 1.0 drops only zero-variance groups (then equal to `zero_variance`)."""
 
