@@ -31,7 +31,6 @@ class RunSettings:
     rank: int
     world_size: int
     minibatches_per_step: int  # optimizer steps per rollout batch and epoch
-    rows_per_minibatch: int  # sequences of one mini-batch, all ranks together (whole groups)
     micro_steps_per_minibatch: int  # DeepSpeed's nominal accumulation steps (the loop marks each boundary itself)
     prompt_shard: range  # this rank's prompts: indices into each step's global batch (whole groups)
     layout: RowLayout  # which rows of the global batch this rank scores and trains
@@ -58,7 +57,7 @@ class RunSettings:
         return cls(
             recipe=recipe, rank=dist.rank, world_size=dist.world_size,
             minibatches_per_step=trainer.prompts_per_step // trainer.prompts_per_minibatch,
-            rows_per_minibatch=rows, micro_steps_per_minibatch=layout.micro_steps_per_minibatch,
+            micro_steps_per_minibatch=layout.micro_steps_per_minibatch,
             prompt_shard=even_shard(trainer.prompts_per_step, dist.world_size, dist.rank), layout=layout,
             reward_stats=reward_stats, metric_stats=_ordered([*recipe.dynamics.token_metrics, *detector_stats]),
             extract=make_extractor(recipe.reward.extractor, recipe.reward.extractor_kwargs),
