@@ -64,8 +64,10 @@ def test_plugin_statistic_is_computed_only_when_declared(random_tiny_model, tmp_
     reward = {"terms": [{"name": "test_short_response"}, {"name": "test_reads_max_logit", "weight": 0.1}],
               "oracle": "ground_truth"}
     result = urlvr.train(recipe_for(random_tiny_model, tmp_path / "on", reward=reward, trainer={"total_steps": 1}))
-    # one call per chunk of the one scoring pass (4 prompts x 4 samples in 2 micro-batches of 8)
-    assert step_plugins.STAT_CALLS == [(8, 12), (8, 12)]
+    # one call per micro-batch of the one scoring pass (4 prompts x 4 samples in 2 micro-batches of 8),
+    # over the response tokens that exist: padding never reaches the LM head
+    assert len(step_plugins.STAT_CALLS) == 2 and all(len(shape) == 1 for shape in step_plugins.STAT_CALLS)
+    assert sum(n for (n,) in step_plugins.STAT_CALLS) == result.metrics[0]["perf/response_tokens"]
     assert result.metrics[0]["reward/test_reads_max_logit_mean"] != 0.0
 
 

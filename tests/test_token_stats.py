@@ -55,6 +55,45 @@ def test_chunked_scorer_equals_full_logits(random_tiny_model):
         torch.testing.assert_close(stats[name].double(), expected[name], atol=1e-5, rtol=1e-5)
 
 
+def test_scorer_with_a_response_mask_feeds_only_real_tokens_to_the_lm_head(random_tiny_model):
+    """Padding never reaches the LM head: the same values and gradients at the real tokens, 0 at
+    padding, and the head sees exactly the real tokens (counted by a hook)."""
+    model = random_tiny_model[1].double()  # float64: the comparison tests the selection, not float32 noise
+    gen = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(3, 64, (3, 11), generator=gen)
+    attention = torch.ones_like(input_ids)
+    prompt_length = 4
+    response_mask = torch.ones(3, 7, dtype=torch.long)
+    response_mask[0, 5:] = 0  # right-padded responses of 5, 7 and 2 tokens
+    response_mask[2, 2:] = 0
+    attention[:, prompt_length:] = response_mask
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    head_rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[:-1].numel()))
+    try:
+        results = {}
+        for name, mask in (("full", None), ("masked", response_mask)):
+            model.zero_grad(set_to_none=True)
+            head_rows.clear()
+            out = TokenScorer(model, chunk_size=2)(input_ids, attention, positions, prompt_length, 0.7, SCORE_STATS,
+                                                   response_mask=mask)
+            (out["logprob"] * response_mask).sum().backward()
+            results[name] = (out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                             sum(head_rows))
+    finally:
+        hook.remove()
+        model.zero_grad(set_to_none=True)
+        model.float()
+    (full, full_grads, full_rows), (masked, masked_grads, masked_rows) = results["full"], results["masked"]
+    assert full_rows == 3 * 7 and masked_rows == int(response_mask.sum()) == 14
+    for name in SCORE_STATS:
+        torch.testing.assert_close(masked[name], full[name] * response_mask, atol=1e-12, rtol=1e-12)
+        assert (masked[name][response_mask == 0] == 0).all()
+    assert full_grads.keys() == masked_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(masked_grads[name], grad, atol=1e-12, rtol=1e-10)
+
+
 # --------------------------------------------------------------------------- masked vocabulary entries
 def masked_reference(logits_row, target):
     """Float64, token by token: p = 0 for a -inf logit, 0 log 0 = 0, and self-certainty's uniform U

@@ -157,7 +157,7 @@ def _score(hf_model, batch, settings, device) -> dict[str, torch.Tensor]:
         pieces.append((micro, scorer(micro["input_ids"].to(device), micro["attention_mask"].to(device),
                                      micro["position_ids"].to(device), micro["prompt_length"],
                                      settings.recipe.rollout.temperature, settings.score_stats,
-                                     settings.raw_score_stats)))
+                                     settings.raw_score_stats, response_mask=micro["response_mask"].to(device))))
     return {name: value.cpu() for name, value in scatter_rows(pieces, *batch.response_mask.shape).items()}
 
 

@@ -48,33 +48,47 @@ class TokenScorer(nn.Module):
         stats: tuple[str, ...],
         raw_stats: tuple[str, ...] = (),
         detached_stats: tuple[str, ...] = (),
+        response_mask: torch.Tensor | None = None,  # [b, T]
     ) -> dict[str, torch.Tensor]:
         """`stats` on temperature-scaled logits; `raw_stats` also on the unscaled ones, returned as
         `raw_<name>` (certainty rewards measured on the model's own distribution); `detached_stats`
-        on the scaled logits without gradients (logged only: no autograd graph kept) -- same pass."""
+        on the scaled logits without gradients (logged only: no autograd graph kept) -- same pass.
+
+        With `response_mask`, only its positions reach the LM head and the statistics (the `[N, V]`
+        logits of the N real tokens, never those of padding: with a 32k+ vocabulary the head is
+        about half a small model's compute). Every value is then 0 at the mask's zeros (an all-zero
+        mask scores position [0, 0] alone, so that a loss over it still reaches the graph)."""
         lm = causal_lm(self.model)  # a PeftModel's `base_model` is its LoraModel, not the decoder
         hidden = lm.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # [b, P+T, H]
         targets = input_ids[:, prompt_length:]  # [b, T]
         hidden = hidden[:, prompt_length - 1 : -1]  # position P-1+t predicts response token t
+        keep = torch.ones_like(targets, dtype=torch.bool) if response_mask is None else response_mask.bool()
+        if not keep.any():  # nothing real: score one position so the loss still reaches the graph
+            keep = keep.clone()
+            keep[0, 0] = True
+        hidden, flat_targets = hidden[keep], targets[keep]  # [N, H], [N]
         lm_head = lm.get_output_embeddings()
         names = stats + tuple(f"raw_{n}" for n in raw_stats) + detached_stats
         chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        for start in range(0, targets.shape[1], self.chunk_size):
-            end = start + self.chunk_size
-            raw = lm_head(hidden[:, start:end]).float()  # [b, chunk, V]
-            for name, value in compute_token_stats(raw / temperature, targets[:, start:end], stats).items():
+        step = self.chunk_size * targets.shape[0]  # the memory of `chunk_size` positions of every row
+        for start in range(0, flat_targets.shape[0], step):
+            end = start + step
+            raw = lm_head(hidden[start:end]).float()  # [n, V]
+            for name, value in compute_token_stats(raw / temperature, flat_targets[start:end], stats).items():
                 chunks[name].append(value)
             if detached_stats:
                 with torch.no_grad():
-                    for name, value in compute_token_stats(raw / temperature, targets[:, start:end],
+                    for name, value in compute_token_stats(raw / temperature, flat_targets[start:end],
                                                            detached_stats).items():
                         chunks[name].append(value)
             if raw_stats:
-                for name, value in compute_token_stats(raw, targets[:, start:end], raw_stats).items():
+                for name, value in compute_token_stats(raw, flat_targets[start:end], raw_stats).items():
                     chunks[f"raw_{name}"].append(value)
-        return {name: torch.cat(parts, dim=1) for name, parts in chunks.items()}
+        shape = targets.shape
+        return {name: torch.zeros(shape, dtype=parts[0].dtype, device=parts[0].device).masked_scatter(keep, torch.cat(parts))
+                for name, parts in chunks.items()}
 
 
 def lr_lambda(recipe: Recipe, total_optimizer_steps: int):
@@ -176,7 +190,7 @@ class Actor:
                 input_ids=micro["input_ids"], attention_mask=micro["attention_mask"],
                 position_ids=micro["position_ids"], prompt_length=micro["prompt_length"],
                 temperature=self.recipe.rollout.temperature, stats=stats, raw_stats=raw_stats,
-                detached_stats=detached_stats,
+                detached_stats=detached_stats, response_mask=micro["response_mask"],
             )
         finally:
             for module in self.adapter_dropouts:
@@ -266,7 +280,9 @@ class AdapterOffReference:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                 prompt_length: int, temperature: float, stats: tuple[str, ...]) -> dict[str, torch.Tensor]:
+                 prompt_length: int, temperature: float, stats: tuple[str, ...],
+                 response_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         with self.actor.model.disable_adapter():
             return self.actor.engine(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                     prompt_length=prompt_length, temperature=temperature, stats=stats)
+                                     prompt_length=prompt_length, temperature=temperature, stats=stats,
+                                     response_mask=response_mask)

@@ -304,9 +304,10 @@ def _reference_logprobs(parts: RunParts, batch: RolloutBatch, recipe: Recipe) ->
     rows = [row for run in layout.scored_rows() for row in run]
     device = next(parts.reference.parameters()).device  # the training device, or the host (dynamics.kl_reference_device)
     for micro in (micro_batches(batch, rows, recipe.trainer) if rows else []):
-        ids, attention, positions = (micro[k].to(device) for k in ("input_ids", "attention_mask", "position_ids"))
+        ids, attention, positions, response = (micro[k].to(device) for k in
+                                               ("input_ids", "attention_mask", "position_ids", "response_mask"))
         logprob = parts.reference(ids, attention, positions, micro["prompt_length"], recipe.rollout.temperature,
-                                  ("logprob",))["logprob"]
+                                  ("logprob",), response_mask=response)["logprob"]
         pieces.append((micro, {"logprob": logprob.to(batch.input_ids.device)}))
     local = scatter_rows(pieces, *batch.response_mask.shape) or {"logprob": torch.zeros_like(batch.sampler_logprobs)}
     return _gather_rows(local, layout, ["logprob"], batch)["logprob"]
