@@ -198,8 +198,9 @@ class RecordedRollouts:
 
 def floor_forward_backward(model_path: str, steps: list[list[tuple[tuple[int, ...], tuple[int, ...]]]]) -> dict[str, list[float]]:
     """Per step: one forward + backward over that step's sequences with no padding at all (one
-    sequence per call, exact length), a summed response log-prob as the loss. Same model shape,
-    fresh weights from disk (the compute does not depend on their values)."""
+    sequence per call, exact length), a summed response log-prob as the loss. The LM head runs
+    only where a response token is predicted (`logits_to_keep`), as a trainer must. Same model
+    shape, fresh weights from disk (the compute does not depend on their values)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -212,7 +213,7 @@ def floor_forward_backward(model_path: str, steps: list[list[tuple[tuple[int, ..
         started, started_cpu = time.perf_counter(), time.process_time()
         for prompt, response in sequences:
             ids = torch.tensor([prompt + response])
-            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]  # [T, V]
+            logits = model(input_ids=ids, logits_to_keep=len(response) + 1).logits[0, :-1]  # [T, V]
             logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[0, len(prompt) :, None])
             logprobs.sum().backward()
         times.append(time.perf_counter() - started)
@@ -259,6 +260,8 @@ def run_urlvr(settings: dict, work_dir: Path) -> dict:
     token_budget = urlvr_token_budget(settings)
     if token_budget is not None:
         recipe["trainer"]["max_tokens_per_micro_batch"] = token_budget
+        if settings.get("padding_free"):
+            recipe["trainer"]["padding_free"] = True
     rollouts = RecordedRollouts()
     # CPU time (and the profile) of the same span as time/step: wrap the step function the loop calls
     import urlvr.trainer.run as run_module
@@ -390,7 +393,10 @@ def child_main(side: str, settings: dict, result_path: Path) -> None:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"{side}-", dir=RESULTS_DIR) as work, PaddingCounter() as padding:
-        raw = (run_urlvr if side == "urlvr" else run_trl)(settings, Path(work))
+        if side.startswith("urlvr"):  # urlvr-packed: the same run with trainer.padding_free
+            raw = run_urlvr({**settings, "padding_free": side == "urlvr-packed"}, Path(work))
+        else:
+            raw = run_trl(settings, Path(work))
     raw["training_forwards"] = padding.summary()
     if torch.cuda.is_available():
         raw["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

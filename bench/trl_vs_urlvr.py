@@ -171,10 +171,10 @@ def table(results: dict[str, dict]) -> str:
     def fmt(value, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
 
-    lines = [f"{'side':<6} {'median step s':>14} {'mean step s':>12} {'median CPU s':>13} {'peak RSS MiB':>13}"
+    lines = [f"{'side':<12} {'median step s':>14} {'mean step s':>12} {'median CPU s':>13} {'peak RSS MiB':>13}"
              f" {'tokens/step':>12} {'padding':>8} {'start-up s':>11} {'step/floor':>11} {'busy cores elsewhere':>21}"]
     for side, r in results.items():
-        lines.append(f"{side:<6} {r['median_step_s']:>14.3f} {r['mean_step_s']:>12.3f} {fmt(r['median_step_cpu_s'], '.3f'):>13}"
+        lines.append(f"{side:<12} {r['median_step_s']:>14.3f} {r['mean_step_s']:>12.3f} {fmt(r['median_step_cpu_s'], '.3f'):>13}"
                      f" {r['peak_rss_mib']:>13.0f} {r['tokens_per_step']:>12.0f} {fmt(r['update_padding_fraction'], '.1%'):>8}"
                      f" {fmt(r['startup_s'], '.1f'):>11} {fmt(r['step_over_floor'], '.2f'):>11}"
                      f" {fmt(r['other_processes_cpu_cores'], '.2f'):>21}")
@@ -203,7 +203,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-seed", type=int, default=1)
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
                         help="keep TRL's default activation checkpointing (off by default, like urlvr)")
-    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    parser.add_argument("--sides", nargs="+", choices=(*SIDES, "urlvr-packed"), default=list(SIDES),
+                        help="urlvr-packed: urlvr with trainer.padding_free (each micro-batch's sequences in one "
+                             "row, no padding), compared with urlvr when both run")
     parser.add_argument("--urlvr-python", default=sys.executable, help="interpreter for the urlvr child")
     parser.add_argument("--trl-python", default=sys.executable, help="interpreter for the TRL child (needs trl)")
     parser.add_argument("--out", type=Path, help="default: bench/results/trl_vs_urlvr[_<preset>].json")
@@ -246,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs: dict[str, list[dict]] = {side: [] for side in args.sides}
     for repeat in range(args.repeats):  # sides alternate, so slow phases of a shared box hit both
         for side in args.sides:
-            python = args.urlvr_python if side == "urlvr" else args.trl_python
+            python = args.urlvr_python if side.startswith("urlvr") else args.trl_python
             print(f"[bench] repeat {repeat + 1}/{args.repeats}: {side} ({python}) ...", flush=True)
             runs[side].append(run_child(python, side, settings, env))
     results = {side: summarize(side_runs, args.warmup_steps) for side, side_runs in runs.items()}
@@ -279,6 +281,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, target in report["targets"].items():
             print(f"target {name} <= {target['max']}x: {target['measured'] if target['measured'] is None else round(target['measured'], 2)}x "
                   f"({'met' if target['met'] else 'NOT met'})")
+    if {"urlvr", "urlvr-packed"} <= set(results):
+        packed, padded = results["urlvr-packed"], results["urlvr"]
+        report["ratios_packed_over_urlvr"] = {
+            "median_step_time": packed["median_step_s"] / padded["median_step_s"],
+            "median_step_cpu_time": (packed["median_step_cpu_s"] / padded["median_step_cpu_s"]
+                                     if packed["median_step_cpu_s"] and padded["median_step_cpu_s"] else None),
+            "peak_rss": packed["peak_rss_mib"] / padded["peak_rss_mib"]}
+        print("urlvr-packed/urlvr  median step time {median_step_time:.2f}x  peak RSS {peak_rss:.2f}x".format(
+            **report["ratios_packed_over_urlvr"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}  ({report['bench_seconds']:.0f} s)")

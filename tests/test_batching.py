@@ -1,6 +1,6 @@
-"""Micro-batching (fixed, bucketed by length, token budget): every row once, trimmed micro-batches
-that keep each token's position, less padding on mixed lengths, and the same gradient whichever
-plan cuts the mini-batch (global normalisers)."""
+"""Micro-batching (fixed, bucketed by length, token budget, padding-free packing): every row once,
+micro-batches that keep each token's position, less padding on mixed lengths (none when packed),
+and the same gradient whichever plan cuts the mini-batch (global normalisers)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,15 @@ from urlvr.recipe.sections.optimisation import TrainerSection
 from urlvr.rollout.base import Group, PromptInput, Sample
 from urlvr.rollout.collate import collate_groups, position_ids_from_attention_mask
 from urlvr.trainer.actor import TokenScorer
-from urlvr.trainer.batching import micro_batches, padding_summary, plan_micro_batches, scatter_rows
+from urlvr.errors import RecipeError
+from urlvr.trainer.batching import (
+    check_padding_free,
+    micro_batches,
+    padding_summary,
+    plan_micro_batches,
+    scatter_rows,
+    scorer_inputs,
+)
 
 PROMPTS = [(5, 3), (2, 3), (4, 3)]  # (prompt tokens, samples) per group
 RESPONSES = [1, 9, 2, 8, 3, 7, 9, 1, 5]  # mixed lengths, long and short interleaved
@@ -25,6 +33,7 @@ MODES = {
     "fixed": {"micro_batch_size": 3},
     "bucketed": {"micro_batch_size": 3, "bucket_by_length": True},
     "token_budget": {"max_tokens_per_micro_batch": 30},
+    "padding_free": {"max_tokens_per_micro_batch": 30, "padding_free": True},
 }
 
 
@@ -52,7 +61,8 @@ def test_plans_take_every_row_once_and_keep_the_budget():
     for mode, knobs in MODES.items():
         plan = plan_micro_batches(prompts, responses, rows, rows_per_micro_batch=knobs.get("micro_batch_size", 8),
                                   max_tokens=knobs.get("max_tokens_per_micro_batch"),
-                                  bucket_by_length=knobs.get("bucket_by_length", False))
+                                  bucket_by_length=knobs.get("bucket_by_length", False),
+                                  packed=knobs.get("padding_free", False))
         assert sorted(r for micro in plan for r in micro) == list(rows), mode
     budget = plan_micro_batches(prompts, responses, rows, rows_per_micro_batch=8, max_tokens=30)
     for micro in budget:  # rows x (longest prompt + longest response) within the budget, or one row alone
@@ -60,6 +70,10 @@ def test_plans_take_every_row_once_and_keep_the_budget():
         assert len(micro) * width <= 30 or len(micro) == 1
     assert plan_micro_batches(prompts, responses, rows, rows_per_micro_batch=3) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     assert plan_micro_batches([1], [50], [0], rows_per_micro_batch=1, max_tokens=10) == [[0]]  # over budget: alone
+    packed = plan_micro_batches(prompts, responses, rows, rows_per_micro_batch=8, max_tokens=30, packed=True)
+    for micro in packed:  # the real tokens within the budget, or one row alone
+        assert sum(prompts[r] + responses[r] for r in micro) <= 30 or len(micro) == 1
+    assert len(packed) < len(budget)  # counting real tokens, the same budget holds more rows
 
 
 def test_trimmed_micro_batches_keep_positions_and_cut_only_padding():
@@ -67,6 +81,9 @@ def test_trimmed_micro_batches_keep_positions_and_cut_only_padding():
     positions = position_ids_from_attention_mask(batch.attention_mask)
     for mode, knobs in MODES.items():
         for micro in micro_batches(batch, range(9), TrainerSection(**knobs)):
+            if "predict_index" in micro:
+                _check_packed(batch, micro)
+                continue
             rows, p = micro["rows"], micro["prompt_length"]
             t = micro["response_mask"].shape[1]
             columns = slice(batch.prompt_length - p, batch.prompt_length + t)
@@ -75,11 +92,29 @@ def test_trimmed_micro_batches_keep_positions_and_cut_only_padding():
             assert micro["response_mask"].sum() == batch.response_mask[rows].sum()
 
 
+def _check_packed(batch, micro):
+    """One row of the micro-batch's real tokens, sequence after sequence, positions restarting at
+    0; predict_index points at the token before each real response token."""
+    prompts, responses = lengths(batch)
+    ids, positions = micro["input_ids"][0], micro["position_ids"][0]
+    assert micro["attention_mask"] is None and micro["input_ids"].shape[0] == 1
+    offset, predicted = 0, []
+    for row in micro["rows"].tolist():
+        p, t = prompts[row], responses[row]
+        want = batch.input_ids[row, batch.prompt_length - p:batch.prompt_length + t]
+        assert torch.equal(ids[offset:offset + p + t], want) and torch.equal(positions[offset:offset + p + t], torch.arange(p + t))
+        predicted += range(offset + p - 1, offset + p - 1 + t)
+        offset += p + t
+    assert offset == ids.shape[0] and micro["predict_index"].tolist() == predicted
+    assert int(micro["response_mask"].sum()) == len(predicted)
+
+
 def test_bucketing_and_token_budget_cut_the_padding_on_mixed_lengths():
     batch = mixed_batch()
     fraction = {mode: padding_summary(micro_batches(batch, range(9), TrainerSection(**knobs)))["perf/padding_fraction"]
                 for mode, knobs in MODES.items()}
     assert fraction["bucketed"] < fraction["fixed"] and fraction["token_budget"] < fraction["fixed"], fraction
+    assert fraction["padding_free"] == 0.0
 
 
 def _gradient(model, batch, knobs) -> dict[str, torch.Tensor]:
@@ -90,8 +125,7 @@ def _gradient(model, batch, knobs) -> dict[str, torch.Tensor]:
     micros = micro_batches(batch, range(9), TrainerSection(**knobs), {"advantages": advantages})
     logprobs = []
     for micro in micros:
-        out = scorer(micro["input_ids"], micro["attention_mask"], micro["position_ids"], micro["prompt_length"],
-                     1.0, ("logprob",))
+        out = scorer(**scorer_inputs(micro, "cpu"), temperature=1.0, stats=("logprob",))
         mask = micro["response_mask"].float()
         weights = token_weights(mask, "token-mean", max_response_length=9, num_sequences=9, num_tokens=num_tokens)
         (weights * -micro["advantages"][:, None] * out["logprob"]).sum().backward()
@@ -118,7 +152,8 @@ def test_token_budget_and_bucketed_runs_train_like_fixed(random_tiny_model, tmp_
     accumulation boundary marked by the loop) lands on the weights of fixed micro-batches."""
     runs = {}
     for mode, knobs in {"fixed": {}, "bucketed": {"bucket_by_length": True},
-                        "token_budget": {"max_tokens_per_micro_batch": 100}}.items():
+                        "token_budget": {"max_tokens_per_micro_batch": 100},
+                        "padding_free": {"max_tokens_per_micro_batch": 100, "padding_free": True}}.items():
         recipe = small_run_recipe(
             random_tiny_model[0], tmp_path / mode, plugins=["reward_plugins"],
             reward={"terms": [{"name": "test_short_response"}], "oracle": "ground_truth"},
@@ -133,7 +168,32 @@ def test_token_budget_and_bucketed_runs_train_like_fixed(random_tiny_model, tmp_
     metrics = {mode: run.metrics[0] for mode, run in runs.items()}
     initial = load_file(random_tiny_model[0] / "model.safetensors")
     assert max(float((weights["fixed"][k] - initial[k]).abs().max()) for k in initial) > 1e-4  # the step moved them
-    for mode in ("bucketed", "token_budget"):
-        assert max(float((weights[mode][k] - weights["fixed"][k]).abs().max()) for k in initial) < 1e-7, mode
+    for mode in ("bucketed", "token_budget", "padding_free"):
+        # float32 noise only: a few ulps of weights of order 1 (the float64 gradient test above is exact)
+        assert max(float((weights[mode][k] - weights["fixed"][k]).abs().max()) for k in initial) < 5e-7, mode
         assert metrics[mode]["loss/policy"] == pytest.approx(metrics["fixed"]["loss/policy"], rel=1e-5, abs=1e-7)
     assert all(0.0 <= m["perf/padding_fraction"] < 1.0 and m["perf/tokens_per_forward"] > 0 for m in metrics.values())
+    assert metrics["padding_free"]["perf/padding_fraction"] == 0.0
+
+
+def test_padding_free_refuses_a_model_whose_attention_ignores_the_packing(random_tiny_model):
+    """The start-up check: the tiny Llama honours packed position_ids (transformers builds the
+    block-diagonal mask from them); the same model handed a full attention mask does not (each
+    packed sequence then attends to the one before it), and is refused."""
+    scorer = TokenScorer(random_tiny_model[1])
+
+    def score(micro, leak=False):
+        inputs = scorer_inputs(micro, "cpu")
+        if leak and inputs["attention_mask"] is None:
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        with torch.no_grad():
+            return scorer(**inputs, temperature=1.0, stats=("logprob",))
+
+    check_padding_free(score, tolerance=1e-5)
+    with pytest.raises(RecipeError, match="does not honour packed position_ids"):
+        check_padding_free(lambda micro: score(micro, leak=True), tolerance=1e-5)
+
+
+def test_padding_free_needs_a_token_budget():
+    with pytest.raises(ValueError, match="set that budget too"):
+        TrainerSection(padding_free=True)

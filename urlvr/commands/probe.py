@@ -149,15 +149,13 @@ def _score(hf_model, batch, settings, device) -> dict[str, torch.Tensor]:
     """The trainer's scoring pass (`TokenScorer`, chunked over the sequence): exactly the statistics
     the probed rewards declare, on scaled (and, where asked, raw) logits."""
     from urlvr.trainer.actor import TokenScorer
-    from urlvr.trainer.batching import micro_batches, scatter_rows
+    from urlvr.trainer.batching import micro_batches, scatter_rows, scorer_inputs
 
     scorer = TokenScorer(hf_model)
     pieces = []
     for micro in micro_batches(batch, range(batch.input_ids.shape[0]), settings.recipe.trainer):
-        pieces.append((micro, scorer(micro["input_ids"].to(device), micro["attention_mask"].to(device),
-                                     micro["position_ids"].to(device), micro["prompt_length"],
-                                     settings.recipe.rollout.temperature, settings.score_stats,
-                                     settings.raw_score_stats, response_mask=micro["response_mask"].to(device))))
+        pieces.append((micro, scorer(**scorer_inputs(micro, device), temperature=settings.recipe.rollout.temperature,
+                                     stats=settings.score_stats, raw_stats=settings.raw_score_stats)))
     return {name: value.cpu() for name, value in scatter_rows(pieces, *batch.response_mask.shape).items()}
 
 

@@ -49,6 +49,7 @@ class TokenScorer(nn.Module):
         raw_stats: tuple[str, ...] = (),
         detached_stats: tuple[str, ...] = (),
         response_mask: torch.Tensor | None = None,  # [b, T]
+        predict_index: torch.Tensor | None = None,  # [N]
     ) -> dict[str, torch.Tensor]:
         """`stats` on temperature-scaled logits; `raw_stats` also on the unscaled ones, returned as
         `raw_<name>` (certainty rewards measured on the model's own distribution); `detached_stats`
@@ -57,22 +58,30 @@ class TokenScorer(nn.Module):
         With `response_mask`, only its positions reach the LM head and the statistics (the `[N, V]`
         logits of the N real tokens, never those of padding: with a 32k+ vocabulary the head is
         about half a small model's compute). Every value is then 0 at the mask's zeros (an all-zero
-        mask scores position [0, 0] alone, so that a loss over it still reaches the graph)."""
+        mask scores position [0, 0] alone, so that a loss over it still reaches the graph).
+
+        Packed inputs (`trainer.padding_free`: `input_ids` `[1, L]`, `attention_mask` None) give
+        `predict_index`, the position predicting each of `response_mask`'s real tokens in its
+        row-major order; the output is still `[b, T]`."""
         lm = causal_lm(self.model)  # a PeftModel's `base_model` is its LoraModel, not the decoder
         hidden = lm.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # [b, P+T, H]
-        targets = input_ids[:, prompt_length:]  # [b, T]
-        hidden = hidden[:, prompt_length - 1 : -1]  # position P-1+t predicts response token t
-        keep = torch.ones_like(targets, dtype=torch.bool) if response_mask is None else response_mask.bool()
-        if not keep.any():  # nothing real: score one position so the loss still reaches the graph
-            keep = keep.clone()
-            keep[0, 0] = True
-        hidden, flat_targets = hidden[keep], targets[keep]  # [N, H], [N]
+        if predict_index is not None:  # packed: one row, the real tokens only
+            keep = response_mask.bool()  # [b, T]
+            hidden, flat_targets = hidden[0, predict_index], input_ids[0, predict_index + 1]  # [N, H], [N]
+        else:
+            targets = input_ids[:, prompt_length:]  # [b, T]
+            hidden = hidden[:, prompt_length - 1 : -1]  # position P-1+t predicts response token t
+            keep = torch.ones_like(targets, dtype=torch.bool) if response_mask is None else response_mask.bool()
+            if not keep.any():  # nothing real: score one position so the loss still reaches the graph
+                keep = keep.clone()
+                keep[0, 0] = True
+            hidden, flat_targets = hidden[keep], targets[keep]  # [N, H], [N]
         lm_head = lm.get_output_embeddings()
         names = stats + tuple(f"raw_{n}" for n in raw_stats) + detached_stats
         chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        step = self.chunk_size * targets.shape[0]  # the memory of `chunk_size` positions of every row
+        step = self.chunk_size * keep.shape[0]  # the memory of `chunk_size` positions of every row
         for start in range(0, flat_targets.shape[0], step):
             end = start + step
             raw = lm_head(hidden[start:end]).float()  # [n, V]
@@ -86,7 +95,7 @@ class TokenScorer(nn.Module):
             if raw_stats:
                 for name, value in compute_token_stats(raw, flat_targets[start:end], raw_stats).items():
                     chunks[f"raw_{name}"].append(value)
-        shape = targets.shape
+        shape = keep.shape
         return {name: torch.zeros(shape, dtype=parts[0].dtype, device=parts[0].device).masked_scatter(keep, torch.cat(parts))
                 for name, parts in chunks.items()}
 
@@ -191,6 +200,7 @@ class Actor:
                 position_ids=micro["position_ids"], prompt_length=micro["prompt_length"],
                 temperature=self.recipe.rollout.temperature, stats=stats, raw_stats=raw_stats,
                 detached_stats=detached_stats, response_mask=micro["response_mask"],
+                predict_index=micro.get("predict_index"),
             )
         finally:
             for module in self.adapter_dropouts:
@@ -281,8 +291,9 @@ class AdapterOffReference:
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  prompt_length: int, temperature: float, stats: tuple[str, ...],
-                 response_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 response_mask: torch.Tensor | None = None,
+                 predict_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         with self.actor.model.disable_adapter():
             return self.actor.engine(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                      prompt_length=prompt_length, temperature=temperature, stats=stats,
-                                     response_mask=response_mask)
+                                     response_mask=response_mask, predict_index=predict_index)

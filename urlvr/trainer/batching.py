@@ -2,27 +2,30 @@
 consume. Both use these functions, so the scoring pass and the on-policy training forward see
 bit-identical inputs (and the importance ratio is exactly 1).
 
-Three ways to choose a micro-batch's rows (`plan_micro_batches`), one loss:
+Four ways to choose and lay out a micro-batch's rows (`plan_micro_batches`), one loss:
 - fixed: `trainer.micro_batch_size` rows in batch order (the default);
 - bucketed (`trainer.bucket_by_length`): the same row count, rows sorted by length first, so
   long rows share a forward with long rows;
 - token budget (`trainer.max_tokens_per_micro_batch`): rows sorted by length, packed while
-  rows x (longest prompt + longest response among them) stays within the budget.
-Every micro-batch is trimmed to its own rows' longest prompt and longest response (prompts are
-left-padded and responses right-padded, so the columns cut are padding in every row of it).
+  rows x (longest prompt + longest response among them) stays within the budget;
+- padding-free (`trainer.padding_free`, with a budget): the rows' real tokens laid end to end in
+  one `[1, L]` row, `position_ids` restarting at 0 for each sequence, no attention mask (the
+  model's attention builds the block-diagonal one from the positions), L within the budget.
+The padded layouts are trimmed to their own rows' longest prompt and longest response (prompts
+are left-padded and responses right-padded, so the columns cut are padding in every row of it).
+Every layout carries the same `[b, T]` per-row tensors (`response_mask`, advantages, ...), so
+the loss code never sees the difference; the scorer reads the packed layout's `predict_index`.
 The loss uses mini-batch-wide normalisers, so none of this changes a gradient beyond float noise.
-Padding-free packing (sequences concatenated, `position_ids` restarting at 0, flash-attention's
-variable-length kernels) is not implemented: sdpa and eager attention cannot run it on CPU,
-where it would have to be tested. It would be a fourth plan behind the same `micro_batches`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from urlvr.dist import all_reduce_max
+from urlvr.errors import RecipeError
 from urlvr.recipe.sections.optimisation import TrainerSection
 from urlvr.rollout.base import RolloutBatch
 from urlvr.rollout.collate import position_ids_from_attention_mask
@@ -30,10 +33,11 @@ from urlvr.rollout.collate import position_ids_from_attention_mask
 
 def plan_micro_batches(prompt_lengths: Sequence[int], response_lengths: Sequence[int], rows: Sequence[int], *,
                        rows_per_micro_batch: int, max_tokens: int | None = None,
-                       bucket_by_length: bool = False) -> list[list[int]]:
-    """The row indices of each micro-batch. A micro-batch costs rows x (longest prompt + longest
-    response): that is the trimmed `[b, P+T]` input its forward processes. Sorted plans put the
-    longest rows first, so a budget that does not fit in memory fails in the first forward."""
+                       bucket_by_length: bool = False, packed: bool = False) -> list[list[int]]:
+    """The row indices of each micro-batch. A padded micro-batch costs rows x (longest prompt +
+    longest response): that is the trimmed `[b, P+T]` input its forward processes; a `packed` one
+    costs the sum of its rows' lengths. Sorted plans put the longest rows first, so a budget that
+    does not fit in memory fails in the first forward."""
     order = list(rows)
     if max_tokens is not None or bucket_by_length:
         order.sort(key=lambda r: -(prompt_lengths[r] + response_lengths[r]))  # stable: ties keep batch order
@@ -41,26 +45,30 @@ def plan_micro_batches(prompt_lengths: Sequence[int], response_lengths: Sequence
         return [order[i:i + rows_per_micro_batch] for i in range(0, len(order), rows_per_micro_batch)]
     plans: list[list[int]] = []
     current: list[int] = []
-    longest_prompt = longest_response = 0
+    longest_prompt = longest_response = used = 0
     for row in order:
         prompt, response = max(longest_prompt, prompt_lengths[row]), max(longest_response, response_lengths[row])
-        if current and (len(current) + 1) * (prompt + response) > max_tokens:  # a row over budget goes alone
+        length = prompt_lengths[row] + response_lengths[row]
+        cost = used + length if packed else (len(current) + 1) * (prompt + response)
+        if current and cost > max_tokens:  # a row over budget goes alone
             plans.append(current)
-            current, prompt, response = [], prompt_lengths[row], response_lengths[row]
+            current, prompt, response, used = [], prompt_lengths[row], response_lengths[row], 0
         current.append(row)
-        longest_prompt, longest_response = prompt, response
+        longest_prompt, longest_response, used = prompt, response, used + length
     return plans + [current] if current else plans
 
 
 def micro_batches(batch: RolloutBatch, rows: Sequence[int], trainer: TrainerSection,
                   per_row: Mapping[str, torch.Tensor] | None = None) -> list[dict]:
-    """Dicts of the micro-batches of `rows`: `input_ids`, `attention_mask`, `position_ids` `[b, p+t]`,
+    """Dicts of the micro-batches of `rows`: `input_ids`, `attention_mask`, `position_ids`
+    (`[b, p+t]`, or `[1, L]` with `attention_mask` None and a `predict_index` `[N]` when packed),
     `response_mask` `[b, t]`, every tensor of `per_row` (`[B]` or `[B, T]`, cut alike), the
     micro-batch's own `prompt_length` p, its `rows` (indices into the batch) and `dummy` (False)."""
     prompt_lengths = batch.attention_mask[:, :batch.prompt_length].sum(1).tolist()
     response_lengths = batch.response_mask.sum(1).tolist()
     plan = plan_micro_batches(prompt_lengths, response_lengths, rows, rows_per_micro_batch=trainer.micro_batch_size,
-                              max_tokens=trainer.max_tokens_per_micro_batch, bucket_by_length=trainer.bucket_by_length)
+                              max_tokens=trainer.max_tokens_per_micro_batch, bucket_by_length=trainer.bucket_by_length,
+                              packed=trainer.padding_free)
     position_ids = position_ids_from_attention_mask(batch.attention_mask)  # of the whole row: trimming keeps them
     out = []
     for index in plan:
@@ -68,20 +76,72 @@ def micro_batches(batch: RolloutBatch, rows: Sequence[int], trainer: TrainerSect
         prompt = max(1, max(prompt_lengths[r] for r in index))
         response = max(1, max(response_lengths[r] for r in index))
         picked = torch.tensor(index, device=batch.input_ids.device)
-        columns = slice(batch.prompt_length - prompt, batch.prompt_length + response)
-        micro = {
-            "input_ids": batch.input_ids[picked, columns],
-            "attention_mask": batch.attention_mask[picked, columns],
-            "position_ids": position_ids[picked, columns],
-            "response_mask": batch.response_mask[picked, :response],
-            "prompt_length": prompt,
-            "rows": picked,
-            "dummy": False,
-        }
+        # packing needs a prompt token before each response (its last hidden state predicts the
+        # first response token) and a response somewhere; otherwise the padded layout serves
+        packable = all(prompt_lengths[r] for r in index) and any(response_lengths[r] for r in index)
+        if trainer.padding_free and packable:
+            micro = _packed_inputs(batch, index, prompt_lengths, response_lengths)
+        else:
+            columns = slice(batch.prompt_length - prompt, batch.prompt_length + response)
+            micro = {"input_ids": batch.input_ids[picked, columns], "attention_mask": batch.attention_mask[picked, columns],
+                     "position_ids": position_ids[picked, columns]}
+        micro.update({"response_mask": batch.response_mask[picked, :response], "prompt_length": prompt,
+                      "rows": picked, "dummy": False})
         for name, tensor in (per_row or {}).items():
             micro[name] = tensor[picked, :response] if tensor.dim() == 2 else tensor[picked]
         out.append(micro)
     return out
+
+
+def _packed_inputs(batch: RolloutBatch, index: Sequence[int], prompt_lengths: Sequence[int],
+                   response_lengths: Sequence[int]) -> dict:
+    """The rows' real tokens end to end: `input_ids` and `position_ids` `[1, L]` (positions restart
+    at 0 for each sequence, which is how transformers' attention finds the boundaries),
+    `attention_mask` None, and `predict_index` `[N]`: the packed position whose hidden state
+    predicts each real response token, in the row-major order of the micro-batch's `response_mask`."""
+    start = batch.prompt_length
+    ids, positions, predict, offset = [], [], [], 0
+    for row in index:
+        p, t = prompt_lengths[row], response_lengths[row]
+        ids.append(batch.input_ids[row, start - p:start + t])
+        positions.append(torch.arange(p + t))
+        predict.append(torch.arange(offset + p - 1, offset + p - 1 + t))
+        offset += p + t
+    device = batch.input_ids.device
+    return {"input_ids": torch.cat(ids)[None], "attention_mask": None,
+            "position_ids": torch.cat(positions)[None].to(device), "predict_index": torch.cat(predict).to(device)}
+
+
+def scorer_inputs(micro: dict, device: torch.device | str) -> dict:
+    """The keyword inputs of `TokenScorer` for `micro` (padded or packed), on `device`."""
+    keys = ("input_ids", "attention_mask", "position_ids", "response_mask", "predict_index")
+    return {"prompt_length": micro["prompt_length"],
+            **{key: None if micro.get(key) is None else micro[key].to(device) for key in keys}}
+
+
+def check_padding_free(score: Callable[[dict], Mapping[str, torch.Tensor]], *, tolerance: float) -> None:
+    """Refuse (RecipeError) a model whose attention ignores packed `position_ids`: two short
+    sequences scored packed must get the log-probs they get padded, within `tolerance` (nats).
+    Without this check such a model would let each sequence attend to the ones packed before it,
+    and train on that silently. `score(micro) -> {"logprob": [b, T]}` is the trainer's own scorer."""
+    from urlvr.rollout.base import Group, PromptInput, Sample
+    from urlvr.rollout.collate import collate_groups
+
+    groups = [Group(PromptInput(f"check-{i}", "", prompt), (Sample(response, (0.0,) * len(response), "", "stop"),))
+              for i, (prompt, response) in enumerate((((1, 2, 3), (4, 5)), ((6, 7), (8, 9, 10))))]
+    batch = collate_groups(groups, pad_token_id=0)
+    got = {}
+    for packed in (False, True):
+        trainer = TrainerSection(max_tokens_per_micro_batch=64, padding_free=packed)
+        [micro] = micro_batches(batch, range(2), trainer)
+        got[packed] = score(micro)["logprob"].float().cpu() * micro["response_mask"].cpu()
+    gap = float((got[True] - got[False]).abs().max())
+    if not gap <= tolerance:
+        raise RecipeError(
+            f"trainer.padding_free: this model's attention does not honour packed position_ids (two packed "
+            f"sequences differ from their padded scores by {gap:.3g} nats), so packed sequences would see each "
+            "other. Use attn_implementation flash_attention_2 or sdpa where the model supports it, or "
+            "switch padding_free off (bucketed micro-batches: trainer.max_tokens_per_micro_batch alone).")
 
 
 def same_count_on_every_rank(micros: list[dict]) -> list[dict]:
@@ -112,7 +172,8 @@ def padding_summary(micros: Iterable[dict]) -> dict[str, float]:
     processed = real = forwards = 0
     for micro in micros:
         processed += micro["input_ids"].numel()
-        real += 0 if micro["dummy"] else int(micro["attention_mask"].sum())
+        mask = micro["attention_mask"]  # None: packed, every position a real token
+        real += 0 if micro["dummy"] else int(mask.sum()) if mask is not None else micro["input_ids"].numel()
         forwards += 1
     return {"perf/padding_fraction": 1.0 - real / processed if processed else 0.0,
             "perf/tokens_per_forward": processed / forwards if forwards else 0.0}

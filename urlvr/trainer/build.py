@@ -22,6 +22,7 @@ from urlvr.models.tiny import resolve_model_path
 from urlvr.recipe import Recipe
 from urlvr.rollout.base import ROLLOUT_ENGINES, PromptInput, RolloutEngine
 from urlvr.trainer.actor import Actor, AdapterOffReference
+from urlvr.trainer.batching import check_padding_free
 from urlvr.trainer.settings import RunSettings
 from urlvr.dist import DistInfo
 
@@ -103,6 +104,9 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
         model, recipe, world_size=dist.world_size, micro_steps_per_minibatch=settings.micro_steps_per_minibatch,
         total_optimizer_steps=total_steps * settings.minibatches_per_step * trainer.ppo_epochs,
     )
+    if trainer.padding_free:  # before step 1: a model whose attention ignores packing fails here, not silently
+        check_padding_free(lambda micro: actor.score(_on_device(micro, dist.device), ("logprob",)),
+                           tolerance=1e-3 if recipe.optim.deepspeed.precision == "fp32" else 5e-2)
     if needs_reference and recipe.model.lora is not None:
         reference = AdapterOffReference(actor)  # no second copy: dynamics.kl_reference_device does not apply
     engine = ROLLOUT_ENGINES.get(recipe.rollout.engine.name).from_recipe(recipe, actor.model, tokenizer, dist)
@@ -143,3 +147,7 @@ def _frozen_reference(recipe: Recipe, device: torch.device):
     model, _ = load_model_and_tokenizer(recipe)
     model.requires_grad_(False)
     return TokenScorer(model).to(device).eval()
+
+
+def _on_device(micro: dict, device: torch.device) -> dict:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in micro.items()}

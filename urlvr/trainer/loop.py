@@ -32,7 +32,7 @@ from urlvr.rewards.base import RewardContext
 from urlvr.rollout.base import Group, RolloutBatch, hashed_seed
 from urlvr.rollout.collate import collate_groups
 from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
-from urlvr.trainer.batching import micro_batches, padding_summary, same_count_on_every_rank, scatter_rows
+from urlvr.trainer.batching import micro_batches, padding_summary, same_count_on_every_rank, scatter_rows, scorer_inputs
 from urlvr.trainer.build import RunParts
 from urlvr.trainer.dynamic_sampling import Round, dynamic_sample
 from urlvr.trainer.sharding import RowLayout
@@ -304,10 +304,8 @@ def _reference_logprobs(parts: RunParts, batch: RolloutBatch, recipe: Recipe) ->
     rows = [row for run in layout.scored_rows() for row in run]
     device = next(parts.reference.parameters()).device  # the training device, or the host (dynamics.kl_reference_device)
     for micro in (micro_batches(batch, rows, recipe.trainer) if rows else []):
-        ids, attention, positions, response = (micro[k].to(device) for k in
-                                               ("input_ids", "attention_mask", "position_ids", "response_mask"))
-        logprob = parts.reference(ids, attention, positions, micro["prompt_length"], recipe.rollout.temperature,
-                                  ("logprob",), response_mask=response)["logprob"]
+        logprob = parts.reference(**scorer_inputs(micro, device), temperature=recipe.rollout.temperature,
+                                  stats=("logprob",))["logprob"]
         pieces.append((micro, {"logprob": logprob.to(batch.input_ids.device)}))
     local = scatter_rows(pieces, *batch.response_mask.shape) or {"logprob": torch.zeros_like(batch.sampler_logprobs)}
     return _gather_rows(local, layout, ["logprob"], batch)["logprob"]
