@@ -1,6 +1,6 @@
 """The two sides of bench/trl_vs_urlvr.py: one timed GRPO run of urlvr or of TRL, in this process.
 
-    python bench/grpo_sides.py urlvr|trl SETTINGS_JSON RESULT_JSON_PATH
+    python bench/grpo_sides.py urlvr|urlvr-packed|trl SETTINGS_JSON RESULT_JSON_PATH
 
 The parent starts this once per side and run, so each side has a process (and a peak RSS) of its own.
 
@@ -408,6 +408,6 @@ def child_main(side: str, settings: dict, result_path: Path) -> None:
 
 if __name__ == "__main__":
     side, settings, result = sys.argv[1:4]
-    if side not in ("urlvr", "trl"):
-        raise SystemExit(f"usage: python {sys.argv[0]} urlvr|trl SETTINGS_JSON RESULT_JSON_PATH")
+    if side not in ("urlvr", "urlvr-packed", "trl"):
+        raise SystemExit(f"usage: python {sys.argv[0]} urlvr|urlvr-packed|trl SETTINGS_JSON RESULT_JSON_PATH")
     child_main(side, json.loads(settings), Path(result))

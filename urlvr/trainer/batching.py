@@ -27,8 +27,8 @@ import torch
 from urlvr.dist import all_reduce_max
 from urlvr.errors import RecipeError
 from urlvr.recipe.sections.optimisation import TrainerSection
-from urlvr.rollout.base import RolloutBatch
-from urlvr.rollout.collate import position_ids_from_attention_mask
+from urlvr.rollout.base import Group, PromptInput, RolloutBatch, Sample
+from urlvr.rollout.collate import collate_groups, position_ids_from_attention_mask
 
 
 def plan_micro_batches(prompt_lengths: Sequence[int], response_lengths: Sequence[int], rows: Sequence[int], *,
@@ -124,9 +124,6 @@ def check_padding_free(score: Callable[[dict], Mapping[str, torch.Tensor]], *, t
     sequences scored packed must get the log-probs they get padded, within `tolerance` (nats).
     Without this check such a model would let each sequence attend to the ones packed before it,
     and train on that silently. `score(micro) -> {"logprob": [b, T]}` is the trainer's own scorer."""
-    from urlvr.rollout.base import Group, PromptInput, Sample
-    from urlvr.rollout.collate import collate_groups
-
     groups = [Group(PromptInput(f"check-{i}", "", prompt), (Sample(response, (0.0,) * len(response), "", "stop"),))
               for i, (prompt, response) in enumerate((((1, 2, 3), (4, 5)), ((6, 7), (8, 9, 10))))]
     batch = collate_groups(groups, pad_token_id=0)
