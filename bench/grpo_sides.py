@@ -86,6 +86,16 @@ def versions() -> dict[str, str | None]:
             found[name] = version(name)
         except PackageNotFoundError:
             found[name] = None
+    import importlib.util
+    import subprocess
+
+    # which urlvr tree ran: an editable install can point at a checkout other than this one
+    spec = importlib.util.find_spec("urlvr")
+    source = Path(spec.origin).parent.parent if spec and spec.origin else None
+    found["urlvr_source"] = str(source) if source else None
+    if source is not None:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        found["urlvr_commit"] = commit.stdout.strip() or None
     return found
 
 

@@ -258,6 +258,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "summary": results, "raw": runs, "bench_seconds": time.perf_counter() - started,
     }
     print("\n" + table(results))
+    for side, side_runs in runs.items():
+        if side.startswith("urlvr"):
+            found = side_runs[-1].get("versions", {})
+            print(f"{side} ran urlvr from {found.get('urlvr_source')} at commit {found.get('urlvr_commit')}")
     if set(SIDES) <= set(results):
         urlvr, trl = results["urlvr"], results["trl"]
         ratios = {

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 from urlvr.cli import main
@@ -49,3 +50,29 @@ def test_probe_refuses_a_prompt_count_below_one(capsys):
     with pytest.raises(SystemExit) as err:
         main(["probe", "urlvr/tiny", "--prompts", "0"])
     assert err.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda tmp: tmp / "missing", "no such folder"),
+    (lambda tmp: tmp, "the folder has no config.json"),
+])
+def test_a_model_path_that_cannot_load_is_one_line(tmp_path, make, problem):
+    from conftest import small_run_recipe
+
+    import urlvr
+    from urlvr.recipe import RecipeError
+
+    recipe = small_run_recipe(make(tmp_path), tmp_path / "run")
+    with pytest.raises(RecipeError, match=rf"model.path '.*': {problem}"):
+        urlvr.train(recipe)
+
+
+def test_a_stop_token_outside_the_vocabulary_is_refused(random_tiny_model, tmp_path):
+    from conftest import small_run_recipe
+
+    import urlvr
+    from urlvr.recipe import RecipeError
+
+    recipe = small_run_recipe(random_tiny_model[0], tmp_path / "run", rollout={"stop_token_ids": [3, 10**6, -1]})
+    with pytest.raises(RecipeError, match=r"rollout.stop_token_ids: \[1000000, -1\] outside the model's vocabulary"):
+        urlvr.train(recipe)

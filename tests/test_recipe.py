@@ -145,6 +145,17 @@ def test_invalid_yaml_names_the_line(tmp_path):
         load_recipe(path)
 
 
+@pytest.mark.parametrize("text, line, key, first", [
+    ("optim:\n  lr: 1.0e-4\n  lr: 3.0e-5\n", 3, "lr", 2),  # the second value would win silently
+    ("trainer: {total_steps: 2}\nseed: 1\ntrainer: {save_every: 0}\n", 3, "trainer", 1),  # a whole section lost
+])
+def test_a_repeated_key_is_refused_not_dropped(tmp_path, text, line, key, first):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=rf"r.yaml: line {line} .*key '{key}' appears twice \(first on line {first}"):
+        load_recipe(path)
+
+
 @pytest.mark.parametrize("text, problem", [
     ("", "empty recipe file (a recipe is a mapping; write {} for all defaults)"),
     ("# only a comment\n", "empty recipe file (a recipe is a mapping; write {} for all defaults)"),
@@ -210,6 +221,30 @@ def test_missing_plugin_is_one_line(tmp_path):
     message = error_of(tmp_path, {"plugins": ["no_such_module_xyz"]})
     assert message == ("recipe.yaml: plugins.0: cannot import 'no_such_module_xyz': ModuleNotFoundError: No module named "
                        "'no_such_module_xyz' (is the folder holding 'no_such_module_xyz' on PYTHONPATH? e.g. PYTHONPATH=. urlvr ...)")
+
+
+@pytest.mark.parametrize("module", ["os", "json.decoder"])
+def test_a_plugin_that_registers_nothing_is_refused(tmp_path, module):
+    """A typo that happens to name an installed module must not pass silently."""
+    message = error_of(tmp_path, {"plugins": [module]})
+    assert message.startswith(f"recipe.yaml: plugins.0: importing '{module}' registered nothing")
+
+
+def test_a_plugin_loaded_twice_still_counts_as_registering(tmp_path, monkeypatch):
+    (tmp_path / "twice_plugin.py").write_text(
+        "from urlvr.rewards.base import reward\n\n"
+        "@reward('twice_plugin_reward')\n"
+        "def twice(group, ctx):\n"
+        "    return [0.0] * group.size\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for _ in range(2):  # the second recipe finds the module imported: no new registration, still fine
+        assert load_recipe({"plugins": ["twice_plugin"]}).plugins == ["twice_plugin"]
+
+
+def test_a_group_of_one_is_refused_with_the_reason():
+    with pytest.raises(RecipeError, match=r"rollout.group_size: a group of 1 sample gets advantage 0 .* trains nothing"):
+        load_recipe({"rollout": {"group_size": 1}})
 
 
 def test_every_shipped_recipe_validates():

@@ -9,6 +9,7 @@ suggesting the closest -- instead of at step 300.
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -22,8 +23,19 @@ class UnknownNameError(KeyError):
         return str(self.args[0])
 
 
+def _calling_module() -> str:
+    """The first module outside urlvr on the call stack: the plugin whose decorator registers."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("urlvr."):
+        frame = frame.f_back
+    return frame.f_globals.get("__name__", "") if frame is not None else ""
+
+
 class Registry(Generic[T]):
     """Maps names to objects, registered through a decorator; duplicate names are refused."""
+
+    registrations = 0  # over every registry: tells whether importing a plugin module registered anything
+    registering_modules: set[str] = set()  # the modules whose objects were registered (plugins checked against it)
 
     def __init__(self, kind: str, *, check: Callable[[T, str], None] | None = None) -> None:
         self.kind = kind
@@ -42,6 +54,8 @@ class Registry(Generic[T]):
             if self._check is not None:
                 self._check(obj, name)
             self._entries[name] = obj
+            Registry.registrations += 1
+            Registry.registering_modules.add(_calling_module())
             return obj
 
         return add

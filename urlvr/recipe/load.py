@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from urlvr.registry import Registry
 from urlvr.errors import RecipeError
 from urlvr.recipe.sections import Recipe
 from urlvr.recipe.variants import variant_marker
@@ -54,12 +55,28 @@ def read_recipe_source(source: str | Path | Mapping[str, Any] | Recipe) -> tuple
 _YAML_KINDS = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "a list"}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping with a repeated key: plain YAML keeps the last
+    value, so a recipe with `lr` written twice would silently drop one of them."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {seen[key]}); YAML would keep "
+                    "only the last value", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
     """The YAML mapping in `path` (an existing file). Bad YAML, an empty file, or a document that
     is a scalar or a list is a one-line RecipeError naming the file: an empty recipe is a mistake
     (a wrong path, a truncated copy), not a request for an all-defaults run -- that is `{}`."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -106,6 +123,7 @@ def _import_plugins(plugins: Any, origin: str) -> None:
     for index, module in enumerate(plugins):
         if not isinstance(module, str):
             continue
+        before = Registry.registrations
         try:
             importlib.import_module(module)
         except Exception as err:  # the plugin's own error, shown in one line
@@ -114,6 +132,12 @@ def _import_plugins(plugins: Any, origin: str) -> None:
                 + (f" (is the folder holding {module.split('.')[0]!r} on PYTHONPATH? e.g. PYTHONPATH=. urlvr ...)"
                    if isinstance(err, ModuleNotFoundError) and err.name == module.split(".")[0] else "")
             ) from None
+        registered = Registry.registrations > before or any(  # imported before: did it register then?
+            name == module or name.startswith(module + ".") for name in Registry.registering_modules)
+        if not registered:  # e.g. a typo that names some installed module
+            raise RecipeError(
+                f"{origin}: plugins.{index}: importing {module!r} registered nothing (a plugin module registers "
+                "rewards, losses, statistics, engines, ... with their decorators, e.g. @reward(\"name\"))")
 
 
 def format_validation_error(err: ValidationError, origin: str, data: Any = None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from urlvr.trainer.actor import Actor, AdapterOffReference
 from urlvr.trainer.batching import check_padding_free
 from urlvr.trainer.settings import RunSettings
 from urlvr.dist import DistInfo
+from urlvr.errors import RecipeError
 
 
 @dataclass
@@ -59,13 +61,24 @@ def load_model_and_tokenizer(recipe: Recipe):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(recipe.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    local = Path(path).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise RecipeError(f"model.path {recipe.model.path!r}: the folder has no config.json (a local model is "
+                          "a folder saved by save_pretrained: config.json, weights, tokenizer files)")
+    if str(path).startswith(("/", "./", "../", "~")) and not local.is_dir():
+        raise RecipeError(f"model.path {recipe.model.path!r}: no such folder (a local model is a folder "
+                          "holding config.json and the weights; a hub model is named 'namespace/name')")
     kwargs: dict[str, Any] = {"trust_remote_code": recipe.model.trust_remote_code, "dtype": torch.float32}
     if recipe.model.attn_implementation:
         kwargs["attn_implementation"] = recipe.model.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:  # not a folder, not on the hub (or no network), no weights in it
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RecipeError(f"model.path {recipe.model.path!r}: cannot load it: {reason}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
@@ -78,6 +91,10 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
     settings = RunSettings.derive(recipe, dist)  # a batch that does not fit the world size fails first
     seed_everything(recipe.seed)
     model, tokenizer = load_model_and_tokenizer(recipe)
+    vocab = model.get_input_embeddings().num_embeddings
+    outside = [t for t in recipe.rollout.stop_token_ids if not 0 <= t < vocab]
+    if outside:  # never sampled: the stop would silently never fire
+        raise RecipeError(f"rollout.stop_token_ids: {outside} outside the model's vocabulary (ids 0..{vocab - 1})")
     if recipe.model.lora is not None:  # base frozen, adapters trained; the reference is the base itself
         model = apply_lora(model, recipe.model.lora)
     records = load_prompt_records(recipe.data.source, recipe)

@@ -66,7 +66,17 @@ class RolloutSection(Section):
     section is listed below: `transformers` samples with the trainer's own module, `vllm` with a
     colocated vLLM engine, docs/vllm.md; docs/writing-engines.md adds one)."""
     group_size: int = Field(8, ge=1, le=1024)
-    """Samples per prompt, N (Table 7: 8)."""
+    """Samples per prompt, N (Table 7: 8). At least 2: every advantage is relative to the group,
+    so a group of one sample gets advantage 0 and trains nothing (and no vote has a rival)."""
+
+    @field_validator("group_size")
+    @classmethod
+    def _a_group_has_rivals(cls, size: int) -> int:
+        if size < 2:
+            raise ValueError("a group of 1 sample gets advantage 0 (advantages are relative to the group) "
+                             "and trains nothing: use 2 or more")
+        return size
+
     temperature: float = Field(1.0, gt=0.0, le=10.0)
     """Sampling temperature (Table 7: 1.0). The trainer scores log-probs at the same temperature."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
