@@ -94,6 +94,65 @@ def test_scorer_with_a_response_mask_feeds_only_real_tokens_to_the_lm_head(rando
         torch.testing.assert_close(masked_grads[name], grad, atol=1e-12, rtol=1e-10)
 
 
+def test_chunked_logprob_recomputes_the_exact_gradient_without_keeping_logits():
+    """`chunked_logprob` against autograd through `log_softmax(linear(h) / T)` in float64: the same
+    log-probs, detached statistics and gradients for the hidden states, weight and bias."""
+    from urlvr.trainer.lm_head import chunked_logprob
+
+    gen = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(6, 11, bias=True).double()
+    hidden = torch.randn(7, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (7,), generator=gen)
+    upstream = torch.randn(7, generator=gen, dtype=torch.float64)
+    logits = head(hidden) / 0.7
+    want = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    want_grads = torch.autograd.grad((want * upstream).sum(), (hidden, head.weight, head.bias))
+    got = chunked_logprob(hidden, head, targets, 0.7, rows=3, detached=("entropy",))
+    got_grads = torch.autograd.grad((got["logprob"] * upstream).sum(), (hidden, head.weight, head.bias))
+    torch.testing.assert_close(got["logprob"], want.float(), atol=1e-6, rtol=1e-6)  # computed in float32
+    torch.testing.assert_close(got["entropy"], compute_token_stats(logits.detach(), targets, ("entropy",))["entropy"].float())
+    assert not got["entropy"].requires_grad
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_training_forward_keeps_no_logits_for_the_backward():
+    """With `logprob` the only statistic that needs gradients, no `[n, V]` logits are saved for
+    the backward (the head's backward recomputes them), and the gradients equal the kept-logits
+    path's (which a second statistic with gradients forces), in float64."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = 97  # unlike any activation width of the model, so saved logits are recognisable by shape
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)).double()
+    gen = torch.Generator().manual_seed(4)
+    input_ids = torch.randint(3, vocab, (2, 12), generator=gen)
+    attention = torch.ones_like(input_ids)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    response_mask = torch.ones(2, 7, dtype=torch.long)
+    results = {}
+    try:
+        for name, stats in (("recomputed", ("logprob",)), ("kept", ("logprob", "entropy"))):
+            saved_shapes = []
+            model.zero_grad(set_to_none=True)
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_shapes.append(tuple(t.shape)) or t, lambda t: t):
+                out = TokenScorer(model, chunk_size=4)(input_ids, attention, positions, 5, 0.7, stats,
+                                                       detached_stats=("self_certainty",), response_mask=response_mask)
+            (out["logprob"] * torch.linspace(-1, 1, 7)).sum().backward()
+            results[name] = (out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                             [shape for shape in saved_shapes if len(shape) == 2 and shape[-1] == vocab and shape[0] != vocab])
+    finally:
+        model.zero_grad(set_to_none=True)
+    (recomputed, recomputed_grads, recomputed_logits), (kept, kept_grads, kept_logits) = results["recomputed"], results["kept"]
+    assert kept_logits and not recomputed_logits, (kept_logits, recomputed_logits)
+    for name in ("logprob", "self_certainty"):
+        torch.testing.assert_close(recomputed[name], kept[name], atol=1e-6, rtol=1e-6)
+    assert recomputed_grads.keys() == kept_grads.keys()
+    for name, grad in kept_grads.items():
+        torch.testing.assert_close(recomputed_grads[name], grad, atol=1e-6, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- masked vocabulary entries
 def masked_reference(logits_row, target):
     """Float64, token by token: p = 0 for a -inf logit, 0 log 0 = 0, and self-certainty's uniform U

@@ -28,6 +28,7 @@ from urlvr.models.lora import causal_lm, is_peft_model
 from urlvr.recipe import Recipe
 from urlvr.algorithms.token_stats import compute_token_stats
 from urlvr.rollout.weight_sync import gathered, iter_weights
+from urlvr.trainer.lm_head import chunked_logprob, recomputes_in_backward
 
 
 class TokenScorer(nn.Module):
@@ -79,6 +80,13 @@ class TokenScorer(nn.Module):
                 keep[0, 0] = True
             hidden, flat_targets = hidden[keep], targets[keep]  # [N, H], [N]
         lm_head = lm.get_output_embeddings()
+
+        def in_place(flat: torch.Tensor) -> torch.Tensor:  # [N] -> [b, T], 0 where keep is False
+            return torch.zeros(keep.shape, dtype=flat.dtype, device=flat.device).masked_scatter(keep, flat)
+
+        if recomputes_in_backward(lm_head, stats, raw_stats):  # training: no [N, V] logits kept for backward
+            values = chunked_logprob(hidden, lm_head, flat_targets, temperature, self.chunk_size, detached_stats)
+            return {name: in_place(value) for name, value in values.items()}
         names = stats + tuple(f"raw_{n}" for n in raw_stats) + detached_stats
         chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         step = self.chunk_size * keep.shape[0]  # the memory of `chunk_size` positions of every row
@@ -95,9 +103,7 @@ class TokenScorer(nn.Module):
             if raw_stats:
                 for name, value in compute_token_stats(raw, flat_targets[start:end], raw_stats).items():
                     chunks[f"raw_{name}"].append(value)
-        shape = keep.shape
-        return {name: torch.zeros(shape, dtype=parts[0].dtype, device=parts[0].device).masked_scatter(keep, torch.cat(parts))
-                for name, parts in chunks.items()}
+        return {name: in_place(torch.cat(parts)) for name, parts in chunks.items()}
 
 
 def lr_lambda(recipe: Recipe, total_optimizer_steps: int):
