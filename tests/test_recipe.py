@@ -181,7 +181,10 @@ def test_an_explicit_empty_mapping_is_an_all_defaults_recipe(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("trainer=", "recipe.yaml: trainer: Input should be a valid dictionary or instance of TrainerSection (got None)"),
+    ("trainer=", "recipe.yaml: --set 'trainer=': no value after '=' (write trainer=null for null)"),
+    ("trainer.total_steps= ", "recipe.yaml: --set 'trainer.total_steps= ': no value after '=' (write trainer.total_steps=null for null)"),
+    ("trainer=null", "recipe.yaml: trainer: Input should be a valid dictionary or instance of TrainerSection (got None)"),
+    ("trainer.total_steps=true", "recipe.yaml: trainer: total_steps: expected a number, got true"),
     ("trainer=3", "recipe.yaml: trainer: Input should be a valid dictionary or instance of TrainerSection (got 3)"),
     ("trainer=[1]", "recipe.yaml: trainer: Input should be a valid dictionary or instance of TrainerSection (got [1])"),
     ("trainer.total_steps.x=1", "recipe.yaml: --set 'trainer.total_steps.x=1': 'total_steps' is not a section"),

@@ -102,6 +102,8 @@ def _apply_override(data: dict[str, Any], override: str, origin: str) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
         raise RecipeError(f"{origin}: --set {override!r}: expected section.field=value")
+    if not raw.strip():  # YAML reads nothing as null: a missing value must not reset a field silently
+        raise RecipeError(f"{origin}: --set {override!r}: no value after '=' (write {key.strip()}=null for null)")
     node = data
     parts = key.strip().split(".")
     for part in parts[:-1]:
