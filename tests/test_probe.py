@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from urlvr.metrics import alignment
@@ -114,3 +115,16 @@ def test_training_the_weak_prior_falls_as_the_probe_predicts(tmp_path):
     recipe["trainer"].update(total_steps=8, save_every=0, export_final_model=False)
     curve = [m["reward/ground_truth_mean"] for m in urlvr.train(recipe).metrics]
     assert sum(curve[:3]) / 3 - sum(curve[-3:]) / 3 > 0.05, curve
+
+
+def test_probe_ignores_the_training_batch_shape_and_names_the_recipe_file():
+    """A training recipe's micro-batch (64 sequences) must not refuse a probe with a small group
+    (nothing is trained), and a bad field is reported against the recipe file, not `<dict>`."""
+    from urlvr.commands.probe import probe_model, probe_recipe
+    from urlvr.recipe import RecipeError, load_recipe
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml").read_text())
+    recipe = load_recipe(probe_recipe(base, "urlvr/tiny", ["majority_vote"], group_size=2))
+    assert recipe.trainer.micro_batch_size <= recipe.trainer.prompts_per_minibatch * recipe.rollout.group_size
+    with pytest.raises(RecipeError, match=r"^quickstart.yaml \(probing urlvr/tiny\): optim.lr"):
+        probe_model("urlvr/tiny", {**base, "optim": {"lr": -1.0}}, ["majority_vote"], origin="quickstart.yaml")

@@ -154,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
 
         base = read_recipe_source(args.recipe)[1] if args.recipe else {}
         results = run_probe(args.models, base, Path(args.out), rewards=args.rewards or None, num_prompts=args.prompts,
-                            group_size=args.group_size, overrides=args.overrides)
+                            group_size=args.group_size, overrides=args.overrides, origin=args.recipe)
         print_table(results)
         print(f"urlvr: wrote {Path(args.out) / 'probe.json'}, probe.csv and one PNG per model")
         return 0

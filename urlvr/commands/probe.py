@@ -72,18 +72,25 @@ def probe_recipe(base: dict[str, Any], model: str, rewards: Sequence[str], *, gr
     recipe["reward"].pop("vote_group_size", None)
     if group_size is not None:
         recipe.setdefault("rollout", {})["group_size"] = group_size
+    # nothing is trained: the training batch shape must not refuse the probe (one mini-batch, and
+    # micro-batches no larger than it; the scoring pass still cuts them)
+    trainer = recipe.setdefault("trainer", {})
+    trainer["prompts_per_minibatch"] = trainer.get("prompts_per_step", 64)
+    samples = trainer["prompts_per_minibatch"] * recipe.get("rollout", {}).get("group_size", 8)
+    trainer["micro_batch_size"] = min(trainer.get("micro_batch_size", 8), samples)
     return recipe
 
 
 def run_probe(models: Sequence[str], base: dict[str, Any], out_dir: Path | None = None, *,
               rewards: Sequence[str] | None = None, num_prompts: int = 64, group_size: int | None = None,
-              overrides: Sequence[str] = (), progress: bool = True) -> list[ModelProbe]:
+              overrides: Sequence[str] = (), progress: bool = True, origin: str | None = None) -> list[ModelProbe]:
     """Probe every model with the same prompts and rewards; with `out_dir`, write probe.json,
-    probe.csv and `<model>.png` there. `rewards=None`: INTRINSIC_REWARDS."""
+    probe.csv and `<model>.png` there. `rewards=None`: INTRINSIC_REWARDS. `origin` names the base
+    recipe's file in error messages."""
     results, taken = [], set()
     for model in models:
         result = probe_model(model, base, rewards or INTRINSIC_REWARDS, num_prompts=num_prompts,
-                             group_size=group_size, overrides=overrides, progress=progress)
+                             group_size=group_size, overrides=overrides, progress=progress, origin=origin)
         if out_dir is not None:
             from urlvr.metrics.plots import plot_probe
 
@@ -97,7 +104,8 @@ def run_probe(models: Sequence[str], base: dict[str, Any], out_dir: Path | None 
 
 
 def probe_model(model: str, base: dict[str, Any], rewards: Sequence[str], *, num_prompts: int = 64,
-                group_size: int | None = None, overrides: Sequence[str] = (), progress: bool = True) -> ModelProbe:
+                group_size: int | None = None, overrides: Sequence[str] = (), progress: bool = True,
+                origin: str | None = None) -> ModelProbe:
     from urlvr.data.templates import encode_prompts
     from urlvr.dist import init_distributed
     from urlvr.recipe import load_recipe
@@ -106,7 +114,8 @@ def probe_model(model: str, base: dict[str, Any], rewards: Sequence[str], *, num
     from urlvr.trainer.build import load_model_and_tokenizer, load_prompt_records, seed_everything
     from urlvr.trainer.settings import RunSettings
 
-    recipe = load_recipe(probe_recipe(base, model, rewards, group_size=group_size), overrides)
+    recipe = load_recipe(probe_recipe(base, model, rewards, group_size=group_size), overrides,
+                         origin=f"{origin or '<dict>'} (probing {model})")
     dist = init_distributed()
     settings = RunSettings.derive(recipe, dist)
     seed_everything(recipe.seed)

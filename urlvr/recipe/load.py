@@ -24,12 +24,14 @@ __all__ = ["RecipeError", "load_recipe", "read_recipe_source", "format_validatio
 
 
 def load_recipe(
-    source: str | Path | Mapping[str, Any] | Recipe, overrides: Sequence[str] = ()
+    source: str | Path | Mapping[str, Any] | Recipe, overrides: Sequence[str] = (), *, origin: str | None = None
 ) -> Recipe:
-    """Build a validated Recipe from a YAML path, a dict, or a Recipe (returned as is)."""
+    """Build a validated Recipe from a YAML path, a dict, or a Recipe (returned as is). `origin`
+    names a dict's source in error messages (default `<dict>`)."""
     if isinstance(source, Recipe) and not overrides:
         return source
-    origin, data = read_recipe_source(source)
+    found, data = read_recipe_source(source)
+    origin = origin or found
     for override in overrides:
         _apply_override(data, override, origin)
     _import_plugins(data.get("plugins", []), origin)
