@@ -173,3 +173,19 @@ def test_rloo_hand_computed() -> None:
     got = rloo_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64))
     torch.testing.assert_close(got, torch.tensor([[2 / 3, -2 / 3, -2 / 3, 2 / 3]], dtype=torch.float64))
     assert torch.equal(rloo_advantages(torch.tensor([[3.0, 1.0]])), torch.tensor([[2.0, -2.0]]))
+
+
+def test_rewards_equal_to_float_rounding_make_a_constant_group():
+    """The same response scored a few float32 ulps apart (breaker's case: self-certainty of 4
+    identical samples in a packed row) must give 0 advantages, not noise / std of order 1; a
+    real difference, however small in absolute terms, still counts (the tolerance is relative)."""
+    from urlvr.algorithms.advantages import constant_groups
+
+    rounding = torch.tensor([[8.615926743, 8.615926743, 8.615926743, 8.615928650]], dtype=torch.float32)
+    for name in ("grpo", "dr_grpo", "rloo"):
+        assert torch.equal(ADVANTAGE_ESTIMATORS.get(name)(rounding), torch.zeros_like(rounding)), name
+    tiny_but_real = torch.tensor([[1e-30, 2e-30, 1e-30, 1e-30]], dtype=torch.float64)
+    assert not constant_groups(tiny_but_real)[0]
+    assert ADVANTAGE_ESTIMATORS.get("dr_grpo")(tiny_but_real).abs().max() > 0  # not zeroed as constant
+    assert constant_groups(torch.zeros(2, 3)).all() and constant_groups(torch.tensor([[5.0]])).all()
+    assert not constant_groups(torch.tensor([[1.0, 1.001]])).any()

@@ -84,12 +84,16 @@ def test_mask_truncated_leaves_no_gradient_when_every_response_is_cut(random_tin
 
 # --------------------------------------------------------------------------- dynamic sampling: the filter
 def paper_informative(rewards: list[float]) -> bool:
-    """DAPO Eq. 11's constraint 0 < |{o_i correct}| < G, for any reward: not every r_i the same."""
-    return any(r != rewards[0] for r in rewards[1:])
+    """DAPO Eq. 11's constraint 0 < |{o_i correct}| < G, for any reward: not every r_i the same.
+    "The same" up to float rounding (1e-5 of the largest |r|): the same response scored twice can
+    differ in its last bits, and that is no signal (urlvr.algorithms.advantages.REWARD_RTOL)."""
+    scale = max(abs(r) for r in rewards)
+    return any(abs(r - rewards[0]) > 1e-5 * scale for r in rewards[1:])
 
 
 @pytest.mark.parametrize("rewards", [
-    [[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.1, 0.1, 0.1, 0.1], [0.3, 0.3, 0.3, 0.30000000000000004]],
+    [[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.1, 0.1, 0.1, 0.1], [0.3, 0.3, 0.3, 0.30000000000000004],
+     [0.3, 0.3, 0.3, 0.30001]],
     [[5.0], [0.0], [-1.0]],  # groups of one: never informative
     [[0.2, 0.2], [0.2, -0.2]],
 ])

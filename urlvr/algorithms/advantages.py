@@ -22,6 +22,23 @@ class AdvantageEstimator(Protocol):
 ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
 
 
+REWARD_RTOL = 1e-5
+"""Rewards of one group that agree to within this fraction of the group's largest magnitude are
+equal. A certainty score is a float32 mean over the tokens, and the same response scored at two
+places of a batch (another micro-batch width, another offset in a packed row) can differ in its
+last bits. Compared exactly, such a group counts as varied, and GRPO's division by its std
+turns that rounding into advantages of order 1."""
+
+
+def constant_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """`[G, N] -> [G]` bool: every reward of the group equals its first to within `REWARD_RTOL`
+    of the group's largest |reward| (exact equality for a group of zeros). A group of one is
+    constant. The one rule behind 0 advantages, DAPO's zero-variance filter and
+    `reward/zero_variance_group_fraction`."""
+    scale = rewards.abs().amax(dim=1, keepdim=True)  # [G, 1]
+    return ((rewards - rewards[:, :1]).abs() <= REWARD_RTOL * scale).all(dim=1)
+
+
 def group_normalized_advantages(
     rewards: torch.Tensor, *, scale_by_std: bool, eps: float = 1e-6
 ) -> torch.Tensor:
@@ -34,8 +51,8 @@ def group_normalized_advantages(
     `std` is the UNBIASED sample std within the group (`torch.std`, as verl's GRPO computes it).
     A group of size 1 has no baseline and an undefined std, so its advantage is 0 -- unlike
     verl, which keeps r / (1 + eps) there; a lone sample carries no relative signal.
-    A zero-variance group (every sample got the same reward) gets exactly 0 advantages: the
-    numerator is then exactly 0, whatever the rewards are.
+    A zero-variance group (every sample got the same reward, to within `REWARD_RTOL`:
+    `constant_groups`) gets exactly 0 advantages, whatever the rewards are.
     """
     if rewards.ndim != 2:
         raise ValueError(f"rewards must be [num_groups, group_size], got shape {tuple(rewards.shape)}")
@@ -47,10 +64,9 @@ def group_normalized_advantages(
 
     centered = rewards - rewards.mean(dim=1, keepdim=True)  # [G, N]
     # Equal rewards can leave their float mean a rounding error away from them (three 0.1s
-    # average to 0.10000000000000002); force those groups to exactly 0 rather than dividing
-    # rounding noise by eps.
-    constant_group = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)  # [G, 1]
-    centered = centered.masked_fill(constant_group, 0.0)
+    # average to 0.10000000000000002), and equal responses can score a few ulps apart; force
+    # those groups to exactly 0 rather than dividing rounding noise by eps.
+    centered = centered.masked_fill(constant_groups(rewards)[:, None], 0.0)
     if not scale_by_std:
         return centered
     std = rewards.std(dim=1, keepdim=True, unbiased=True)  # [G, 1]

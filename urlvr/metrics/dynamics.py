@@ -17,6 +17,7 @@ import torch
 
 from urlvr.rewards.voting import majority_answer
 from urlvr.rollout.base import Group
+from urlvr.algorithms.advantages import constant_groups
 from urlvr.algorithms.losses import kl_k3  # noqa: F401  (one k3, the loss's; also used as dynamics.kl_k3)
 
 
@@ -65,11 +66,10 @@ def response_metrics(groups: Sequence[Group], *, ngram: int = 4) -> dict[str, fl
 # --------------------------------------------------------------------------- proxy reward
 def reward_metrics(total: torch.Tensor, per_term: dict[str, torch.Tensor]) -> dict[str, float]:
     """Proxy reward statistics; total is [B, G]."""
-    std = total.std(dim=1, unbiased=False) if total.shape[1] > 1 else torch.zeros(total.shape[0])
     metrics = {
         "reward/proxy_mean": float(total.mean()),
         "reward/proxy_std": float(total.std(unbiased=False)),
-        "reward/zero_variance_group_fraction": float((std == 0).float().mean()),
+        "reward/zero_variance_group_fraction": float(constant_groups(total).float().mean()),
     }
     for name, scores in per_term.items():
         metrics[f"reward/{name}_mean"] = float(scores.mean())

@@ -22,6 +22,7 @@ from pydantic import Field
 
 from urlvr.metrics.dynamics import majority_ratios
 from urlvr.recipe.sections.base import VariantSection, check_variant_name
+from urlvr.algorithms.advantages import constant_groups
 from urlvr.registry import Registry
 
 
@@ -50,10 +51,11 @@ GROUP_FILTERS: Registry[type[VariantSection]] = Registry("group filter", check=c
 def zero_variance_groups(rewards: torch.Tensor) -> torch.Tensor:
     """1[r_i1 = r_i2 = ... = r_iG]: every sample of the group got the same reward. `[B, G] -> [B] bool`.
 
-    Exact equality, the rule under which the advantage estimators give exactly 0; a group of one
-    always has zero variance (no baseline, no relative signal). DAPO's 0 < acc < G, for any reward.
+    Equal to within float rounding (`constant_groups`), the rule under which the advantage
+    estimators give exactly 0; a group of one always has zero variance (no baseline, no
+    relative signal). DAPO's 0 < acc < G, for any reward.
     """
-    return (rewards == rewards[:, :1]).all(dim=1)
+    return constant_groups(rewards)
 
 
 def agreement(voters: Sequence[Sequence[str | None]]) -> torch.Tensor:
