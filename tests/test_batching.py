@@ -197,3 +197,25 @@ def test_padding_free_refuses_a_model_whose_attention_ignores_the_packing(random
 def test_padding_free_needs_a_token_budget():
     with pytest.raises(ValueError, match="set that budget too"):
         TrainerSection(padding_free=True)
+
+
+def test_loss_metrics_do_not_depend_on_how_micro_batches_are_cut(random_tiny_model, tmp_path):
+    """Off-policy (a second epoch over the rollout, so ratios move off 1): the ratio's max, min
+    and token mean and the clip fraction are the same for 4-row micro-batches, 1-row ones and a
+    token budget; a mean of per-micro-batch maxima (the old reduction) differed by 20%."""
+    logged = {}
+    for mode, knobs in {"fixed": {"micro_batch_size": 4}, "one_row": {"micro_batch_size": 1},
+                        "packed": {"max_tokens_per_micro_batch": 40, "padding_free": True}}.items():
+        recipe = small_run_recipe(
+            random_tiny_model[0], tmp_path / mode, plugins=["reward_plugins"],
+            reward={"terms": [{"name": "test_short_response"}], "oracle": "ground_truth"},
+            rollout={"group_size": 4, "max_new_tokens": 12, "stop_token_ids": [3, 4, 5, 6, 7]},
+            trainer={"total_steps": 1, "prompts_per_step": 4, "prompts_per_minibatch": 4, "ppo_epochs": 2,
+                     "save_every": 0, "export_final_model": False, **knobs},
+            optim={"lr": 1e-2}, algorithm={"loss": {"name": "ppo_clip", "clip_eps_low": 0.02, "clip_eps_high": 0.02}},
+            dynamics={"token_metrics": []}, collapse={"detectors": []})
+        logged[mode] = urlvr.train(recipe).metrics[0]
+    assert logged["fixed"]["actor/ratio_max"] > 1.0 + 1e-4  # the second epoch moved the ratios
+    for mode in ("one_row", "packed"):
+        for key in ("actor/ratio_mean", "actor/ratio_max", "actor/ratio_min", "actor/clip_fraction"):
+            assert logged[mode][key] == pytest.approx(logged["fixed"][key], rel=1e-4, abs=1e-6), (mode, key)

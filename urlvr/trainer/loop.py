@@ -106,7 +106,7 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         if algo.kl_coef > 0:
             per_row["ref_logprobs"] = ref_logprobs
         selected = torch.zeros_like(batch.response_mask, dtype=torch.bool)  # algorithm.token_filter, per mini-batch
-        micro_logs: list[tuple[dict[str, float], int]] = []  # (metrics, 1) per real micro-batch
+        micro_logs: list[tuple[dict[str, float], int]] = []  # (metrics, its real tokens) per real micro-batch
         step_logs: list[tuple[dict[str, float], int]] = []  # one per optimizer step
         forwards, trained = [], []  # every training forward; (micro, detached statistics) standing in for the scoring pass
         for epoch in range(recipe.trainer.ppo_epochs):
@@ -132,7 +132,7 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
                     if micro["dummy"]:
                         continue
                     minibatch_loss += policy_loss
-                    micro_logs.append((log, 1))
+                    micro_logs.append((log, int(micro["response_mask"].sum())))
                     trained.append((micro, out))
                 # summed over micro-batches here, over ranks by the mean (x world_size) in the metrics
                 step_log = {"loss/policy": minibatch_loss, "actor/grad_norm": parts.actor.grad_norm()}
@@ -335,10 +335,23 @@ def _reward_term_metrics(rewards: BatchRewards, num_groups: int) -> tuple[dict[s
 
 
 def _mean_logs(logs: list[tuple[dict[str, float], int]]) -> tuple[dict[str, float], dict[str, int]]:
-    """Per key: the mean over the logs of weight 1 that have it (0.0 if none), and their number."""
+    """Per key, over the logs of positive weight that have it: `*_max` the max, `*_min` the min,
+    any other key the weighted mean (0.0 if none) with its total weight as count. A micro-batch's
+    weight is its real tokens, so a token mean (`actor/ratio_mean`, `actor/clip_fraction`) and
+    an extreme come out the same however the micro-batches are cut; a step entry weighs 1.
+    Extremes get no count: `_reduce_over_ranks` then takes their max/min over ranks too."""
     keys = {k for log, _ in logs for k in log}
-    counts = {k: sum(weight for log, weight in logs if k in log) for k in keys}
-    return {k: sum(log[k] for log, weight in logs if weight and k in log) / max(1, counts[k]) for k in keys}, counts
+    means, counts = {}, {}
+    for key in keys:
+        present = [(log[key], weight) for log, weight in logs if key in log and weight > 0]
+        if key.endswith("_max"):
+            means[key] = max((value for value, _ in present), default=0.0)
+        elif key.endswith("_min"):
+            means[key] = min((value for value, _ in present), default=0.0)
+        else:
+            counts[key] = sum(weight for _, weight in present)
+            means[key] = sum(value * weight for value, weight in present) / max(1, counts[key])
+    return means, counts
 
 
 def _step_metrics(groups, records, batch, own: slice, stats, rewards: BatchRewards, contexts, update_logs,
