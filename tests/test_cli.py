@@ -55,6 +55,7 @@ def test_probe_refuses_a_prompt_count_below_one(capsys):
 @pytest.mark.parametrize("make, problem", [
     (lambda tmp: tmp / "missing", "no such folder"),
     (lambda tmp: tmp, "the folder has no config.json"),
+    (lambda tmp: (tmp / "recipe.yaml").write_text("{}") and tmp / "recipe.yaml", "is a file, not a model folder"),
 ])
 def test_a_model_path_that_cannot_load_is_one_line(tmp_path, make, problem):
     from conftest import small_run_recipe

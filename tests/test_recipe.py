@@ -185,6 +185,8 @@ def test_an_explicit_empty_mapping_is_an_all_defaults_recipe(tmp_path):
     ("trainer.total_steps= ", "recipe.yaml: --set 'trainer.total_steps= ': no value after '=' (write trainer.total_steps=null for null)"),
     ("trainer=null", "recipe.yaml: trainer: Input should be a valid dictionary or instance of TrainerSection (got None)"),
     ("trainer.total_steps=true", "recipe.yaml: trainer: total_steps: expected a number, got true"),
+    ("optim.betas=[false, 0.99]", "recipe.yaml: optim: betas: expected a number, got false (item 0)"),
+    ("rollout.stop_token_ids=[3, true]", "recipe.yaml: rollout: stop_token_ids: expected a number, got true (item 1)"),
     ("trainer=3", "recipe.yaml: trainer: Input should be a valid dictionary or instance of TrainerSection (got 3)"),
     ("trainer=[1]", "recipe.yaml: trainer: Input should be a valid dictionary or instance of TrainerSection (got [1])"),
     ("trainer.total_steps.x=1", "recipe.yaml: --set 'trainer.total_steps.x=1': 'total_steps' is not a section"),
@@ -248,6 +250,15 @@ def test_a_plugin_loaded_twice_still_counts_as_registering(tmp_path, monkeypatch
 def test_a_group_of_one_is_refused_with_the_reason():
     with pytest.raises(RecipeError, match=r"rollout.group_size: a group of 1 sample gets advantage 0 .* trains nothing"):
         load_recipe({"rollout": {"group_size": 1}})
+
+
+def test_a_union_fields_problems_are_one_line():
+    """pydantic reports one problem per member of a union (`list[str] | 'all-linear'`); the user
+    made one mistake, so it is one line, the members' complaints joined."""
+    with pytest.raises(RecipeError) as caught:
+        load_recipe({"model": {"lora": {"target_modules": [True]}}})
+    assert str(caught.value) == ("<dict>: model.lora.target_modules: item 0: Input should be a valid string (got True); "
+                                 "or Input should be 'all-linear' (got [True])")
 
 
 def test_every_shipped_recipe_validates():

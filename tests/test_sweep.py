@@ -86,6 +86,8 @@ def test_override_values_round_trip_through_yaml():
     ({"recipe": "r.yaml", "grid": {"rollout.temperature": [0.5, "0.5"]}}, "share the run directory name 'temperature=0.5'"),
     ({"recipe": "r.yaml", "grid": {"rollout.temperature": [0.5, 0]}}, "sweep point temperature=0: .*rollout.temperature: "
                                                                      "Input should be greater than 0"),
+    ({"recipe": "r.yaml", "grid": {"algorithm.kl_coef": [0.0, 0.1], "kl": {"on": {"algorithm.kl_coef": 0.2}}}},
+     r"algorithm.kl_coef is swept by two axes \('algorithm.kl_coef' and 'kl'\)"),
 ])
 def test_bad_specs_fail_before_anything_runs(tmp_path, spec, message):
     write(tmp_path / "r.yaml", {})

@@ -182,11 +182,24 @@ def load_sweep(path: str | Path, *, grid: Sequence[str] = (), overrides: Sequenc
     axes += [parse_grid_option(option) for option in grid]
     if not axes:
         raise RecipeError(f"{path}: nothing to sweep: give a sweep spec with `grid:` or --grid field=v1,v2")
+    _each_field_on_one_axis(axes, path)
     shared = [*shared, *overrides]
     resolved = load_recipe(base, shared)  # the base must be valid before any point is
     name = path.stem if is_spec else "sweep"
     out = Path(out_dir) if out_dir is not None else Path(default_out) if default_out else Path(resolved.output_dir) / name
     return Sweep(recipe=base, out_dir=out, axes=tuple(axes), shared=tuple(shared))
+
+
+def _each_field_on_one_axis(axes: Sequence[Axis], origin: Path) -> None:
+    """Two axes setting one field would both label every point while only the later value is
+    applied: the run names would lie about what ran."""
+    owner: dict[str, str] = {}
+    for axis in axes:
+        for field in {field for _, choice in axis.choices for field in choice}:
+            if field in owner:
+                raise RecipeError(f"{origin}: {field} is swept by two axes ({owner[field]!r} and {axis.name!r}); "
+                                  "only the later value would apply: give its values on one axis")
+            owner[field] = axis.name
 
 
 def validate_points(sweep: Sweep) -> list[SweepPoint]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -147,10 +148,11 @@ def _import_plugins(plugins: Any, origin: str) -> None:
 def format_validation_error(err: ValidationError, origin: str, data: Any = None) -> str:
     """One line per problem: `file: dotted.path: message`. `data`, the validated input, tells which
     variant a section path went through (for the known fields of an unknown key)."""
-    lines = []
+    found: dict[str, list[str]] = {}  # field path -> its problems (several: one per member of a union)
     for problem in err.errors():
         loc = [str(part) for part in problem["loc"]]
-        path = ".".join(loc) or "<root>"
+        tag = next((i for i, part in enumerate(loc) if _UNION_MEMBER.match(part)), None)
+        path = ".".join(loc if tag is None else loc[:tag]) or "<root>"
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = _unknown_field_message(loc, data)
@@ -159,8 +161,15 @@ def format_validation_error(err: ValidationError, origin: str, data: Any = None)
         elif "input" in problem and problem["type"] not in ("missing", "value_error", "assertion_error",
                                                              "variant_unknown"):
             message += f" (got {problem['input']!r})"
-        lines.append(f"{origin}: {path}: {message}")
-    return "\n".join(lines)
+        if tag is not None and loc[tag + 1:]:
+            message = f"item {'.'.join(loc[tag + 1:])}: {message}"
+        found.setdefault(path, []).append(message)
+    return "\n".join(f"{origin}: {path}: {'; or '.join(messages)}" for path, messages in found.items())
+
+
+# a union member's tag in an error location (`list[str]`, `literal['all-linear']`, `int`): the
+# members' problems are one problem of the field, one line
+_UNION_MEMBER = re.compile(r"^[a-z-]+\[.*\]$|^(int|float|str|bool|none)$")
 
 
 def _unknown_field_message(loc: list[str], data: Any) -> str:

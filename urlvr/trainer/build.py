@@ -62,6 +62,9 @@ def load_model_and_tokenizer(recipe: Recipe):
 
     path = resolve_model_path(recipe.model.path)
     local = Path(path).expanduser()
+    if local.is_file():
+        raise RecipeError(f"model.path {recipe.model.path!r}: is a file, not a model folder (a folder saved "
+                          "by save_pretrained: config.json, weights, tokenizer files)")
     if local.is_dir() and not (local / "config.json").is_file():
         raise RecipeError(f"model.path {recipe.model.path!r}: the folder has no config.json (a local model is "
                           "a folder saved by save_pretrained: config.json, weights, tokenizer files)")

@@ -20,18 +20,41 @@ def _numeric(annotation: Any) -> bool:
     return False
 
 
+def _numeric_items(annotation: Any) -> bool:
+    """A list or tuple of numbers (`list[int]`, `tuple[float, float]`), optional or not."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_numeric_items(a) for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) not in (list, tuple):
+        return False
+    args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+    return bool(args) and all(_numeric(a) for a in args)
+
+
+def _boolean_where_a_number_belongs(annotation: Any, value: Any) -> str | None:
+    """The offending spelling (`true`, `0.true`) of a boolean given for a number, else None."""
+    if isinstance(value, bool) and _numeric(annotation):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)) and _numeric_items(annotation):
+        for index, item in enumerate(value):
+            if isinstance(item, bool):
+                return f"{str(item).lower()} (item {index})"
+    return None
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
 
     @model_validator(mode="before")
     @classmethod
     def _no_booleans_for_numbers(cls, data: Any) -> Any:
-        """`total_steps: true` would be read as 1 (pydantic's lax mode): refuse it instead."""
+        """`total_steps: true` would be read as 1 and `betas: [false, 0.99]` as beta1 = 0 (pydantic's
+        lax mode): refuse a boolean where a number, or a list of numbers, belongs."""
         if isinstance(data, dict):
             for name, value in data.items():
                 field = cls.model_fields.get(name) if isinstance(name, str) else None
-                if isinstance(value, bool) and field is not None and _numeric(field.annotation):
-                    raise ValueError(f"{name}: expected a number, got {str(value).lower()}")
+                found = _boolean_where_a_number_belongs(field.annotation, value) if field is not None else None
+                if found is not None:
+                    raise ValueError(f"{name}: expected a number, got {found}")
         return data
 
 
