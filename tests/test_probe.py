@@ -63,6 +63,17 @@ def probed(tmp_path_factory):
     return out, results
 
 
+def test_probe_table_never_cuts_a_model_or_reward_name(probed, capsys):
+    """Two models' rows must be told apart: the names print whole (they were cut to `urlvr/ti…`)."""
+    from urlvr.commands.probe import print_table
+
+    print_table(probed[1])
+    lines = capsys.readouterr().out.splitlines()
+    for model in ("urlvr/tiny ", "urlvr/tiny-aligned "):
+        for reward in ("majority_vote ", "self_certainty ", "trajectory_entropy "):
+            assert any(model in line and reward in line for line in lines), (model, reward)
+
+
 def test_probe_predicts_fall_for_the_weak_prior_and_rise_for_the_aligned_one(probed):
     _, (weak, aligned) = probed
     by_reward = {r.reward: r for r in weak.rewards}

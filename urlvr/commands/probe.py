@@ -258,11 +258,19 @@ def print_table(results: Sequence[ModelProbe]) -> None:
     labelled = any(r.labelled_prompts for r in results)
     columns = COLUMNS if labelled else ("model", "reward", "reward_mean", "zero_variance_groups", "p_maj_mean")
     table = Table(title="urlvr probe" + ("" if labelled else " (no labels: label-free quantities only)"))
-    for column in columns:
-        table.add_column(HEADERS.get(column, column), justify="left" if column in ("model", "reward", "direction") else "right")
-    for row in rows(results):
-        table.add_row(*(_cell(row.get(c)) if c != "model" else _short(row[c]) for c in columns))
-    console = Console(width=max(Console().width, 120))
+    table_rows = [[_cell(row.get(c)) if c != "model" else _short(row[c]) for c in columns] for row in rows(results)]
+    for index, column in enumerate(columns):
+        named = column in ("model", "reward", "direction")
+        # names are never cut: two rows `urlvr/ti…` could not be told apart; numbers wrap their header instead
+        width = max([len(r[index]) for r in table_rows], default=0) if named else None
+        table.add_column(HEADERS.get(column, column), justify="left" if named else "right", min_width=width,
+                         no_wrap=named)
+    for cells in table_rows:
+        table.add_row(*cells)
+    # wide enough for every column's widest cell (the console would squeeze the names otherwise)
+    needed = sum(max([len(HEADERS.get(c, c)) if c not in ("model", "reward", "direction") else 0,
+                      *(len(r[i]) for r in table_rows)]) + 3 for i, c in enumerate(columns)) + 4
+    console = Console(width=max(Console().width, 120, needed))
     console.print(table)
     if not labelled:
         console.print("urlvr: no labelled prompts; to measure a prior without labels, run `urlvr mcs`")

@@ -128,7 +128,10 @@ class TrainerSection(Section):
     """Token budget per forward on each rank, instead of a fixed sequence count: a mini-batch's
     rows, sorted by length, are packed while rows x (longest prompt + longest response among them)
     stays within it (a longer row goes alone). The number of micro-batches then varies; ranks agree
-    on the largest. None = `micro_batch_size` sequences per forward. The loss is unchanged."""
+    on the largest. None = `micro_batch_size` sequences per forward. The loss is unchanged.
+    A starting value: `micro_batch_size` x (longest prompt + `rollout.max_new_tokens`), the memory
+    of a fixed micro-batch of full-length rows; `micro_batch_size` is then not used. A budget
+    below one row's length runs one row per forward."""
     bucket_by_length: bool = False
     """Sort a mini-batch's rows by length before cutting `micro_batch_size`-row micro-batches, so
     each forward's padding is small (every micro-batch is trimmed to its own longest row anyway).
@@ -138,9 +141,11 @@ class TrainerSection(Section):
     for each: no padding at all, and the token budget (`max_tokens_per_micro_batch`, required)
     then counts real tokens. Needs attention that honours packed `position_ids`: transformers'
     flash-attention kernels (variable-length, the fast case on GPU) or sdpa/eager with a
-    block-diagonal mask (exact, but its cost grows with the square of the packed length, so on
-    CPU bucketed micro-batches are usually faster). Checked on the model at start-up: a model
-    whose attention ignores the packing is refused. The loss is unchanged."""
+    block-diagonal mask (exact, but its cost grows with the square of the packed length). On CPU,
+    measure before keeping it: 0.92x the padded step on a 25M-parameter model with a 1,024-token
+    budget (docs/benchmarks.md), but 1.5-3x slower on the quickstart's tiny model with budgets of
+    1,024-4,096, where attention over the packed row dominates. Checked on the model at start-up:
+    a model whose attention ignores the packing is refused. The loss is unchanged."""
     save_every: int = Field(50, ge=0)
     """Checkpoint every K steps (and at the end); 0 = only at the end."""
     keep_last: int = Field(2, ge=1)
