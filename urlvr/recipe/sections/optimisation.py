@@ -165,6 +165,6 @@ class TrainerSection(Section):
     @model_validator(mode="after")
     def _padding_free_needs_a_budget(self) -> TrainerSection:
         if self.padding_free and self.max_tokens_per_micro_batch is None:
-            raise ValueError("trainer.padding_free packs up to trainer.max_tokens_per_micro_batch tokens "
+            raise ValueError("padding_free packs up to max_tokens_per_micro_batch tokens "
                              "per forward: set that budget too")
         return self
