@@ -146,8 +146,9 @@ def _import_plugins(plugins: Any, origin: str) -> None:
 
 
 def format_validation_error(err: ValidationError, origin: str, data: Any = None) -> str:
-    """One line per problem: `file: dotted.path: message`. `data`, the validated input, tells which
-    variant a section path went through (for the known fields of an unknown key)."""
+    """One line per field with a problem: `file: dotted.path: message` (a union's members'
+    complaints joined by "; or "). `data`, the validated input, tells which variant a section
+    path went through (for the known fields of an unknown key)."""
     found: dict[str, list[str]] = {}  # field path -> its problems (several: one per member of a union)
     for problem in err.errors():
         loc = [str(part) for part in problem["loc"]]
