@@ -113,7 +113,8 @@ def test_unknown_engine_knob_names_the_known_ones(tmp_path):
         "max_model_len, max_num_batched_tokens, name, sleep, sync_bucket_mb)")
     # a knob of another engine: the transformers engine's section has no vLLM knobs
     assert error_of(tmp_path, {"rollout": {"engine": "transformers"}}, ["rollout.engine.sync_bucket_mb=8"]) == (
-        "recipe.yaml: rollout.engine.sync_bucket_mb: unknown field 'sync_bucket_mb' (known: generation_batch_size, name)")
+        "recipe.yaml: rollout.engine.sync_bucket_mb: unknown field 'sync_bucket_mb' (known: generation_batch_size, name) "
+        "(from --set rollout.engine.sync_bucket_mb=8)")
 
 
 @pytest.mark.parametrize(("rollout", "where"), [
@@ -183,12 +184,15 @@ def test_an_explicit_empty_mapping_is_an_all_defaults_recipe(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("trainer=", "recipe.yaml: --set 'trainer=': no value after '=' (write trainer=null for null)"),
     ("trainer.total_steps= ", "recipe.yaml: --set 'trainer.total_steps= ': no value after '=' (write trainer.total_steps=null for null)"),
-    ("trainer=null", "recipe.yaml: trainer: Input should be a valid dictionary or instance of TrainerSection (got None)"),
+    ("trainer=null", "recipe.yaml: trainer: Input should be a valid dictionary or instance of TrainerSection (got None) "
+                     "(from --set trainer=null)"),
     ("trainer.total_steps=true", "recipe.yaml: trainer: total_steps: expected a number, got true"),
     ("optim.betas=[false, 0.99]", "recipe.yaml: optim: betas: expected a number, got false (item 0)"),
     ("rollout.stop_token_ids=[3, true]", "recipe.yaml: rollout: stop_token_ids: expected a number, got true (item 1)"),
-    ("trainer=3", "recipe.yaml: trainer: Input should be a valid dictionary or instance of TrainerSection (got 3)"),
-    ("trainer=[1]", "recipe.yaml: trainer: Input should be a valid dictionary or instance of TrainerSection (got [1])"),
+    ("trainer=3", "recipe.yaml: trainer: Input should be a valid dictionary or instance of TrainerSection (got 3) "
+                  "(from --set trainer=3)"),
+    ("trainer=[1]", "recipe.yaml: trainer: Input should be a valid dictionary or instance of TrainerSection (got [1]) "
+                    "(from --set trainer=[1])"),
     ("trainer.total_steps.x=1", "recipe.yaml: --set 'trainer.total_steps.x=1': 'total_steps' is not a section"),
 ])
 def test_an_override_that_empties_or_replaces_a_section_names_it(tmp_path, override, message):
@@ -206,7 +210,11 @@ def test_overrides_parse_yaml_values(tmp_path):
 
 def test_bad_override_names_field(tmp_path):
     message = error_of(tmp_path, {}, ["trainer.ppo_epochs=0"])
-    assert message == "recipe.yaml: trainer.ppo_epochs: Input should be greater than or equal to 1 (got 0)"
+    assert message == ("recipe.yaml: trainer.ppo_epochs: Input should be greater than or equal to 1 (got 0) "
+                       "(from --set trainer.ppo_epochs=0)")
+    # a problem of the file, beside an override elsewhere, is not credited to it
+    assert error_of(tmp_path, {"trainer": {"ppo_epochs": 0}}, ["trainer.total_steps=3"]) == (
+        "recipe.yaml: trainer.ppo_epochs: Input should be greater than or equal to 1 (got 0)")
 
 
 def test_plugin_registers_a_reward(tmp_path, monkeypatch):

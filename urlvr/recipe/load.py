@@ -39,7 +39,19 @@ def load_recipe(
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(format_validation_error(err, origin, data)) from None
+        raise RecipeError(_credit_overrides(format_validation_error(err, origin, data), origin, overrides)) from None
+
+
+def _credit_overrides(message: str, origin: str, overrides: Sequence[str]) -> str:
+    """Append `(from --set ...)` to each line about a field an override set (or a field inside a
+    section it replaced): the mistake is then on the command line, not in the file the line names."""
+    keys = [(override.partition("=")[0].strip(), override) for override in overrides]
+    lines = []
+    for line in message.splitlines():
+        path = line.removeprefix(f"{origin}: ").split(": ", 1)[0]
+        setters = [o for key, o in keys if path == key or path.startswith(key + ".")]
+        lines.append(line + (f" (from --set {setters[-1]})" if setters else ""))
+    return "\n".join(lines)
 
 
 def read_recipe_source(source: str | Path | Mapping[str, Any] | Recipe) -> tuple[str, dict[str, Any]]:
