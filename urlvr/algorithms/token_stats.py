@@ -72,7 +72,9 @@ def top2_prob(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) ->
     return torch.exp(logits.topk(2, dim=-1).values[..., 1] - lse)
 
 
-def compute_token_stats(logits: torch.Tensor, targets: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """All requested statistics for one chunk, sharing one logsumexp."""
-    lse = torch.logsumexp(logits, dim=-1)
+def compute_token_stats(logits: torch.Tensor, targets: torch.Tensor, names: tuple[str, ...],
+                        lse: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """All requested statistics for one chunk, sharing one logsumexp (`lse`, computed when not given)."""
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)
     return {name: TOKEN_STATS.get(name)(logits, lse, targets) for name in names}

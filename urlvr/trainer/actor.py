@@ -93,12 +93,14 @@ class TokenScorer(nn.Module):
         for start in range(0, flat_targets.shape[0], step):
             end = start + step
             raw = lm_head(hidden[start:end]).float()  # [n, V]
-            for name, value in compute_token_stats(raw / temperature, flat_targets[start:end], stats).items():
+            scaled = raw / temperature  # [n, V], once: the trained and the logged statistics share it
+            lse = torch.logsumexp(scaled, dim=-1)
+            for name, value in compute_token_stats(scaled, flat_targets[start:end], stats, lse).items():
                 chunks[name].append(value)
             if detached_stats:
                 with torch.no_grad():
-                    for name, value in compute_token_stats(raw / temperature, flat_targets[start:end],
-                                                           detached_stats).items():
+                    for name, value in compute_token_stats(scaled.detach(), flat_targets[start:end],
+                                                           detached_stats, lse.detach()).items():
                         chunks[name].append(value)
             if raw_stats:
                 for name, value in compute_token_stats(raw, flat_targets[start:end], raw_stats).items():

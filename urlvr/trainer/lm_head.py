@@ -50,7 +50,7 @@ class _ChunkedLogprob(torch.autograd.Function):
             logits = F.linear(hidden[start:end], weight, bias).float() / temperature  # [rows, V]
             lse[start:end] = torch.logsumexp(logits, dim=-1)
             logprob[start:end] = TOKEN_STATS.get("logprob")(logits, lse[start:end], targets[start:end])
-            for name, value in compute_token_stats(logits, targets[start:end], detached).items():
+            for name, value in compute_token_stats(logits, targets[start:end], detached, lse[start:end]).items():
                 extra[name].append(value)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.temperature, ctx.rows = temperature, rows
