@@ -148,43 +148,128 @@ def test_select_groups_matches_a_reference_loop(seed):
     assert len(got[0]) == quota and len(set(got[0])) == quota
 
 
+def fake_rounds(informative_per_round: list[list[bool]], seen: list, drawn_sizes: list, oracle_per_round=None):
+    """(next_batch, sample_round) of a world of one: batch b's prompts are "b{b}p{i}"; a round's
+    group i has rewards [1, 0] when informative, else [1, 1]; voters agree on informative groups' "x"."""
+    from urlvr.rewards.compose import BatchRewards
+    from urlvr.trainer.dynamic_sampling import Round
+
+    batches = iter(range(100))
+
+    def next_batch(size):
+        drawn_sizes.append(size)
+        b = next(batches)
+        return [f"b{b}p{i}" for i in range(size)]
+
+    def sample_round(records, round_index):
+        seen.append(round_index)
+        flags = informative_per_round[round_index][:len(records)]
+        assert len(flags) == len(records)
+        total = torch.tensor([[1.0, 0.0] if f else [1.0, 1.0] for f in flags])
+        groups = [group_of([1, 2]) for _ in records]
+        contexts = [RewardContext.for_group(["x", "y"] if f else ["x", "x"], torch.ones(2, 2), extract_answer=lambda t: None)
+                    for f in flags]
+        oracle = None if oracle_per_round is None else oracle_per_round[round_index]
+        return Round(records, groups, groups, contexts, BatchRewards(total=total, per_term={"t": total},
+                                                                     oracle=oracle, diagnostics={}, errors={}))
+
+    return next_batch, sample_round
+
+
+def run_dynamic_sample(informative_per_round, max_rounds: int, prompts_per_step: int = 4, prompts_per_round: int = 4,
+                       oracle_per_round=None):
+    from urlvr.dist import DistInfo
+    from urlvr.trainer.dynamic_sampling import dynamic_sample
+    from urlvr.trainer.group_filters import ZeroVarianceFilter
+
+    seen, sizes = [], []
+    next_batch, sample_round = fake_rounds(informative_per_round, seen, sizes, oracle_per_round)
+    out = dynamic_sample(next_batch, sample_round, ZeroVarianceFilter(max_rounds=max_rounds), prompts_per_step,
+                         prompts_per_round, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    return out, seen, sizes
+
+
 def test_dynamic_sample_rounds_indices_and_cap():
     """In a world of one: rounds stop once the quota is met, refill prompts get the next global
     indices, the selection keeps draw order, and at the cap filtered groups fill the step."""
-    from urlvr.dist import DistInfo
-    from urlvr.rewards.compose import BatchRewards
-    from urlvr.trainer.dynamic_sampling import Round, dynamic_sample
-    from urlvr.trainer.group_filters import ZeroVarianceFilter
-
-    def run(informative_per_round: list[list[bool]], max_rounds: int):
-        batches = iter(range(100))
-        seen = []
-
-        def next_batch():
-            b = next(batches)
-            return [f"b{b}p{i}" for i in range(4)]
-
-        def sample_round(records, round_index):
-            seen.append(round_index)
-            flags = informative_per_round[round_index]
-            total = torch.tensor([[1.0, 0.0] if f else [1.0, 1.0] for f in flags])
-            groups = [group_of([1, 2]) for _ in records]
-            contexts = [RewardContext.for_group([None, None], torch.ones(2, 2), extract_answer=lambda t: None)] * 4
-            return Round(records, groups, groups, contexts, BatchRewards(total=total, per_term={"t": total},
-                                                                         oracle=None, diagnostics={}, errors={}))
-
-        return dynamic_sample(next_batch, sample_round, ZeroVarianceFilter(max_rounds=max_rounds), 4,
-                              DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))), seen
-
-    out, seen = run([[True, False, False, True], [False, True, True, True], [True] * 4], max_rounds=3)
-    assert seen == [0, 1]  # 2 informative, then 3 more: quota met after round 1
+    out, seen, sizes = run_dynamic_sample([[True, False, False, True], [False, True, True, True], [True] * 4], max_rounds=3)
+    assert seen == [0, 1] and sizes == [4, 4]  # 2 informative, then 3 more: quota met after round 1
     assert out.records == ["b0p0", "b0p3", "b1p1", "b1p2"]  # draw order; b1p3 drawn, not needed
     assert out.metrics == {"dynamic_sampling/rounds": 2.0, "dynamic_sampling/prompts_consumed": 8.0,
-                           "dynamic_sampling/filtered_fraction": 3 / 8, "dynamic_sampling/filled_groups": 0.0}
-    capped, seen = run([[False, False, True, False], [False] * 4, [True] * 4], max_rounds=2)
+                           "dynamic_sampling/filtered_fraction": 3 / 8, "dynamic_sampling/filled_groups": 0.0,
+                           "dynamic_sampling/generated_proxy_mean": (5 * 0.5 + 3 * 1.0) / 8,
+                           "dynamic_sampling/generated_majority_ratio": (5 * 0.5 + 3 * 1.0) / 8}
+    capped, seen, _ = run_dynamic_sample([[False, False, True, False], [False] * 4, [True] * 4], max_rounds=2)
     assert seen == [0, 1] and capped.metrics["dynamic_sampling/filled_groups"] == 3.0
     assert capped.records == ["b0p0", "b0p1", "b0p2", "b0p3"]  # b0p2 informative; then the first drawn fill
     assert capped.rewards.total.tolist() == [[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
+
+
+def test_dynamic_sample_draws_prompts_per_round():
+    """A generation batch of R != P prompts: every round draws R, the step still trains P groups,
+    the first P informative in draw order (global index round * R + position), the surplus
+    informative groups are dropped, and the counts say R per round."""
+    flags = [[False, True, False, False, False, True], [True, True, True, True, True, True]]
+    out, seen, sizes = run_dynamic_sample(flags, max_rounds=3, prompts_per_step=4, prompts_per_round=6)
+    assert seen == [0, 1] and sizes == [6, 6]
+    assert out.records == ["b0p1", "b0p5", "b1p0", "b1p1"]  # b1p2 .. b1p5 informative too: dropped, not carried
+    assert out.metrics["dynamic_sampling/prompts_consumed"] == 12.0
+    assert out.metrics["dynamic_sampling/filtered_fraction"] == 1 - 8 / 12
+    small, seen, sizes = run_dynamic_sample([[True, True], [False, True], [True, True]], max_rounds=3,
+                                            prompts_per_step=4, prompts_per_round=2)
+    assert seen == [0, 1, 2] and sizes == [2, 2, 2]  # rounds smaller than the step
+    assert small.records == ["b0p0", "b0p1", "b1p1", "b2p0"]
+    assert small.metrics["dynamic_sampling/prompts_consumed"] == 6.0
+
+
+def test_generated_rewards_describe_every_drawn_group():
+    """`dynamic_sampling/generated_*` are the means over every group of every round (an
+    independent flat mean over their samples), whereas the trained `reward/*` see the selection;
+    the ground truth covers the labelled groups only and is absent without labels."""
+    flags = [[True, False, False, True], [False, True, True, True]]
+    nan = float("nan")
+    oracle = [torch.tensor([[1.0, 0.0], [nan, nan], [1.0, 1.0], [0.0, 0.0]]),
+              torch.tensor([[0.0, 1.0], [1.0, 1.0], [nan, nan], [0.0, 0.0]])]
+    out, _, _ = run_dynamic_sample(flags, max_rounds=3, oracle_per_round=oracle)
+    totals = torch.tensor([[1.0, 0.0] if f else [1.0, 1.0] for row in flags for f in row], dtype=torch.float64)
+    every_oracle = torch.cat(oracle).double()
+    labelled = every_oracle[~torch.isnan(every_oracle).any(dim=1)]
+    assert out.metrics["dynamic_sampling/generated_proxy_mean"] == pytest.approx(float(totals.mean()), abs=1e-12)
+    assert out.metrics["dynamic_sampling/generated_ground_truth_mean"] == pytest.approx(float(labelled.mean()), abs=1e-12)
+    assert float(out.rewards.total.mean()) == 0.5  # the trained groups: all informative
+    unlabelled, _, _ = run_dynamic_sample(flags, max_rounds=3, oracle_per_round=[None, None])
+    assert "dynamic_sampling/generated_ground_truth_mean" not in unlabelled.metrics
+
+
+def test_round_size_is_refused_where_it_cannot_act(tmp_path):
+    """prompts_per_round: too few rounds to fill a step, rounds smaller than the world, a round
+    size with dynamic sampling off, and 0 are each refused before step 1, naming the knobs."""
+    from urlvr.dist import DistInfo
+    from urlvr.errors import RecipeError
+    from urlvr.recipe import load_recipe
+    from urlvr.trainer.settings import RunSettings
+
+    def load(dynamic, prompts_per_step=8):
+        return load_recipe(small_run_recipe("unused", tmp_path, rollout={"dynamic_sampling": dynamic}, trainer={
+            "total_steps": 2, "prompts_per_step": prompts_per_step, "prompts_per_minibatch": prompts_per_step,
+            "micro_batch_size": 1}))
+
+    with pytest.raises(RecipeError, match=r"max_rounds \(2\) x prompts_per_round \(3\) draws fewer prompts than "
+                                          r"trainer.prompts_per_step \(8\).*raise max_rounds to 3 or prompts_per_round to 4"):
+        load({"name": "zero_variance", "max_rounds": 2, "prompts_per_round": 3})
+    with pytest.raises(RecipeError, match="unknown field 'prompts_per_round'"):
+        load({"name": "none", "prompts_per_round": 3})
+    with pytest.raises(RecipeError, match="prompts_per_round: Input should be greater than or equal to 1"):
+        load({"name": "zero_variance", "prompts_per_round": 0})
+    recipe = load({"name": "zero_variance", "max_rounds": 4, "prompts_per_round": 2}, prompts_per_step=4)
+    settings = [RunSettings.derive(recipe, DistInfo(rank, 2, rank, torch.device("cpu"))) for rank in range(2)]
+    assert [s.round_shard for s in settings] == [range(0, 1), range(1, 2)]  # each rank one whole group a round
+    assert [s.prompt_shard for s in settings] == [range(0, 2), range(2, 4)]  # and two to train
+    assert [s.round_first_index(3) for s in settings] == [6, 7]  # round r holds global indices r*R ..
+    with pytest.raises(ValueError, match=r"prompts_per_round \(2\) is smaller than the world size \(3\)"):
+        RunSettings.derive(recipe, DistInfo(0, 3, 0, torch.device("cpu")))
+    default = RunSettings.derive(load("zero_variance"), DistInfo(0, 1, 0, torch.device("cpu")))
+    assert default.prompts_per_round == 8 and default.round_first_index(1) == 8  # unset: the training batch
 
 
 # --------------------------------------------------------------------------- dynamic sampling: CPU runs

@@ -60,15 +60,20 @@ class PromptStream:
             return None
         return self.epochs * len(self.records) // self.prompts_per_step
 
-    def next_batch(self) -> list[PromptRecord]:
-        """This rank's slice of the next global batch; StopIteration after the last full step."""
+    def next_batch(self, num_prompts: int | None = None) -> list[PromptRecord]:
+        """This rank's slice of the next global batch of ``num_prompts`` prompts (default
+        ``prompts_per_step``; a round of dynamic sampling may draw another size); StopIteration
+        after the last full batch."""
+        size = self.prompts_per_step if num_prompts is None else num_prompts
+        if size < 1:
+            raise ValueError(f"a batch holds at least one prompt, got {size}")
         last = None if self.epochs is None else self.epochs * len(self.records)
-        if last is not None and self._position() + self.prompts_per_step > last:
+        if last is not None and self._position() + size > last:
             raise StopIteration(f"prompt stream exhausted after {self.epochs} epochs")
         # Every rank walks the whole global batch so that all ranks advance identically.
-        global_batch = [self._take_one() for _ in range(self.prompts_per_step)]
+        global_batch = [self._take_one() for _ in range(size)]
         self.steps_taken += 1
-        mine = even_shard(self.prompts_per_step, self.world_size, self.rank)
+        mine = even_shard(size, self.world_size, self.rank)
         return global_batch[mine.start : mine.stop]
 
     def __iter__(self) -> Iterator[list[PromptRecord]]:

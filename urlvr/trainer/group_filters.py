@@ -32,8 +32,20 @@ class GroupFilter(VariantSection):
 
     max_rounds: int = Field(3, ge=1, le=64)
     """Generation rounds per step at most, the first included; each round draws one more global
-    batch of `trainer.prompts_per_step` prompts. When the cap is hit before the step has its
+    batch of `prompts_per_round` prompts. When the cap is hit before the step has its
     informative groups, the rest is filled with filtered groups (fill_priority order)."""
+    prompts_per_round: int | None = Field(None, ge=1)
+    """Prompts drawn (and groups generated) per round, over all ranks: the generation batch, as
+    against the training batch of `trainer.prompts_per_step` groups (verl's `data.gen_batch_size`;
+    verl's DAPO recipes generate 3x the training batch). null = `trainer.prompts_per_step`.
+    Larger rounds need fewer of them when many groups are flat; groups past the step's quota are
+    dropped, informative or not, never carried to the next step (as in verl). At least the number
+    of ranks (each rank generates whole groups), and `max_rounds * prompts_per_round >=
+    trainer.prompts_per_step` (else a step could not be filled)."""
+
+    def round_size(self, prompts_per_step: int) -> int:
+        """Prompts per round: `prompts_per_round`, or the training batch when unset."""
+        return prompts_per_step if self.prompts_per_round is None else self.prompts_per_round
 
     def keep(self, rewards: torch.Tensor, voters: Sequence[Sequence[str | None]]) -> torch.Tensor:
         """`[B, G] rewards, B voter answer lists -> [B] bool`: True = informative, trains."""

@@ -64,7 +64,7 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         if recipe.rollout.dynamic_sampling.name != "none":  # DAPO: rounds of generate -> reward -> filter (refill)
             sampled = dynamic_sample(parts.stream.next_batch, lambda batch_records, round_index: _sample_round(
                 parts, recipe, dist, step, batch_records, round_index), recipe.rollout.dynamic_sampling,
-                recipe.trainer.prompts_per_step, dist)
+                recipe.trainer.prompts_per_step, settings.prompts_per_round, dist)
             records, drawn, groups = sampled.records, sampled.drawn, sampled.groups
         else:
             records = parts.stream.next_batch()

@@ -33,6 +33,8 @@ class RunSettings:
     minibatches_per_step: int  # optimizer steps per rollout batch and epoch
     micro_steps_per_minibatch: int  # DeepSpeed's nominal accumulation steps (the loop marks each boundary itself)
     prompt_shard: range  # this rank's prompts: indices into each step's global batch (whole groups)
+    prompts_per_round: int  # a dynamic-sampling round's global batch (prompts_per_step when off or unset)
+    round_shard: range  # this rank's prompts of each round's global batch (whole groups)
     layout: RowLayout  # which rows of the global batch this rank scores and trains
     reward_stats: tuple[str, ...]  # token statistics the reward terms read (lent via ctx.token_stats)
     metric_stats: tuple[str, ...]  # token statistics logged as `actor/<name>_mean` (metrics, detectors)
@@ -48,6 +50,14 @@ class RunSettings:
                 f"({dist.world_size}): every rank generates at least one whole group; use fewer processes "
                 "or more prompts per step"
             )
+        sampling = recipe.rollout.dynamic_sampling
+        per_round = sampling.round_size(trainer.prompts_per_step) if sampling.name != "none" else trainer.prompts_per_step
+        if per_round < dist.world_size:
+            raise ValueError(
+                f"rollout.dynamic_sampling.prompts_per_round ({per_round}) is smaller than the world size "
+                f"({dist.world_size}): every rank generates at least one whole group per round; use fewer "
+                "processes or more prompts per round"
+            )
         rows = trainer.prompts_per_minibatch * group_size
         layout = RowLayout(rows=trainer.prompts_per_step * group_size, rows_per_minibatch=rows,
                            micro_batch_size=trainer.micro_batch_size, world_size=dist.world_size, rank=dist.rank)
@@ -59,6 +69,7 @@ class RunSettings:
             minibatches_per_step=trainer.prompts_per_step // trainer.prompts_per_minibatch,
             micro_steps_per_minibatch=layout.micro_steps_per_minibatch,
             prompt_shard=even_shard(trainer.prompts_per_step, dist.world_size, dist.rank), layout=layout,
+            prompts_per_round=per_round, round_shard=even_shard(per_round, dist.world_size, dist.rank),
             reward_stats=reward_stats, metric_stats=_ordered([*recipe.dynamics.token_metrics, *detector_stats]),
             extract=make_extractor(recipe.reward.extractor, recipe.reward.extractor_kwargs),
             reward_family=reward_family([(t.name, t.weight) for t in recipe.reward.terms]),
@@ -126,9 +137,10 @@ class RunSettings:
 
     def round_first_index(self, round_index: int) -> int:
         """Global index of this rank's first prompt in round `round_index` of dynamic sampling: a
-        refill round's prompts continue the index after the earlier rounds' (round r holds r*P ..
-        r*P + P - 1, P = prompts_per_step), so its seeds stay the same on 1 rank or 8."""
-        return round_index * self.recipe.trainer.prompts_per_step + self.first_prompt_index()
+        refill round's prompts continue the index after the earlier rounds' (round r holds r*R ..
+        r*R + R - 1, R = `prompts_per_round`), so its seeds stay the same on 1 rank or 8. With
+        R = prompts_per_step, round 0 is the step without dynamic sampling (same seeds)."""
+        return round_index * self.prompts_per_round + self.round_shard.start
 
     def round_sampling(self, step: int, round_index: int, num_prompts: int) -> SamplingParams:
         """The rollout's sampling for round `round_index` of dynamic sampling (round 0 = `train_sampling`)."""

@@ -89,10 +89,13 @@ class RolloutSection(Section):
     """Extra token ids that end a response (the tokenizer's eos always does)."""
     dynamic_sampling: Annotated[VariantSection, VariantOf("group_filter", default="none")] = "none"
     """DAPO's dynamic sampling with refill: groups the filter drops (`zero_variance`: all rewards
-    equal; `agreement`: also p_maj above a threshold) are replaced by groups of further prompts,
-    one more global batch per round, until the step has `prompts_per_step` informative groups or
-    `max_rounds` is reached (then filtered groups fill it). Needs `trainer.total_steps`.
-    Logs `dynamic_sampling/{filtered_fraction,rounds,prompts_consumed,filled_groups}`; `none` = off."""
+    equal to within 1e-5 of the group's largest |r|; `agreement`: also p_maj above a threshold)
+    are replaced by groups of further prompts, one more global batch of `prompts_per_round` per
+    round, until the step has `prompts_per_step` informative groups or `max_rounds` is reached
+    (then filtered groups fill it); surplus groups are dropped. Needs `trainer.total_steps`.
+    Logs `dynamic_sampling/{filtered_fraction,rounds,prompts_consumed,filled_groups}` and, over
+    every generated group, `dynamic_sampling/generated_{proxy_mean,ground_truth_mean,majority_ratio}`
+    (`reward/*` then describe the trained groups only); `none` = off."""
 
     @model_validator(mode="before")
     @classmethod

@@ -82,6 +82,17 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _dynamic_sampling_rounds_fill_a_step(self) -> Recipe:
+        sampling, quota = self.rollout.dynamic_sampling, self.trainer.prompts_per_step
+        per_round = getattr(sampling, "prompts_per_round", None)
+        if per_round is not None and sampling.max_rounds * per_round < quota:
+            raise ValueError(
+                f"rollout.dynamic_sampling: max_rounds ({sampling.max_rounds}) x prompts_per_round ({per_round}) "
+                f"draws fewer prompts than trainer.prompts_per_step ({quota}), so a step could not be filled: "
+                f"raise max_rounds to {-(-quota // per_round)} or prompts_per_round to {-(-quota // sampling.max_rounds)}")
+        return self
+
+    @model_validator(mode="after")
     def _micro_batch_fits(self) -> Recipe:
         samples = self.trainer.prompts_per_minibatch * self.rollout.group_size
         if self.trainer.micro_batch_size > samples and self.trainer.max_tokens_per_micro_batch is None:
