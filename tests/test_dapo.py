@@ -317,3 +317,68 @@ def test_resume_with_dynamic_sampling_continues_exactly(tiny_runs):
     resumed = urlvr.train({**recipe, "trainer": {**recipe["trainer"], "total_steps": 2}}, resume=first.run_dir)
     assert [m["step"] for m in resumed.metrics] == [2]
     assert stable(first.metrics + resumed.metrics) == stable(filtered)
+
+
+ROUNDS_OF_6 = {"name": "zero_variance", "max_rounds": 4, "prompts_per_round": 6}
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory):
+    """A 2-step run with rounds of 6 prompts for a step of 4, every round's groups recorded as
+    `_sample_round` returns them (wrapped, not changed), by step."""
+    from urlvr.trainer import loop
+
+    work, rounds = tmp_path_factory.mktemp("dapo_rounds"), {}
+    original = loop._sample_round
+
+    def recording(parts, recipe, dist, step, records, round_index):
+        out = original(parts, recipe, dist, step, records, round_index)
+        rounds.setdefault(step, []).append(out)
+        return out
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(loop, "_sample_round", recording)
+    try:
+        result = urlvr.train(tiny_majority_recipe(work / "rounds", ROUNDS_OF_6))
+    finally:
+        patch.undo()
+    return work, result.metrics, rounds
+
+
+@pytest.mark.slow
+def test_run_logs_every_generated_group_beside_the_trained_ones(recorded_run):
+    """Each round draws prompts_per_round = 6 prompts while the step trains 4 groups; the logged
+    dynamic_sampling/generated_* equal a flat mean over every recorded round's samples, and the
+    trained reward/* differ from them where the filter dropped groups."""
+    from urlvr.metrics.dynamics import majority_ratios
+
+    _, metrics, rounds = recorded_run
+    assert sorted(rounds) == [1, 2]
+    differs = False
+    for m in metrics:
+        step_rounds = rounds[m["step"]]
+        assert [len(r.records) for r in step_rounds] == [6] * len(step_rounds)  # the round size, not the step's 4
+        assert m["dynamic_sampling/rounds"] == len(step_rounds)
+        assert m["dynamic_sampling/prompts_consumed"] == 6 * len(step_rounds)
+        total = torch.cat([r.rewards.total for r in step_rounds]).double()  # [6 * rounds, G]
+        oracle = torch.cat([r.rewards.oracle for r in step_rounds]).double()  # every arithmetic prompt has a label
+        p_maj = majority_ratios([ctx.voters for r in step_rounds for ctx in r.contexts])
+        assert m["dynamic_sampling/generated_proxy_mean"] == pytest.approx(float(total.mean()), abs=1e-9)
+        assert m["dynamic_sampling/generated_ground_truth_mean"] == pytest.approx(float(oracle.mean()), abs=1e-9)
+        assert m["dynamic_sampling/generated_majority_ratio"] == pytest.approx(float(p_maj.mean()), abs=1e-9)
+        differs |= m["dynamic_sampling/generated_proxy_mean"] != pytest.approx(m["reward/proxy_mean"])
+    assert differs, "the test needs a step whose filter dropped groups with another mean reward"
+
+
+@pytest.mark.slow
+def test_resume_with_a_round_size_continues_exactly(recorded_run):
+    """Surplus groups are dropped, not carried: the stream position is the whole state, and a
+    run split at step 1 logs exactly what the uninterrupted one did."""
+    from test_training import stable
+
+    work, uninterrupted, _ = recorded_run
+    recipe = tiny_majority_recipe(work / "split", ROUNDS_OF_6, steps=1)
+    first = urlvr.train(recipe)
+    resumed = urlvr.train({**recipe, "trainer": {**recipe["trainer"], "total_steps": 2}}, resume=first.run_dir)
+    assert [m["step"] for m in resumed.metrics] == [2]
+    assert stable(first.metrics + resumed.metrics) == stable(uninterrupted)
