@@ -163,8 +163,8 @@ def fake_rounds(informative_per_round: list[list[bool]], seen: list, drawn_sizes
 
     def sample_round(records, round_index):
         seen.append(round_index)
-        flags = informative_per_round[round_index][:len(records)]
-        assert len(flags) == len(records)
+        flags = informative_per_round[round_index]
+        assert len(flags) == len(records)  # one flag per drawn prompt
         total = torch.tensor([[1.0, 0.0] if f else [1.0, 1.0] for f in flags])
         groups = [group_of([1, 2]) for _ in records]
         contexts = [RewardContext.for_group(["x", "y"] if f else ["x", "x"], torch.ones(2, 2), extract_answer=lambda t: None)

@@ -79,7 +79,7 @@ def dynamic_sample(next_batch: Callable[[int], list[PromptRecord]], sample_round
     (module docstring). `next_batch(n)` returns this rank's slice `even_shard(n, W, rank)` of the
     stream's next n prompts."""
     rounds: list[Round] = []
-    flags: list[torch.Tensor] = []  # per round, [R, 5] global: (informative, fill priority, per-group means)
+    flags: list[torch.Tensor] = []  # per round, [R, 5] global: (informative, fill priority, *_group_means)
     while True:
         out = sample_round(next_batch(prompts_per_round), len(rounds))
         rounds.append(out)

@@ -143,7 +143,8 @@ class RunSettings:
         return round_index * self.prompts_per_round + self.round_shard.start
 
     def round_sampling(self, step: int, round_index: int, num_prompts: int) -> SamplingParams:
-        """The rollout's sampling for round `round_index` of dynamic sampling (round 0 = `train_sampling`)."""
+        """The rollout's sampling for round `round_index` of dynamic sampling (round 0 = `train_sampling`
+        when `prompts_per_round` is the training batch)."""
         first = self.round_first_index(round_index)
         return SamplingParams(**self._rollout_fields(),
                               prompt_seeds=tuple(self.sampling_seed(step, first + i) for i in range(num_prompts)))
