@@ -238,6 +238,7 @@ def _score_masked_rows(parts: RunParts, batch: RolloutBatch, rows: torch.Tensor)
     own = [row for run in layout.scored_rows() for row in run if rows[row]]  # this rank's share of them
     return _gather_rows(_score_rows(parts, batch, own, names, ()), layout, names, batch)
 
+
 def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
     if device.type == "cpu":
         return batch
