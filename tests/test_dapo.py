@@ -58,11 +58,11 @@ def test_overlong_penalty_as_a_reward_term():
 
 def test_without_truncated_zeroes_exactly_the_truncated_rows():
     from urlvr.rollout.collate import collate_groups
-    from urlvr.trainer.loop import _without_truncated
+    from urlvr.trainer.loop import _truncated_rows, _without_rows
 
     groups = [group_of([3, 5], finish="eos"), group_of([5, 2], finish="length")]
     batch = collate_groups(groups, pad_token_id=0)
-    masked = _without_truncated(batch, groups)
+    masked = _without_rows(batch, _truncated_rows(groups, batch))
     assert masked.response_mask[:2].equal(batch.response_mask[:2])
     assert int(masked.response_mask[2:].sum()) == 0 and int(batch.response_mask[2:].sum()) == 7
 

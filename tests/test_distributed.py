@@ -380,6 +380,31 @@ def test_batches_the_ranks_do_not_divide_train_like_one_process(run, random_tiny
         assert all(m["actor/ratio_min"] == m["actor/ratio_max"] == 1.0 for m in logged), context
 
 
+def test_masked_rows_and_a_token_filter_under_two_processes_train_like_one(random_tiny_model, work):
+    """`mask_truncated` + a `high_entropy` token filter + micro-batches of 2 rows under ZeRO-3 with
+    3 prompts on 2 ranks (responses of different lengths): the selection and every per-token tensor
+    follow each micro-batch's cut, the masked rows' statistics are scored before the update on the
+    rank that holds them (the other runs fillers), and the run equals one process with one
+    micro-batch per mini-batch: same weights, same metrics (issue 19.1 and 19.4)."""
+    algorithm = {"mask_truncated": True, "token_filter": {"name": "high_entropy", "top_fraction": 0.3}}
+    trainer = {"prompts_per_step": 3, "prompts_per_minibatch": 3}
+
+    def recipe(name: str, stage: int, micro: int) -> dict:
+        out = recipe_for(random_tiny_model[0], work / name, stage, group_size=UNEVEN_GROUP_SIZE,
+                         trainer={**trainer, "micro_batch_size": micro})
+        return {**out, "algorithm": algorithm}
+
+    single = urlvr.train(recipe("masked_single", 0, 9))
+    path = work / "masked_filtered.yaml"
+    path.write_text(yaml.safe_dump(recipe("masked_filtered", 3, 2)))
+    launch("torchrun", ["train", str(path)], work, "masked_filtered")
+    logged = read_metrics(work / "masked_filtered")
+    assert any(0 < m["response/truncation_rate"] < 1 for m in logged)  # masked and trained rows in one step
+    diff = max_weight_diff(read_weights(single.run_dir), read_weights(work / "masked_filtered"))
+    assert diff <= WEIGHT_ATOL, f"final weights differ by {diff}"
+    assert_metrics_close(read_metrics(single.run_dir), logged, "masked rows + token filter, 2 processes vs 1")
+
+
 # --------------------------------------------------------------------------- more than one node
 @pytest.fixture(scope="module")
 def two_nodes(random_tiny_model, work) -> Path:

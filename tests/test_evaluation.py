@@ -167,3 +167,21 @@ def test_pass_at_k_refuses_undefined_arguments(n, c, k):
 
     with pytest.raises(ValueError, match="pass@k"):
         pass_at_k(n, c, k)
+
+
+def test_evaluation_follows_the_truncated_answer_rule():
+    """`reward.answer_from_truncated: false` reaches evaluation: a right answer in a response cut
+    at the cap is not counted (the same rule as the training reward's votes)."""
+    from urlvr.metrics.evaluation import evaluate
+    from urlvr.rollout.base import Group, PromptInput, SamplingParams, Sample
+
+    class Fixed:  # an engine that returns the same two responses for every prompt
+        def generate(self, prompts, group_size, sampling):
+            return [Group(p, (Sample((1,), (0.0,), "\\boxed{4}", "length"), Sample((1,), (0.0,), "\\boxed{4}", "stop")))
+                    for p in prompts]
+
+    records = [PromptRecord("a", "2+2", "4")]
+    prompts = [PromptInput("a", "2+2", (1,))]
+    scores = {allowed: evaluate(Fixed(), records, prompts, samples_per_prompt=2, sampling=SamplingParams(),
+                                extractor="boxed", answer_from_truncated=allowed) for allowed in (True, False)}
+    assert scores[True]["eval/avg@2"] == 1.0 and scores[False]["eval/avg@2"] == 0.5

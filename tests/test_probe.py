@@ -40,6 +40,18 @@ def test_advantage_correctness_is_cov_over_std_for_grpo():
     assert alignment.expected_direction(0.6) == "rise" and alignment.expected_direction(0.5) == "fall"
 
 
+def test_undetermined_below_each_threshold_by_hand():
+    correct = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 1.0]])
+    assert alignment.mixed_groups(correct) == 2  # rows 0 and 3 hold both
+    assert alignment.undetermined_reason(16, 0.5, 4) is None  # every threshold met exactly
+    few = alignment.undetermined_reason(15, 0.5, 4)
+    assert few.startswith("15 labelled prompts") and ";" not in few
+    silent = alignment.undetermined_reason(16, 1 / 16, 4)
+    assert "answers extracted from 6% of the samples" in silent
+    flat = alignment.undetermined_reason(4, 0.9, 0)
+    assert "4 labelled prompts" in flat and "0 groups hold both a right and a wrong sample" in flat
+
+
 def test_p_maj_histogram_splits_by_majority_correctness():
     hist = alignment.p_maj_histogram(torch.tensor([0.25, 0.5, 0.5, 1.0]), torch.tensor([0.0, 1.0, float("nan"), 1.0]), 4)
     assert hist["p_maj"] == [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -80,12 +92,27 @@ def test_probe_predicts_fall_for_the_weak_prior_and_rise_for_the_aligned_one(pro
     assert by_reward["majority_vote"].direction == "fall"
     assert {r.reward: r for r in aligned.rewards}["majority_vote"].direction == "rise"
     assert aligned.majority_correct > 0.5 > weak.majority_correct
+    assert weak.undetermined is None and aligned.undetermined is None  # 64 prompts: enough to tell
     for result in (weak, aligned):
         vote = {r.reward: r for r in result.rewards}["majority_vote"]
         assert vote.top_reward_accuracy == pytest.approx(result.majority_correct)  # the top vote is the majority
         assert vote.reward_accuracy is not None  # 0/1 reward
         assert {r.reward: r for r in result.rewards}["self_certainty"].reward_accuracy is None  # not 0/1
         assert sum(sum(result.p_maj_histogram[k]) for k in ("correct", "wrong")) == result.labelled_prompts == 64
+
+
+def test_a_probe_of_a_handful_of_prompts_says_it_cannot_tell(tmp_path, capsys):
+    """8 prompts: whatever the top-reward accuracy, the direction is `undetermined` and says why
+    (it printed `fall` or `rise` from a handful of answers)."""
+    from urlvr.commands.probe import print_table, run_probe
+
+    (result,) = run_probe(["urlvr/tiny"], PROBE_BASE, rewards=["majority_vote"], num_prompts=8, group_size=4,
+                          progress=False)
+    assert result.labelled_prompts == 8 and result.rewards[0].top_reward_accuracy is not None
+    assert result.rewards[0].direction == "undetermined"
+    assert result.undetermined.startswith("8 labelled prompts (a direction needs >= 16)")
+    print_table([result])
+    assert "urlvr/tiny: direction undetermined: 8 labelled prompts" in capsys.readouterr().out
 
 
 def test_probe_writes_json_csv_and_one_png_per_model(probed):

@@ -164,3 +164,22 @@ def test_countdown_stays_a_verdict():
     check_reward_kwargs("countdown", {"format_score": 0.1})
     with pytest.raises(ValueError, match="format_score must lie in"):
         check_reward_kwargs("countdown", {"format_score": 0.5})
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_a_truncated_response_carries_an_answer_only_when_the_recipe_allows(allowed):
+    """`reward.answer_from_truncated`: a response cut at the token cap ("To add 54 and 83, we'll",
+    SmolLM2's collapse) has no answer when false, so it cannot vote `83`; a stopped one keeps its answer."""
+    from urlvr.dist import DistInfo
+    from urlvr.data.records import PromptRecord
+    from urlvr.recipe import load_recipe
+    from urlvr.trainer.settings import RunSettings
+
+    recipe = load_recipe({"reward": {"extractor": "last_number", "answer_from_truncated": allowed}})
+    settings = RunSettings.derive(recipe, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    samples = (Sample((1, 2), (0.0, 0.0), "To add 54 and 83, we'll", "length"),
+               Sample((1, 2, 3), (0.0, 0.0, 0.0), "54 + 83 = 137", "stop"),
+               Sample((1, 2), (0.0, 0.0), "The sum is 137", "length"))
+    group = Group(PromptInput("p0", "What is 54 + 83?", (5,)), samples)
+    ctx = settings.reward_context(group, group, PromptRecord("p0", "What is 54 + 83?", "137"), torch.ones(3, 3), {}, None)
+    assert list(ctx.answers) == (["83", "137", "137"] if allowed else [None, "137", None])

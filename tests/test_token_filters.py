@@ -190,3 +190,31 @@ def test_selection_does_not_depend_on_micro_batching(random_tiny_model, tmp_path
         runs.append(urlvr.train(recipe).metrics[0])
     for key in ("loss/policy", "actor/grad_norm", "actor/token_filter/entropy_threshold"):
         assert runs[0][key] == pytest.approx(runs[1][key], rel=1e-5), key
+
+
+MIXED = {"group_size": 4, "max_new_tokens": 12, "stop_token_ids": [3, 4, 5, 6, 7]}  # responses of different lengths
+
+
+@pytest.mark.parametrize("token_filter", [{"name": "high_entropy", "top_fraction": 0.3},
+                                          {"name": "kl_cov", "fraction": 0.05},
+                                          {"name": "clip_cov", "fraction": 0.05, "cov_low": -10, "cov_high": 10}])
+@pytest.mark.parametrize("trainer, algorithm", [
+    ({"micro_batch_size": 2}, {}),  # micro-batches trimmed to their own longest response
+    ({"micro_batch_size": 16}, {"mask_truncated": True}),  # truncated rows leave: a narrower batch
+    ({"micro_batch_size": 2, "max_tokens_per_micro_batch": 64}, {"mask_truncated": True}),  # token budget
+])
+def test_filters_follow_the_micro_batch_cut_with_mixed_lengths(random_tiny_model, tmp_path, token_filter,
+                                                                trainer, algorithm) -> None:
+    """The selection is made over the whole mini-batch ([B, T]) and must be cut like every other
+    per-token tensor of a micro-batch (its rows AND its trimmed width); the same selection, and so
+    the same loss and gradient, as one micro-batch of every row (issue 19.1: a broadcast error)."""
+    runs = []
+    for layout in ({"micro_batch_size": 16}, trainer):
+        recipe = small_run_recipe(random_tiny_model[0], tmp_path / f"run{len(runs)}", plugins=["reward_plugins"],
+                                  reward=SHORT, rollout=MIXED,
+                                  algorithm={"token_filter": token_filter, **algorithm},
+                                  trainer={"total_steps": 1, **layout})
+        runs.append(urlvr.train(recipe).metrics[0])
+    assert 0 < runs[0]["response/truncation_rate"] < 1  # the lengths really differ
+    for key in ("loss/policy", "actor/grad_norm", "actor/token_filter/selected_fraction"):
+        assert runs[1][key] == pytest.approx(runs[0][key], rel=1e-5, abs=1e-9), key

@@ -43,7 +43,7 @@ class RewardProbe:
     reward_accuracy: float | None = None  # 0/1 rewards only
     top_reward_accuracy: float | None = None  # Label Accuracy of the top-reward sample
     advantage_correctness: float | None = None  # mean A_ij c_ij: first-order drift of correctness
-    direction: str | None = None  # "rise" | "fall"
+    direction: str | None = None  # "rise" | "fall" | "undetermined" (ModelProbe.undetermined says why)
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,8 @@ class ModelProbe:
     p_maj_mean: float
     sample_accuracy: float | None  # mean correctness of the samples (ground-truth reward)
     majority_correct: float | None  # Label Accuracy of majority vote
+    mixed_groups: int = 0  # labelled groups holding both a right and a wrong sample
+    undetermined: str | None = None  # why no direction can be drawn from this sample (None: it can)
     p_maj_histogram: dict[str, list] = field(default_factory=dict)
     rewards: tuple[RewardProbe, ...] = ()
     figure: str | None = None
@@ -191,6 +193,9 @@ def _measure(model: str, groups, records, batch, stats, settings, engine, tokeni
     labelled = ~torch.isnan(oracle).any(dim=1) if oracle is not None else torch.zeros(len(groups), dtype=torch.bool)
     correct = (oracle[labelled] > 0.5).double() if bool(labelled.any()) else None  # [M, G]
     estimator = ADVANTAGE_ESTIMATORS.get(recipe.algorithm.advantage)
+    answer_rate = sum(a is not None for group in answers for a in group) / (len(groups) * size)
+    mixed = alignment.mixed_groups(correct) if correct is not None else 0
+    undetermined = alignment.undetermined_reason(int(labelled.sum()), answer_rate, mixed)
     per_reward = []
     for name, scores in scored.per_term.items():  # [B, G] each
         std = scores.std(dim=1, unbiased=False) if size > 1 else torch.zeros(len(groups))
@@ -205,13 +210,14 @@ def _measure(model: str, groups, records, batch, stats, settings, engine, tokeni
                 reward_accuracy=float(((mine > 0.5).double() == correct).double().mean())
                 if alignment.is_binary(mine) else None,
                 top_reward_accuracy=top, advantage_correctness=alignment.advantage_correctness(advantages, correct),
-                direction=alignment.expected_direction(top))
+                direction="undetermined" if undetermined else alignment.expected_direction(top))
         per_reward.append(probe)
     return ModelProbe(
         model=model, prompts=len(groups), labelled_prompts=int(labelled.sum()), group_size=size,
-        answer_rate=sum(a is not None for group in answers for a in group) / (len(groups) * size),
+        answer_rate=answer_rate,
         p_maj_mean=float(p_maj.mean()), sample_accuracy=float(correct.mean()) if correct is not None else None,
         majority_correct=float(majority_correct[labelled].mean()) if correct is not None else None,
+        mixed_groups=mixed, undetermined=undetermined if correct is not None else None,
         p_maj_histogram=alignment.p_maj_histogram(p_maj, majority_correct if correct is not None else None, size),
         rewards=tuple(per_reward))
 
@@ -274,6 +280,9 @@ def print_table(results: Sequence[ModelProbe]) -> None:
     console.print(table)
     if not labelled:
         console.print("urlvr: no labelled prompts; to measure a prior without labels, run `urlvr mcs`")
+    for result in results:
+        if result.undetermined:
+            console.print(f"urlvr: {result.model}: direction undetermined: {result.undetermined}")
 
 
 HEADERS = {"auroc": "AUROC", "group_auroc": "AUROC in group", "reward_accuracy": "reward acc", "top_reward_accuracy":

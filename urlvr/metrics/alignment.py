@@ -51,6 +51,37 @@ def expected_direction(top_reward_accuracy: float) -> str:
     return "rise" if top_reward_accuracy > 0.5 else "fall"
 
 
+# Below these, a direction is drawn from a handful of answers: noise (docs/probe.md, "When the probe
+# cannot tell"). Why these three: the rule reads the share of labelled prompts whose top sample is
+# right (its standard error is 0.125 at 16 prompts), a sample without an extracted answer is wrong
+# for every reward alike (the extractor, not the reward, decides it), and only a group holding
+# both a right and a wrong sample lets a reward rank right above wrong at all.
+MIN_LABELLED_PROMPTS = 16
+MIN_ANSWER_RATE = 0.5
+MIN_MIXED_GROUPS = 4
+
+
+def mixed_groups(correct: torch.Tensor) -> int:
+    """The number of groups holding both a right and a wrong sample. [B, G] 0/1 -> int."""
+    right = correct > 0.5
+    return int((right.any(dim=1) & (~right).any(dim=1)).sum())
+
+
+def undetermined_reason(labelled_prompts: int, answer_rate: float, mixed: int) -> str | None:
+    """Why the probe cannot tell a direction from this sample (None: it can). `answer_rate`: the
+    share of samples with an extracted answer; `mixed`: `mixed_groups` of the labelled groups."""
+    reasons = []
+    if labelled_prompts < MIN_LABELLED_PROMPTS:
+        reasons.append(f"{labelled_prompts} labelled prompts (a direction needs >= {MIN_LABELLED_PROMPTS})")
+    if answer_rate < MIN_ANSWER_RATE:
+        reasons.append(f"answers extracted from {answer_rate:.0%} of the samples (needs >= {MIN_ANSWER_RATE:.0%}: "
+                       "pick an extractor and prompt format this model answers in)")
+    if mixed < MIN_MIXED_GROUPS:
+        reasons.append(f"{mixed} groups hold both a right and a wrong sample (needs >= {MIN_MIXED_GROUPS}: "
+                       "no reward can rank right above wrong elsewhere)")
+    return "; ".join(reasons) or None
+
+
 def p_maj_histogram(p_maj: torch.Tensor, majority_correct: torch.Tensor | None, group_size: int) -> dict[str, list]:
     """Counts of prompts per p_maj value k/G (k = 0..G), split by whether the majority is right
     (`correct`, `wrong`, `unlabelled`). [B] x2 -> {"p_maj": [...], "correct": [...], ...}."""

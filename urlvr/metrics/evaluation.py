@@ -13,6 +13,7 @@ target) name a *judge*, a registered reward whose score > 0.5 means correct (`ev
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from math import comb
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from urlvr.data.records import PromptRecord
-from urlvr.rewards.extractors import make_extractor, normalize_answer
+from urlvr.rewards.extractors import make_extractor, normalize_answer, sample_answer
 from urlvr.rewards.voting import majority_answer
 from urlvr.rollout.base import Group, PromptInput, RolloutEngine, SamplingParams
 from urlvr.dist import all_reduce_sum
@@ -46,18 +47,20 @@ def evaluate(
     engine: RolloutEngine, records: Sequence[PromptRecord], prompts: Sequence[PromptInput], *,
     samples_per_prompt: int, sampling: SamplingParams, extractor: str | Callable[[str], str | None],
     name: str = "eval", greedy: bool = False, judge: str | None = None,
-    extractor_kwargs: Mapping[str, Any] | None = None,
+    extractor_kwargs: Mapping[str, Any] | None = None, answer_from_truncated: bool = True,
 ) -> dict[str, float]:
     """Sample k answers per (labelled) prompt on this rank's shard and return rank-reduced scores.
 
     `extractor` is a registered extractor's name (bound to `extractor_kwargs`) or an extractor
-    already bound (the trainer passes the run's own, `RunSettings.extract`)."""
+    already bound (the trainer passes the run's own, `RunSettings.extract`). Without
+    `answer_from_truncated` a response cut at the token cap has no answer (`reward.answer_from_truncated`)."""
     extract = extractor if callable(extractor) else make_extractor(extractor, extractor_kwargs)
+    answer = functools.partial(sample_answer, extract=extract, from_truncated=answer_from_truncated)
     groups = engine.generate(list(prompts), samples_per_prompt, sampling) if prompts else []
     greedy_groups = engine.generate(list(prompts), 1, replace(sampling, greedy=True)) if greedy and prompts else []
     sums = torch.zeros(5, dtype=torch.float64)  # avg@k, pass@k, maj@k, prompts, greedy correct
     for group, record in zip(groups, records, strict=True):
-        answers = [extract(s.text) for s in group.samples]
+        answers = [answer(s) for s in group.samples]
         verdicts = judge_samples(group, record, answers, extract, judge)
         correct = sum(verdicts)
         majority = majority_answer(answers)
@@ -68,7 +71,7 @@ def evaluate(
         ], dtype=torch.float64)
     if greedy:
         for group, record in zip(greedy_groups, records, strict=True):
-            sums[4] += float(judge_samples(group, record, [extract(group.samples[0].text)], extract, judge)[0])
+            sums[4] += float(judge_samples(group, record, [answer(group.samples[0])], extract, judge)[0])
     sums = all_reduce_sum(sums)
     count = max(1.0, float(sums[3]))
     k = samples_per_prompt

@@ -17,10 +17,20 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from urlvr.registry import Registry
+from urlvr.rollout.base import Sample
 
 Extractor = Callable[..., "str | None"]  # extractor(text, **recipe kwargs) -> answer or None
 EXTRACTORS: Registry[Extractor] = Registry("extractor")
 _log = logging.getLogger(__name__)
+
+
+def sample_answer(sample: Sample, extract: Callable[[str], str | None], *, from_truncated: bool = True) -> str | None:
+    """`extract(sample.text)`, or None for a sample cut at the token cap (finish reason `length`)
+    unless `from_truncated` (`reward.answer_from_truncated`: one rule for rewards, votes, metrics,
+    evaluation and greedy probes)."""
+    if sample.finish_reason == "length" and not from_truncated:
+        return None
+    return extract(sample.text)
 
 
 def make_extractor(name: str, kwargs: Mapping[str, Any] | None = None) -> Callable[[str], str | None]:

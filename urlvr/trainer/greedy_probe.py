@@ -23,7 +23,7 @@ def greedy_rows(parts, recipe, dist, step: int) -> list[dict[str, Any]]:
     rows = []
     for prompt_id, group in zip(mine, groups, strict=True):
         sample, record = group.samples[0], parts.records[prompt_id]
-        answer = extract(sample.text)
+        answer = parts.settings.answer(sample)
         correct = None
         if oracle is not None and record.label is not None:
             correct = judge_samples(group, record, [answer], extract, oracle, tokenizer=parts.tokenizer)[0]

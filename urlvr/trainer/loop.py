@@ -73,12 +73,17 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         every_group = all_gather_objects(groups)
         batch = _to_device(collate_groups(every_group, pad_token_id=parts.tokenizer.pad_token_id), dist.device)
         own = slice(settings.prompt_shard.start * group_size, settings.prompt_shard.stop * group_size)  # our groups' rows
+        truncated = _truncated_rows(every_group, batch) if algo.mask_truncated else None  # [B*G] bool
 
     with timer("score"):  # old log-probs + exactly the declared statistics ([B*G, T] each); else the training forward gives them
         stats = _score(parts, batch) if settings.scoring_pass else None
         kl_every = recipe.dynamics.kl_to_initial_every  # KL to pi_0 measured even without a penalty
         measure_kl = algo.kl_coef > 0 or (kl_every > 0 and step % kl_every == 0)
         ref_logprobs = _reference_logprobs(parts, batch, recipe) if measure_kl else None
+        # no scoring pass, and the update will mask rows (mask_truncated): their training forward
+        # computes nothing, while the metrics describe every sampled token: score those rows now
+        masked_stats = _score_masked_rows(parts, batch, truncated) \
+            if stats is None and truncated is not None and truncated.any() else None
 
     with timer("reward"):  # dynamic sampling scored each round's new groups already
         lent = {name: value[own] for name, value in settings.lent_stats(stats).items()}  # reward.certainty_logits
@@ -91,8 +96,8 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         advantages = all_gather_rows(estimator(rewards.total.double(), eps=algo.advantage_eps).float().flatten())
         advantages = advantages.to(dist.device)  # [B*G] of the global batch
         rollout_batch = batch  # metrics describe every sampled row
-        if algo.mask_truncated:  # DAPO's overlong filtering: truncated rows leave the update and its normalisers
-            batch = _without_truncated(batch, every_group)
+        if truncated is not None:  # DAPO's overlong filtering: truncated rows leave the update and its normalisers
+            batch = _without_rows(batch, truncated)
 
     with timer("update"):
         parts.engine.offload()  # a vLLM engine frees the device for the actor (sleep mode)
@@ -120,12 +125,14 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
                 n_tokens = float(batch.response_mask[minibatch.start:minibatch.stop].sum())
                 n_seqs = float(layout.rows_per_minibatch)
                 minibatch_loss = 0.0  # this rank's share of the mini-batch's policy loss, x world_size
+                lr = parts.actor.learning_rate()  # the rate this optimizer step uses (the scheduler moves on after it)
                 rows = layout.minibatch_rows(mb_start)  # this rank's even share of the mini-batch
-                micros = _micro_batches_on_every_rank(batch, rows, recipe.trainer, per_row)
+                # the selection is a [B, T] tensor like every per-row one: cut to each micro-batch's rows AND width
+                cut = per_row if selection is None else {**per_row, "selected": selected}
+                micros = _micro_batches_on_every_rank(batch, rows, recipe.trainer, cut)
                 for i, micro in enumerate(micros):
                     loss, policy_loss, log, out = _micro_batch_loss(
-                        parts, micro, dist.world_size, n_seqs, n_tokens,
-                        None if selection is None else selected[micro["rows"]])
+                        parts, micro, dist.world_size, n_seqs, n_tokens, micro.get("selected"))
                     last = i == len(micros) - 1
                     parts.actor.backward_and_step(loss * 0.0 if micro["dummy"] else loss, last_of_minibatch=last)
                     forwards.append(micro)
@@ -135,7 +142,7 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
                     micro_logs.append((log, int(micro["response_mask"].sum())))
                     trained.append((micro, out))
                 # summed over micro-batches here, over ranks by the mean (x world_size) in the metrics
-                step_log = {"loss/policy": minibatch_loss, "actor/grad_norm": parts.actor.grad_norm()}
+                step_log = {"loss/policy": minibatch_loss, "actor/grad_norm": parts.actor.grad_norm(), "actor/lr": lr}
                 if selection is not None:  # the same on every rank: selected over the whole mini-batch
                     step_log.update({f"actor/token_filter/{k}": v for k, v in selection.metrics.items()})
                 step_logs.append((step_log, 1))
@@ -143,6 +150,9 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         if stats is None:  # on-policy, one pass over every row: the training forwards' statistics, every rank's
             stats = _gather_rows(scatter_rows(trained, *batch.response_mask.shape), layout,
                                  [*settings.train_stats, *settings.logged_train_stats], batch)
+            if masked_stats is not None:  # rows the update masked: their statistics from before it
+                stats = {name: torch.where(truncated.unsqueeze(-1), masked_stats[name], value)
+                         for name, value in stats.items()}
             # the same weights the micro-batches used (each row's depends on that row only), for the metrics
             correction = algo.mismatch.weights(stats["logprob"], batch.sampler_logprobs, batch.response_mask)
 
@@ -204,12 +214,29 @@ def _sample_round(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int, re
     return Round(records, drawn, groups, contexts, _rewards(parts, recipe, step, groups, contexts, first))
 
 
-def _without_truncated(batch: RolloutBatch, groups) -> RolloutBatch:
-    """The batch with the response mask of every truncated sample (finish reason `length`) zeroed:
-    those rows get no loss weight and no tokens in the normalisers (`algorithm.mask_truncated`)."""
-    truncated = torch.tensor([s.finish_reason == "length" for g in groups for s in g.samples],
-                             device=batch.response_mask.device)  # [B*G], the batch's row order
-    return replace(batch, response_mask=batch.response_mask.masked_fill(truncated.unsqueeze(-1), 0))
+def _truncated_rows(groups, batch: RolloutBatch) -> torch.Tensor:
+    """`[B*G]` bool in the batch's row order: the samples whose finish reason is `length`.
+    `algorithm.mask_truncated` zeroes their response mask for the update (no loss weight, no
+    tokens in the normalisers); the metrics still describe them."""
+    return torch.tensor([s.finish_reason == "length" for g in groups for s in g.samples],
+                        device=batch.response_mask.device)
+
+
+def _without_rows(batch: RolloutBatch, rows: torch.Tensor) -> RolloutBatch:
+    """The batch with the response mask of `rows` (`[B*G]` bool) zeroed."""
+    return replace(batch, response_mask=batch.response_mask.masked_fill(rows.unsqueeze(-1), 0))
+
+
+def _score_masked_rows(parts: RunParts, batch: RolloutBatch, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The statistics the training forwards compute (`[B*G, T]` each, every rank's rows), measured
+    by a no-grad forward of the rollout's policy over `rows` (`[B*G]` bool), zero elsewhere. Why:
+    the training forward of a row the update masks (`mask_truncated`) computes nothing for it, and
+    the metrics (entropy, sampler mismatch, KL to pi_0, the collapse detectors) describe every
+    sampled token, not only the trained ones. Only these rows pay a forward, and no backward."""
+    settings = parts.settings
+    layout, names = settings.layout, (*settings.train_stats, *settings.logged_train_stats)
+    own = [row for run in layout.scored_rows() for row in run if rows[row]]  # this rank's share of them
+    return _gather_rows(_score_rows(parts, batch, own, names, ()), layout, names, batch)
 
 
 def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
@@ -279,12 +306,16 @@ def _gather_rows(local: dict[str, torch.Tensor], layout: RowLayout, names, batch
             for name in names}
 
 
-def _score_rows(parts: RunParts, batch: RolloutBatch, rows) -> dict[str, torch.Tensor]:
-    """The scoring pass over `rows` of `batch` (certainty also on raw logits when
-    reward.certainty_logits asks): `[B*G, T]` statistics, zero on the other rows."""
+def _score_rows(parts: RunParts, batch: RolloutBatch, rows, stats: tuple[str, ...] | None = None,
+                raw_stats: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """The scoring pass over `rows` of `batch`: `stats` (default: the run's declared scoring
+    statistics, and certainty also on raw logits when reward.certainty_logits asks), `[B*G, T]`
+    each, zero on the other rows. Every rank calls it (with no rows: dummy forwards only)."""
     settings = parts.settings
+    stats = settings.score_stats if stats is None else stats
+    raw_stats = settings.raw_score_stats if raw_stats is None else raw_stats
     micros = _micro_batches_on_every_rank(batch, rows, settings.recipe.trainer)
-    pieces = [(micro, parts.actor.score(micro, settings.score_stats, settings.raw_score_stats)) for micro in micros]
+    pieces = [(micro, parts.actor.score(micro, stats, raw_stats)) for micro in micros]
     return scatter_rows([(micro, out) for micro, out in pieces if not micro["dummy"]], *batch.response_mask.shape)
 
 
@@ -398,7 +429,6 @@ def _step_metrics(groups, records, batch, own: slice, stats, rewards: BatchRewar
     metrics.update(dynamics.label_metrics(
         judged, None if oracle is None else all_gather_rows(oracle), all_gather_rows(majority_correct), family=family))
     metrics.update(dynamics.reward_metrics(total, {name: all_gather_rows(s) for name, s in rewards.per_term.items()}))
-    metrics["actor/lr"] = parts.actor.learning_rate()
     metrics["actor/optimizer_steps_per_rollout"] = float(parts.settings.minibatches_per_step * recipe.trainer.ppo_epochs)
     tracked = recipe.dynamics.track_prompts
     prompt_rows = [] if tracked is None else tracking.gather_rows(tracking.rollout_rows(

@@ -179,7 +179,8 @@ class Trainer:
             with parts.generation_context():
                 metrics.update(evaluate(parts.engine, records, prompts, samples_per_prompt=ev.samples_per_prompt,
                                         sampling=sampling, extractor=parts.settings.extract, name=name,
-                                        greedy=ev.greedy, judge=ev.judge))
+                                        greedy=ev.greedy, judge=ev.judge,
+                                        answer_from_truncated=self.recipe.reward.answer_from_truncated))
         return metrics
 
     def _evaluate(self, parts, step: int, out: RunOutputs, result: RunResult) -> None:

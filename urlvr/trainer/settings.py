@@ -20,8 +20,8 @@ from urlvr.metrics.collapse import COLLAPSE_DETECTORS
 from urlvr.recipe import Recipe
 from urlvr.rewards.base import REWARDS, RewardContext, RewardFamily
 from urlvr.rewards.compose import reward_family
-from urlvr.rewards.extractors import make_extractor
-from urlvr.rollout.base import Group, SamplingParams, hashed_seed
+from urlvr.rewards.extractors import make_extractor, sample_answer
+from urlvr.rollout.base import Group, Sample, SamplingParams, hashed_seed
 from urlvr.trainer.sharding import RowLayout
 
 
@@ -175,12 +175,17 @@ class RunSettings:
         """The context of one group: answers by the recipe's extractor (the voting-only samples of
         `voters` beyond the group add to `vote_answers`), the declared statistics, the record's
         label kept private (oracle rewards only)."""
-        answers = [self.extract(s.text) for s in group.samples]
-        extra = [self.extract(s.text) for s in voters.samples[group.size:]]
+        answers = [self.answer(s) for s in group.samples]
+        extra = [self.answer(s) for s in voters.samples[group.size:]]
         return RewardContext.for_group(
             answers, response_mask, extract_answer=self.extract, token_stats=token_stats, label=record.label,
             metadata=record.metadata, question=record.prompt, tokenizer=tokenizer,
             vote_answers=answers + extra if extra else None)
+
+    def answer(self, sample: Sample) -> str | None:
+        """The sample's answer by the recipe's extractor; None for a truncated sample (finish
+        reason `length`) unless `reward.answer_from_truncated`."""
+        return sample_answer(sample, self.extract, from_truncated=self.recipe.reward.answer_from_truncated)
 
     def lent_stats(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The rewards' statistics, on raw logits where `reward.certainty_logits` asks."""

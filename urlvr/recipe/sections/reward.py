@@ -49,6 +49,14 @@ class RewardSection(Section):
     """Answer extractor by name, e.g. `boxed`: the last `\\boxed{...}`."""
     extractor_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for the extractor, e.g. `{pattern: "Answer: (.*)"}` for `regex`."""
+    answer_from_truncated: bool = True
+    """Whether a response cut at `rollout.max_new_tokens` (finish reason `length`) may carry an
+    answer. true (verl's and TTRL's behaviour): the extractor reads whatever text there is, so a
+    truncated response votes and can be scored right. false: it has no answer (None) wherever
+    the run reads answers (rewards and votes, the oracle's metrics, evaluation, greedy probes):
+    it does not vote and scores 0 on majority vote and ground truth. Use false with extractors
+    that find an answer anywhere (`last_number`): a cut-off restatement of the question
+    ("To add 54 and 83, we'll") otherwise votes `83` (docs/rewards.md, measured on SmolLM2)."""
     oracle: Annotated[str, Registered("reward")] | None = "ground_truth"
     """Reward computed alongside for METRICS ONLY where labels exist (ground-truth reward,
     reward accuracy); null to skip. It never enters the training signal."""
