@@ -571,3 +571,19 @@ def test_vllm_finish_reason_abort_is_an_error():
     with pytest.raises(RuntimeError, match="finish_reason='abort'"):
         fake_vllm_engine(None, 64, {1})._finish_reason(SimpleNamespace(finish_reason="abort", stop_reason=None,
                                                                        token_ids=[3]), ())
+
+
+def test_vllm_plans_for_the_longest_response_the_run_asks_for():
+    """An evaluation budget above the training one was cut at max_model_len by vLLM alone."""
+    from urlvr.recipe import Recipe
+    from urlvr.rollout.vllm_engine import planned_max_model_len
+
+    def recipe(**engine):
+        return Recipe.model_validate({"data": {"max_prompt_length": 100}, "rollout": {
+            "max_new_tokens": 50, "engine": {"name": "vllm", **engine}}, "eval": {"max_new_tokens": 300}})
+
+    assert planned_max_model_len(recipe(), None) == 400
+    assert planned_max_model_len(recipe(), 256) == 256  # never past the model's context
+    assert planned_max_model_len(recipe(max_model_len=128), 256) == 128
+    assert planned_max_model_len(Recipe.model_validate({"data": {"max_prompt_length": 100}, "rollout": {
+        "max_new_tokens": 50, "engine": "vllm"}}), None) == 150

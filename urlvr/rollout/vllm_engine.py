@@ -82,8 +82,11 @@ class VLLMEngineSection(VariantSection):
     """Offload vLLM's weights and free its KV cache while the actor trains (sleep level 1), wake
     it for the next rollout. Platforms without sleep mode (CPU) log a line and keep the memory."""
     max_model_len: int | None = Field(None, ge=16)
-    """Longest prompt + response vLLM plans its KV cache for; null = `data.max_prompt_length +
-    rollout.max_new_tokens`, capped by the model's context length."""
+    """Longest prompt + response vLLM plans its KV cache for; null = `data.max_prompt_length` + the
+    larger of `rollout.max_new_tokens` and `eval.max_new_tokens`, capped by the model's context
+    length. A response that would pass it is cut there (finish reason `length`). Rewards that ask
+    the policy (`self_verification`) send longer prompts (question + response + instruction):
+    size it for them, or a request that does not fit fails that step."""
     sync_bucket_mb: int = Field(256, ge=1)
     """Weight sync moves parameters in buckets of this many MiB (under ZeRO-3 each bucket is
     gathered, loaded and released before the next, so peak extra memory stays near one bucket)."""
@@ -139,10 +142,7 @@ class VLLMRolloutEngine:
             executor = "uni"
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: sync passes tensors
         vllm = import_vllm()
-        context = context_length(model)
-        max_model_len = options.max_model_len or recipe.data.max_prompt_length + recipe.rollout.max_new_tokens
-        if context is not None:
-            max_model_len = min(max_model_len, context)
+        max_model_len = planned_max_model_len(recipe, context_length(model))
         dtype = torch.bfloat16 if recipe.optim.deepspeed.precision == "bf16" else torch.float32
         kwargs: dict[str, Any] = {
             "model": str(resolve_model_path(recipe.model.path)),
@@ -253,6 +253,15 @@ class VLLMRolloutEngine:
             return "eos"  # vLLM's own check of its tokenizer's eos
         return finish_reason(completion.token_ids[-1], capped=completion.finish_reason == "length",
                              eos_ids=self.eos_token_ids, stop_ids=stop_token_ids)
+
+
+def planned_max_model_len(recipe, context: int | None) -> int:
+    """`rollout.engine.max_model_len`, or the longest prompt plus the longest response the run asks
+    for (training or evaluation: an evaluation budget above the training one must not be cut short
+    by the vLLM engine alone); at most the model's ``context`` either way."""
+    planned = recipe.rollout.engine.max_model_len or recipe.data.max_prompt_length + max(
+        recipe.rollout.max_new_tokens, recipe.eval.max_new_tokens or 0)
+    return planned if context is None else min(planned, context)
 
 
 def _sampled_logprobs(completion, token_ids: list[int]) -> tuple[float, ...]:
