@@ -145,8 +145,9 @@ def response_budget(prompt: PromptInput, max_new_tokens: int, limit: int | None,
 
     Both engines cap a response here; one that reaches the cap ends with reason ``length``, like
     one that reaches ``max_new_tokens`` (counted as truncated). A prompt that alone fills the
-    limit leaves no room: ValueError naming it and ``limit_name`` (the trainer never gets here:
-    ``encode_prompts`` refuses or skips such prompts at start-up, by ``data.on_long_prompt``)."""
+    limit leaves no room: ValueError naming it and ``limit_name``. Training and evaluation prompts
+    never get here (``encode_prompts`` refuses or skips them at start-up, by ``data.on_long_prompt``);
+    a reward's request to the policy (self-verification: question + response + instruction) can."""
     if limit is None:
         return max_new_tokens
     room = limit - len(prompt.token_ids)
