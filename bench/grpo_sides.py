@@ -260,7 +260,9 @@ def run_urlvr(settings: dict, work_dir: Path) -> dict:
         "reward": {"terms": [{"name": "majority_vote"}], "extractor": "boxed", "oracle": None},
         "algorithm": {"kl_coef": 0.0, "entropy_coef": 0.0, "loss": {"name": "ppo_clip", "clip_eps_low": 0.2, "clip_eps_high": 0.2},
                       "loss_aggregation": "token-mean"},
-        "optim": {"lr": settings["lr"], "weight_decay": 0.01, "grad_clip": 1.0, "schedule": "constant",
+        # TRL's optimizer (HF Trainer's) spares norm gains and biases from weight decay; so does this side
+        "optim": {"lr": settings["lr"], "weight_decay": 0.01, "weight_decay_exclude": "norms_and_biases",
+                  "grad_clip": 1.0, "schedule": "constant",
                   "deepspeed": {"precision": "bf16" if settings.get("bf16") else "fp32"}},
         "trainer": {"total_steps": total_steps, "prompts_per_step": settings["prompts_per_step"],
                     "prompts_per_minibatch": settings["prompts_per_step"],

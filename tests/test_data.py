@@ -420,6 +420,26 @@ def test_long_prompt_skipped_and_counted(caplog):
     assert "skipped 2 of 3 prompts longer than 25 tokens (first: x, z)" in caplog.text
 
 
+def test_a_prompt_that_fills_the_models_context_is_long_too(caplog):
+    """A prompt of `context_length` tokens or more leaves no room for a response (both engines
+    would refuse it at its first step): refused or skipped at start-up, by `on_long_prompt`."""
+    records = [PromptRecord("fits", "abcd"), PromptRecord("fills", "abcde"), PromptRecord("over", "abcdef")]
+    with pytest.raises(DataError) as err:
+        encode_prompts(char_tokenizer(), records, template="{prompt}", max_prompt_length=100, context_length=5)
+    assert str(err.value) == (
+        "prompt 'fills' is 5 tokens, which fill the model's context length of 5 (config.max_position_embeddings) "
+        "and leave no room for a response (set on_long_prompt: skip to drop such prompts)"
+    )
+    with caplog.at_level(logging.WARNING, logger="urlvr.data.templates"):
+        encoded = encode_prompts(char_tokenizer(), records, template="{prompt}", max_prompt_length=100,
+                                 context_length=5, on_long_prompt="skip")
+    assert [p.prompt_id for p in encoded.inputs] == ["fits"] and encoded.skipped_ids == ("fills", "over")
+    assert "skipped 2 of 3 prompts longer than 4 tokens (first: fills, over)" in caplog.text
+    # max_prompt_length binding first keeps its own message
+    with pytest.raises(DataError, match="over max_prompt_length=3"):
+        encode_prompts(char_tokenizer(), records, template="{prompt}", max_prompt_length=3, context_length=5)
+
+
 # --------------------------------------------------------------------------- the prompt stream
 def numbered(count: int) -> list[PromptRecord]:
     return [PromptRecord(f"p{i}", f"question {i}") for i in range(count)]

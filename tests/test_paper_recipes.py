@@ -49,6 +49,13 @@ def test_paper_recipes_say_what_they_reproduce_and_what_to_expect():
         assert "Expect" in text.split("\nrecipe:")[0], path.name
 
 
+def test_paper_recipes_write_out_verls_weight_decay_on_every_parameter():
+    """The paper trained with veRL, whose AdamW decays norm gains and biases too: each paper recipe
+    says so itself, so a change of urlvr's default cannot change a reproduction."""
+    for path in sorted(PAPER.glob("*.yaml")):
+        assert yaml.safe_load(path.read_text())["optim"]["weight_decay_exclude"] == "none", path.name
+
+
 def recipe(name: str):
     return load_recipe(PAPER / f"{name}.yaml")
 

@@ -461,3 +461,129 @@ def test_generation_uses_the_current_cache_api_and_warns_nothing(tiny, monkeypat
         make_engine(model, tokenizer).generate(prompts, 2, SamplingParams(max_new_tokens=6, seed=0))
     assert [str(w.message) for w in caught if "past_key_values" in str(w.message)] == []
     assert [m for m in logged if "past_key_values" in m] == []
+
+
+# --------------------------------------------------------------------------- the engines at the edges
+def with_context(model, context: int):
+    """A copy of the session's tiny model that declares a context of ``context`` tokens."""
+    capped = copy.deepcopy(model)
+    capped.config.max_position_embeddings = context
+    return capped
+
+
+def test_responses_stop_at_the_context_with_reason_length(tiny):
+    """Prompts of 4, 13 and 2 tokens, context 16, max_new_tokens 10: the 13-token prompt's responses
+    get 3 tokens and end with `length` (as vLLM caps at max_model_len); the others get 10. Capping
+    changes nothing but where a response is cut (per-row seeds)."""
+    model, tokenizer, prompts = tiny
+    assert [len(p.token_ids) for p in prompts] == [4, 13, 2]
+    sampling = SamplingParams(max_new_tokens=10, prompt_seeds=(1, 2, 3))
+    free = make_engine(model, tokenizer).generate(prompts, 4, sampling)
+    capped = make_engine(with_context(model, 16), tokenizer).generate(prompts, 4, sampling)
+    for prompt, free_group, group in zip(prompts, free, capped):
+        budget = min(10, 16 - len(prompt.token_ids))
+        for full, sample in zip(free_group.samples, group.samples):
+            assert sample.token_ids == full.token_ids[:budget]
+            assert sample.logprobs == pytest.approx(full.logprobs[:budget], abs=1e-5)
+            assert len(prompt.token_ids) + len(sample.token_ids) <= 16
+            ended = sample.token_ids[-1] == tokenizer.eos_token_id
+            assert sample.finish_reason == ("eos" if ended else "length")
+    assert {len(s.token_ids) for s in capped[1].samples} == {3}  # the random model rarely picks eos
+    assert any(len(s.token_ids) == 10 for s in capped[0].samples + capped[2].samples)
+
+
+def test_a_stop_token_on_the_last_allowed_step_is_stop_not_length(tiny):
+    """eos, then a stop id, then the cap: the order of vLLM's `check_stop` (rollout.base.finish_reason)."""
+    model, tokenizer, prompts = tiny
+    engine = make_engine(model, tokenizer)
+    firsts = first_sampled_tokens(engine, prompts, SamplingParams(max_new_tokens=1, seed=5))
+    frequent = max(set(firsts), key=firsts.count)
+    groups = engine.generate(prompts, 4, SamplingParams(max_new_tokens=1, stop_token_ids=(frequent,), seed=5))
+    reasons = {s.token_ids[-1]: s.finish_reason for g in groups for s in g.samples}
+    assert reasons[frequent] == "stop" and set(reasons.values()) == {"stop", "length"}
+
+
+def test_a_prompt_that_fills_the_context_is_refused(tiny):
+    model, tokenizer, prompts = tiny
+    engine = make_engine(with_context(model, 13), tokenizer)
+    with pytest.raises(ValueError) as info:
+        engine.generate(prompts, 2, SamplingParams(max_new_tokens=4))
+    assert str(info.value) == ("prompt 'p1' has 13 tokens and the model's context length "
+                               "(config.max_position_embeddings) is 13: no room for a response")
+    # one token of room is one token of response
+    groups = make_engine(with_context(model, 14), tokenizer).generate(prompts, 2, SamplingParams(max_new_tokens=4, seed=0))
+    assert [len(s.token_ids) for s in groups[1].samples] == [1, 1]
+
+
+def fake_vllm_engine(tokenizer, max_model_len: int, eos_ids: set[int]):
+    """The vLLM engine's own code, without vLLM: everything it does before it calls `vllm.LLM`."""
+    from urlvr.rollout.vllm_engine import VLLMRolloutEngine
+
+    engine = VLLMRolloutEngine.__new__(VLLMRolloutEngine)
+    engine.tokenizer, engine.max_model_len, engine.eos_token_ids, engine.asleep = tokenizer, max_model_len, frozenset(eos_ids), False
+    return engine
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0, SamplingParams()), "group_size must be >= 1, got 0"),
+    ((2, SamplingParams(temperature=0.0)), "temperature must be > 0 (or greedy=True), got 0.0"),
+    ((2, SamplingParams(max_new_tokens=0)), "max_new_tokens must be >= 1, got 0"),
+    ((2, SamplingParams(prompt_seeds=(1,))), "prompt_seeds has 1 seeds for 3 prompts"),
+])
+def test_both_engines_refuse_the_same_requests_alike(tiny, args, message):
+    """The vLLM engine used to pass temperature 0 on as greedy and group_size 0 on to vLLM."""
+    model, tokenizer, prompts = tiny
+    for engine in (make_engine(model, tokenizer), fake_vllm_engine(tokenizer, 512, {tokenizer.eos_token_id})):
+        with pytest.raises(ValueError) as info:
+            engine.generate(prompts, *args)
+        assert str(info.value) == message, type(engine).__name__
+
+
+def test_vllm_engine_refuses_a_prompt_that_fills_max_model_len(tiny):
+    model, tokenizer, prompts = tiny
+    with pytest.raises(ValueError) as info:
+        fake_vllm_engine(tokenizer, 13, {tokenizer.eos_token_id}).generate(prompts, 2, SamplingParams())
+    assert str(info.value) == ("prompt 'p1' has 13 tokens and max_model_len (rollout.engine.max_model_len, at most "
+                               "the model's context length) is 13: no room for a response")
+    with pytest.raises(ValueError, match="no tokens"):
+        fake_vllm_engine(tokenizer, 13, set()).generate([PromptInput("empty", "", ())], 2, SamplingParams())
+
+
+@pytest.mark.parametrize("vllm_reason, stop_reason, last, want", [
+    ("stop", None, 1, "eos"),      # vLLM's own eos check
+    ("stop", 7, 7, "eos"),         # a generation_config eos id, which vLLM adds to the stop ids
+    ("stop", 9, 9, "stop"),        # a stop_token_id
+    ("length", None, 1, "eos"),    # vLLM releases that check the cap first: eos on the last allowed token
+    ("length", None, 9, "stop"),
+    ("length", None, 5, "length"),
+])
+def test_vllm_finish_reasons_read_as_the_transformers_engines(vllm_reason, stop_reason, last, want):
+    from types import SimpleNamespace
+
+    engine = fake_vllm_engine(None, 64, {1, 7})
+    completion = SimpleNamespace(finish_reason=vllm_reason, stop_reason=stop_reason, token_ids=[3, 4, last])
+    assert engine._finish_reason(completion, (9,)) == want
+
+
+def test_vllm_finish_reason_abort_is_an_error():
+    from types import SimpleNamespace
+
+    with pytest.raises(RuntimeError, match="finish_reason='abort'"):
+        fake_vllm_engine(None, 64, {1})._finish_reason(SimpleNamespace(finish_reason="abort", stop_reason=None,
+                                                                       token_ids=[3]), ())
+
+
+def test_vllm_plans_for_the_longest_response_the_run_asks_for():
+    """An evaluation budget above the training one was cut at max_model_len by vLLM alone."""
+    from urlvr.recipe import Recipe
+    from urlvr.rollout.vllm_engine import planned_max_model_len
+
+    def recipe(**engine):
+        return Recipe.model_validate({"data": {"max_prompt_length": 100}, "rollout": {
+            "max_new_tokens": 50, "engine": {"name": "vllm", **engine}}, "eval": {"max_new_tokens": 300}})
+
+    assert planned_max_model_len(recipe(), None) == 400
+    assert planned_max_model_len(recipe(), 256) == 256  # never past the model's context
+    assert planned_max_model_len(recipe(max_model_len=128), 256) == 128
+    assert planned_max_model_len(Recipe.model_validate({"data": {"max_prompt_length": 100}, "rollout": {
+        "max_new_tokens": 50, "engine": "vllm"}}), None) == 150

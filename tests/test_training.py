@@ -304,3 +304,35 @@ def test_resuming_a_finished_run_changes_nothing(random_tiny_model, tmp_path, ca
     after = files()
     assert after == before, {k: (before.get(k), after.get(k)) for k in set(before) | set(after) if before.get(k) != after.get(k)}
     assert "already at step 2 of 2: nothing to train" in capsys.readouterr().err
+
+
+def test_a_run_whose_responses_reach_the_context_caps_them_and_says_so(random_tiny_model, tmp_path, capsys):
+    """The model's context (config.max_position_embeddings) 4 tokens after the longest prompt (31
+    and 32 tokens), max_new_tokens 12: every response stops at the context, with reason `length`
+    unless it ended there; the run prints one note at start-up; a prompt that fills the context is
+    refused before step 1 (the engines would refuse it at its first step)."""
+    from urlvr.data.records import DataError
+    from urlvr.data.templates import encode_prompts
+    from urlvr.recipe import load_recipe
+    from urlvr.trainer.build import load_prompt_records
+
+    _, model, tokenizer = random_tiny_model
+    recipe = load_recipe(recipe_for(random_tiny_model, tmp_path / "run"))
+    lengths = [len(p.token_ids) for p in encode_prompts(tokenizer, load_prompt_records(recipe.data.source, recipe),
+                                                        template=recipe.data.template, max_prompt_length=100).inputs]
+    small = tmp_path / "small-context"
+    model.save_pretrained(small)
+    tokenizer.save_pretrained(small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": max(lengths) + 4}))
+
+    result = urlvr.train(recipe_for((small,), tmp_path / "run", trainer={"total_steps": 1}))
+    assert (f"urlvr: note: {len(lengths)} of {len(lengths)} prompts leave fewer than rollout.max_new_tokens=12 "
+            f"tokens before the model's context length ({max(lengths) + 4}, config.max_position_embeddings); their "
+            "responses are cut there, with finish reason `length`") in capsys.readouterr().out
+    assert result.metrics[0]["response/length_max"] <= max(lengths) + 4 - min(lengths) < 12
+    assert result.metrics[0]["response/truncation_rate"] > 0.5  # the random model rarely picks eos
+
+    (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": max(lengths)}))
+    with pytest.raises(DataError, match="which fill the model's context length of"):
+        urlvr.train(recipe_for((small,), tmp_path / "run2", trainer={"total_steps": 1}))

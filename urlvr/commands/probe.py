@@ -111,7 +111,7 @@ def probe_model(model: str, base: dict[str, Any], rewards: Sequence[str], *, num
     from urlvr.data.templates import encode_prompts
     from urlvr.dist import init_distributed
     from urlvr.recipe import load_recipe
-    from urlvr.rollout.base import ROLLOUT_ENGINES
+    from urlvr.rollout.base import ROLLOUT_ENGINES, context_length
     from urlvr.rollout.collate import collate_groups
     from urlvr.trainer.build import load_model_and_tokenizer, load_prompt_records, seed_everything
     from urlvr.trainer.settings import RunSettings
@@ -127,7 +127,7 @@ def probe_model(model: str, base: dict[str, Any], rewards: Sequence[str], *, num
     records = load_prompt_records(data.source, recipe)[:num_prompts]
     encoded = encode_prompts(tokenizer, records, template=data.template, system_prompt=data.system_prompt,
                              suffix=data.prompt_suffix, max_prompt_length=data.max_prompt_length,
-                             on_long_prompt=data.on_long_prompt)
+                             on_long_prompt=data.on_long_prompt, context_length=context_length(hf_model))
     records, prompts = list(encoded.records), list(encoded.inputs)
     engine = ROLLOUT_ENGINES.get(recipe.rollout.engine.name).from_recipe(recipe, hf_model, tokenizer, dist)
     groups = _sample(engine, prompts, settings, progress=progress)

@@ -109,9 +109,12 @@ def encode_prompts(
     suffix: str = "",
     max_prompt_length: int,
     on_long_prompt: Literal["error", "skip"] = "error",
+    context_length: int | None = None,
 ) -> EncodedPrompts:
     """Template and tokenize ``records`` (special tokens: ``encode_prompt_text``). A prompt over ``max_prompt_length`` tokens raises a
-    DataError naming it, or with ``on_long_prompt="skip"`` is dropped and counted."""
+    DataError naming it, or with ``on_long_prompt="skip"`` is dropped and counted. So does one of
+    ``context_length`` tokens or more (the model's, ``rollout.base.context_length``): it leaves no
+    room for a response, which both rollout engines would refuse at its first step."""
     if on_long_prompt not in ("error", "skip"):
         raise ValueError(f"on_long_prompt must be 'error' or 'skip', got {on_long_prompt!r}")
     check_template(template)
@@ -121,12 +124,19 @@ def encode_prompts(
     for record in records:
         text = render_prompt(tokenizer, record, template=template, system_prompt=system_prompt, suffix=suffix)
         token_ids = encode_prompt_text(tokenizer, text, template=template)
-        if len(token_ids) > max_prompt_length:
-            if on_long_prompt == "error":
+        fills_context = context_length is not None and len(token_ids) >= context_length
+        if len(token_ids) > max_prompt_length or fills_context:
+            if on_long_prompt == "error" and len(token_ids) > max_prompt_length:
                 raise DataError(
                     f"prompt {record.prompt_id!r} is {len(token_ids)} tokens, over "
                     f"max_prompt_length={max_prompt_length} (raise it, or set "
                     "on_long_prompt: skip to drop such prompts)"
+                )
+            if on_long_prompt == "error":
+                raise DataError(
+                    f"prompt {record.prompt_id!r} is {len(token_ids)} tokens, which fill the model's context "
+                    f"length of {context_length} (config.max_position_embeddings) and leave no room for a "
+                    "response (set on_long_prompt: skip to drop such prompts)"
                 )
             skipped.append(record.prompt_id)
             continue
@@ -135,6 +145,8 @@ def encode_prompts(
     if skipped:
         logger.warning(
             "skipped %d of %d prompts longer than %d tokens (first: %s)",
-            len(skipped), len(records), max_prompt_length, ", ".join(skipped[:5]),
+            len(skipped), len(records),
+            max_prompt_length if context_length is None else min(max_prompt_length, context_length - 1),
+            ", ".join(skipped[:5]),
         )
     return EncodedPrompts(tuple(inputs), tuple(kept), tuple(skipped))

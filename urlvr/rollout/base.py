@@ -128,6 +128,64 @@ def eos_token_ids(tokenizer, config_eos: int | Iterable[int] | None) -> frozense
     return frozenset(ids)
 
 
+def context_length(model: torch.nn.Module) -> int | None:
+    """The most tokens, prompt and response together, that ``model`` takes: its config's
+    ``max_position_embeddings`` (GPT-2's ``n_positions`` answers to that name too); None when the
+    config names none (then nothing is capped).
+
+    Why the config and not the tokenizer's ``model_max_length``: the positions are the model's
+    limit (learned position embeddings have no row past it; rotary ones run on, silently, outside
+    what the model was trained on), the tokenizer's value is often a placeholder (1e30 when unset)
+    or set apart from the model, and the config is what vLLM reads for its own ``max_model_len``."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def response_budget(prompt: PromptInput, max_new_tokens: int, limit: int | None, limit_name: str) -> int:
+    """The most response tokens ``prompt`` may get: min(max_new_tokens, limit - prompt length).
+
+    Both engines cap a response here; one that reaches the cap ends with reason ``length``, like
+    one that reaches ``max_new_tokens`` (counted as truncated). A prompt that alone fills the
+    limit leaves no room: ValueError naming it and ``limit_name``. Training and evaluation prompts
+    never get here (``encode_prompts`` refuses or skips them at start-up, by ``data.on_long_prompt``);
+    a reward's request to the policy (self-verification: question + response + instruction) can."""
+    if limit is None:
+        return max_new_tokens
+    room = limit - len(prompt.token_ids)
+    if room < 1:
+        raise ValueError(f"prompt {prompt.prompt_id!r} has {len(prompt.token_ids)} tokens and {limit_name} "
+                         f"is {limit}: no room for a response")
+    return min(max_new_tokens, room)
+
+
+def check_generate_request(prompts: Sequence[PromptInput], group_size: int, sampling: SamplingParams) -> None:
+    """The arguments every engine refuses alike, before it samples anything (ValueError)."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if sampling.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {sampling.max_new_tokens}")
+    if not sampling.greedy and sampling.temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (or greedy=True), got {sampling.temperature}")
+    for prompt in prompts:
+        if not prompt.token_ids:
+            raise ValueError(f"prompt {prompt.prompt_id!r} has no tokens")
+    if sampling.prompt_seeds is not None and len(sampling.prompt_seeds) != len(prompts):
+        raise ValueError(f"prompt_seeds has {len(sampling.prompt_seeds)} seeds for {len(prompts)} prompts")
+
+
+def finish_reason(last_token: int, *, capped: bool, eos_ids: Iterable[int], stop_ids: Iterable[int]) -> FinishReason:
+    """Why a response ended, from its last token: an eos id wins, then a stop id, then the cap
+    (``capped``: it reached its ``response_budget``). The order of current vLLM's ``check_stop``;
+    earlier vLLM v1 releases checked the cap first (a response whose last allowed token is eos
+    came back as ``length``), so the vLLM engine asks this function too."""
+    if last_token in set(eos_ids):
+        return "eos"
+    if last_token in set(stop_ids):
+        return "stop"
+    if not capped:
+        raise ValueError(f"a response ended on token {last_token}, neither an eos nor a stop id, below its cap")
+    return "length"
+
+
 @dataclass(frozen=True)
 class RolloutBatch:
     """Groups collated into right-padded tensors for the scoring and training passes.

@@ -11,8 +11,12 @@ all of that and hides nothing.
 The loop, per chunk of ``generation_batch_size`` sequences:
   1. prefill each distinct prompt once (left-padded), then copy its KV cache to its samples;
   2. sample one token per live row, record it and its log-prob;
-  3. drop rows that produced eos or a stop token from the batch (and the cache);
-  4. feed the new tokens with the cache; stop when no row is live or the budget is spent.
+  3. drop rows that produced eos or a stop token, or filled their budget, from the batch (and
+     the cache);
+  4. feed the new tokens with the cache; stop when no row is live.
+A row's budget is ``max_new_tokens``, capped where prompt + response would pass the model's
+context length (``rollout.base.response_budget``): as vLLM caps at ``max_model_len``, with
+finish reason ``length`` either way.
 
 ZeRO-3 note: every forward of a ZeRO-3 module all-gathers parameters, so ranks that stop at
 different steps would hang each other. Under ZeRO-3 call ``generate`` inside the actor's
@@ -33,17 +37,20 @@ from pydantic import Field
 from urlvr.recipe.sections.base import VariantSection
 from urlvr.rollout.base import (
     ROLLOUT_ENGINES,
-    FinishReason,
     Group,
     PromptInput,
     Sample,
     SamplingParams,
+    check_generate_request,
+    context_length,
     eos_token_ids,
+    finish_reason,
     hashed_seed,
+    response_budget,
 )
 from urlvr.rollout.collate import position_ids_from_attention_mask
 
-_REASONS: tuple[FinishReason, ...] = ("length", "eos", "stop")  # codes 0, 1, 2 in the loop
+_CONTEXT = "the model's context length (config.max_position_embeddings)"
 
 
 class TransformersEngineSection(VariantSection):
@@ -108,19 +115,11 @@ class TransformersRolloutEngine:
         and restores RNG state reproduces its rollouts. With ``sampling.prompt_seeds`` every
         sample has its own generator, so its draws do not depend on how rows are batched.
         """
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
-        if sampling.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {sampling.max_new_tokens}")
-        if not sampling.greedy and sampling.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (or greedy=True), got {sampling.temperature}")
-        for prompt in prompts:
-            if not prompt.token_ids:
-                raise ValueError(f"prompt {prompt.prompt_id!r} has no tokens")
-        if sampling.prompt_seeds is not None and len(sampling.prompt_seeds) != len(prompts):
-            raise ValueError(f"prompt_seeds has {len(sampling.prompt_seeds)} seeds for {len(prompts)} prompts")
+        check_generate_request(prompts, group_size, sampling)
         if not prompts:
             return []
+        limit = context_length(self.model)
+        budgets = [response_budget(p, sampling.max_new_tokens, limit, _CONTEXT) for p in prompts]
 
         device = next(self.model.parameters()).device
         # Sequence i is sample i % group_size of prompt i // group_size; chunks cut anywhere.
@@ -139,7 +138,8 @@ class TransformersRolloutEngine:
             for start in range(0, len(row_prompt), self.generation_batch_size):
                 chunk = row_prompt[start : start + self.generation_batch_size]
                 chunk_generators = generators[start : start + len(chunk)] if isinstance(generators, list) else generators
-                samples.extend(self._generate_chunk(prompts, chunk, sampling, chunk_generators, device))
+                samples.extend(self._generate_chunk(prompts, chunk, [budgets[p] for p in chunk], sampling,
+                                                    chunk_generators, device))
         return [
             Group(prompt=prompt, samples=tuple(samples[p * group_size : (p + 1) * group_size]))
             for p, prompt in enumerate(prompts)
@@ -149,17 +149,19 @@ class TransformersRolloutEngine:
         self,
         prompts: Sequence[PromptInput],
         row_prompt: list[int],
+        row_budget: list[int],
         sampling: SamplingParams,
         generator: torch.Generator | list[torch.Generator] | None,
         device: torch.device,
     ) -> list[Sample]:
-        """Sample one response per entry of ``row_prompt`` (indices into ``prompts``); ``generator``
-        is shared by the rows or, as a list, one per row."""
+        """Sample one response per entry of ``row_prompt`` (indices into ``prompts``), each of at most
+        its ``row_budget`` tokens (``response_budget``); ``generator`` is shared by the rows or, as a
+        list, one per row."""
         distinct = sorted(set(row_prompt))
         input_ids, attention_mask = _left_pad([prompts[p].token_ids for p in distinct], self.pad_token_id)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)  # [U, P]
-        eos_ids = torch.tensor(sorted(self.eos_token_ids), device=device)
-        stop_ids = torch.tensor(sorted(set(sampling.stop_token_ids)), dtype=torch.long, device=device)
+        end_ids = torch.tensor(sorted(self.eos_token_ids | set(sampling.stop_token_ids)), dtype=torch.long,
+                               device=device)
 
         # 1. Prefill each distinct prompt once; its samples then share copies of its cache.
         extra = {"logits_to_keep": 1} if _accepts(self.model, "logits_to_keep") else {}
@@ -178,27 +180,25 @@ class TransformersRolloutEngine:
         logits = out.logits[expand, -1]  # [R, V]
         attention_mask = attention_mask[expand]  # [R, P]
 
-        rows, budget = len(row_prompt), sampling.max_new_tokens
-        tokens = torch.full((rows, budget), self.pad_token_id, dtype=torch.long, device=device)
-        logprobs = torch.zeros((rows, budget), dtype=torch.float32, device=device)
-        lengths = torch.full((rows,), budget, dtype=torch.long, device=device)
-        reasons = torch.zeros((rows,), dtype=torch.long, device=device)  # index into _REASONS
+        budgets = torch.tensor(row_budget, dtype=torch.long, device=device)  # [R]
+        rows, steps = len(row_prompt), max(row_budget)
+        tokens = torch.full((rows, steps), self.pad_token_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros((rows, steps), dtype=torch.float32, device=device)
+        lengths = budgets.clone()  # a row that never ends early fills its budget
         live = torch.arange(rows, device=device)  # chunk row of each batch row still generating
 
-        for step in range(budget):
+        for step in range(steps):
             # 2. Sample and record.
             live_generator = [generator[i] for i in live.tolist()] if isinstance(generator, list) else generator
             next_tokens, next_logprobs = sample_next_tokens(logits, sampling, live_generator)  # [A], [A]
             tokens[live, step] = next_tokens
             logprobs[live, step] = next_logprobs
-            is_eos = torch.isin(next_tokens, eos_ids)
-            finished = is_eos | torch.isin(next_tokens, stop_ids)
-            if step == budget - 1:
+            finished = torch.isin(next_tokens, end_ids) | (budgets[live] == step + 1)  # [A]
+            if step == steps - 1:
                 break
             # 3. Retire finished rows: they stop growing and leave the batch and the cache.
             if finished.any():
                 lengths[live[finished]] = step + 1
-                reasons[live[finished]] = torch.where(is_eos[finished], 1, 2)
                 keep = (~finished).nonzero().squeeze(1)
                 if keep.numel() == 0:
                     break
@@ -216,17 +216,17 @@ class TransformersRolloutEngine:
             cache = _checked_cache(out)
             logits = out.logits[:, -1]
 
-        # Rows that ended on the last step were not retired inside the loop (their length is
-        # already the full budget); rewriting the reasons of rows retired just before is harmless.
-        reasons[live[finished]] = torch.where(is_eos[finished], 1, 2)
-
+        # Rows still live at the last step were not retired inside the loop: their length is
+        # already their budget, which is `steps`.
         lengths_list = lengths.tolist()
         token_lists = [row[:n] for row, n in zip(tokens.tolist(), lengths_list)]
         logprob_lists = [row[:n] for row, n in zip(logprobs.tolist(), lengths_list)]
         texts = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
         return [
-            Sample(token_ids=tuple(ids), logprobs=tuple(lps), text=text, finish_reason=_REASONS[code])
-            for ids, lps, text, code in zip(token_lists, logprob_lists, texts, reasons.tolist())
+            Sample(token_ids=tuple(ids), logprobs=tuple(lps), text=text,
+                   finish_reason=finish_reason(ids[-1], capped=len(ids) == cap, eos_ids=self.eos_token_ids,
+                                               stop_ids=sampling.stop_token_ids))
+            for ids, lps, text, cap in zip(token_lists, logprob_lists, texts, row_budget)
         ]
 
 

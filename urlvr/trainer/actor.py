@@ -29,6 +29,7 @@ from urlvr.recipe import Recipe
 from urlvr.algorithms.token_stats import compute_token_stats
 from urlvr.rollout.weight_sync import gathered, iter_weights
 from urlvr.trainer.lm_head import chunked_logprob, recomputes_in_backward
+from urlvr.trainer.optimizer import optimizer_param_groups
 
 
 class TokenScorer(nn.Module):
@@ -171,10 +172,9 @@ class Actor:
         # LoRA dropout acts in the training forward only (the scoring pass stays deterministic)
         self.adapter_dropouts = [m for name, m in model.named_modules()
                                  if ".lora_dropout." in f"{name}." and isinstance(m, nn.Dropout)]
-        optimizer = torch.optim.AdamW(
-            [p for p in self.scorer.parameters() if p.requires_grad],
+        optimizer = torch.optim.AdamW(  # each group carries its weight decay (optim.weight_decay_exclude)
+            optimizer_param_groups(self.scorer, recipe.optim),
             lr=recipe.optim.lr, betas=recipe.optim.betas, eps=recipe.optim.adam_eps,
-            weight_decay=recipe.optim.weight_decay,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_optimizer_steps))
         config = deepspeed_config(recipe, recipe.trainer.micro_batch_size, micro_steps_per_minibatch, world_size)

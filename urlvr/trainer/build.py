@@ -21,7 +21,7 @@ from urlvr.data.templates import encode_prompts
 from urlvr.models.lora import apply_lora
 from urlvr.models.tiny import resolve_model_path
 from urlvr.recipe import Recipe
-from urlvr.rollout.base import ROLLOUT_ENGINES, PromptInput, RolloutEngine
+from urlvr.rollout.base import ROLLOUT_ENGINES, PromptInput, RolloutEngine, context_length
 from urlvr.trainer.actor import Actor, AdapterOffReference
 from urlvr.trainer.batching import check_padding_free
 from urlvr.trainer.settings import RunSettings
@@ -105,7 +105,7 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
     encoded = encode_prompts(
         tokenizer, records, template=recipe.data.template, system_prompt=recipe.data.system_prompt,
         suffix=recipe.data.prompt_suffix, max_prompt_length=recipe.data.max_prompt_length,
-        on_long_prompt=recipe.data.on_long_prompt,
+        on_long_prompt=recipe.data.on_long_prompt, context_length=context_length(model),
     )
     by_id = {p.prompt_id: p for p in encoded.inputs}
     records = list(encoded.records)
@@ -130,9 +130,14 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
     if needs_reference and recipe.model.lora is not None:
         reference = AdapterOffReference(actor)  # no second copy: dynamics.kl_reference_device does not apply
     engine = ROLLOUT_ENGINES.get(recipe.rollout.engine.name).from_recipe(recipe, actor.model, tokenizer, dist)
-    eval_records, eval_prompts = _evaluation_shard(recipe.eval.source, recipe, tokenizer, dist)
-    held_out = {name: _evaluation_shard(source, recipe, tokenizer, dist, f"eval.held_out.{name}")
+    context = context_length(actor.model)
+    eval_records, eval_prompts = _evaluation_shard(recipe.eval.source, recipe, tokenizer, dist, context)
+    held_out = {name: _evaluation_shard(source, recipe, tokenizer, dist, context, f"eval.held_out.{name}")
                 for name, source in recipe.eval.held_out.items()}
+    if dist.is_main:
+        note = capped_responses_note(encoded.inputs, recipe.rollout.max_new_tokens, context)
+        if note:
+            print(f"urlvr: note: {note}")
     if recipe.mode == "test_time" and len(records) > 128 and dist.is_main:
         print(f"urlvr: warning: test-time training on {len(records)} prompts; the paper finds it safe up to ~128 (§5.2)")
     return RunParts(
@@ -143,7 +148,20 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
     )
 
 
-def _evaluation_shard(source, recipe: Recipe, tokenizer, dist: DistInfo,
+def capped_responses_note(prompts, max_new_tokens: int, context: int | None) -> str | None:
+    """A line saying that some responses will be cut at the model's context before
+    `max_new_tokens`, or None when every prompt leaves room for a full response."""
+    if context is None:
+        return None
+    short = [p for p in prompts if len(p.token_ids) + max_new_tokens > context]
+    if not short:
+        return None
+    return (f"{len(short)} of {len(prompts)} prompts leave fewer than rollout.max_new_tokens={max_new_tokens} tokens "
+            f"before the model's context length ({context}, config.max_position_embeddings); their responses are "
+            "cut there, with finish reason `length` (counted in response/truncation_rate), by either engine")
+
+
+def _evaluation_shard(source, recipe: Recipe, tokenizer, dist: DistInfo, context: int | None,
                       where: str = "eval.source") -> tuple[list[PromptRecord], list[PromptInput]]:
     if source is None:
         return [], []
@@ -155,7 +173,7 @@ def _evaluation_shard(source, recipe: Recipe, tokenizer, dist: DistInfo,
     encoded = encode_prompts(
         tokenizer, records, template=recipe.data.template, system_prompt=recipe.data.system_prompt,
         suffix=recipe.data.prompt_suffix, max_prompt_length=recipe.data.max_prompt_length,
-        on_long_prompt=recipe.data.on_long_prompt,
+        on_long_prompt=recipe.data.on_long_prompt, context_length=context,
     )
     shard = slice(dist.rank, None, dist.world_size)
     return list(encoded.records[shard]), list(encoded.inputs[shard])

@@ -88,6 +88,13 @@ class OptimSection(Section):
     """Peak learning rate (Table 7: 1e-6)."""
     weight_decay: float = Field(0.01, ge=0.0, le=1.0)
     """AdamW weight decay (veRL's default)."""
+    weight_decay_exclude: Literal["none", "norms_and_biases"] = "none"
+    """Parameters `weight_decay` spares. `none`: every trained parameter decays, norm gains and
+    biases included -- veRL's single AdamW group, and so the paper's (the default, and what the
+    paper recipes write out). `norms_and_biases`: parameters with fewer than 2 dimensions (norm
+    gains, biases) get no decay -- nanoGPT's rule; HF Trainer (and so TRL) and OpenRLHF spare the
+    same parameters by name. Embeddings and the LM head decay either way. Refused with
+    `weight_decay: 0` (nothing to spare) and with `model.lora` (its adapters are all matrices)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     adam_eps: float = Field(1e-8, gt=0.0)
@@ -102,6 +109,14 @@ class OptimSection(Section):
     """Cosine floor as a fraction of lr."""
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     """DeepSpeed engine settings."""
+
+    @model_validator(mode="after")
+    def _exclusion_needs_decay(self) -> OptimSection:
+        if self.weight_decay == 0 and self.weight_decay_exclude != "none":
+            raise ValueError(f"weight_decay_exclude: {self.weight_decay_exclude} spares parameters from a "
+                             "weight decay of 0, which changes nothing: set weight_decay > 0 or "
+                             "weight_decay_exclude: none")
+        return self
 
     @field_validator("betas")
     @classmethod

@@ -101,3 +101,11 @@ class Recipe(Section):
                 f"sequences in one mini-batch ({samples} = prompts_per_minibatch x group_size)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _lora_has_no_norms_to_spare(self) -> Recipe:
+        if self.model.lora is not None and self.optim.weight_decay_exclude != "none":
+            raise ValueError(f"optim.weight_decay_exclude: {self.optim.weight_decay_exclude} changes nothing "
+                             "under model.lora: only the adapters train, and they are all matrices (the "
+                             "frozen norms and biases never reach the optimizer); use weight_decay_exclude: none")
+        return self
