@@ -128,28 +128,32 @@ def probe_model(model: str, base: dict[str, Any], rewards: Sequence[str], *, num
                              on_long_prompt=data.on_long_prompt)
     records, prompts = list(encoded.records), list(encoded.inputs)
     engine = ROLLOUT_ENGINES.get(recipe.rollout.engine.name).from_recipe(recipe, hf_model, tokenizer, dist)
-    groups = _sample(engine, prompts, settings, progress=progress)
+    groups = _sample(engine, prompts, settings, progress=progress, label=f"urlvr probe: sampling {model}")
     batch = collate_groups(groups, pad_token_id=tokenizer.pad_token_id)
     stats = _score(hf_model, batch, settings, dist.device)
     return _measure(model, groups, records, batch, stats, settings, engine, tokenizer)
 
 
-def _sample(engine, prompts, settings, *, progress: bool, prompts_per_call: int = 8) -> list:
-    """Groups of `rollout.group_size` samples, `prompts_per_call` prompts per engine call (the bar's
-    unit); each prompt seeded by its index, so the result does not depend on the chunking."""
+def _sample(engine, prompts, settings, *, progress: bool, prompts_per_call: int = 8,
+            label: str = "urlvr probe: sampling") -> list:
+    """Groups of `rollout.group_size` samples, `prompts_per_call` prompts per engine call (the
+    progress unit: a bar on a terminal, a line every 30 s in a log); each prompt seeded by its
+    index, so the result does not depend on the chunking."""
+    from urlvr.progress import JobProgress
+
     group_size, groups = settings.recipe.rollout.group_size, []
     sampling = settings.policy_sampling()
-    bar = _progress_bar(len(prompts)) if progress else None
+    bar = JobProgress(f"{label}, {group_size} samples per prompt", len(prompts), unit="prompts") if progress else None
     try:
         for start in range(0, len(prompts), prompts_per_call):
             chunk = prompts[start : start + prompts_per_call]
             seeds = tuple(settings.sampling_seed(0, start + i) for i in range(len(chunk)))
             groups.extend(engine.generate(chunk, group_size, replace(sampling, prompt_seeds=seeds)))
             if bar:
-                bar.advance(bar.task_ids[0], len(chunk))
+                bar.advance(len(chunk))
     finally:
         if bar:
-            bar.stop()
+            bar.close()
     return groups
 
 
@@ -214,16 +218,6 @@ def _measure(model: str, groups, records, batch, stats, settings, engine, tokeni
         majority_correct=float(majority_correct[labelled].mean()) if correct is not None else None,
         p_maj_histogram=alignment.p_maj_histogram(p_maj, majority_correct if correct is not None else None, size),
         rewards=tuple(per_reward))
-
-
-def _progress_bar(total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("[bold]urlvr probe: sampling"), BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), transient=True)
-    bar.add_task("sample", total=total)
-    bar.start()
-    return bar
 
 
 # --------------------------------------------------------------------------- reporting

@@ -16,12 +16,15 @@ from urlvr.metrics.collapse import Alarm, CollapseMonitor
 from urlvr.metrics.evaluation import evaluate
 from urlvr.metrics.loggers import read_jsonl
 from urlvr.recipe import Recipe, RecipeError, load_recipe
+from urlvr.recipe.changes import format_changes
 from urlvr.dist import barrier, init_distributed
+from urlvr.progress import format_seconds
 from urlvr.trainer import checkpoint
 from urlvr.trainer.build import build_run
 from urlvr.trainer.greedy_probe import greedy_rows
 from urlvr.trainer.loop import grpo_step
 from urlvr.trainer.outputs import RunOutputs
+from urlvr.trainer.resume import record_resume, resume_changes
 
 
 @dataclass
@@ -55,6 +58,9 @@ class Trainer:
         if not self.resume and ((self.run_dir / "metrics.jsonl").exists() or checkpoint.complete_checkpoints(self.run_dir)):
             raise RecipeError(f"{self.run_dir}: run directory already holds a run; pass --resume {self.run_dir} "
                               "to continue it or set output_dir to a new folder")
+        latest = checkpoint.latest_checkpoint(self.run_dir) if self.resume else None
+        if latest is not None:  # a change the checkpoint cannot honour fails before the model loads
+            resume_changes(self.run_dir, self.recipe, checkpoint.checkpoint_step(latest))
 
     def fit(self) -> RunResult:
         recipe, run_dir = self.recipe, self.run_dir
@@ -159,7 +165,10 @@ class Trainer:
         if rank == 0:
             self._lock = checkpoint.lock_run_dir(run_dir)  # held until the process ends
         if self.resume:
-            return checkpoint.agreed_latest_checkpoint(run_dir)  # every rank must see the same one
+            latest = checkpoint.agreed_latest_checkpoint(run_dir)  # every rank must see the same one
+            if rank == 0:
+                self._record_changes(checkpoint.checkpoint_step(latest))
+            return latest
         if rank == 0:
             if (run_dir / "metrics.jsonl").exists() or checkpoint.complete_checkpoints(run_dir):
                 raise RecipeError(
@@ -169,6 +178,15 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
         return None
+
+    def _record_changes(self, step: int) -> None:
+        """Say each field this resume changes (old -> new) and record the recipe that now trains
+        (`recipe.resume-<step>.yaml`); a field the checkpoint fixes raises (trainer/resume.py)."""
+        changes = resume_changes(self.run_dir, self.recipe, step)
+        if changes:
+            path = record_resume(self.run_dir, self.recipe, step)
+            print(f"urlvr: resuming from step {step} with {len(changes)} changed field{'s' if len(changes) > 1 else ''} "
+                  f"(recorded in {path}):\n{format_changes(changes)}", file=sys.stderr, flush=True)
 
     def _run_eval(self, parts) -> dict[str, float]:
         ev, sampling = self.recipe.eval, parts.settings.eval_sampling()
@@ -183,8 +201,15 @@ class Trainer:
         return metrics
 
     def _evaluate(self, parts, step: int, out: RunOutputs, result: RunResult) -> None:
-        """One evaluation (before step 1, every K steps, or after the last step) -> eval.jsonl."""
+        """One evaluation (before step 1, every K steps, or after the last step) -> eval.jsonl.
+        A line before and one after: an evaluation of hundreds of prompts is one long silence in a
+        log file otherwise (the step lines stop while it runs)."""
+        prompts = len(parts.eval_prompts) + sum(len(p) for _, p in parts.held_out.values())
+        out.say(f"urlvr: evaluating at step {step}: {prompts} prompts x {self.recipe.eval.samples_per_prompt} samples"
+                + (" on this rank" if parts.settings.world_size > 1 else ""))
+        started = time.time()
         metrics = self._run_eval(parts)
+        out.say(f"urlvr: evaluated at step {step} in {format_seconds(time.time() - started)}")
         self.monitor.observe_eval(metrics)
         result.evaluations.append({"step": step, **metrics})
         out.evaluation(step, metrics)
