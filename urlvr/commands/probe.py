@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -83,23 +84,33 @@ def probe_recipe(base: dict[str, Any], model: str, rewards: Sequence[str], *, gr
 
 def run_probe(models: Sequence[str], base: dict[str, Any], out_dir: Path | None = None, *,
               rewards: Sequence[str] | None = None, num_prompts: int = 64, group_size: int | None = None,
-              overrides: Sequence[str] = (), progress: bool = True, origin: str | None = None) -> list[ModelProbe]:
+              overrides: Sequence[str] = (), progress: bool = True, origin: str | None = None,
+              overwrite: bool = False) -> list[ModelProbe]:
     """Probe every model with the same prompts and rewards; with `out_dir`, write probe.json,
     probe.csv and `<model>.png` there. `rewards=None`: INTRINSIC_REWARDS. `origin` names the base
-    recipe's file in error messages."""
-    results, taken = [], set()
-    for model in models:
-        result = probe_model(model, base, rewards or INTRINSIC_REWARDS, num_prompts=num_prompts,
-                             group_size=group_size, overrides=overrides, progress=progress, origin=origin)
-        if out_dir is not None:
-            from urlvr.metrics.plots import plot_probe
+    recipe's file in error messages. An `out_dir` holding an earlier probe's files (probe.json,
+    probe.csv, any PNG) is refused (RecipeError) before anything loads, unless `overwrite`, which
+    deletes those files once the new results are in hand: a PNG of a model this run did not probe
+    must not stay beside its results."""
+    stale: list[Path] = []
+    if out_dir is not None:  # refused before any model loads; cleared once the new results are in hand
+        from urlvr.commands.out_dir import check_output_dir
 
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            figure = plot_probe(result, Path(out_dir) / f"{_slug(model, taken)}.png")
-            result = replace(result, figure=str(figure))
-        results.append(result)
+        out_dir = Path(out_dir)
+        owned = [out_dir / "probe.json", out_dir / "probe.csv", *sorted(out_dir.glob("*.png"))]
+        stale = check_output_dir(out_dir, owned, overwrite=overwrite, command="probe")
+    results = [probe_model(model, base, rewards or INTRINSIC_REWARDS, num_prompts=num_prompts, group_size=group_size,
+                           overrides=overrides, progress=progress, origin=origin) for model in models]
     if out_dir is not None:
-        write_probe(results, Path(out_dir))
+        from urlvr.commands.out_dir import clear_owned
+        from urlvr.metrics.plots import plot_probe
+
+        clear_owned(stale)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        taken: set[str] = set()
+        results = [replace(result, figure=str(plot_probe(result, out_dir / f"{_slug(result.model, taken)}.png")))
+                   for result in results]
+        write_probe(results, out_dir)
     return results
 
 
@@ -111,6 +122,7 @@ def probe_model(model: str, base: dict[str, Any], rewards: Sequence[str], *, num
     from urlvr.recipe import load_recipe
     from urlvr.rollout.base import ROLLOUT_ENGINES
     from urlvr.rollout.collate import collate_groups
+    from urlvr.trainer.batching import budget_warning
     from urlvr.trainer.build import load_model_and_tokenizer, load_prompt_records, seed_everything
     from urlvr.trainer.settings import RunSettings
 
@@ -127,6 +139,10 @@ def probe_model(model: str, base: dict[str, Any], rewards: Sequence[str], *, num
                              suffix=data.prompt_suffix, max_prompt_length=data.max_prompt_length,
                              on_long_prompt=data.on_long_prompt)
     records, prompts = list(encoded.records), list(encoded.inputs)
+    warning = budget_warning(recipe.trainer.max_tokens_per_micro_batch,  # the scoring pass cuts by it too
+                             max((len(p.token_ids) for p in prompts), default=0), recipe.rollout.max_new_tokens)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     engine = ROLLOUT_ENGINES.get(recipe.rollout.engine.name).from_recipe(recipe, hf_model, tokenizer, dist)
     groups = _sample(engine, prompts, settings, progress=progress, label=f"urlvr probe: sampling {model}")
     batch = collate_groups(groups, pad_token_id=tokenizer.pad_token_id)
