@@ -332,3 +332,18 @@ def test_docs_recipe_reference_is_current():
 ])
 def test_settings_that_select_nothing_are_refused(tmp_path, recipe, message):
     assert message.replace("Value error, ", "") in error_of(tmp_path, recipe)
+
+
+def test_recipe_changes_name_each_leaf_old_to_new():
+    from urlvr.recipe.changes import format_changes, recipe_changes
+
+    old = {"seed": 0, "output_dir": "a", "optim": {"lr": 1e-6}, "model": {"lora": None},
+           "reward": {"terms": [{"name": "majority_vote", "weight": 1.0}]}}
+    new = {"seed": 0, "output_dir": "b", "optim": {"lr": 3e-5}, "model": {"lora": {"rank": 8}},
+           "reward": {"terms": [{"name": "majority_vote", "weight": 0.5}]}, "mode": "train"}
+    changes = recipe_changes(old, new)  # output_dir is ignored: a run folder may move
+    assert format_changes(changes).splitlines() == [
+        "  optim.lr: 1e-06 -> 3e-05", '  model.lora: null -> {"rank": 8}', "  reward.terms.0.weight: 1.0 -> 0.5",
+        '  mode: (absent) -> "train"']
+    assert [c.added for c in changes] == [False, False, False, True]
+    assert recipe_changes(old, old) == []

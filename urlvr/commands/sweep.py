@@ -34,7 +34,8 @@ from typing import Any
 
 import yaml
 
-from urlvr.recipe import RecipeError, load_recipe
+from urlvr.recipe import Recipe, RecipeError, load_recipe
+from urlvr.recipe.changes import FieldChange, format_changes, recipe_changes
 from urlvr.recipe.load import read_yaml_mapping
 
 SPEC_KEYS = ("recipe", "grid", "set", "output_dir")
@@ -253,12 +254,11 @@ def run_sweep(sweep: Sweep, *, say=print) -> list[Path]:
 SWEEP_EXTENDS = ("trainer.total_steps",)
 
 
-def earlier_run_changes(point: SweepPoint, recipe) -> list:
+def earlier_run_changes(point: SweepPoint, recipe: Recipe) -> list[FieldChange]:
     """The changes between the recipe the point's folder recorded (if it holds a run) and the
     point's recipe now: only SWEEP_EXTENDS may differ (the run is resumed to more steps); any other
     field is a RecipeError listing each difference (old -> new), since the run there was trained
     with another recipe and the overlay would label it as this point."""
-    from urlvr.recipe.changes import format_changes, recipe_changes
     from urlvr.trainer.checkpoint import checkpoint_step, latest_checkpoint
     from urlvr.trainer.resume import recorded_recipe
 

@@ -23,6 +23,11 @@ class FieldChange:
     old: Any
     new: Any
 
+    @property
+    def added(self) -> bool:
+        """The old recipe has no such field (recorded by an older urlvr, before the field existed)."""
+        return self.old is _ABSENT
+
     def __str__(self) -> str:
         return f"{self.path}: {_show(self.old)} -> {_show(self.new)}"
 

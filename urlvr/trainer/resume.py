@@ -59,8 +59,9 @@ def resume_changes(run_dir: Path, recipe: Recipe, step: int) -> list[FieldChange
         return []
     path, old = recorded
     changes = recipe_changes(old, recipe.model_dump(mode="json"))
+    # a field the recorded recipe lacks was added to urlvr since: its default is what ran
     fixed = [(c, reason) for c in changes for key, reason in FIXED_BY_CHECKPOINT.items()
-             if c.path == key or c.path.startswith(key + ".")]
+             if (c.path == key or c.path.startswith(key + ".")) and not c.added]
     if fixed:
         lines = "\n".join(f"  {change} ({reason})" for change, reason in fixed)
         raise RecipeError(f"{run_dir}: --resume cannot change what the step-{step} checkpoint fixes (recorded in "
