@@ -163,7 +163,9 @@ def test_probe_refuses_an_earlier_probes_folder_and_overwrite_leaves_no_stale_pn
     assert (out / "urlvr__tiny-aligned.png").read_text() == "earlier"  # nothing touched
     log = tmp_path / "probe.log"
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # this process's world
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])
     with open(log, "w") as handle:  # neither stdout nor stderr is a terminal
         done = subprocess.run([sys.executable, "-m", "urlvr.cli", *args, "--overwrite"], stdout=handle,
                               stderr=subprocess.STDOUT, env=env, timeout=600)
