@@ -16,7 +16,7 @@ from urlvr.metrics.collapse import Alarm, CollapseMonitor
 from urlvr.metrics.evaluation import evaluate
 from urlvr.metrics.loggers import read_jsonl
 from urlvr.recipe import Recipe, RecipeError, load_recipe
-from urlvr.recipe.changes import format_changes
+from urlvr.recipe.changes import FieldChange
 from urlvr.dist import barrier, init_distributed
 from urlvr.progress import format_seconds
 from urlvr.trainer import checkpoint
@@ -45,6 +45,7 @@ class Trainer:
         if resume is not None:
             self.recipe = self.recipe.model_copy(update={"output_dir": Path(resume)})
         self.resume = resume is not None
+        self.changes: list[FieldChange] = []  # what this resume changes (main rank; trainer/resume.py)
         self.run_dir = Path(self.recipe.output_dir)
         self._preflight()
 
@@ -82,6 +83,8 @@ class Trainer:
                         resume=self.resume) as out:
             if resume_from is not None:
                 out.say(f"urlvr: resuming from step {start_step} ({resume_from})")
+                if dist.is_main:
+                    self._record_changes(start_step, out)
             if start_step == 0:  # the starting point: evaluation and greedy probe before any update
                 if recipe.eval.at_start:
                     self._evaluate(parts, 0, out, result)
@@ -166,8 +169,8 @@ class Trainer:
             self._lock = checkpoint.lock_run_dir(run_dir)  # held until the process ends
         if self.resume:
             latest = checkpoint.agreed_latest_checkpoint(run_dir)  # every rank must see the same one
-            if rank == 0:
-                self._record_changes(checkpoint.checkpoint_step(latest))
+            if rank == 0:  # said and recorded once the run is sure to train (a finished run stays untouched)
+                self.changes = resume_changes(run_dir, self.recipe, checkpoint.checkpoint_step(latest))
             return latest
         if rank == 0:
             if (run_dir / "metrics.jsonl").exists() or checkpoint.complete_checkpoints(run_dir):
@@ -179,14 +182,14 @@ class Trainer:
             (run_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
         return None
 
-    def _record_changes(self, step: int) -> None:
+    def _record_changes(self, step: int, out: RunOutputs) -> None:
         """Say each field this resume changes (old -> new) and record the recipe that now trains
-        (`recipe.resume-<step>.yaml`); a field the checkpoint fixes raises (trainer/resume.py)."""
-        changes = resume_changes(self.run_dir, self.recipe, step)
-        if changes:
+        (`recipe.resume-<step>.yaml`); main rank only (trainer/resume.py)."""
+        if self.changes:
             path = record_resume(self.run_dir, self.recipe, step)
-            print(f"urlvr: resuming from step {step} with {len(changes)} changed field{'s' if len(changes) > 1 else ''} "
-                  f"(recorded in {path}):\n{format_changes(changes)}", file=sys.stderr, flush=True)
+            count = len(self.changes)
+            out.say(f"urlvr: resuming from step {step} with {count} changed field{'s' if count > 1 else ''} "
+                    f"(recorded in {path}):", *(f"  {change}" for change in self.changes))
 
     def _run_eval(self, parts) -> dict[str, float]:
         ev, sampling = self.recipe.eval, parts.settings.eval_sampling()
