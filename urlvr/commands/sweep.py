@@ -226,7 +226,11 @@ def launch_lines(sweep: Sweep, *, launcher: str = "urlvr") -> list[str]:
     return lines
 
 
-def run_sweep(sweep: Sweep, *, say=print) -> list[Path]:
+def _say(line: str) -> None:
+    print(line, flush=True)  # flushed: in a log file each point's line shows as it starts
+
+
+def run_sweep(sweep: Sweep, *, say=_say) -> list[Path]:
     """Run every point in this process, one after another, then overlay them. A point whose run
     finished (summary.json) with the point's recipe is skipped; one that started is resumed from
     its last checkpoint. A point whose folder holds a run of another recipe is refused before

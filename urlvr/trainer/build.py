@@ -139,7 +139,8 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
     held_out = {name: _evaluation_shard(source, recipe, tokenizer, dist, f"eval.held_out.{name}")
                 for name, source in recipe.eval.held_out.items()}
     if recipe.mode == "test_time" and len(records) > 128 and dist.is_main:
-        print(f"urlvr: warning: test-time training on {len(records)} prompts; the paper finds it safe up to ~128 (§5.2)")
+        print(f"urlvr: warning: test-time training on {len(records)} prompts; the paper finds it safe up to ~128 (§5.2)",
+              flush=True)
     return RunParts(
         tokenizer=tokenizer, actor=actor, reference=reference, engine=engine,
         records={r.prompt_id: r for r in records}, prompts=by_id, stream=stream,

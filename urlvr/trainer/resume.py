@@ -21,8 +21,8 @@ from urlvr.recipe import Recipe
 from urlvr.recipe.changes import FieldChange, recipe_changes
 from urlvr.recipe.load import read_yaml_mapping
 
-_OPTIMIZER_STATE = ("the checkpoint restores the optimizer's and the LR schedule's state, which carry the old "
-                    "value (torch's load_state_dict), so the new one would not act")
+_OPTIMIZER_STATE = ("the checkpoint restores the optimizer's and the LR schedule's state, and with it the old "
+                    "value: the new one would not act")
 
 # field (and everything below it) -> why a resume cannot honour a change to it
 FIXED_BY_CHECKPOINT: dict[str, str] = {
