@@ -19,6 +19,7 @@ from urlvr.rollout.collate import collate_groups, position_ids_from_attention_ma
 from urlvr.trainer.actor import TokenScorer
 from urlvr.errors import RecipeError
 from urlvr.trainer.batching import (
+    budget_warning,
     check_padding_free,
     micro_batches,
     padding_summary,
@@ -219,3 +220,23 @@ def test_loss_metrics_do_not_depend_on_how_micro_batches_are_cut(random_tiny_mod
     for mode in ("one_row", "packed"):
         for key in ("actor/ratio_mean", "actor/ratio_max", "actor/ratio_min", "actor/clip_fraction"):
             assert logged[mode][key] == pytest.approx(logged["fixed"][key], rel=1e-4, abs=1e-6), (mode, key)
+
+
+def test_budget_warning_names_the_numbers_only_below_one_full_row():
+    assert budget_warning(None, 30, 12) is None and budget_warning(42, 30, 12) is None
+    assert budget_warning(41, 30, 12) == (
+        "urlvr: warning: trainer.max_tokens_per_micro_batch=41 is below one full-length row (longest prompt 30 + "
+        "rollout.max_new_tokens 12 = 42 tokens): a row longer than 41 tokens runs alone in a forward of its own, "
+        "over the budget; set the budget to at least 42, or lower rollout.max_new_tokens")
+
+
+def test_a_budget_below_one_row_is_said_once_at_start(random_tiny_model, tmp_path, capsys):
+    """It ran one row per forward without a word (the planner's slow path); now one line at start,
+    not one per step, and the run still trains (the planner lets such a row go alone)."""
+    recipe = small_run_recipe(random_tiny_model[0], tmp_path / "run", trainer={"max_tokens_per_micro_batch": 20,
+                                                                               "export_final_model": False})
+    result = urlvr.train(recipe)
+    assert len(result.metrics) == 2
+    err = capsys.readouterr().err
+    assert err.count("urlvr: warning: trainer.max_tokens_per_micro_batch=20 is below one full-length row") == 1
+    assert "+ rollout.max_new_tokens 12 = " in err

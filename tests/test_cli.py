@@ -77,3 +77,12 @@ def test_a_stop_token_outside_the_vocabulary_is_refused(random_tiny_model, tmp_p
     recipe = small_run_recipe(random_tiny_model[0], tmp_path / "run", rollout={"stop_token_ids": [3, 10**6, -1]})
     with pytest.raises(RecipeError, match=r"rollout.stop_token_ids: \[1000000, -1\] outside the model's vocabulary"):
         urlvr.train(recipe)
+
+
+def test_mcs_refuses_an_earlier_mcs_folder_in_one_line(tmp_path, capsys):
+    """Before anything trains: the earlier tables would be overwritten and its run directories
+    left beside the new ones (`--overwrite` deletes them; tests/test_mcs.py runs that)."""
+    (tmp_path / "mcs.csv").write_text("rank,model\n")
+    assert main(["mcs", "urlvr/tiny", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"urlvr: error: {tmp_path}: holds the output of an earlier `urlvr mcs` "
+                                               "(mcs.csv); pass --overwrite to replace it, or --out a new folder")

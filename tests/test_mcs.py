@@ -94,7 +94,23 @@ def test_mcs_command_ranks_the_aligned_prior_first(always_zero_model, tmp_path, 
 
 
 def test_label_free_mcs_stops_at_proxy_saturation(always_zero_model, tmp_path):
-    (result,) = run_mcs([str(always_zero_model)], BASE, tmp_path / "mcs", max_steps=6, labels=False)
+    """Also: a folder holding an earlier mcs is refused, and --overwrite removes its runs (a model
+    it ranked and this one does not must not stay beside the new table); a line per model is said."""
+    from urlvr.recipe import RecipeError
+
+    out = tmp_path / "mcs"
+    (out / "old-model").mkdir(parents=True)
+    (out / "old-model" / "metrics.jsonl").write_text("")
+    (out / "mcs.json").write_text(json.dumps([{"rank": 1, "model": "old", "run_dir": str(out / "old-model")}]))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RecipeError, match=r"holds the output of an earlier `urlvr mcs` \(mcs.json, old-model\); "
+                                          "pass --overwrite"):
+        run_mcs([str(always_zero_model)], BASE, out, max_steps=6, labels=False)
+    said: list[str] = []
+    (result,) = run_mcs([str(always_zero_model)], BASE, out, max_steps=6, labels=False, overwrite=True, say=said.append)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["mcs.csv", "mcs.json", "notes.txt", Path(result.run_dir).name])
+    assert said[0] == f"urlvr mcs: [1/1] {always_zero_model}: diagnostic run in {result.run_dir} (at most 6 steps)"
+    assert said[1].startswith(f"urlvr mcs: [1/1] {always_zero_model}: collapsed at step 3 (")
     assert result.stopped_by == "proxy_saturation" and result.collapse_step == 3  # window 3: first full window
     assert result.ground_truth_start is None  # no oracle: no ground-truth columns
 

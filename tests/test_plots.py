@@ -69,3 +69,15 @@ def test_plot_command(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{run / 'plots' / 'dynamics.png'}  (7 panels") and len(out) == 2
     assert main(["plot", str(tmp_path / "missing")]) == 2  # one-line error, not a traceback
+
+
+def test_replotting_other_runs_into_a_folder_drops_the_earlier_runs_heatmaps(tmp_path):
+    """A prompts-<run>.png of a run not in this plot must not stay beside this plot's figures
+    (it stayed: the folder mixed two plots); files that are not the plot's own are kept."""
+    first, second = fake_run(tmp_path, "first", labels=True), fake_run(tmp_path, "second", labels=True)
+    out = tmp_path / "plots"
+    plot_runs([first, second], out)
+    assert sorted(p.name for p in out.glob("*.png")) == ["dynamics.png", "prompts-first.png", "prompts-second.png"]
+    (out / "notes.txt").write_text("mine")
+    plot_runs([second], out)
+    assert sorted(p.name for p in out.iterdir()) == ["dynamics.png", "notes.txt", "prompts-second.png"]

@@ -166,3 +166,49 @@ def test_probe_ignores_the_training_batch_shape_and_names_the_recipe_file():
     assert recipe.trainer.micro_batch_size <= recipe.trainer.prompts_per_minibatch * recipe.rollout.group_size
     with pytest.raises(RecipeError, match=r"^quickstart.yaml \(probing urlvr/tiny\): optim.lr"):
         probe_model("urlvr/tiny", {**base, "optim": {"lr": -1.0}}, ["majority_vote"], origin="quickstart.yaml")
+
+
+def test_probe_refuses_an_earlier_probes_folder_and_overwrite_leaves_no_stale_png(tmp_path):
+    """A second probe into a folder used to leave the PNG of a model it did not probe beside its
+    own results. Now: refused (one line, before any model loads) unless --overwrite, which removes
+    the probe's own files only. Run as a user runs it, output to a file: progress lines show there."""
+    import os
+    import subprocess
+    import sys
+
+    from urlvr.cli import main
+
+    recipe = tmp_path / "base.yaml"
+    recipe.write_text(yaml.safe_dump(PROBE_BASE))
+    out = tmp_path / "probe"
+    out.mkdir()
+    for name in ("probe.json", "urlvr__tiny-aligned.png", "notes.txt"):
+        (out / name).write_text("earlier")
+    args = ["probe", "urlvr/tiny", "--recipe", str(recipe), "--prompts", "8", "--group-size", "2",
+            "--reward", "majority_vote", "--out", str(out)]
+    assert main(args) == 2
+    assert (out / "urlvr__tiny-aligned.png").read_text() == "earlier"  # nothing touched
+    log = tmp_path / "probe.log"
+    repo = Path(__file__).resolve().parents[1]
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # this process's world
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])
+    with open(log, "w") as handle:  # neither stdout nor stderr is a terminal
+        done = subprocess.run([sys.executable, "-m", "urlvr.cli", *args, "--overwrite"], stdout=handle,
+                              stderr=subprocess.STDOUT, env=env, timeout=600)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "probe.csv", "probe.json", "urlvr__tiny.png"]
+    assert "urlvr probe: sampling urlvr/tiny, 2 samples per prompt: 8 prompts\n" in text
+    assert "urlvr probe: sampling urlvr/tiny, 2 samples per prompt: 8/8 prompts (100%), " in text
+
+
+def test_probe_refusal_names_the_earlier_files(tmp_path):
+    from urlvr.commands.probe import run_probe
+    from urlvr.recipe import RecipeError
+
+    (tmp_path / "urlvr__tiny.png").write_bytes(b"")
+    with pytest.raises(RecipeError) as info:
+        run_probe(["urlvr/tiny"], PROBE_BASE, tmp_path, progress=False)
+    assert str(info.value) == (f"{tmp_path}: holds the output of an earlier `urlvr probe` (urlvr__tiny.png); "
+                               "pass --overwrite to replace it, or --out a new folder")

@@ -208,6 +208,34 @@ def test_overrides_parse_yaml_values(tmp_path):
     assert recipe.algorithm.loss.dual_clip_c == 3.0
 
 
+def test_overrides_address_list_items_by_index(tmp_path):
+    """`--set reward.terms.0.weight=0.5` reaches into the recipe's list (it was refused: 'terms' is
+    not a section); the item keeps its other fields."""
+    path = write(tmp_path, {"reward": {"terms": [{"name": "majority_vote", "weight": 1.0},
+                                                 {"name": "self_certainty", "kwargs": {}}]}})
+    recipe = load_recipe(path, ["reward.terms.0.weight=0.5", "reward.terms.1.weight=2"])
+    assert [(t.name, t.weight) for t in recipe.reward.terms] == [("majority_vote", 0.5), ("self_certainty", 2.0)]
+    assert load_recipe(path, ["reward.terms.1={name: token_entropy}"]).reward.terms[1].name == "token_entropy"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("reward.terms.2.weight=1", "recipe.yaml: --set 'reward.terms.2.weight=1': index 2 outside reward.terms, "
+                                "a list of 2 items (indices 0..1)"),
+    ("reward.terms.-1.weight=1", "recipe.yaml: --set 'reward.terms.-1.weight=1': index -1 outside reward.terms, "
+                                 "a list of 2 items (indices 0..1)"),
+    ("reward.terms.weight=1", "recipe.yaml: --set 'reward.terms.weight=1': reward.terms is a list; address an "
+                              "item by its index (0..1), not 'weight'"),
+    ("rollout.stop_token_ids.0=3", "recipe.yaml: --set 'rollout.stop_token_ids.0=3': rollout.stop_token_ids is "
+                                   "not written in the recipe, so it has no items to index; set the whole list "
+                                   "(rollout.stop_token_ids=[...]) instead"),
+    ("reward.terms.0.weigth=1", "recipe.yaml: reward.terms.0.weigth: unknown field 'weigth'; did you mean 'weight'? "
+                                "(known: alias, gate, kwargs, name, on_error, weight) (from --set reward.terms.0.weigth=1)"),
+])
+def test_a_list_override_outside_the_list_is_one_line_naming_its_length(tmp_path, override, message):
+    data = {"reward": {"terms": [{"name": "majority_vote"}, {"name": "self_certainty"}]}}
+    assert error_of(tmp_path, data, [override]) == message
+
+
 def test_bad_override_names_field(tmp_path):
     message = error_of(tmp_path, {}, ["trainer.ppo_epochs=0"])
     assert message == ("recipe.yaml: trainer.ppo_epochs: Input should be greater than or equal to 1 (got 0) "
@@ -304,3 +332,18 @@ def test_docs_recipe_reference_is_current():
 ])
 def test_settings_that_select_nothing_are_refused(tmp_path, recipe, message):
     assert message.replace("Value error, ", "") in error_of(tmp_path, recipe)
+
+
+def test_recipe_changes_name_each_leaf_old_to_new():
+    from urlvr.recipe.changes import format_changes, recipe_changes
+
+    old = {"seed": 0, "output_dir": "a", "optim": {"lr": 1e-6}, "model": {"lora": None},
+           "reward": {"terms": [{"name": "majority_vote", "weight": 1.0}]}}
+    new = {"seed": 0, "output_dir": "b", "optim": {"lr": 3e-5}, "model": {"lora": {"rank": 8}},
+           "reward": {"terms": [{"name": "majority_vote", "weight": 0.5}]}, "mode": "train"}
+    changes = recipe_changes(old, new)  # output_dir is ignored: a run folder may move
+    assert format_changes(changes).splitlines() == [
+        "  optim.lr: 1e-06 -> 3e-05", '  model.lora: null -> {"rank": 8}', "  reward.terms.0.weight: 1.0 -> 0.5",
+        '  mode: (absent) -> "train"']
+    assert [c.added for c in changes] == [False, False, False, True]
+    assert recipe_changes(old, old) == []

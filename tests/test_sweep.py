@@ -134,6 +134,15 @@ def test_two_point_sweep_runs_on_the_tiny_model(random_tiny_model, tmp_path, cap
     assert main(args) == 0  # again: both points are done, nothing is retrained
     said = capsys.readouterr().out
     assert said.count("finished earlier, skipped") == 2 and "training" not in said
+    # another recipe over the same folder: refused before anything runs, naming each difference
+    # (the finished points were skipped, and the overlay showed the old runs under the new names)
+    assert main([*args, "--set", "rollout.group_size=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"urlvr: error: sweep point temperature=0.7: {out / 'temperature=0.7'} holds a run of "
+                          "another recipe (recipe.yaml):\n  rollout.group_size: 4 -> 2\n")
+    assert main([*args, "--set", "trainer.total_steps=2"]) == 0  # more steps: each point continues its run
+    assert capsys.readouterr().out.count(": resuming in ") == 2
+    assert json.loads((out / "temperature=1.3" / "summary.json").read_text())["steps"] == 2
 
 
 def test_launch_lines_quote_what_the_shell_would_split(tmp_path):

@@ -66,13 +66,20 @@ def test_a_reward_reading_labels_without_permission_fails(random_tiny_model, tmp
         urlvr.train(recipe)
 
 
-def test_resume_continues_exactly(random_tiny_model, tmp_path):
+def test_resume_continues_exactly(random_tiny_model, tmp_path, capsys):
     straight = urlvr.train(recipe_for(random_tiny_model, tmp_path / "straight", trainer={"total_steps": 4}))
     first = urlvr.train(recipe_for(random_tiny_model, tmp_path / "split", trainer={"total_steps": 2}))
     assert [c.name for c in complete_checkpoints(first.run_dir)] == ["step-000002"]
+    capsys.readouterr()
     resumed = urlvr.train(recipe_for(random_tiny_model, tmp_path / "ignored", trainer={"total_steps": 4}),
                           resume=first.run_dir)
     assert [m["step"] for m in resumed.metrics] == [3, 4]
+    # the changed field is said and the recipe that trained steps 3-4 recorded beside the first one
+    assert "  trainer.total_steps: 2 -> 4\n" in capsys.readouterr().err
+    import yaml
+
+    assert yaml.safe_load((first.run_dir / "recipe.yaml").read_text())["trainer"]["total_steps"] == 2
+    assert yaml.safe_load((first.run_dir / "recipe.resume-2.yaml").read_text())["trainer"]["total_steps"] == 4
     assert stable(first.metrics + resumed.metrics) == stable(straight.metrics)
     logged = [json.loads(line) for line in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == [1, 2, 3, 4]
@@ -145,6 +152,25 @@ def test_an_unregistered_per_step_file_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="APPENDED_FILES"):
         open_for_append(tmp_path / "detectors.jsonl")
+
+
+def test_resume_refuses_changes_the_checkpoint_cannot_honour_and_names_each(random_tiny_model, tmp_path):
+    """optim.lr would be overwritten by the restored optimizer state, model.path by the restored
+    weights: refused before anything loads, one line each, old -> new and why. A change the
+    checkpoint does not fix (rollout.group_size) is allowed and recorded."""
+    recipe = recipe_for(random_tiny_model, tmp_path / "run", trainer={"total_steps": 1})
+    urlvr.train(recipe)
+    changed = {**recipe, "optim": {**recipe.get("optim", {}), "lr": 0.5}, "model": {"path": "urlvr/tiny"}}
+    with pytest.raises(urlvr.RecipeError) as info:
+        urlvr.train(changed, resume=tmp_path / "run")
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{tmp_path / 'run'}: --resume cannot change what the step-1 checkpoint fixes (recorded in recipe.yaml):"
+    assert lines[1].startswith(f'  model.path: "{random_tiny_model[0]}" -> "urlvr/tiny" (the checkpoint holds the weights')
+    assert lines[2].startswith("  optim.lr: ") and "-> 0.5 (the checkpoint restores the optimizer" in lines[2]
+    assert not (tmp_path / "run" / "recipe.resume-1.yaml").exists()
+    more = {**recipe, "rollout": {**recipe["rollout"], "group_size": 2}, "trainer": {**recipe["trainer"], "total_steps": 2}}
+    assert [m["step"] for m in urlvr.train(more, resume=tmp_path / "run").metrics] == [2]
+    assert (tmp_path / "run" / "recipe.resume-1.yaml").is_file()
 
 
 def test_refuses_to_overwrite_a_run(random_tiny_model, tmp_path):

@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--group-size", type=_positive_int,
                        help="samples per prompt (default: the recipe's rollout.group_size)")
     probe.add_argument("--out", default="runs/probe", help="folder for probe.json, probe.csv, <model>.png (default runs/probe)")
+    probe.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier probe's files in --out (refused otherwise); other files stay")
     common(probe, "override a recipe field (repeatable)")
     mcs = sub.add_parser("mcs", help="rank models by prior: Model Collapse Step of a majority-vote diagnostic run")
     mcs.add_argument("models", nargs="+", metavar="MODEL", help="model directories or hub ids")
@@ -69,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     mcs.add_argument("--steps", type=int, default=200, help="step cap per model (default 200)")
     mcs.add_argument("--out", default="runs/mcs", help="folder for the runs, mcs.csv and mcs.json (default runs/mcs)")
     mcs.add_argument("--label-free", action="store_true", help="ignore labels: stop at the first label-free alarm")
+    mcs.add_argument("--overwrite", action="store_true",
+                     help="delete an earlier mcs's tables and run directories in --out first (refused otherwise)")
     common(mcs, "override a field of the diagnostic recipe (repeatable), applied last")
     return parser
 
@@ -154,7 +158,8 @@ def _run(args: argparse.Namespace) -> int:
 
         base = read_recipe_source(args.recipe)[1] if args.recipe else {}
         results = run_probe(args.models, base, Path(args.out), rewards=args.rewards or None, num_prompts=args.prompts,
-                            group_size=args.group_size, overrides=args.overrides, origin=args.recipe)
+                            group_size=args.group_size, overrides=args.overrides, origin=args.recipe,
+                            overwrite=args.overwrite)
         print_table(results)
         print(f"urlvr: wrote {Path(args.out) / 'probe.json'}, probe.csv and one PNG per model")
         return 0
@@ -166,7 +171,7 @@ def _run(args: argparse.Namespace) -> int:
 
         base = read_recipe_source(args.recipe)[1] if args.recipe else {}
         results = run_mcs(args.models, base, Path(args.out), max_steps=args.steps, overrides=args.overrides,
-                          labels=False if args.label_free else None)
+                          labels=False if args.label_free else None, overwrite=args.overwrite)
         print(format_table(results))
         print(f"urlvr: wrote {Path(args.out) / 'mcs.csv'} and {Path(args.out) / 'mcs.json'}")
         return 0

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -80,27 +81,55 @@ def _slug(model: str, taken: set[str]) -> str:
 
 
 def run_mcs(models: Sequence[str], base: dict[str, Any], out_dir: Path, *, max_steps: int = 200,
-            labels: bool | None = None, overrides: Sequence[str] = ()) -> list[MCSResult]:
+            labels: bool | None = None, overrides: Sequence[str] = (), overwrite: bool = False,
+            say: Callable[[str], None] | None = None) -> list[MCSResult]:
     """One diagnostic run per model (sequentially, in this process); results ranked best first,
     also written to `out_dir/mcs.json` and `out_dir/mcs.csv`. `labels=None`: use labels when
-    the data source has a label field. `overrides` (`section.field=value`) are applied last."""
+    the data source has a label field. `overrides` (`section.field=value`) are applied last.
+    An `out_dir` holding an earlier mcs's tables or run directories is refused before anything
+    runs, unless `overwrite`, which deletes them first (the new runs write there). `say` prints
+    a line per model as it starts and ends (default: stderr, flushed, so a log file shows them)."""
     import urlvr
+    from urlvr.commands.out_dir import check_output_dir, clear_owned
+    from urlvr.progress import format_seconds
     from urlvr.recipe import load_recipe
 
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    slugs: set[str] = set()
+    run_dirs = [out_dir / _slug(model, slugs) for model in models]
+    stale = check_output_dir(out_dir, [out_dir / "mcs.json", out_dir / "mcs.csv", *_listed_runs(out_dir), *run_dirs],
+                             overwrite=overwrite, command="mcs")
     if labels is None:
         source = load_recipe(mcs_recipe(base, models[0], out_dir, max_steps=max_steps, labels=True), overrides).data.source
         labels = getattr(source, "label_field", "answer") is not None  # arithmetic/countdown: labelled
-    results, taken = [], set()
-    for model in models:
-        run_dir = out_dir / _slug(model, taken)
+    recipes = [load_recipe(mcs_recipe(base, model, run_dir, max_steps=max_steps, labels=labels), overrides)
+               for model, run_dir in zip(models, run_dirs, strict=True)]  # a bad override fails before any run
+    clear_owned(stale)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for index, (model, run_dir, recipe) in enumerate(zip(models, run_dirs, recipes, strict=True), 1):
+        say(f"urlvr mcs: [{index}/{len(models)}] {model}: diagnostic run in {run_dir} (at most {max_steps} steps)")
         started = time.perf_counter()
-        urlvr.train(load_recipe(mcs_recipe(base, model, run_dir, max_steps=max_steps, labels=labels), overrides))
+        urlvr.train(recipe)
         results.append(_result(model, run_dir, time.perf_counter() - started))
+        done = results[-1]
+        ended = f"collapsed at step {done.collapse_step}" if done.collapse_step is not None else \
+            f"no collapse in {done.steps_run} steps"
+        say(f"urlvr mcs: [{index}/{len(models)}] {model}: {ended} ({format_seconds(done.wall_seconds)})")
     ranked = rank(results)
     write_table(ranked, out_dir)
     return ranked
+
+
+def _listed_runs(out_dir: Path) -> list[Path]:
+    """The run directories an earlier mcs.json in `out_dir` lists (only those inside `out_dir`)."""
+    try:
+        listed = json.loads((out_dir / "mcs.json").read_text())
+    except (OSError, ValueError):
+        return []
+    runs = [Path(row["run_dir"]) for row in listed if isinstance(row, dict) and isinstance(row.get("run_dir"), str)]
+    return [run for run in runs if run.resolve().parent == out_dir.resolve()]
 
 
 def _result(model: str, run_dir: Path, wall_seconds: float) -> MCSResult:

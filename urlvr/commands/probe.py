@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -85,23 +86,33 @@ def probe_recipe(base: dict[str, Any], model: str, rewards: Sequence[str], *, gr
 
 def run_probe(models: Sequence[str], base: dict[str, Any], out_dir: Path | None = None, *,
               rewards: Sequence[str] | None = None, num_prompts: int = 64, group_size: int | None = None,
-              overrides: Sequence[str] = (), progress: bool = True, origin: str | None = None) -> list[ModelProbe]:
+              overrides: Sequence[str] = (), progress: bool = True, origin: str | None = None,
+              overwrite: bool = False) -> list[ModelProbe]:
     """Probe every model with the same prompts and rewards; with `out_dir`, write probe.json,
     probe.csv and `<model>.png` there. `rewards=None`: INTRINSIC_REWARDS. `origin` names the base
-    recipe's file in error messages."""
-    results, taken = [], set()
-    for model in models:
-        result = probe_model(model, base, rewards or INTRINSIC_REWARDS, num_prompts=num_prompts,
-                             group_size=group_size, overrides=overrides, progress=progress, origin=origin)
-        if out_dir is not None:
-            from urlvr.metrics.plots import plot_probe
+    recipe's file in error messages. An `out_dir` holding an earlier probe's files (probe.json,
+    probe.csv, any PNG) is refused (RecipeError) before anything loads, unless `overwrite`, which
+    deletes those files once the new results are in hand: a PNG of a model this run did not probe
+    must not stay beside its results."""
+    stale: list[Path] = []
+    if out_dir is not None:  # refused before any model loads; cleared once the new results are in hand
+        from urlvr.commands.out_dir import check_output_dir
 
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            figure = plot_probe(result, Path(out_dir) / f"{_slug(model, taken)}.png")
-            result = replace(result, figure=str(figure))
-        results.append(result)
+        out_dir = Path(out_dir)
+        owned = [out_dir / "probe.json", out_dir / "probe.csv", *sorted(out_dir.glob("*.png"))]
+        stale = check_output_dir(out_dir, owned, overwrite=overwrite, command="probe")
+    results = [probe_model(model, base, rewards or INTRINSIC_REWARDS, num_prompts=num_prompts, group_size=group_size,
+                           overrides=overrides, progress=progress, origin=origin) for model in models]
     if out_dir is not None:
-        write_probe(results, Path(out_dir))
+        from urlvr.commands.out_dir import clear_owned
+        from urlvr.metrics.plots import plot_probe
+
+        clear_owned(stale)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        taken: set[str] = set()
+        results = [replace(result, figure=str(plot_probe(result, out_dir / f"{_slug(result.model, taken)}.png")))
+                   for result in results]
+        write_probe(results, out_dir)
     return results
 
 
@@ -113,6 +124,7 @@ def probe_model(model: str, base: dict[str, Any], rewards: Sequence[str], *, num
     from urlvr.recipe import load_recipe
     from urlvr.rollout.base import ROLLOUT_ENGINES, context_length
     from urlvr.rollout.collate import collate_groups
+    from urlvr.trainer.batching import budget_warning
     from urlvr.trainer.build import load_model_and_tokenizer, load_prompt_records, seed_everything
     from urlvr.trainer.settings import RunSettings
 
@@ -129,29 +141,37 @@ def probe_model(model: str, base: dict[str, Any], rewards: Sequence[str], *, num
                              suffix=data.prompt_suffix, max_prompt_length=data.max_prompt_length,
                              on_long_prompt=data.on_long_prompt, context_length=context_length(hf_model))
     records, prompts = list(encoded.records), list(encoded.inputs)
+    warning = budget_warning(recipe.trainer.max_tokens_per_micro_batch,  # the scoring pass cuts by it too
+                             max((len(p.token_ids) for p in prompts), default=0), recipe.rollout.max_new_tokens)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     engine = ROLLOUT_ENGINES.get(recipe.rollout.engine.name).from_recipe(recipe, hf_model, tokenizer, dist)
-    groups = _sample(engine, prompts, settings, progress=progress)
+    groups = _sample(engine, prompts, settings, progress=progress, label=f"urlvr probe: sampling {model}")
     batch = collate_groups(groups, pad_token_id=tokenizer.pad_token_id)
     stats = _score(hf_model, batch, settings, dist.device)
     return _measure(model, groups, records, batch, stats, settings, engine, tokenizer)
 
 
-def _sample(engine, prompts, settings, *, progress: bool, prompts_per_call: int = 8) -> list:
-    """Groups of `rollout.group_size` samples, `prompts_per_call` prompts per engine call (the bar's
-    unit); each prompt seeded by its index, so the result does not depend on the chunking."""
+def _sample(engine, prompts, settings, *, progress: bool, prompts_per_call: int = 8,
+            label: str = "urlvr probe: sampling") -> list:
+    """Groups of `rollout.group_size` samples, `prompts_per_call` prompts per engine call (the
+    progress unit: a bar on a terminal, a line every 30 s in a log); each prompt seeded by its
+    index, so the result does not depend on the chunking."""
+    from urlvr.progress import JobProgress
+
     group_size, groups = settings.recipe.rollout.group_size, []
     sampling = settings.policy_sampling()
-    bar = _progress_bar(len(prompts)) if progress else None
+    bar = JobProgress(f"{label}, {group_size} samples per prompt", len(prompts), unit="prompts") if progress else None
     try:
         for start in range(0, len(prompts), prompts_per_call):
             chunk = prompts[start : start + prompts_per_call]
             seeds = tuple(settings.sampling_seed(0, start + i) for i in range(len(chunk)))
             groups.extend(engine.generate(chunk, group_size, replace(sampling, prompt_seeds=seeds)))
             if bar:
-                bar.advance(bar.task_ids[0], len(chunk))
+                bar.advance(len(chunk))
     finally:
         if bar:
-            bar.stop()
+            bar.close()
     return groups
 
 
@@ -220,16 +240,6 @@ def _measure(model: str, groups, records, batch, stats, settings, engine, tokeni
         mixed_groups=mixed, undetermined=undetermined if correct is not None else None,
         p_maj_histogram=alignment.p_maj_histogram(p_maj, majority_correct if correct is not None else None, size),
         rewards=tuple(per_reward))
-
-
-def _progress_bar(total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("[bold]urlvr probe: sampling"), BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), transient=True)
-    bar.add_task("sample", total=total)
-    bar.start()
-    return bar
 
 
 # --------------------------------------------------------------------------- reporting

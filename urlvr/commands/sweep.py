@@ -34,7 +34,8 @@ from typing import Any
 
 import yaml
 
-from urlvr.recipe import RecipeError, load_recipe
+from urlvr.recipe import Recipe, RecipeError, load_recipe
+from urlvr.recipe.changes import FieldChange, format_changes, recipe_changes
 from urlvr.recipe.load import read_yaml_mapping
 
 SPEC_KEYS = ("recipe", "grid", "set", "output_dir")
@@ -225,21 +226,56 @@ def launch_lines(sweep: Sweep, *, launcher: str = "urlvr") -> list[str]:
     return lines
 
 
-def run_sweep(sweep: Sweep, *, say=print) -> list[Path]:
+def _say(line: str) -> None:
+    print(line, flush=True)  # flushed: in a log file each point's line shows as it starts
+
+
+def run_sweep(sweep: Sweep, *, say=_say) -> list[Path]:
     """Run every point in this process, one after another, then overlay them. A point whose run
-    finished (summary.json) is skipped; one that started is resumed from its last checkpoint."""
+    finished (summary.json) with the point's recipe is skipped; one that started is resumed from
+    its last checkpoint. A point whose folder holds a run of another recipe is refused before
+    anything runs (`earlier_run_changes`): the overlay would show it under the new point's name."""
     import urlvr
     from urlvr.metrics.plots import plot_runs
 
     points = validate_points(sweep)  # a typo in the last point fails now, not after hours of the first
-    for index, point in enumerate(points, 1):
-        if (point.run_dir / "summary.json").is_file():
+    recipes = [load_recipe(sweep.recipe, point.overrides) for point in points]
+    extended = [earlier_run_changes(point, recipe) for point, recipe in zip(points, recipes, strict=True)]
+    for index, (point, recipe, changes) in enumerate(zip(points, recipes, extended, strict=True), 1):
+        if (point.run_dir / "summary.json").is_file() and not changes:
             say(f"urlvr sweep: [{index}/{len(points)}] {point.name}: finished earlier, skipped")
             continue
         started = (point.run_dir / "metrics.jsonl").is_file()
         say(f"urlvr sweep: [{index}/{len(points)}] {point.name}: {'resuming' if started else 'training'} in {point.run_dir}")
-        urlvr.train(load_recipe(sweep.recipe, point.overrides), resume=point.run_dir if started else None)
+        urlvr.train(recipe, resume=point.run_dir if started else None)
     dirs = [p.run_dir for p in points]
     for figure in plot_runs(dirs, sweep.out_dir / "plots"):
         say(f"urlvr sweep: {figure.path}")
     return dirs
+
+
+# what a sweep may change in a point that already ran: it continues the run (resume) to more steps
+SWEEP_EXTENDS = ("trainer.total_steps",)
+
+
+def earlier_run_changes(point: SweepPoint, recipe: Recipe) -> list[FieldChange]:
+    """The changes between the recipe the point's folder recorded (if it holds a run) and the
+    point's recipe now: only SWEEP_EXTENDS may differ (the run is resumed to more steps); any other
+    field is a RecipeError listing each difference (old -> new), since the run there was trained
+    with another recipe and the overlay would label it as this point."""
+    from urlvr.trainer.checkpoint import checkpoint_step, latest_checkpoint
+    from urlvr.trainer.resume import recorded_recipe
+
+    if not (point.run_dir / "metrics.jsonl").is_file():
+        return []
+    latest = latest_checkpoint(point.run_dir)
+    recorded = recorded_recipe(point.run_dir, checkpoint_step(latest) if latest else 2**62)
+    if recorded is None:
+        return []
+    changes = recipe_changes(recorded[1], recipe.model_dump(mode="json"))
+    foreign = [c for c in changes if c.path not in SWEEP_EXTENDS]
+    if foreign:
+        raise RecipeError(
+            f"sweep point {point.name}: {point.run_dir} holds a run of another recipe ({recorded[0].name}):\n"
+            f"{format_changes(foreign)}\ngive the sweep a new --out, or delete that run directory")
+    return changes

@@ -83,7 +83,9 @@ def _collapse_settings(run_dir: Path) -> tuple[float, int]:
 
 
 def plot_runs(run_dirs: Sequence[Path], out_dir: Path) -> list[Figure]:
-    """Write dynamics.png (all runs overlaid) and prompts-<run>.png (runs with tracking) into out_dir."""
+    """Write dynamics.png (all runs overlaid) and prompts-<run>.png (runs with tracking) into out_dir.
+    A `prompts-*.png` an earlier plot left there for a run not plotted now is deleted: the folder
+    shows this plot's runs only (the figures are cheap to redraw, so replotting is never refused)."""
     names = _unique_names([Path(d) for d in run_dirs])
     runs = [load_run(Path(d), name) for d, name in zip(run_dirs, names, strict=True)]
     out_dir = Path(out_dir)
@@ -92,6 +94,10 @@ def plot_runs(run_dirs: Sequence[Path], out_dir: Path) -> list[Figure]:
     for run in runs:
         if run.prompt_rows:
             figures.append(plot_prompt_heatmap(run, out_dir / f"prompts-{run.name.replace('/', '_')}.png"))
+    written = {figure.path.name for figure in figures}
+    for stale in out_dir.glob("prompts-*.png"):
+        if stale.name not in written:
+            stale.unlink()
     return figures
 
 

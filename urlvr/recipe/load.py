@@ -113,25 +113,62 @@ def _deep_copy(value: Any) -> Any:
 
 
 def _apply_override(data: dict[str, Any], override: str, origin: str) -> None:
-    """`section.field=value`; the value is parsed as YAML (numbers, bools, lists, null)."""
+    """`section.field=value`; the value is parsed as YAML (numbers, bools, lists, null). A part
+    that is a whole number indexes a list the recipe writes (`reward.terms.0.weight=0.5`); an index
+    outside the list is a one-line error naming its length."""
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
         raise RecipeError(f"{origin}: --set {override!r}: expected section.field=value")
     if not raw.strip():  # YAML reads nothing as null: a missing value must not reset a field silently
         raise RecipeError(f"{origin}: --set {override!r}: no value after '=' (write {key.strip()}=null for null)")
-    node = data
     parts = key.strip().split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if isinstance(child, str):  # a variant chosen by name only (`loss: ppo_clip`): now with knobs
-            child = node[part] = {"name": child}
-        if not isinstance(child, dict):
+    node: dict[str, Any] | list[Any] = data
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[:depth + 1])
+        if isinstance(node, list):
+            index = _list_index(node, part, where, override, origin)
+            child = node[index]
+            if isinstance(child, str):  # a list item given by name only (`- majority_vote`): now with knobs
+                child = node[index] = {"name": child}
+        else:
+            if part not in node and _is_index(parts[depth + 1]):  # a list the file does not write
+                raise RecipeError(f"{origin}: --set {override!r}: {where} is not written in the recipe, so it has "
+                                  f"no items to index; set the whole list ({where}=[...]) instead")
+            child = node.setdefault(part, {})
+            if isinstance(child, str):  # a variant chosen by name only (`loss: ppo_clip`): now with knobs
+                child = node[part] = {"name": child}
+        if not isinstance(child, (dict, list)):
             raise RecipeError(f"{origin}: --set {override!r}: {part!r} is not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
-        node[parts[-1]] = raw
+        value = raw
+    if isinstance(node, list):
+        node[_list_index(node, parts[-1], key.strip(), override, origin)] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _is_index(part: str) -> bool:
+    """A dotted part that reads as a list index (`0`, `12`, or a mistaken `-1`)."""
+    return part.lstrip("-").isdigit()
+
+
+def _list_index(items: list[Any], part: str, where: str, override: str, origin: str) -> int:
+    """`part` as an index into `items` (the list at dotted path `where`): a whole number below
+    the list's length; negative or past the end is a one-line RecipeError naming the length."""
+    parent = where.rpartition(".")[0] or where
+    if not _is_index(part):
+        raise RecipeError(f"{origin}: --set {override!r}: {parent} is a list; address an item by its index "
+                          f"(0..{len(items) - 1}), not {part!r}" if items else
+                          f"{origin}: --set {override!r}: {parent} is an empty list; set it whole ({parent}=[...])")
+    index = int(part)
+    if not 0 <= index < len(items):
+        span = f"indices 0..{len(items) - 1}" if items else "no indices"
+        raise RecipeError(f"{origin}: --set {override!r}: index {index} outside {parent}, a list of {len(items)} "
+                          f"item{'s' if len(items) != 1 else ''} ({span})")
+    return index
 
 
 def _import_plugins(plugins: Any, origin: str) -> None:

@@ -95,7 +95,10 @@ def render() -> str:
 
     out = ["# Recipe reference", "",
            "Generated from the pydantic schema by `python -m urlvr.recipe.reference`; do not edit by hand.",
-           "Every section refuses unknown keys. `urlvr schema` prints the same as JSON schema.", ""]
+           "Every section refuses unknown keys. `urlvr schema` prints the same as JSON schema.", "",
+           "On the command line, `--set section.field=value` overrides a field (the value is read as YAML);",
+           "a whole-number part picks an item of a list the recipe writes, from 0: `--set reward.terms.0.weight=0.5`.",
+           ""]
     section_table(Recipe, "", out, set())
     return "\n".join(line for line in out) + "\n"
 

@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
+from urlvr.progress import format_seconds
 from urlvr.recipe.sections.base import VariantSection
 from urlvr.rollout.base import (
     ROLLOUT_ENGINES,
@@ -168,7 +171,15 @@ class VLLMRolloutEngine:
         elif options.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = options.max_num_batched_tokens
         kwargs.update(options.kwargs)
+        # vLLM's start-up (weights, compile, KV-cache profiling) takes minutes on a large model and,
+        # in a log file, shows only vLLM's own lines: say what is starting and when it is ready
+        if dist.is_main:
+            print(f"urlvr: starting vLLM for {kwargs['model']} (max_model_len {max_model_len}); this can take "
+                  "minutes, vLLM logs its own start-up lines", file=sys.stderr, flush=True)
+        started = time.monotonic()
         llm = vllm.LLM(**kwargs)
+        if dist.is_main:
+            print(f"urlvr: vLLM ready after {format_seconds(time.monotonic() - started)}", file=sys.stderr, flush=True)
         engine = cls(llm, tokenizer, dtype=dtype, max_model_len=max_model_len,
                      sync_bucket_bytes=options.sync_bucket_mb * 2**20, sleep=sleep)
         engine.sync_weights(model)  # the actor may differ from the files (dtype casts, a resume)

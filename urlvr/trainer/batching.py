@@ -58,6 +58,22 @@ def plan_micro_batches(prompt_lengths: Sequence[int], response_lengths: Sequence
     return plans + [current] if current else plans
 
 
+def budget_warning(max_tokens: int | None, longest_prompt: int, max_new_tokens: int) -> str | None:
+    """The start-up warning for a token budget below one full-length row (None when it fits, or
+    without a budget). The planner never refuses such a row -- it goes alone, so training stays
+    right -- but that forward is over the budget (the memory the budget was sized for) and every
+    such row costs a forward of its own; so the run says it once, with the numbers, instead of
+    degrading silently. Not refused: whether a row reaches full length is known only as it is
+    sampled, and budgets sized for typical lengths are a fair choice (docs/troubleshooting.md)."""
+    row = longest_prompt + max_new_tokens
+    if max_tokens is None or max_tokens >= row:
+        return None
+    return (f"urlvr: warning: trainer.max_tokens_per_micro_batch={max_tokens} is below one full-length row (longest "
+            f"prompt {longest_prompt} + rollout.max_new_tokens {max_new_tokens} = {row} tokens): a row longer than "
+            f"{max_tokens} tokens runs alone in a forward of its own, over the budget; set the budget to at least "
+            f"{row}, or lower rollout.max_new_tokens")
+
+
 def micro_batches(batch: RolloutBatch, rows: Sequence[int], trainer: TrainerSection,
                   per_row: Mapping[str, torch.Tensor] | None = None) -> list[dict]:
     """Dicts of the micro-batches of `rows`: `input_ids`, `attention_mask`, `position_ids`

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from urlvr.models.tiny import resolve_model_path
 from urlvr.recipe import Recipe
 from urlvr.rollout.base import ROLLOUT_ENGINES, PromptInput, RolloutEngine, context_length
 from urlvr.trainer.actor import Actor, AdapterOffReference
-from urlvr.trainer.batching import check_padding_free
+from urlvr.trainer.batching import budget_warning, check_padding_free
 from urlvr.trainer.settings import RunSettings
 from urlvr.dist import DistInfo
 from urlvr.errors import RecipeError
@@ -108,6 +109,10 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
         on_long_prompt=recipe.data.on_long_prompt, context_length=context_length(model),
     )
     by_id = {p.prompt_id: p for p in encoded.inputs}
+    longest_prompt = max((len(p.token_ids) for p in encoded.inputs), default=0)
+    warning = budget_warning(recipe.trainer.max_tokens_per_micro_batch, longest_prompt, recipe.rollout.max_new_tokens)
+    if warning and dist.is_main:
+        print(warning, file=sys.stderr, flush=True)
     records = list(encoded.records)
     trainer = recipe.trainer
     stream = PromptStream(
@@ -139,7 +144,8 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
         if note:
             print(f"urlvr: note: {note}")
     if recipe.mode == "test_time" and len(records) > 128 and dist.is_main:
-        print(f"urlvr: warning: test-time training on {len(records)} prompts; the paper finds it safe up to ~128 (§5.2)")
+        print(f"urlvr: warning: test-time training on {len(records)} prompts; the paper finds it safe up to ~128 (§5.2)",
+              flush=True)
     return RunParts(
         tokenizer=tokenizer, actor=actor, reference=reference, engine=engine,
         records={r.prompt_id: r for r in records}, prompts=by_id, stream=stream,

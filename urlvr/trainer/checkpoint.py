@@ -60,6 +60,11 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of checkpoint folder `path` (`step-000012` -> 12)."""
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None

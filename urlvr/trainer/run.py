@@ -16,12 +16,15 @@ from urlvr.metrics.collapse import Alarm, CollapseMonitor
 from urlvr.metrics.evaluation import evaluate
 from urlvr.metrics.loggers import read_jsonl
 from urlvr.recipe import Recipe, RecipeError, load_recipe
+from urlvr.recipe.changes import FieldChange
 from urlvr.dist import barrier, init_distributed
+from urlvr.progress import format_seconds
 from urlvr.trainer import checkpoint
 from urlvr.trainer.build import build_run
 from urlvr.trainer.greedy_probe import greedy_rows
 from urlvr.trainer.loop import grpo_step
 from urlvr.trainer.outputs import RunOutputs
+from urlvr.trainer.resume import record_resume, resume_changes
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Trainer:
         if resume is not None:
             self.recipe = self.recipe.model_copy(update={"output_dir": Path(resume)})
         self.resume = resume is not None
+        self.changes: list[FieldChange] = []  # what this resume changes (main rank; trainer/resume.py)
         self.run_dir = Path(self.recipe.output_dir)
         self._preflight()
 
@@ -55,6 +59,9 @@ class Trainer:
         if not self.resume and ((self.run_dir / "metrics.jsonl").exists() or checkpoint.complete_checkpoints(self.run_dir)):
             raise RecipeError(f"{self.run_dir}: run directory already holds a run; pass --resume {self.run_dir} "
                               "to continue it or set output_dir to a new folder")
+        latest = checkpoint.latest_checkpoint(self.run_dir) if self.resume else None
+        if latest is not None:  # a change the checkpoint cannot honour fails before the model loads
+            resume_changes(self.run_dir, self.recipe, checkpoint.checkpoint_step(latest))
 
     def fit(self) -> RunResult:
         recipe, run_dir = self.recipe, self.run_dir
@@ -76,6 +83,8 @@ class Trainer:
                         resume=self.resume) as out:
             if resume_from is not None:
                 out.say(f"urlvr: resuming from step {start_step} ({resume_from})")
+                if dist.is_main:
+                    self._record_changes(start_step, out)
             if start_step == 0:  # the starting point: evaluation and greedy probe before any update
                 if recipe.eval.at_start:
                     self._evaluate(parts, 0, out, result)
@@ -159,7 +168,10 @@ class Trainer:
         if rank == 0:
             self._lock = checkpoint.lock_run_dir(run_dir)  # held until the process ends
         if self.resume:
-            return checkpoint.agreed_latest_checkpoint(run_dir)  # every rank must see the same one
+            latest = checkpoint.agreed_latest_checkpoint(run_dir)  # every rank must see the same one
+            if rank == 0:  # said and recorded once the run is sure to train (a finished run stays untouched)
+                self.changes = resume_changes(run_dir, self.recipe, checkpoint.checkpoint_step(latest))
+            return latest
         if rank == 0:
             if (run_dir / "metrics.jsonl").exists() or checkpoint.complete_checkpoints(run_dir):
                 raise RecipeError(
@@ -169,6 +181,15 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
         return None
+
+    def _record_changes(self, step: int, out: RunOutputs) -> None:
+        """Say each field this resume changes (old -> new) and record the recipe that now trains
+        (`recipe.resume-<step>.yaml`); main rank only (trainer/resume.py)."""
+        if self.changes:
+            path = record_resume(self.run_dir, self.recipe, step)
+            count = len(self.changes)
+            out.say(f"urlvr: resuming from step {step} with {count} changed field{'s' if count > 1 else ''} "
+                    f"(recorded in {path}):", *(f"  {change}" for change in self.changes))
 
     def _run_eval(self, parts) -> dict[str, float]:
         ev, sampling = self.recipe.eval, parts.settings.eval_sampling()
@@ -184,8 +205,15 @@ class Trainer:
         return metrics
 
     def _evaluate(self, parts, step: int, out: RunOutputs, result: RunResult) -> None:
-        """One evaluation (before step 1, every K steps, or after the last step) -> eval.jsonl."""
+        """One evaluation (before step 1, every K steps, or after the last step) -> eval.jsonl.
+        A line before and one after: an evaluation of hundreds of prompts is one long silence in a
+        log file otherwise (the step lines stop while it runs)."""
+        prompts = len(parts.eval_prompts) + sum(len(p) for _, p in parts.held_out.values())
+        out.say(f"urlvr: evaluating at step {step}: {prompts} prompts x {self.recipe.eval.samples_per_prompt} samples"
+                + (" on this rank" if parts.settings.world_size > 1 else ""))
+        started = time.time()
         metrics = self._run_eval(parts)
+        out.say(f"urlvr: evaluated at step {step} in {format_seconds(time.time() - started)}")
         self.monitor.observe_eval(metrics)
         result.evaluations.append({"step": step, **metrics})
         out.evaluation(step, metrics)

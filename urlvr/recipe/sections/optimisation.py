@@ -146,7 +146,8 @@ class TrainerSection(Section):
     on the largest. None = `micro_batch_size` sequences per forward. The loss is unchanged.
     A starting value: `micro_batch_size` x (longest prompt + `rollout.max_new_tokens`), the memory
     of a fixed micro-batch of full-length rows; `micro_batch_size` is then not used. A budget
-    below one row's length runs one row per forward."""
+    below one full-length row (longest prompt + `rollout.max_new_tokens`) is warned about once at
+    start: a longer row runs alone, over the budget (docs/troubleshooting.md)."""
     bucket_by_length: bool = False
     """Sort a mini-batch's rows by length before cutting `micro_batch_size`-row micro-batches, so
     each forward's padding is small (every micro-batch is trimmed to its own longest row anyway).
