@@ -124,3 +124,19 @@ def test_weight_decay_zero_without_an_exclusion_still_loads(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text("optim: {weight_decay: 0.0}\nmodel: {lora: {rank: 4}}\n")
     assert load_recipe(path).optim.weight_decay == 0.0
+
+
+def test_a_resume_cannot_change_the_parameter_groups(tmp_path):
+    """The checkpoint's optimizer state holds the old groups: a resume that changes
+    `optim.weight_decay_exclude` is refused before anything loads, naming the field."""
+    import yaml
+
+    from urlvr.errors import RecipeError
+    from urlvr.recipe import load_recipe
+    from urlvr.trainer.resume import resume_changes
+
+    old = load_recipe({"optim": {"weight_decay": 0.1}})
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(old.model_dump(mode="json")))
+    new = load_recipe({"optim": {"weight_decay": 0.1, "weight_decay_exclude": "norms_and_biases"}})
+    with pytest.raises(RecipeError, match="optim.weight_decay_exclude.*parameter groups"):
+        resume_changes(tmp_path, new, 1)

@@ -36,6 +36,8 @@ FIXED_BY_CHECKPOINT: dict[str, str] = {
     "optim.betas": _OPTIMIZER_STATE,
     "optim.adam_eps": _OPTIMIZER_STATE,
     "optim.weight_decay": _OPTIMIZER_STATE,
+    "optim.weight_decay_exclude": "the checkpoint's optimizer state is laid out in the old parameter groups "
+                                  "(one group, or decayed and not decayed)",
 }
 
 _RESUME_FILE = re.compile(r"^recipe\.resume-(\d+)\.yaml$")
