@@ -24,7 +24,8 @@ LONG = {"rollout": {"group_size": 4, "max_new_tokens": 64},
 PATHS = {
     "full": {},
     "lora_dropout": {"model": {"lora": {"rank": 4, "dropout": 0.5}}, "optim": {"lr": 1e-2}},
-    "padding_free": {"trainer": {**LONG["trainer"], "padding_free": True, "max_tokens_per_micro_batch": 400}},
+    "padding_free": {"trainer": {**{k: v for k, v in LONG["trainer"].items() if k != "micro_batch_size"},
+                                 "padding_free": True, "max_tokens_per_micro_batch": 400}},
     "zero3": {"optim": {"lr": 1e-3, "deepspeed": {"zero_stage": 3}}},
     "logits_head": {"algorithm": {"entropy_coef": 0.01}},  # entropy needs gradients: no recomputing LM head
 }

@@ -26,7 +26,8 @@ class LoraSection(Section):
     embeddings cannot be targeted (tied with each other in many models)."""
     export_merged: bool = False
     """Also write the merged model (base + adapters, loadable with `AutoModelForCausalLM`) to
-    `<export>/merged/` beside the adapter."""
+    `<export>/merged/` beside the adapter (needs an export: `trainer.export_final_model`, or
+    `collapse.action: stop`, which exports the best checkpoint)."""
 
     @field_validator("target_modules")
     @classmethod
