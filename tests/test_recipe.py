@@ -361,6 +361,14 @@ INERT_KNOBS = {
     "best_mode_without_metric": ({"collapse": {"best_mode": "min"}}, "collapse: best_mode min ranks best_metric, which is null"),
     "sample_seed_without_sample": ({"data": {"source": {"kind": "adapter", "dataset": "aime-2024", "sample_seed": 3}}},
                                    "data.source.adapter: sample_seed seeds the draw of sample_size rows, which is null"),
+    "collapse_threshold_without_oracle": ({"reward": {"oracle": None}, "collapse": {"smoothing_window": 3}},
+                                          "collapse.smoothing_window applies to the Model Collapse Step, which this "
+                                          "recipe never measures (reward.oracle is null)"),
+    "collapse_threshold_for_other_rewards": ({"reward": {"terms": [{"name": "format"}]},
+                                              "collapse": {"reward_accuracy_threshold": 0.05}},
+                                             "the training reward's family is other, neither a verdict nor a certainty"),
+    "collapse_action_without_alarms": ({"reward": {"oracle": None}, "collapse": {"action": "stop", "detectors": []}},
+                                       "collapse.action stop: nothing can raise an alarm"),
     "vllm_kwarg_of_a_field": ({"rollout": {"engine": {"name": "vllm", "kwargs": {"gpu_memory_utilization": 0.5}}}},
                               "rollout.engine.kwargs: gpu_memory_utilization is set by rollout.engine.gpu_memory_utilization"),
     "vllm_kwarg_urlvr_needs": ({"rollout": {"engine": {"name": "vllm", "kwargs": {"logprobs_mode": "raw_logprobs"}}}},
@@ -394,6 +402,8 @@ def test_a_knob_that_would_do_nothing_is_refused_naming_the_combination(tmp_path
     {"mode": "test_time", "eval": {"source": ARITH, "samples_per_prompt": 4}},
     {"logging": {"wandb": {"project": "mine", "enabled": True}, "tensorboard": {"log_dir": "tb", "enabled": True}}},
     {"collapse": {"best_mode": "min", "best_metric": "eval/maj@32"}},
+    {"collapse": {"smoothing_window": 3, "action": "stop", "detectors": []}},
+    {"reward": {"oracle": None}, "collapse": {"action": "stop"}},
     {"data": {"source": {"kind": "adapter", "dataset": "aime-2024", "sample_seed": 3, "sample_size": 10}}},
     {"rollout": {"engine": {"name": "vllm", "kwargs": {"swap_space": 1}}}},
 ])

@@ -68,6 +68,8 @@ def mcs_recipe(base: dict[str, Any], model: str, output_dir: Path, *, max_steps:
     else:
         recipe["reward"]["oracle"] = None
         recipe["collapse"].setdefault("detectors", LABEL_FREE_DETECTORS)
+        for knob in ("reward_accuracy_threshold", "smoothing_window"):  # no labels: no Model Collapse Step
+            recipe["collapse"].pop(knob, None)
     return recipe
 
 

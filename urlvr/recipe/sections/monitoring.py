@@ -153,9 +153,11 @@ class CollapseSection(Section):
     reward_accuracy_threshold: float = Field(0.01, ge=0.0, le=1.0)
     """Model Collapse Step (paper §6): the first step whose Reward Accuracy is below this (paper:
     1%); for certainty rewards, whose top-reward Label Accuracy is (docs/dynamics.md). Needs
-    labels (metrics only); written to summary.json."""
+    labels (metrics only) and `reward.oracle` (a value other than the default is refused without
+    it, or for a reward that is neither a verdict nor a certainty); written to summary.json."""
     smoothing_window: int = Field(1, ge=1, le=10_000)
-    """The collapse metric is averaged over this many trailing steps before the threshold; 1 = raw (paper)."""
+    """The collapse metric is averaged over this many trailing steps before the threshold; 1 = raw
+    (paper). Needs the Model Collapse Step, as `reward_accuracy_threshold` does."""
     detectors: list[DetectorSpec] = Field(default_factory=_default_detectors)
     """Label-free early warnings, each firing once; [] = none."""
     action: Literal["warn", "stop", "checkpoint"] = "warn"

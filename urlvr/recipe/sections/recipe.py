@@ -166,3 +166,20 @@ class Recipe(Section):
             raise ValueError("model.lora.export_merged: nothing is exported (trainer.export_final_model false, and "
                              "collapse.action is not stop, which exports the best checkpoint): drop one")
         return self
+
+    @model_validator(mode="after")
+    def _collapse_knobs_need_a_signal(self) -> Recipe:
+        from urlvr.rewards.compose import reward_family
+
+        collapse, oracle = self.collapse, self.reward.oracle
+        family, _ = reward_family([(term.name, term.weight) for term in self.reward.terms])
+        unmeasured = ("reward.oracle is null" if oracle is None else f"the training reward's family is {family}, "
+                      "neither a verdict nor a certainty" if family not in ("verdict", "certainty") else None)
+        changed = collapse.changed("reward_accuracy_threshold", "smoothing_window")
+        if changed and unmeasured:
+            raise ValueError(f"collapse.{changed[0]} applies to the Model Collapse Step, which this recipe never "
+                             f"measures ({unmeasured}): drop it")
+        if collapse.changed("action") and not collapse.detectors and unmeasured:
+            raise ValueError(f"collapse.action {collapse.action}: nothing can raise an alarm (collapse.detectors is "
+                             f"empty, and no Model Collapse Step: {unmeasured}): drop it")
+        return self
