@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from urlvr.metrics.dynamics import majority_ratios
 from urlvr.recipe.sections.base import VariantSection, check_variant_name
@@ -33,7 +33,16 @@ class GroupFilter(VariantSection):
     max_rounds: int = Field(3, ge=1, le=64)
     """Generation rounds per step at most, the first included; each round draws one more global
     batch of `trainer.prompts_per_step` prompts. When the cap is hit before the step has its
-    informative groups, the rest is filled with filtered groups (fill_priority order)."""
+    informative groups, the rest is filled with filtered groups (fill_priority order). At least 2:
+    one round never refills, so every drawn group would train, as with `none`."""
+
+    @field_validator("max_rounds")
+    @classmethod
+    def _a_refill_round(cls, rounds: int) -> int:
+        if rounds < 2:
+            raise ValueError("max_rounds 1 never refills: every drawn group trains, as with dynamic_sampling none "
+                             "(use 2 or more, or none)")
+        return rounds
 
     def keep(self, rewards: torch.Tensor, voters: Sequence[Sequence[str | None]]) -> torch.Tensor:
         """`[B, G] rewards, B voter answer lists -> [B] bool`: True = informative, trains."""
