@@ -314,6 +314,9 @@ INERT_KNOBS = {
                            "optim.deepspeed: offload_optimizer needs zero_stage 1, 2 or 3"),
     "override_of_grad_clip": ({"optim": {"deepspeed": {"zero_stage": 2, "config_overrides": {"gradient_clipping": 0.5}}}},
                               "config_overrides.gradient_clipping is set by optim.grad_clip"),
+    "override_of_checkpointing": ({"optim": {"deepspeed": {"config_overrides": {"activation_checkpointing": {
+                                      "partition_activations": True}}}}},
+                                  "config_overrides.activation_checkpointing is set by model.gradient_checkpointing"),
     "override_of_zero_stage": ({"optim": {"deepspeed": {"config_overrides": {"zero_optimization": {"stage": 3}}}}},
                                "config_overrides.zero_optimization.stage is set by optim.deepspeed.zero_stage"),
     "lr_floor_without_decay": ({"optim": {"min_lr_ratio": 0.1}}, "optim: min_lr_ratio (0.1) is the floor of the cosine"),

@@ -112,6 +112,8 @@ _MODELLED_DEEPSPEED_KEYS = {
     "zero_optimization.offload_optimizer": "optim.deepspeed.offload_optimizer",
     "bf16": "optim.deepspeed.precision", "fp16": "optim.deepspeed.precision (fp32 or bf16)",
     "gradient_clipping": "optim.grad_clip",
+    "activation_checkpointing": "model.gradient_checkpointing (DeepSpeed's section acts only in model code that "
+                                "calls deepspeed.checkpointing, which transformers models do not)",
     "optimizer": "optim (urlvr builds AdamW from lr, betas, adam_eps, weight_decay)",
     "scheduler": "optim (warmup_steps, schedule, min_lr_ratio)",
     "train_micro_batch_size_per_gpu": "trainer (micro_batch_size or max_tokens_per_micro_batch)",
