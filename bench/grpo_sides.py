@@ -272,6 +272,7 @@ def run_urlvr(settings: dict, work_dir: Path) -> dict:
     token_budget = urlvr_token_budget(settings)
     if token_budget is not None:
         recipe["trainer"]["max_tokens_per_micro_batch"] = token_budget
+        del recipe["trainer"]["micro_batch_size"]  # not used beside a budget (and refused there)
         if settings.get("padding_free"):
             recipe["trainer"]["padding_free"] = True
     rollouts = RecordedRollouts()

@@ -117,6 +117,7 @@ def test_recipe_checks_adapter_names_paths_and_subsets():
         load_recipe({"data": {"source": {"kind": "adapter", "dataset": "dapo-17k", "path": "nowhere.jsonl"}}})
     with pytest.raises(RecipeError, match="give limit or sample_size, not both"):
         load_recipe({"data": {"source": {"kind": "adapter", "dataset": "dapo-17k", "limit": 2, "sample_size": 2}}})
-    recipe = load_recipe({"eval": {"source": {"kind": "adapter", "dataset": "aime-2024", "path": fixture("aime-2024")},
+    recipe = load_recipe({"eval": {"at_end": True,
+                                   "source": {"kind": "adapter", "dataset": "aime-2024", "path": fixture("aime-2024")},
                                    "held_out": {"amc": {"kind": "adapter", "dataset": "amc-2023"}}}})
     assert recipe.eval.source.dataset == "aime-2024" and recipe.eval.held_out["amc"].dataset == "amc-2023"

@@ -202,7 +202,7 @@ def test_an_override_that_empties_or_replaces_a_section_names_it(tmp_path, overr
 def test_overrides_parse_yaml_values(tmp_path):
     path = write(tmp_path, {"trainer": {"total_steps": 3}})
     recipe = load_recipe(path, ["trainer.total_steps=7", "rollout.stop_token_ids=[1, 2]", "eval.max_new_tokens=null",
-                                "algorithm.loss.dual_clip_c=3"])
+                                "algorithm.loss.dual_clip_c=3", "trainer.ppo_epochs=2"])  # a clip needs a ratio off 1
     assert recipe.trainer.total_steps == 7
     assert recipe.rollout.stop_token_ids == [1, 2]
     assert recipe.algorithm.loss.dual_clip_c == 3.0
@@ -347,3 +347,143 @@ def test_recipe_changes_name_each_leaf_old_to_new():
         '  mode: (absent) -> "train"']
     assert [c.added for c in changes] == [False, False, False, True]
     assert recipe_changes(old, old) == []
+
+
+# A recipe knob acts on every path it is accepted on; where a combination leaves it inert, the
+# recipe is refused at load time in one line naming the combination (issue 19's audit).
+ARITH = {"kind": "arithmetic", "num_problems": 8}
+INERT_KNOBS = {
+    "offload_at_stage_0": ({"optim": {"deepspeed": {"offload_optimizer": True}}},
+                           "optim.deepspeed: offload_optimizer needs zero_stage 1, 2 or 3"),
+    "override_of_grad_clip": ({"optim": {"deepspeed": {"zero_stage": 2, "config_overrides": {"gradient_clipping": 0.5}}}},
+                              "config_overrides.gradient_clipping is set by optim.grad_clip"),
+    "override_of_checkpointing": ({"optim": {"deepspeed": {"config_overrides": {"activation_checkpointing": {
+                                      "partition_activations": True}}}}},
+                                  "config_overrides.activation_checkpointing is set by model.gradient_checkpointing"),
+    "override_of_zero_stage": ({"optim": {"deepspeed": {"config_overrides": {"zero_optimization": {"stage": 3}}}}},
+                               "config_overrides.zero_optimization.stage is set by optim.deepspeed.zero_stage"),
+    "lr_floor_without_decay": ({"optim": {"min_lr_ratio": 0.1}}, "optim: min_lr_ratio (0.1) is the floor of the cosine"),
+    "epochs_beside_steps": ({"trainer": {"total_steps": 10, "data_epochs": 3}},
+                            "trainer: data_epochs (3) counts the steps only when total_steps is null"),
+    "bucketing_beside_budget": ({"trainer": {"max_tokens_per_micro_batch": 512, "bucket_by_length": True}},
+                                "trainer: bucket_by_length is implied by max_tokens_per_micro_batch"),
+    "rows_beside_budget": ({"trainer": {"max_tokens_per_micro_batch": 512, "micro_batch_size": 4}},
+                           "trainer: micro_batch_size (4) is not used with max_tokens_per_micro_batch"),
+    "kl_estimator_without_penalty": ({"algorithm": {"kl_estimator": "k2"}},
+                                     "algorithm.kl_estimator k2 estimates the KL penalty, which is off"),
+    "kl_metric_period_beside_penalty": ({"algorithm": {"kl_coef": 0.01}, "dynamics": {"kl_to_initial_every": 5}},
+                                        "dynamics.kl_to_initial_every (5): with algorithm.kl_coef > 0"),
+    "reference_on_cpu_beside_penalty": ({"algorithm": {"kl_coef": 0.01}, "dynamics": {"kl_reference_device": "cpu"}},
+                                        "there is no such copy with algorithm.kl_coef > 0"),
+    "reference_on_cpu_under_lora": ({"model": {"lora": {}},
+                                     "dynamics": {"kl_to_initial_every": 5, "kl_reference_device": "cpu"}},
+                                    "there is no such copy under model.lora"),
+    "reference_on_cpu_without_kl": ({"dynamics": {"kl_reference_device": "cpu"}}, "there is no such copy when no KL"),
+    "eps_without_std_dr_grpo": ({"algorithm": {"advantage": "dr_grpo", "advantage_eps": 1e-3}},
+                                "advantage dr_grpo does not divide by it"),
+    "eps_without_std_rloo": ({"algorithm": {"advantage": "rloo", "advantage_eps": 1e-3}},
+                             "advantage rloo does not divide by it"),
+    "ppo_clip_on_policy": ({"algorithm": {"loss": {"name": "ppo_clip", "clip_eps_high": 0.28}}},
+                           "algorithm.loss.clip_eps_high acts on the importance ratio, which is exactly 1"),
+    "dual_clip_on_policy": ({"algorithm": {"loss": {"name": "ppo_clip", "dual_clip_c": 3}}},
+                            "algorithm.loss.dual_clip_c acts on the importance ratio"),
+    "gspo_clip_on_policy": ({"algorithm": {"loss": {"name": "gspo", "clip_eps_low": 1e-3}}},
+                            "algorithm.loss.clip_eps_low acts on the importance ratio"),
+    "cispo_clip_on_policy": ({"algorithm": {"loss": {"name": "cispo", "clip_eps_low": 0.2}}},
+                             "algorithm.loss.clip_eps_low acts on the importance ratio"),
+    "raw_certainty_at_temperature_1": ({"reward": {"certainty_logits": "raw", "terms": [{"name": "self_certainty"}]}},
+                                       "reward.certainty_logits raw equals scaled at rollout.temperature 1.0"),
+    "raw_certainty_without_statistics": ({"reward": {"certainty_logits": "raw"}, "rollout": {"temperature": 0.7}},
+                                         "no reward term reads any"),
+    "merged_export_without_export": ({"model": {"lora": {"export_merged": True}}, "trainer": {"export_final_model": False}},
+                                     "model.lora.export_merged: nothing is exported"),
+    "eval_source_without_eval": ({"eval": {"source": ARITH}}, "eval.source is set but no evaluation runs"),
+    "eval_samples_without_eval": ({"eval": {"samples_per_prompt": 4}}, "eval.samples_per_prompt is set but no evaluation"),
+    "held_out_without_eval": ({"eval": {"held_out": {"more": ARITH}}}, "eval.held_out is set but no evaluation runs"),
+    "wandb_project_without_wandb": ({"logging": {"wandb": {"project": "mine"}}},
+                                    "logging.wandb: project is set but wandb is off"),
+    "tensorboard_folder_without_tensorboard": ({"logging": {"tensorboard": {"log_dir": "tb"}}},
+                                               "logging.tensorboard: log_dir is set but tensorboard is off"),
+    "best_mode_without_metric": ({"collapse": {"best_mode": "min"}}, "collapse: best_mode min ranks best_metric, which is null"),
+    "sample_seed_without_sample": ({"data": {"source": {"kind": "adapter", "dataset": "aime-2024", "sample_seed": 3}}},
+                                   "data.source.adapter: sample_seed seeds the draw of sample_size rows, which is null"),
+    "collapse_threshold_without_oracle": ({"reward": {"oracle": None}, "collapse": {"smoothing_window": 3}},
+                                          "collapse.smoothing_window applies to the Model Collapse Step, which this "
+                                          "recipe never measures (reward.oracle is null)"),
+    "collapse_threshold_for_other_rewards": ({"reward": {"terms": [{"name": "format"}]},
+                                              "collapse": {"reward_accuracy_threshold": 0.05}},
+                                             "the training reward's family is other, neither a verdict nor a certainty"),
+    "collapse_action_without_alarms": ({"reward": {"oracle": None}, "collapse": {"action": "stop", "detectors": []}},
+                                       "collapse.action stop: nothing can raise an alarm"),
+    "dynamic_sampling_without_refill": ({"trainer": {"total_steps": 5},
+                                         "rollout": {"dynamic_sampling": {"name": "zero_variance", "max_rounds": 1}}},
+                                        "rollout.dynamic_sampling: max_rounds 1 never refills"),
+    "one_round_of_the_training_batch": ({"trainer": {"total_steps": 5, "prompts_per_step": 4, "prompts_per_minibatch": 4},
+                                         "rollout": {"dynamic_sampling": {"name": "zero_variance", "max_rounds": 1,
+                                                                          "prompts_per_round": 4}}},
+                                        "one round of prompts_per_round (4) = trainer.prompts_per_step never refills"),
+    "vllm_kwarg_of_a_field": ({"rollout": {"engine": {"name": "vllm", "kwargs": {"gpu_memory_utilization": 0.5}}}},
+                              "rollout.engine.kwargs: gpu_memory_utilization is set by rollout.engine.gpu_memory_utilization"),
+    "vllm_kwarg_urlvr_needs": ({"rollout": {"engine": {"name": "vllm", "kwargs": {"logprobs_mode": "raw_logprobs"}}}},
+                               "rollout.engine.kwargs: logprobs_mode is urlvr's"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INERT_KNOBS))
+def test_a_knob_that_would_do_nothing_is_refused_naming_the_combination(tmp_path, case):
+    recipe, message = INERT_KNOBS[case]
+    error = error_of(tmp_path, recipe)
+    assert message in error and "\n" not in error, error
+
+
+@pytest.mark.parametrize("recipe", [
+    {"optim": {"deepspeed": {"offload_optimizer": True, "zero_stage": 1}}},
+    {"optim": {"deepspeed": {"config_overrides": {"zero_optimization": {"reduce_bucket_size": 50000000}}}}},
+    {"optim": {"min_lr_ratio": 0.1, "schedule": "cosine"}},
+    {"trainer": {"data_epochs": 3}},
+    {"trainer": {"bucket_by_length": True, "micro_batch_size": 4}},
+    {"trainer": {"max_tokens_per_micro_batch": 512}},
+    {"algorithm": {"kl_estimator": "k2", "kl_coef": 0.01}},
+    {"dynamics": {"kl_to_initial_every": 5, "kl_reference_device": "cpu"}},
+    {"algorithm": {"advantage": "grpo", "advantage_eps": 1e-3}},
+    {"algorithm": {"loss": {"name": "ppo_clip", "clip_eps_high": 0.28}}, "trainer": {"prompts_per_minibatch": 32}},
+    {"algorithm": {"loss": {"name": "ppo_clip", "clip_eps_high": 0.28}}, "trainer": {"ppo_epochs": 2}},
+    {"algorithm": {"loss": {"name": "ppo_clip", "clip_eps_high": 0.28}}, "model": {"lora": {"dropout": 0.1}}},
+    {"reward": {"certainty_logits": "raw", "terms": [{"name": "self_certainty"}]}, "rollout": {"temperature": 0.7}},
+    {"model": {"lora": {"export_merged": True}}, "trainer": {"export_final_model": False}, "collapse": {"action": "stop"}},
+    {"eval": {"source": ARITH, "samples_per_prompt": 4, "held_out": {"more": ARITH}, "at_end": True}},
+    {"mode": "test_time", "eval": {"source": ARITH, "samples_per_prompt": 4}},
+    {"logging": {"wandb": {"project": "mine", "enabled": True}, "tensorboard": {"log_dir": "tb", "enabled": True}}},
+    {"collapse": {"best_mode": "min", "best_metric": "eval/maj@32"}},
+    {"collapse": {"smoothing_window": 3, "action": "stop", "detectors": []}},
+    {"reward": {"oracle": None}, "collapse": {"action": "stop"}},
+    {"data": {"source": {"kind": "adapter", "dataset": "aime-2024", "sample_seed": 3, "sample_size": 10}}},
+    {"rollout": {"engine": {"name": "vllm", "kwargs": {"swap_space": 1}}}},
+    # one round larger than the training batch chooses its informative groups (DAPO's oversampling)
+    {"trainer": {"total_steps": 5, "prompts_per_step": 4, "prompts_per_minibatch": 4},
+     "rollout": {"dynamic_sampling": {"name": "zero_variance", "max_rounds": 1, "prompts_per_round": 12}}},
+])
+def test_the_same_knobs_load_where_they_act(recipe):
+    load_recipe(recipe)
+
+
+def test_a_resolved_recipe_reloads(tmp_path):
+    """The checks read values, not which keys a file spelled out: the run folder's recipe.yaml
+    (every field written) loads again, also for a recipe that switches knobs on where they act."""
+    recipe = load_recipe({"optim": {"min_lr_ratio": 0.1, "schedule": "cosine"}, "trainer": {"ppo_epochs": 2},
+                          "algorithm": {"loss": {"name": "ppo_clip", "clip_eps_high": 0.28}, "advantage": "rloo"}})
+    assert load_recipe(yaml.safe_load(yaml.safe_dump(recipe.model_dump(mode="json")))) == recipe
+
+
+def test_vllm_cpu_kv_cache_size_refused_where_it_does_nothing():
+    from urlvr.rollout.vllm_engine import VLLMEngineSection, check_kv_cache_size
+
+    sized = VLLMEngineSection(cpu_kv_cache_gib=4)
+    check_kv_cache_size(sized, True, None)
+    check_kv_cache_size(sized, True, "4")
+    check_kv_cache_size(VLLMEngineSection(), False, None)  # the default: nothing asked
+    with pytest.raises(RecipeError, match=r"^rollout.engine.cpu_kv_cache_gib sizes the KV cache of vLLM's CPU backend; "
+                                          r"on an accelerator gpu_memory_utilization sizes it"):
+        check_kv_cache_size(sized, False, None)
+    with pytest.raises(RecipeError, match=r"cpu_kv_cache_gib \(4\) differs from VLLM_CPU_KVCACHE_SPACE=8"):
+        check_kv_cache_size(sized, True, "8")

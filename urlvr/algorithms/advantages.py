@@ -4,6 +4,8 @@ GRPO has no value network: the baseline of a response is the mean reward of the 
 responses to the same prompt. Every estimator maps rewards `[num_groups, group_size]` to
 advantages of the same shape; the trainer broadcasts each one over its response's tokens.
 Chosen by name (`algorithm.advantage` in the recipe) through `ADVANTAGE_ESTIMATORS`.
+An estimator that never divides by a group's std sets `uses_eps = False` on itself: the recipe
+then refuses a non-default `algorithm.advantage_eps`, which would do nothing.
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ def dr_grpo_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, **kw: Any) -
     return group_normalized_advantages(rewards, scale_by_std=False, eps=eps)
 
 
+dr_grpo_advantages.uses_eps = False
+
+
 @ADVANTAGE_ESTIMATORS.register("rloo")
 def rloo_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, **kw: Any) -> torch.Tensor:
     """A_ij = r_ij - (1/(N-1)) Σ_{k≠j} r_ik = N/(N-1) · (r_ij - mean_k r_ik) (`eps` unused); size-1 groups -> 0.
@@ -107,3 +112,6 @@ def rloo_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, **kw: Any) -> t
     centered = group_normalized_advantages(rewards, scale_by_std=False, eps=eps)  # [G, N]
     group_size = rewards.shape[1]
     return centered if group_size < 2 else centered * (group_size / (group_size - 1))
+
+
+rloo_advantages.uses_eps = False

@@ -13,7 +13,7 @@ gradient, scaled by a bounded weight.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -63,6 +63,7 @@ class CISPOLoss(PolicyLoss):
     weight; logs `clip_fraction` (tokens whose weight was clipped) and `ratio_mean/min/max`."""
 
     name: Literal["cispo"] = "cispo"
+    ratio_knobs: ClassVar[tuple[str, ...]] = ("clip_eps_low", "clip_eps_high")
     clip_eps_low: float | None = Field(None, ge=0.0, le=1.0)
     """Lower clip of the weight at 1 - clip_eps_low; null = no lower bound (MiniMax-M1: none imposed)."""
     clip_eps_high: float = Field(0.28, ge=0.0)

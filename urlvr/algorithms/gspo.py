@@ -14,7 +14,7 @@ drops whole responses. Its clip ranges are therefore tiny (Sec. 5.1: 3e-4 and 4e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -96,6 +96,7 @@ class GSPOLoss(PolicyLoss):
     logs `clip_fraction` (responses), `token_clip_fraction` and `ratio_mean/min/max` (of s_i)."""
 
     name: Literal["gspo"] = "gspo"
+    ratio_knobs: ClassVar[tuple[str, ...]] = ("clip_eps_low", "clip_eps_high")
     clip_eps_low: float = Field(3e-4, ge=0.0, le=1.0)
     """Lower clip range of the sequence ratio: s_i clipped at 1 - clip_eps_low (paper, Sec. 5.1: 3e-4)."""
     clip_eps_high: float = Field(4e-4, ge=0.0, le=10.0)

@@ -13,7 +13,7 @@ the loop, the schema, the docs and the error messages pick it up from `POLICY_LO
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -42,7 +42,12 @@ class PolicyLoss(VariantSection):
     A loss that reads statistics of the CURRENT policy's next-token distribution (entropy, ...)
     names them in `stats()`: the training forward then computes them, with gradient, and the
     trainer passes them as `token_stats={name: [B, T]}`. A loss that needs none keeps the
-    four-argument call; the keyword is passed only when `stats()` is not empty."""
+    four-argument call; the keyword is passed only when `stats()` is not empty.
+
+    `ratio_knobs` names the fields that act through the importance ratio only (clip ranges): in an
+    on-policy recipe the ratio is exactly 1, so the recipe refuses a non-default value there."""
+
+    ratio_knobs: ClassVar[tuple[str, ...]] = ()
 
     def stats(self) -> tuple[str, ...]:
         """Token statistics (names in `TOKEN_STATS`) the training forward computes for this loss."""
@@ -152,6 +157,7 @@ class PPOClipLoss(PolicyLoss):
     optional dual clip; logs `clip_fraction`, `dual_clip_fraction`, `ratio_mean/min/max`."""
 
     name: Literal["ppo_clip"] = "ppo_clip"
+    ratio_knobs: ClassVar[tuple[str, ...]] = ("clip_eps_low", "clip_eps_high", "dual_clip_c")
     clip_eps_low: float = Field(0.2, ge=0.0, le=1.0)
     """Lower clip range: ratio clipped at 1 - clip_eps_low."""
     clip_eps_high: float = Field(0.2, ge=0.0, le=10.0)

@@ -28,9 +28,8 @@ from urlvr.metrics.loggers import read_jsonl
 # the diagnostic: §6.3's aggressive settings, stop at collapse; everything else is the base recipe's
 MCS_SETTINGS: dict[str, Any] = {
     "rollout": {"group_size": 8},
-    "reward": {"terms": [{"name": "majority_vote"}], "vote_group_size": None},
+    "reward": {"terms": [{"name": "majority_vote"}], "vote_group_size": None, "certainty_logits": "scaled"},
     "trainer": {"prompts_per_minibatch": 1, "save_every": 0, "export_final_model": False},  # MBS = 1 prompt
-    "eval": {"every_steps": 0, "at_start": False, "at_end": False},
     "collapse": {"action": "stop"},
     "logging": {"completions_per_step": 0},
 }
@@ -56,18 +55,22 @@ def mcs_recipe(base: dict[str, Any], model: str, output_dir: Path, *, max_steps:
     recipe = json.loads(json.dumps(base))  # deep copy of plain data
     for section, values in MCS_SETTINGS.items():
         recipe[section] = {**recipe.get(section, {}), **values}
+    recipe.pop("eval", None)  # no evaluation: the base's eval knobs would do nothing, and are refused
     recipe["model"] = {**recipe.get("model", {}), "path": model}
     recipe["output_dir"] = str(output_dir)
     recipe["trainer"]["total_steps"] = max_steps
     recipe["trainer"].setdefault("prompts_per_step", 32)  # §6.3 (Table 3): batch 32
-    micro = recipe["trainer"].get("micro_batch_size", 8)
-    recipe["trainer"]["micro_batch_size"] = min(micro, recipe["rollout"]["group_size"])  # fits one prompt's group
+    if recipe["trainer"].get("max_tokens_per_micro_batch") is None:  # a token budget cuts micro-batches itself
+        micro = recipe["trainer"].get("micro_batch_size", 8)
+        recipe["trainer"]["micro_batch_size"] = min(micro, recipe["rollout"]["group_size"])  # fits one prompt's group
     if labels:
         recipe["reward"]["oracle"] = recipe["reward"].get("oracle") or "ground_truth"
         recipe["collapse"].setdefault("detectors", [])  # the Model Collapse Step alone stops the run
     else:
         recipe["reward"]["oracle"] = None
         recipe["collapse"].setdefault("detectors", LABEL_FREE_DETECTORS)
+        for knob in ("reward_accuracy_threshold", "smoothing_window"):  # no labels: no Model Collapse Step
+            recipe["collapse"].pop(knob, None)
     return recipe
 
 

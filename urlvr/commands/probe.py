@@ -80,7 +80,8 @@ def probe_recipe(base: dict[str, Any], model: str, rewards: Sequence[str], *, gr
     trainer = recipe.setdefault("trainer", {})
     trainer["prompts_per_minibatch"] = trainer.get("prompts_per_step", 64)
     samples = trainer["prompts_per_minibatch"] * recipe.get("rollout", {}).get("group_size", 8)
-    trainer["micro_batch_size"] = min(trainer.get("micro_batch_size", 8), samples)
+    if trainer.get("max_tokens_per_micro_batch") is None:  # a token budget cuts micro-batches itself
+        trainer["micro_batch_size"] = min(trainer.get("micro_batch_size", 8), samples)
     return recipe
 
 

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from urlvr.progress import format_seconds
 from urlvr.recipe.sections.base import VariantSection
@@ -102,9 +102,36 @@ class VLLMEngineSection(VariantSection):
     """vLLM scheduler budget per engine step; null = vLLM's default (on CPU: at least
     `max_model_len`, with chunked prefill off, which CPU sampling with seeds requires)."""
     cpu_kv_cache_gib: float = Field(1.0, gt=0.0)
-    """KV cache size on the CPU backend, in GiB (sets `VLLM_CPU_KVCACHE_SPACE` if unset)."""
+    """KV cache size on the CPU backend, in GiB (sets `VLLM_CPU_KVCACHE_SPACE`). CPU only: a
+    non-default value is refused at start-up on an accelerator, or beside that variable set to
+    another size."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Extra keyword arguments passed verbatim to `vllm.LLM` (they win over the fields above)."""
+    """Extra keyword arguments passed verbatim to `vllm.LLM`, for knobs urlvr does not model. A key
+    that urlvr sets from a recipe field (`gpu_memory_utilization`, `dtype`, `seed`, ...) is refused:
+    the field would silently lose, or urlvr's own setting (`logprobs_mode`) would."""
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_modelled_keys(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        for key in kwargs:
+            owner = _MODELLED_LLM_KWARGS.get(key)
+            if owner is not None and owner.startswith("urlvr"):
+                raise ValueError(f"{key} is {owner}; it cannot be overridden: drop it")
+            if owner is not None:
+                raise ValueError(f"{key} is set by {owner}: use that instead")
+        return kwargs
+
+
+# `vllm.LLM` keywords that `from_recipe` sets from the recipe (or needs as they are)
+_MODELLED_LLM_KWARGS = {
+    "model": "model.path", "dtype": "optim.deepspeed.precision", "seed": "the recipe's seed",
+    "trust_remote_code": "model.trust_remote_code", "max_model_len": "rollout.engine.max_model_len",
+    "gpu_memory_utilization": "rollout.engine.gpu_memory_utilization",
+    "enforce_eager": "rollout.engine.enforce_eager", "enable_prefix_caching": "rollout.engine.enable_prefix_caching",
+    "enable_sleep_mode": "rollout.engine.sleep", "max_num_batched_tokens": "rollout.engine.max_num_batched_tokens",
+    "logprobs_mode": "urlvr's (the sampled tokens' processed log-probs, which the mismatch metrics compare)",
+    "distributed_executor_backend": "urlvr's (one engine per training rank)",
+}
 
 
 @ROLLOUT_ENGINES.register("vllm")
@@ -137,6 +164,7 @@ class VLLMRolloutEngine:
 
         options: VLLMEngineSection = recipe.rollout.engine
         on_cpu = dist.device.type == "cpu"
+        check_kv_cache_size(options, on_cpu, os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
         if on_cpu:  # the CPU backend sizes its KV cache from this variable, not from a fraction
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{options.cpu_kv_cache_gib:g}")
         if torch.distributed.is_initialized():
@@ -273,6 +301,22 @@ def planned_max_model_len(recipe, context: int | None) -> int:
     planned = recipe.rollout.engine.max_model_len or recipe.data.max_prompt_length + max(
         recipe.rollout.max_new_tokens, recipe.eval.max_new_tokens or 0)
     return planned if context is None else min(planned, context)
+
+
+def check_kv_cache_size(options: VLLMEngineSection, on_cpu: bool, environment: str | None) -> None:
+    """Refuse a `cpu_kv_cache_gib` that would do nothing: on an accelerator (vLLM sizes the cache
+    from `gpu_memory_utilization` there), or beside a `VLLM_CPU_KVCACHE_SPACE` already set to
+    another size (the variable wins). A start-up check: the device is not in the recipe."""
+    from urlvr.errors import RecipeError
+
+    if not options.changed("cpu_kv_cache_gib"):
+        return
+    if not on_cpu:
+        raise RecipeError("rollout.engine.cpu_kv_cache_gib sizes the KV cache of vLLM's CPU backend; on an "
+                          "accelerator gpu_memory_utilization sizes it: drop cpu_kv_cache_gib")
+    if environment is not None and environment != f"{options.cpu_kv_cache_gib:g}":
+        raise RecipeError(f"rollout.engine.cpu_kv_cache_gib ({options.cpu_kv_cache_gib:g}) differs from "
+                          f"VLLM_CPU_KVCACHE_SPACE={environment} in the environment, which vLLM reads: unset one")
 
 
 def _sampled_logprobs(completion, token_ids: list[int]) -> tuple[float, ...]:

@@ -28,6 +28,7 @@ from urlvr.models.lora import causal_lm, is_peft_model
 from urlvr.recipe import Recipe
 from urlvr.algorithms.token_stats import compute_token_stats
 from urlvr.rollout.weight_sync import gathered, iter_weights
+from urlvr.trainer.activation_checkpointing import checkpoint_decoder_blocks
 from urlvr.trainer.lm_head import chunked_logprob, recomputes_in_backward
 from urlvr.trainer.optimizer import optimizer_param_groups
 
@@ -163,10 +164,8 @@ class Actor:
         import deepspeed
 
         self.recipe = recipe
-        if recipe.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-            if is_peft_model(model):  # frozen embeddings: checkpointed blocks need an input that requires grad
-                model.enable_input_require_grads()
+        if recipe.model.gradient_checkpointing:  # not transformers' switch: it needs train mode (see the module)
+            checkpoint_decoder_blocks(model)
         model.config.use_cache = False
         self.scorer = TokenScorer(model)
         # LoRA dropout acts in the training forward only (the scoring pass stays deterministic)
@@ -181,7 +180,8 @@ class Actor:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.scorer, optimizer=optimizer, lr_scheduler=scheduler, config=config
         )
-        # RL fine-tuning runs without dropout: the training forward must equal the scoring one
+        # RL fine-tuning runs without dropout: the training forward must equal the scoring one (which is
+        # why the decoder blocks checkpoint by grad mode, not by train mode: activation_checkpointing.py)
         self.engine.eval()
 
     @property

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from urlvr.metrics.dynamics import majority_ratios
 from urlvr.recipe.sections.base import VariantSection, check_variant_name
@@ -33,7 +33,9 @@ class GroupFilter(VariantSection):
     max_rounds: int = Field(3, ge=1, le=64)
     """Generation rounds per step at most, the first included; each round draws one more global
     batch of `prompts_per_round` prompts. When the cap is hit before the step has its
-    informative groups, the rest is filled with filtered groups (fill_priority order)."""
+    informative groups, the rest is filled with filtered groups (fill_priority order). 1 only
+    with rounds larger than the training batch (`prompts_per_round`): one round of the training
+    batch's size never refills, so every drawn group would train, as with `none`."""
     prompts_per_round: int | None = Field(None, ge=1)
     """Prompts drawn (and groups generated) per round, over all ranks: the generation batch, as
     against the training batch of `trainer.prompts_per_step` groups (verl's `data.gen_batch_size`;
@@ -42,6 +44,13 @@ class GroupFilter(VariantSection):
     dropped, informative or not, never carried to the next step (as in verl). At least the number
     of ranks (each rank generates whole groups), and `max_rounds * prompts_per_round >=
     trainer.prompts_per_step` (else a step could not be filled)."""
+
+    @model_validator(mode="after")
+    def _a_refill_round(self) -> GroupFilter:
+        if self.max_rounds < 2 and self.prompts_per_round is None:
+            raise ValueError("max_rounds 1 never refills: every drawn group trains, as with dynamic_sampling none "
+                             "(use 2 or more, or rounds larger than the training batch: prompts_per_round)")
+        return self
 
     def round_size(self, prompts_per_step: int) -> int:
         """Prompts per round: `prompts_per_round`, or the training batch when unset."""

@@ -57,6 +57,13 @@ class Section(BaseModel):
                     raise ValueError(f"{name}: expected a number, got {found}")
         return data
 
+    def changed(self, *names: str) -> list[str]:
+        """Those of `names` whose value is not the field's default: what a check for a knob that
+        would do nothing refuses. (Only a value can be told apart: a resolved recipe is saved with
+        every field written out, so "set to the default" and "unset" read back the same.)"""
+        fields = type(self).model_fields
+        return [name for name in names if getattr(self, name) != fields[name].get_default(call_default_factory=True)]
+
 
 class VariantSection(Section):
     """Base of a registered part's own section. Subclasses declare

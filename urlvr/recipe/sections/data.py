@@ -67,7 +67,7 @@ class AdapterSource(Section):
     """Draw N rows at random without replacement instead (paper §5.1's DAPO subsets, §7's 4k/1k
     Countdown split); null = all rows."""
     sample_seed: int = 0
-    """Seed of the shuffle that `sample_size` draws from."""
+    """Seed of the shuffle that `sample_size` draws from (needs `sample_size`)."""
     sample_offset: int = Field(0, ge=0)
     """Skip this many rows of the shuffled order first: the same seed with non-overlapping offsets
     gives disjoint subsets (e.g. train = offset 0, validation = offset 4000)."""
@@ -85,6 +85,8 @@ class AdapterSource(Section):
             raise ValueError("give limit or sample_size, not both")
         if self.sample_offset and self.sample_size is None:
             raise ValueError("sample_offset needs sample_size")
+        if self.sample_seed and self.sample_size is None:
+            raise ValueError("sample_seed seeds the draw of sample_size rows, which is null: set sample_size or drop it")
         return self
 
 

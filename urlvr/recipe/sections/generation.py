@@ -26,7 +26,8 @@ class LoraSection(Section):
     embeddings cannot be targeted (tied with each other in many models)."""
     export_merged: bool = False
     """Also write the merged model (base + adapters, loadable with `AutoModelForCausalLM`) to
-    `<export>/merged/` beside the adapter."""
+    `<export>/merged/` beside the adapter (needs an export: `trainer.export_final_model`, or
+    `collapse.action: stop`, which exports the best checkpoint)."""
 
     @field_validator("target_modules")
     @classmethod
@@ -50,7 +51,11 @@ class ModelSection(Section):
     """Local directory or hub id of a causal LM. `urlvr/tiny` is the embedded tiny model that
     urlvr ships (no download)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    """Recompute each decoder block's activations in the backward pass of the training forward,
+    keeping only the block's input (one hidden state per token: about 30x less activation memory,
+    docs/troubleshooting.md), at the cost of one more forward of every block per micro-batch. The
+    update is unchanged; the scoring pass and generation are not affected. A model without
+    transformers' `GradientCheckpointingLayer` blocks is refused at start-up."""
     attn_implementation: str | None = None
     """transformers attention backend (`sdpa`, `eager`, `flash_attention_2`); None = default."""
     trust_remote_code: bool = False

@@ -21,6 +21,13 @@ class WandbSection(Section):
     mode: Literal["auto", "online", "offline"] = "auto"
     """`auto` = online when WANDB_API_KEY is set, offline otherwise."""
 
+    @model_validator(mode="after")
+    def _knobs_need_wandb(self) -> WandbSection:
+        changed = self.changed("project", "entity", "mode")
+        if changed and not self.enabled:
+            raise ValueError(f"{changed[0]} is set but wandb is off: add enabled: true, or drop it")
+        return self
+
 
 class TensorBoardSection(Section):
     enabled: bool = False
@@ -28,6 +35,12 @@ class TensorBoardSection(Section):
     `tensorboard --logdir RUN_DIR/tensorboard`."""
     log_dir: str | None = None
     """Folder of the event files; null = `<output_dir>/tensorboard`."""
+
+    @model_validator(mode="after")
+    def _folder_needs_tensorboard(self) -> TensorBoardSection:
+        if self.log_dir is not None and not self.enabled:
+            raise ValueError("log_dir is set but tensorboard is off: add enabled: true, or drop it")
+        return self
 
 
 class LoggingSection(Section):
@@ -42,6 +55,9 @@ class LoggingSection(Section):
 
 
 class EvalSection(Section):
+    """Its knobs act only when an evaluation runs (`every_steps`, `at_start`, `at_end`, or `mode:
+    test_time`); set away from their defaults without one, they are refused."""
+
     every_steps: int = Field(0, ge=0)
     """Evaluate every K steps (0 = never during training)."""
     at_start: bool = False
@@ -71,21 +87,31 @@ class EvalSection(Section):
 
     @model_validator(mode="after")
     def _needs_source(self) -> EvalSection:
-        if (self.every_steps or self.at_start or self.at_end) and self.source is None:
+        if self.scheduled and self.source is None:
             raise ValueError("evaluation is switched on but eval.source is not set")
         return self
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether an evaluation runs at all (`mode: test_time` also switches it on: see Recipe)."""
+        return bool(self.every_steps or self.at_start or self.at_end)
+
+    def unused_knobs(self) -> list[str]:
+        """The knobs set away from their defaults, which act only when an evaluation runs."""
+        return self.changed("source", "held_out", "samples_per_prompt", "temperature", "top_p", "max_new_tokens",
+                            "greedy", "judge")
 
 
 class DynamicsSection(Section):
     kl_to_initial_every: int = Field(0, ge=0)
     """Log `actor/kl_to_initial` (k3 estimate of KL(pi || pi_0) per response token) every K steps,
     even with `algorithm.kl_coef` 0, by scoring the batch with a frozen copy of the initial model.
-    0 = only when the KL penalty is on (then every step, at no extra cost)."""
+    0 = only when the KL penalty is on (then every step, at no extra cost; a K is refused there)."""
     kl_reference_device: Literal["auto", "cpu"] = "auto"
     """Where that frozen copy lives when the KL penalty is off: `auto` = the training device,
     `cpu` = host memory (saves accelerator memory; slower). With a penalty the penalty's
     reference model is reused. Under `model.lora` there is no copy (the reference is the actor
-    with its adapters off) and this field does not apply."""
+    with its adapters off). `cpu` is refused where there is no copy to place."""
     repetition_ngram: int = Field(4, ge=1, le=64)
     """n of `response/repetition_rate` = 1 - unique n-grams / n-grams of a response's tokens."""
     track_prompts: list[str] | Literal["all"] | None = None
@@ -127,9 +153,11 @@ class CollapseSection(Section):
     reward_accuracy_threshold: float = Field(0.01, ge=0.0, le=1.0)
     """Model Collapse Step (paper §6): the first step whose Reward Accuracy is below this (paper:
     1%); for certainty rewards, whose top-reward Label Accuracy is (docs/dynamics.md). Needs
-    labels (metrics only); written to summary.json."""
+    labels (metrics only) and `reward.oracle` (a value other than the default is refused without
+    it, or for a reward that is neither a verdict nor a certainty); written to summary.json."""
     smoothing_window: int = Field(1, ge=1, le=10_000)
-    """The collapse metric is averaged over this many trailing steps before the threshold; 1 = raw (paper)."""
+    """The collapse metric is averaged over this many trailing steps before the threshold; 1 = raw
+    (paper). Needs the Model Collapse Step, as `reward_accuracy_threshold` does."""
     detectors: list[DetectorSpec] = Field(default_factory=_default_detectors)
     """Label-free early warnings, each firing once; [] = none."""
     action: Literal["warn", "stop", "checkpoint"] = "warn"
@@ -141,4 +169,11 @@ class CollapseSection(Section):
     `eval/maj@32`); null = the last checkpoint saved before the first alarm. That checkpoint
     is never pruned by `trainer.keep_last`."""
     best_mode: Literal["max", "min"] = "max"
-    """Whether a larger or smaller `best_metric` is better."""
+    """Whether a larger or smaller `best_metric` is better (needs `best_metric`)."""
+
+    @model_validator(mode="after")
+    def _mode_needs_a_metric(self) -> CollapseSection:
+        if self.changed("best_mode") and self.best_metric is None:
+            raise ValueError(f"best_mode {self.best_mode} ranks best_metric, which is null (the best checkpoint is "
+                             "then the last one before the first alarm): set best_metric or drop best_mode")
+        return self

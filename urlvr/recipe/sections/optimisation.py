@@ -16,11 +16,14 @@ class AlgorithmSection(Section):
     """Advantage estimator by name (`grpo`: group mean and std; `dr_grpo`: mean only; `rloo`:
     leave-one-out mean; docs/algorithms.md)."""
     advantage_eps: float = Field(1e-6, gt=0.0, le=1.0)
-    """Added to the group std before dividing."""
+    """Added to the group std before dividing (`grpo`; an estimator without a std, `dr_grpo` or
+    `rloo`, refuses a non-default value)."""
     loss: Annotated[VariantSection, VariantOf("policy_loss", default="ppo_clip")] = "ppo_clip"
     """Policy loss: a registered name, or a mapping `{name: ..., <its own knobs>}` (each loss's
     section is listed below; `ppo_clip` is PPO's clipped surrogate with clip-higher and dual clip,
-    `gspo`/`gspo_token` clip a sequence ratio, `cispo` clips a stop-gradient IS weight)."""
+    `gspo`/`gspo_token` clip a sequence ratio, `cispo` clips a stop-gradient IS weight). Clip
+    ranges act on the importance ratio, exactly 1 in an on-policy recipe: there a non-default
+    one is refused (unless LoRA dropout moves the ratio)."""
     loss_aggregation: Annotated[str, Registered("loss_aggregation")] = "token-mean"
     """How per-token losses are weighted into the mini-batch loss (`seq-mean-token-sum-norm` is Dr.GRPO's)."""
     token_filter: Annotated[VariantSection, VariantOf("token_filter", default="none")] = "none"
@@ -37,7 +40,8 @@ class AlgorithmSection(Section):
     (under `model.lora`: none, the actor with its adapters off is the reference)."""
     kl_estimator: Annotated[str, Registered("kl_estimator")] = "k3"
     """KL estimator of the penalty (Schulman's k2 or k3; k1 is refused: as a loss term its expected
-    gradient is zero). k2's gradient is that of KL(π‖π_ref), k3's that of KL(π_ref‖π) (docs/concepts.md)."""
+    gradient is zero). k2's gradient is that of KL(π‖π_ref), k3's that of KL(π_ref‖π) (docs/concepts.md).
+    Needs `kl_coef` > 0 (the KL-to-initial metric is always k3)."""
     entropy_coef: float = Field(0.0, ge=0.0)
     """Weight of the entropy bonus (Table 7: none)."""
     mismatch: Annotated[VariantSection, VariantOf("mismatch_correction", default="none")] = "none"
@@ -78,9 +82,44 @@ class DeepSpeedSection(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     """Training precision; bf16 keeps fp32 master weights in the optimizer."""
     offload_optimizer: bool = False
-    """Keep optimizer state on the CPU (ZeRO 1-3)."""
+    """Keep optimizer state on the CPU (ZeRO 1-3; refused at stage 0, where nothing is offloaded)."""
     config_overrides: dict[str, Any] = Field(default_factory=dict)
-    """Raw DeepSpeed config keys merged last, for knobs urlvr does not model."""
+    """Raw DeepSpeed config keys merged last, for knobs urlvr does not model (a key that a recipe
+    field sets, e.g. `gradient_clipping` = `optim.grad_clip`, is refused: one of the two would
+    silently lose)."""
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedSection:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3: DeepSpeed offloads ZeRO's optimizer "
+                             "partitions, and at stage 0 the optimizer state stays on the device")
+        return self
+
+    @model_validator(mode="after")
+    def _overrides_model_no_field(self) -> DeepSpeedSection:
+        zero = self.config_overrides.get("zero_optimization")
+        keys = [*self.config_overrides, *(f"zero_optimization.{k}" for k in zero or {} if isinstance(zero, dict))]
+        for key in keys:
+            if key in _MODELLED_DEEPSPEED_KEYS:
+                raise ValueError(f"config_overrides.{key} is set by {_MODELLED_DEEPSPEED_KEYS[key]}: use that "
+                                 "(an override would make the field do nothing, or contradict what urlvr assumes)")
+        return self
+
+
+# DeepSpeed config keys that urlvr writes from recipe fields (trainer/actor.py: deepspeed_config)
+_MODELLED_DEEPSPEED_KEYS = {
+    "zero_optimization.stage": "optim.deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer": "optim.deepspeed.offload_optimizer",
+    "bf16": "optim.deepspeed.precision", "fp16": "optim.deepspeed.precision (fp32 or bf16)",
+    "gradient_clipping": "optim.grad_clip",
+    "activation_checkpointing": "model.gradient_checkpointing (DeepSpeed's section acts only in model code that "
+                                "calls deepspeed.checkpointing, which transformers models do not)",
+    "optimizer": "optim (urlvr builds AdamW from lr, betas, adam_eps, weight_decay)",
+    "scheduler": "optim (warmup_steps, schedule, min_lr_ratio)",
+    "train_micro_batch_size_per_gpu": "trainer (micro_batch_size or max_tokens_per_micro_batch)",
+    "gradient_accumulation_steps": "trainer (prompts_per_minibatch; urlvr marks each accumulation boundary itself)",
+    "train_batch_size": "trainer (prompts_per_minibatch x rollout.group_size)",
+}
 
 
 class OptimSection(Section):
@@ -106,7 +145,7 @@ class OptimSection(Section):
     schedule: Literal["constant", "cosine"] = "constant"
     """LR schedule after warm-up."""
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    """Cosine floor as a fraction of lr."""
+    """Cosine floor as a fraction of lr (schedule `cosine` only)."""
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     """DeepSpeed engine settings."""
 
@@ -125,12 +164,19 @@ class OptimSection(Section):
             raise ValueError("each beta must lie in [0, 1)")
         return b
 
+    @model_validator(mode="after")
+    def _floor_needs_a_decay(self) -> OptimSection:
+        if self.min_lr_ratio > 0 and self.schedule == "constant":
+            raise ValueError(f"min_lr_ratio ({self.min_lr_ratio}) is the floor of the cosine decay; with schedule "
+                             "constant the rate never decays: set schedule: cosine or drop it")
+        return self
+
 
 class TrainerSection(Section):
     total_steps: int | None = Field(None, ge=1)
     """Rollout steps to run; null = as many as `data_epochs` passes over the prompts give."""
     data_epochs: int = Field(1, ge=1)
-    """Passes over the prompt set when total_steps is null."""
+    """Passes over the prompt set when total_steps is null (refused beside total_steps)."""
     prompts_per_step: int = Field(64, ge=1)
     """Global batch: prompts rolled out per step, across all ranks (Table 7: 64)."""
     prompts_per_minibatch: int = Field(64, ge=1)
@@ -138,7 +184,8 @@ class TrainerSection(Section):
     ppo_epochs: int = Field(1, ge=1)
     """Passes over each rollout batch (Table 7: 1)."""
     micro_batch_size: int = Field(8, ge=1)
-    """Sequences per forward/backward on each rank (gradient accumulation fills the mini-batch)."""
+    """Sequences per forward/backward on each rank (gradient accumulation fills the mini-batch).
+    Not used beside `max_tokens_per_micro_batch` (a value other than the default is refused there)."""
     max_tokens_per_micro_batch: int | None = Field(None, ge=1)
     """Token budget per forward on each rank, instead of a fixed sequence count: a mini-batch's
     rows, sorted by length, are packed while rows x (longest prompt + longest response among them)
@@ -151,7 +198,7 @@ class TrainerSection(Section):
     bucket_by_length: bool = False
     """Sort a mini-batch's rows by length before cutting `micro_batch_size`-row micro-batches, so
     each forward's padding is small (every micro-batch is trimmed to its own longest row anyway).
-    Implied by `max_tokens_per_micro_batch`. The loss is unchanged."""
+    Implied by `max_tokens_per_micro_batch` (and refused beside it). The loss is unchanged."""
     padding_free: bool = False
     """Pack each micro-batch's sequences end to end into one row, `position_ids` restarting at 0
     for each: no padding at all, and the token budget (`max_tokens_per_micro_batch`, required)
@@ -176,6 +223,25 @@ class TrainerSection(Section):
                 f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
                 f"prompts_per_minibatch ({self.prompts_per_minibatch})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _epochs_need_no_step_count(self) -> TrainerSection:
+        if self.total_steps is not None and self.data_epochs != 1:
+            raise ValueError(f"data_epochs ({self.data_epochs}) counts the steps only when total_steps is null; "
+                             f"total_steps ({self.total_steps}) is set: drop one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _budget_replaces_row_counts(self) -> TrainerSection:
+        if self.max_tokens_per_micro_batch is None:
+            return self
+        if self.bucket_by_length:
+            raise ValueError("bucket_by_length is implied by max_tokens_per_micro_batch (a token budget sorts "
+                             "rows by length anyway): drop it")
+        if self.changed("micro_batch_size"):
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) is not used with max_tokens_per_micro_batch "
+                             "(the token budget cuts the micro-batches): drop one of them")
         return self
 
     @model_validator(mode="after")

@@ -90,6 +90,10 @@ class Recipe(Section):
                 f"rollout.dynamic_sampling: max_rounds ({sampling.max_rounds}) x prompts_per_round ({per_round}) "
                 f"draws fewer prompts than trainer.prompts_per_step ({quota}), so a step could not be filled: "
                 f"raise max_rounds to {-(-quota // per_round)} or prompts_per_round to {-(-quota // sampling.max_rounds)}")
+        if per_round is not None and sampling.max_rounds == 1 and per_round == quota:
+            raise ValueError(f"rollout.dynamic_sampling: one round of prompts_per_round ({per_round}) = "
+                             "trainer.prompts_per_step never refills nor chooses: every drawn group trains, as with "
+                             "dynamic_sampling none (raise max_rounds or prompts_per_round)")
         return self
 
     @model_validator(mode="after")
@@ -108,4 +112,97 @@ class Recipe(Section):
             raise ValueError(f"optim.weight_decay_exclude: {self.optim.weight_decay_exclude} changes nothing "
                              "under model.lora: only the adapters train, and they are all matrices (the "
                              "frozen norms and biases never reach the optimizer); use weight_decay_exclude: none")
+        return self
+
+    # ---------------------------------------------------------------- knobs that would do nothing
+    # A recipe knob acts, measurably, on every path it is accepted on; where a combination makes one
+    # inert it is refused here, naming the combination (values only: see Section.changed).
+
+    @model_validator(mode="after")
+    def _eval_knobs_need_an_evaluation(self) -> Recipe:
+        unused = self.eval.unused_knobs()
+        if unused and not (self.eval.scheduled or self.mode == "test_time"):
+            raise ValueError(f"eval.{unused[0]} is set but no evaluation runs (eval.every_steps 0, at_start and "
+                             "at_end false): switch one on, or drop it")
+        return self
+
+    @model_validator(mode="after")
+    def _kl_knobs_need_their_kl(self) -> Recipe:
+        algo, dynamics = self.algorithm, self.dynamics
+        if algo.kl_coef == 0 and algo.changed("kl_estimator"):
+            raise ValueError(f"algorithm.kl_estimator {algo.kl_estimator} estimates the KL penalty, which is off "
+                             "(algorithm.kl_coef 0; actor/kl_to_initial is always k3): set kl_coef or drop it")
+        if algo.kl_coef > 0 and dynamics.kl_to_initial_every:
+            raise ValueError(f"dynamics.kl_to_initial_every ({dynamics.kl_to_initial_every}): with algorithm.kl_coef > 0 "
+                             "actor/kl_to_initial is logged every step anyway: drop it")
+        if dynamics.kl_reference_device == "cpu":
+            why = ("with algorithm.kl_coef > 0 (the penalty's reference, on the training device, serves)"
+                   if algo.kl_coef > 0 else "under model.lora (the reference is the actor with its adapters off)"
+                   if self.model.lora else "when no KL is measured (dynamics.kl_to_initial_every 0, algorithm.kl_coef 0)"
+                   if not dynamics.kl_to_initial_every else None)
+            if why:
+                raise ValueError(f"dynamics.kl_reference_device cpu places the KL-to-initial metric's own copy of the "
+                                 f"model; there is no such copy {why}: drop it")
+        return self
+
+    @model_validator(mode="after")
+    def _advantage_eps_needs_a_std(self) -> Recipe:
+        from urlvr.recipe.names import registries
+
+        estimator = registries()["advantage_estimator"].get(self.algorithm.advantage)
+        if self.algorithm.changed("advantage_eps") and not getattr(estimator, "uses_eps", True):
+            raise ValueError(f"algorithm.advantage_eps is added to the group std, and advantage "
+                             f"{self.algorithm.advantage} does not divide by it: drop advantage_eps")
+        return self
+
+    @model_validator(mode="after")
+    def _ratio_knobs_need_a_ratio(self) -> Recipe:
+        trainer, lora, loss = self.trainer, self.model.lora, self.algorithm.loss
+        on_policy = trainer.prompts_per_step == trainer.prompts_per_minibatch and trainer.ppo_epochs == 1
+        changed = loss.changed(*getattr(loss, "ratio_knobs", ()))
+        if changed and on_policy and not (lora is not None and lora.dropout > 0):
+            raise ValueError(f"algorithm.loss.{changed[0]} acts on the importance ratio, which is exactly 1 in an "
+                             "on-policy recipe (trainer.prompts_per_minibatch = prompts_per_step, ppo_epochs 1): "
+                             "drop it, or train several mini-batches or epochs per rollout")
+        return self
+
+    @model_validator(mode="after")
+    def _raw_certainty_needs_a_difference(self) -> Recipe:
+        if self.reward.certainty_logits != "raw":
+            return self
+        if self.rollout.temperature == 1.0:
+            raise ValueError("reward.certainty_logits raw equals scaled at rollout.temperature 1.0 (the logits are "
+                             "divided by 1): drop it")
+        from urlvr.recipe.names import registries
+
+        rewards = registries()["reward"]
+        if not any(rewards.get(term.name).token_stats(term.kwargs) for term in self.reward.terms):
+            raise ValueError("reward.certainty_logits raw applies to the token statistics a reward reads, and no "
+                             "reward term reads any: drop it")
+        return self
+
+    @model_validator(mode="after")
+    def _merged_export_needs_an_export(self) -> Recipe:
+        lora = self.model.lora
+        if lora is not None and lora.export_merged and not self.trainer.export_final_model \
+                and self.collapse.action != "stop":
+            raise ValueError("model.lora.export_merged: nothing is exported (trainer.export_final_model false, and "
+                             "collapse.action is not stop, which exports the best checkpoint): drop one")
+        return self
+
+    @model_validator(mode="after")
+    def _collapse_knobs_need_a_signal(self) -> Recipe:
+        from urlvr.rewards.compose import reward_family
+
+        collapse, oracle = self.collapse, self.reward.oracle
+        family, _ = reward_family([(term.name, term.weight) for term in self.reward.terms])
+        unmeasured = ("reward.oracle is null" if oracle is None else f"the training reward's family is {family}, "
+                      "neither a verdict nor a certainty" if family not in ("verdict", "certainty") else None)
+        changed = collapse.changed("reward_accuracy_threshold", "smoothing_window")
+        if changed and unmeasured:
+            raise ValueError(f"collapse.{changed[0]} applies to the Model Collapse Step, which this recipe never "
+                             f"measures ({unmeasured}): drop it")
+        if collapse.changed("action") and not collapse.detectors and unmeasured:
+            raise ValueError(f"collapse.action {collapse.action}: nothing can raise an alarm (collapse.detectors is "
+                             f"empty, and no Model Collapse Step: {unmeasured}): drop it")
         return self

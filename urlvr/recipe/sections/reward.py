@@ -63,7 +63,8 @@ class RewardSection(Section):
     certainty_logits: Literal["scaled", "raw"] = "scaled"
     """Logits the certainty statistics lent to rewards are measured on: `scaled` = divided by the
     rollout temperature (the distribution the samples came from), `raw` = the model's own. They
-    coincide at temperature 1.0 (the paper's). The update's log-probs are always `scaled`."""
+    coincide at temperature 1.0 (the paper's), where `raw` is refused, as it is when no reward term
+    reads a token statistic. The update's log-probs are always `scaled`."""
     vote_group_size: int | None = Field(None, ge=1)
     """Samples drawn per prompt for voting rewards (majority vote, semantic cluster); the first
     `rollout.group_size` are trained, all of them vote (TTRL: 64 votes, 32 trained). null = group_size."""
