@@ -580,7 +580,8 @@ def test_vllm_plans_for_the_longest_response_the_run_asks_for():
 
     def recipe(**engine):
         return Recipe.model_validate({"data": {"max_prompt_length": 100}, "rollout": {
-            "max_new_tokens": 50, "engine": {"name": "vllm", **engine}}, "eval": {"max_new_tokens": 300}})
+            "max_new_tokens": 50, "engine": {"name": "vllm", **engine}}, "eval": {
+                "max_new_tokens": 300, "at_end": True, "source": {"kind": "arithmetic", "num_problems": 8}}})
 
     assert planned_max_model_len(recipe(), None) == 400
     assert planned_max_model_len(recipe(), 256) == 256  # never past the model's context

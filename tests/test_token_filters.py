@@ -201,7 +201,7 @@ MIXED = {"group_size": 4, "max_new_tokens": 12, "stop_token_ids": [3, 4, 5, 6, 7
 @pytest.mark.parametrize("trainer, algorithm", [
     ({"micro_batch_size": 2}, {}),  # micro-batches trimmed to their own longest response
     ({"micro_batch_size": 16}, {"mask_truncated": True}),  # truncated rows leave: a narrower batch
-    ({"micro_batch_size": 2, "max_tokens_per_micro_batch": 64}, {"mask_truncated": True}),  # token budget
+    ({"max_tokens_per_micro_batch": 64}, {"mask_truncated": True}),  # token budget
 ])
 def test_filters_follow_the_micro_batch_cut_with_mixed_lengths(random_tiny_model, tmp_path, token_filter,
                                                                 trainer, algorithm) -> None:
