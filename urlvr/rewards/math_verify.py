@@ -1,18 +1,27 @@
 """Answer equivalence with math-verify (`\\frac{1}{2}` = `0.5` = `1/2`), under hard time limits.
 
-math-verify parses with sympy and guards itself with `signal.alarm`, which fails off the main
-thread and cannot stop sympy stuck inside C code. `MathVerifier` therefore runs it in child
-processes (`urlvr.rewards._math_worker`, up to `workers` of them, so independent comparisons run
-in parallel) and waits at most `timeout_s` per comparison; a late reply kills and restarts that
-child, and the comparison counts as "not equivalent". Answers longer than `max_answer_chars` are
+math-verify parses with sympy, which can run for minutes on a pathological answer, and a timer
+signal cannot stop sympy stuck inside C code. `MathVerifier` therefore runs it in child processes
+(`urlvr.rewards._math_worker`, up to `workers` of them, so independent comparisons run in
+parallel). A comparison has `timeout_s` seconds, counted from the moment a ready worker receives
+it: the worker's own timer stops it, and a reply later than that (plus `REPLY_GRACE_S`) kills and
+restarts the child. Starting a worker (importing math-verify, ~1 s of CPU; a restart after a kill)
+and waiting for a free one are never billed to a comparison; a worker that does not start within
+`STARTUP_TIMEOUT_S` is an error, not a verdict. Answers longer than `max_answer_chars` are
 compared as strings only.
+
+A comparison that ran out of time has no verdict and says so: `compare` returns
+(None, timed_out=True), distinct from a failed comparison (None, False) and from "different"
+(False). The rewards score it 0 -- an answer that is slow to check must never earn more than a
+wrong one, or the policy learns to stall the verifier -- and count it (`RewardOutput.timeouts`,
+logged as `reward/<term>_timeouts`).
 
 One pathological answer (`10^{10^{10^{10}}}`) costs a whole `timeout_s`; a group of 64 of them,
 clustered pairwise, would cost minutes. So a reward checks a whole step's comparisons in one
-`VerificationBudget`: one deadline for all of them (`budget_s`), one verdict cache (a pair is
-asked once per step, however many groups or representatives repeat it), parallel workers, and a
-count of the comparisons cut short -- by their own timeout or by the step's deadline -- which the
-rewards report as the `cut_short` diagnostic.
+`VerificationBudget`: one clock for all of them (`budget_s`; it stops while a worker starts), one
+verdict cache (a pair is asked once per step, however many groups or representatives repeat it),
+parallel workers, and a count of the comparisons cut short -- by their own timeout or by the
+step's budget -- which the rewards report as timeouts (and the `cut_short` diagnostic).
 """
 
 from __future__ import annotations
@@ -27,66 +36,110 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 from urlvr.rewards.base import RewardContext, RewardOutput, reward
 from urlvr.rewards.extractors import normalize_answer
 from urlvr.rollout.base import Group
 
-STARTUP_TIMEOUT_S = 60.0
+STARTUP_TIMEOUT_S = 60.0  # per worker start; longer means math-verify is broken (or the host hopelessly loaded)
+REPLY_GRACE_S = 1.0  # past a comparison's own timeout, for the worker's "timed out" reply to arrive
 DEFAULT_TIMEOUT_S = 5.0  # per comparison
 DEFAULT_BUDGET_S = 30.0  # per step and reward term, all comparisons together
 DEFAULT_WORKERS = 4  # child processes (each holds sympy: ~150 MB)
+WORKER_COMMAND = (sys.executable, "-m", "urlvr.rewards._math_worker")
+
+
+class BudgetClock:
+    """Seconds left of a budget: wall time since it opened, less the time during which some
+    comparison waited for a worker process to start (overlapping waits count once)."""
+
+    def __init__(self, budget_s: float) -> None:
+        if budget_s <= 0:
+            raise ValueError(f"budget_s must be > 0, got {budget_s}")
+        self.budget_s = budget_s
+        self._opened = time.monotonic()
+        self._paused_s = 0.0
+        self._pausers = 0
+        self._paused_at = 0.0
+        self._lock = threading.Lock()
+
+    def left(self) -> float:
+        with self._lock:
+            now = time.monotonic()
+            paused = self._paused_s + (now - self._paused_at if self._pausers else 0.0)
+            return self.budget_s - (now - self._opened - paused)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop the clock while the body runs (a worker starting)."""
+        with self._lock:
+            if self._pausers == 0:
+                self._paused_at = time.monotonic()
+            self._pausers += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pausers -= 1
+                if self._pausers == 0:
+                    self._paused_s += time.monotonic() - self._paused_at
 
 
 class _Worker:
     """One math-verify child process; restarted in the background when it has to be killed."""
 
-    def __init__(self) -> None:
+    def __init__(self, command: Sequence[str]) -> None:
+        self.command = list(command)
         self.process: subprocess.Popen | None = None
         self.ready = False
         self.spawned_at = 0.0
 
-    def ask(self, request: dict, timeout_s: float) -> tuple[dict | None, bool]:
-        """(reply, late): the reply, or None with late=True when it did not come in time."""
+    def start(self) -> None:
+        """Return once the child is ready (spawning it if need be): up to STARTUP_TIMEOUT_S
+        after it was spawned, else RuntimeError -- a worker that cannot start is a broken setup."""
         if self.process is None or self.process.poll() is not None:
             self.spawn()
-        if not self.ready and not self._wait_ready(timeout_s):
-            return None, True
+        if self.ready:
+            return
+        left = STARTUP_TIMEOUT_S - (time.monotonic() - self.spawned_at)
+        ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, left))
+        self.ready = bool(ready) and bool(self.process.stdout.readline())
+        if not self.ready:
+            why = "exited" if ready or self.process.poll() is not None else f"was not ready within {STARTUP_TIMEOUT_S:.0f} s"
+            self.kill()
+            raise RuntimeError(f"the math-verify worker {why} on start-up (is math-verify importable? "
+                               f"try `{' '.join(self.command)}`)")
+
+    def ask(self, request: dict, wait_s: float) -> tuple[dict | None, bool]:
+        """(reply, timed_out) from a ready worker: the reply, or None -- with timed_out=True when
+        none came within `wait_s` (the child is killed and restarted), False when the child died."""
         try:
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
         except (BrokenPipeError, OSError):
-            self.kill()
+            self.restart()
             return None, False
-        ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, timeout_s))
+        ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, wait_s))
         line = self.process.stdout.readline() if ready else None
-        if not line:  # too slow (or died): kill it and start a fresh one now, so it warms up meanwhile
-            self.kill()
-            self.spawn()
+        if not line:  # too slow (stuck where its own timer cannot reach) or dead: a fresh one warms up meanwhile
+            self.restart()
             return None, line is None
-        return json.loads(line), False
-
-    def _wait_ready(self, timeout_s: float) -> bool:
-        startup_left = STARTUP_TIMEOUT_S - (time.monotonic() - self.spawned_at)
-        ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, min(timeout_s, startup_left)))
-        died = False
-        if ready:
-            self.ready = bool(self.process.stdout.readline())
-            died = not self.ready  # end of file: the child exited
-        if not self.ready and (died or self.process.poll() is not None or timeout_s >= startup_left):
-            self.kill()
-            raise RuntimeError("the math-verify worker did not start (is math-verify importable?)")
-        return self.ready  # not ready yet: the caller's deadline came first; it keeps starting
+        reply = json.loads(line)
+        return reply, bool(reply.get("timeout"))
 
     def spawn(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "urlvr.rewards._math_worker"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
+            self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
         )
         self.ready, self.spawned_at = False, time.monotonic()
+
+    def restart(self) -> None:
+        self.kill()
+        self.spawn()
 
     def kill(self) -> None:
         if self.process is not None:
@@ -98,59 +151,72 @@ class _Worker:
 class MathVerifier:
     """Symbolic answer equivalence in supervised child processes.
 
-    `equivalent(a, b)` returns True/False, or None when math-verify failed or ran out of time
-    (callers treat None as "not equivalent" and count it). Thread-safe: up to `workers`
-    comparisons run at once, each in its own child; children start on first use and are
-    restarted after a timeout.
+    `compare(a, b)` returns (verdict, timed_out): (True/False, False) for a verdict, (None, True)
+    when the comparison ran out of time, (None, False) when math-verify failed on it. Thread-safe:
+    up to `workers` comparisons run at once, each in its own child; children start on first use
+    and are restarted after a kill. `command` runs one child (default `WORKER_COMMAND`; tests pass
+    a stand-in worker).
     """
 
     def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, max_answer_chars: int = 1000,
-                 workers: int = DEFAULT_WORKERS) -> None:
+                 workers: int = DEFAULT_WORKERS, command: Sequence[str] | None = None) -> None:
         if importlib.util.find_spec("math_verify") is None:
             raise ImportError("math-verify is not installed: pip install 'math-verify==0.9.0'")
         if workers < 1:
             raise ValueError(f"math-verify needs at least one worker, got {workers}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s}")
         self.timeout_s = timeout_s
         self.max_answer_chars = max_answer_chars
         self.workers = workers
-        self.timeouts = 0  # comparisons cut short (own timeout or a budget's deadline), over the lifetime
-        self._all = [_Worker() for _ in range(workers)]
+        self.timeouts = 0  # comparisons that ran out of time (own timeout or a budget's clock), over the lifetime
+        self._all = [_Worker(WORKER_COMMAND if command is None else command) for _ in range(workers)]
         self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()  # LIFO: reuse a warm child first
         for worker in self._all:
             self._idle.put(worker)
         self._count_lock = threading.Lock()
 
-    def equivalent(self, a: str, b: str, deadline: float | None = None) -> bool | None:
-        """a ≡ b? None when unverified. `deadline` (time.monotonic()) cuts the wait short."""
-        return self.compare(a, b, deadline)[0]
+    def equivalent(self, a: str, b: str, clock: BudgetClock | None = None) -> bool | None:
+        """a ≡ b? None when unverified (`compare` says whether time ran out)."""
+        return self.compare(a, b, clock)[0]
 
-    def compare(self, a: str, b: str, deadline: float | None = None) -> tuple[bool | None, bool]:
-        """(verdict, cut_short): the verdict (None when unverified), and whether time ran out --
-        the comparison's own `timeout_s` or the `deadline`, while waiting for a free worker or for
-        the reply."""
+    def compare(self, a: str, b: str, clock: BudgetClock | None = None) -> tuple[bool | None, bool]:
+        """(verdict, timed_out): the verdict (None when unverified), and whether time ran out -- the
+        comparison's own `timeout_s`, or the `clock` of its budget while waiting for a free worker
+        or for the reply. Waiting for a worker to start is billed to neither."""
         if a == b:
             return True, False
         if max(len(a), len(b)) > self.max_answer_chars:
             return False, False
-        left = math.inf if deadline is None else deadline - time.monotonic()
-        if left <= 0:
-            return self._cut()
+        worker = self._free_worker(clock)
+        if worker is None:
+            return self._timed_out()
         try:
-            worker = self._idle.get(timeout=None if math.isinf(left) else left)
-        except queue.Empty:
-            return self._cut()
-        try:
-            wait = min(self.timeout_s, math.inf if deadline is None else deadline - time.monotonic())
-            if wait <= 0:
-                return self._cut()
-            reply, late = worker.ask({"op": "equal", "gold": a, "pred": b, "timeout": max(1, math.ceil(wait))}, wait)
+            with clock.paused() if clock is not None else nullcontext():
+                worker.start()
+            allowed = min(self.timeout_s, math.inf if clock is None else clock.left())
+            if allowed <= 0:
+                return self._timed_out()
+            reply, timed_out = worker.ask({"op": "equal", "gold": a, "pred": b, "timeout": allowed},
+                                          allowed + REPLY_GRACE_S)
         finally:
             self._idle.put(worker)
-        if late:
-            return self._cut()
+        if timed_out:
+            return self._timed_out()
         return (bool(reply["result"]) if reply is not None and reply.get("ok") else None), False
 
-    def _cut(self) -> tuple[None, bool]:
+    def _free_worker(self, clock: BudgetClock | None) -> _Worker | None:
+        """The next idle worker, or None when the budget ran out first (its clock may stop meanwhile)."""
+        while True:
+            left = math.inf if clock is None else clock.left()
+            if left <= 0:
+                return None
+            try:
+                return self._idle.get(timeout=None if math.isinf(left) else left)
+            except queue.Empty:
+                continue
+
+    def _timed_out(self) -> tuple[None, bool]:
         with self._count_lock:
             self.timeouts += 1
         return None, True
@@ -184,19 +250,18 @@ def check_verification_kwargs(*, timeout_s: float = DEFAULT_TIMEOUT_S, budget_s:
 
 
 class VerificationBudget:
-    """One step's comparisons: a shared deadline, a verdict cache and parallel workers.
+    """One step's comparisons: a shared clock, a verdict cache and parallel workers.
 
     `verdicts(pairs)` asks every uncached distinct pair at once (up to `verifier.workers` in
-    parallel); once `budget_s` has passed since the budget was opened, the remaining pairs are
-    not asked and in-flight ones are stopped, all counting as cut short (verdict None). Verdicts
-    -- None included -- are cached for the budget's life, so a step pays for each pair once.
+    parallel); once `budget_s` has run on the budget's clock since it was opened (the clock stops
+    while a worker starts), the remaining pairs are not asked and in-flight ones are stopped, all
+    counting as cut short (verdict None). Verdicts -- None included -- are cached for the
+    budget's life, so a step pays for each pair once.
     """
 
     def __init__(self, verifier: MathVerifier | None, budget_s: float = DEFAULT_BUDGET_S) -> None:
-        if budget_s <= 0:
-            raise ValueError(f"budget_s must be > 0, got {budget_s}")
         self.verifier = verifier  # None: exact string equality, nothing to budget
-        self.deadline = time.monotonic() + budget_s
+        self.clock = BudgetClock(budget_s)
         self._verdicts: dict[tuple[str, str], bool | None] = {}
         self._cut_short: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
@@ -209,7 +274,7 @@ class VerificationBudget:
             todo = [p for p in dict.fromkeys(pairs) if p not in self._verdicts]
         if todo:
             def compare(pair: tuple[str, str]) -> tuple[bool | None, bool]:
-                return self.verifier.compare(*pair, deadline=self.deadline)
+                return self.verifier.compare(*pair, clock=self.clock)
 
             if len(todo) == 1:
                 results = [compare(todo[0])]
@@ -288,7 +353,7 @@ def _verify_step(
     return [_label_verdicts(ctx, budget) if ctx.label is not None else None for ctx in contexts]
 
 
-@reward("math_verify", needs_label=True, prepare=_verify_step, family="verdict")
+@reward("math_verify", needs_label=True, prepare=_verify_step, family="verdict", timed=True)
 def math_verify_reward(
     group: Group, ctx: RewardContext, *, timeout_s: float = DEFAULT_TIMEOUT_S, budget_s: float = DEFAULT_BUDGET_S,
     workers: int = DEFAULT_WORKERS,
@@ -296,8 +361,10 @@ def math_verify_reward(
     """Oracle: r(y) = 1[ans(y) is equivalent to a* by math-verify]; no answer or no verdict scores 0.
 
     `timeout_s` per comparison; `budget_s` for all comparisons of a step (when called outside a
-    step, of this group); `workers` child processes compare in parallel. Diagnostics: `failed`
-    (no verdict) and `cut_short` (no verdict because time ran out), per sample.
+    step, of this group); `workers` child processes compare in parallel. A sample whose comparison
+    ran out of time scores 0, like a wrong one (a slow-to-check answer must not pay), and is
+    counted in `timeouts`. Diagnostics: `failed` (no verdict) and `cut_short` (no verdict because
+    time ran out), per sample.
     """
     if ctx.label is None:
         raise ValueError(f"prompt {group.prompt.prompt_id!r} has no label for the math_verify reward")
@@ -309,6 +376,7 @@ def math_verify_reward(
         scores=[float(v is True) for v, _ in verdicts],
         diagnostics={"failed": [float(a is not None and v is None) for a, (v, _) in zip(ctx.answers, verdicts)],
                      "cut_short": [float(cut) for _, cut in verdicts]},
+        timeouts=sum(cut for _, cut in verdicts),
     )
 
 

@@ -81,6 +81,7 @@ def dynamic_sample(next_batch: Callable[[], list[PromptRecord]], sample_round: C
     selected, filled = select_groups(every[:, 0].bool(), every[:, 1], prompts_per_step)
     mine = _gather_mine(rounds, selected, prompts_per_step, dist.world_size, dist.rank)
     errors = {key: sum(r.rewards.errors[key] for r in rounds) / len(rounds) for key in rounds[0].rewards.errors}
+    timeouts = {key: sum(r.rewards.timeouts[key] for r in rounds) for key in rounds[0].rewards.timeouts}  # every round's
     metrics = {
         "dynamic_sampling/rounds": float(len(rounds)),
         "dynamic_sampling/prompts_consumed": float(len(rounds) * prompts_per_step),
@@ -88,7 +89,7 @@ def dynamic_sample(next_batch: Callable[[], list[PromptRecord]], sample_round: C
         "dynamic_sampling/filled_groups": float(filled),
     }
     return Sampled(records=[m[0] for m in mine], drawn=[m[1] for m in mine], groups=[m[2] for m in mine],
-                   rewards=_stack_rewards([m[3] for m in mine], errors), metrics=metrics)
+                   rewards=_stack_rewards([m[3] for m in mine], errors, timeouts), metrics=metrics)
 
 
 def _gather_mine(rounds: Sequence[Round], selected: Sequence[int], prompts_per_step: int, world_size: int,
@@ -119,7 +120,7 @@ def _reward_rows(rewards: BatchRewards, b: int) -> dict:
             "diagnostics": {k: v[b] for k, v in rewards.diagnostics.items()}}
 
 
-def _stack_rewards(rows: Sequence[dict], errors: dict[str, float]) -> BatchRewards:
+def _stack_rewards(rows: Sequence[dict], errors: dict[str, float], timeouts: dict[str, int]) -> BatchRewards:
     """The selected groups' reward rows as one [B, G] batch; rows drawn without a label (or
     without a diagnostic) get NaN there, as `score_batch` writes them."""
     nan = torch.full_like(rows[0]["total"], float("nan"))
@@ -132,4 +133,4 @@ def _stack_rewards(rows: Sequence[dict], errors: dict[str, float]) -> BatchRewar
         per_term={k: torch.stack([row["per_term"][k] for row in rows]) for k in rows[0]["per_term"]},
         oracle=oracle,
         diagnostics={k: torch.stack([row["diagnostics"].get(k, nan) for row in rows]) for k in diagnostic_keys},
-        errors=errors)
+        errors=errors, timeouts=timeouts)
