@@ -58,6 +58,8 @@ def test_ensemble_family_trains_with_extra_voters(model_path, tmp_path):
     assert 0 < metrics[0]["reward/majority_vote/majority_ratio_mean"] <= 1
     assert "reward/semantic_cluster/largest_cluster_ratio_mean" in metrics[0]
     assert metrics[0]["reward/semantic_cluster/cut_short_mean"] == 0.0  # single digits: verified within budget
+    assert metrics[0]["reward/semantic_cluster_timeouts"] == 0.0  # counted every step, 0 included
+    assert "reward/unified_mv_timeouts" not in metrics[0]  # exact equality cannot run out of time
 
 
 def test_external_family_trains_on_countdown(model_path, tmp_path):
@@ -67,6 +69,7 @@ def test_external_family_trains_on_countdown(model_path, tmp_path):
     metrics = train(model_path, tmp_path, reward, plugins=["reward_plugins"],
                     data={"source": {"kind": "countdown", "num_problems": 16, "seed": 1}})
     assert "reward/countdown/correct_mean" in metrics[0] and "reward/countdown_mean" in metrics[0]
+    assert "reward/oracle_timeouts" in metrics[0] and "reward/countdown_timeouts" not in metrics[0]
 
 
 def test_policy_family_trains_with_self_verification_and_co_reward(model_path, tmp_path):
@@ -86,6 +89,7 @@ def test_policy_family_trains_with_self_verification_and_co_reward(model_path, t
     ({"terms": [{"name": "unified", "kwargs": {"anchor": "unifrom"}}]}, "anchor"),
     ({"terms": [{"name": "format", "gate": "formt"}]}, "did you mean 'format'"),
     ({"terms": [{"name": "format"}, {"name": "format"}]}, "appears twice; give one an `alias`"),
+    ({"terms": [{"name": "format", "alias": "oracle"}]}, "share metrics with `reward.oracle`"),
     ({"terms": [{"name": "format"}], "vote_group_size": 2}, "vote_group_size"),
     ({"terms": [{"name": "format"}], "extractor": "regex"}, "needs a `pattern`"),
 ])
