@@ -24,6 +24,7 @@ from urlvr.rollout.base import Group, PromptInput, Sample
 pytest.importorskip("math_verify")  # MathVerifier refuses to start without it, even with a stand-in worker
 
 from urlvr.rewards import math_verify as mv  # noqa: E402
+from urlvr.rewards import math_workers  # noqa: E402
 
 FAKE = Path(__file__).with_name("fake_math_worker.py")
 GENEROUS_S = 60.0  # a comparison that must succeed: a minute for a trivial reply
@@ -41,8 +42,8 @@ def asked(log: Path) -> list[str]:
 def fake_verifiers(tmp_path, monkeypatch):
     """Every verifier the rewards build (`shared_verifier`) runs the stand-in worker, logging to tmp_path."""
     made: list[mv.MathVerifier] = []
-    monkeypatch.setattr(mv, "WORKER_COMMAND", tuple(fake_command(tmp_path / "asked.log")))
-    monkeypatch.setattr(mv, "_SHARED", {})
+    monkeypatch.setattr(math_workers, "WORKER_COMMAND", tuple(fake_command(tmp_path / "asked.log")))
+    monkeypatch.setattr(math_workers, "_SHARED", {})
     original = mv.MathVerifier.__init__
 
     def tracked(self, *args, **kwargs):
