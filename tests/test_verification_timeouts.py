@@ -254,3 +254,35 @@ def test_evaluation_reports_judge_timeouts(fake_verifiers):
     assert got["eval/greedy_accuracy"] == pytest.approx(0.5)
     plain = evaluate(engine, records, prompts, samples_per_prompt=3, sampling=SamplingParams(), extractor=lambda t: t)
     assert "eval/judge_timeouts" not in plain  # label equality cannot run out of time
+
+
+RANK_SCRIPT = """
+import json, torch
+from urlvr.rewards.compose import BatchRewards
+from urlvr.trainer.loop import _reduce_over_ranks, _reward_term_metrics
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+rewards = BatchRewards(total=torch.zeros(1, 2), per_term={}, oracle=None, diagnostics={},
+                       timeouts={"math_verify": 1 + 2 * rank, "oracle": rank})  # rank 0: 1, 0; rank 1: 3, 1
+local, counts = _reward_term_metrics(rewards, 1)
+print(json.dumps(_reduce_over_ranks(local, counts, {}, 1.0)))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_timeouts_are_summed_over_ranks(tmp_path):
+    """Two gloo ranks with different counts log the step's total, the same on both."""
+    import json
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                              text=True) for r in range(2)]
+    outputs = [json.loads(p.communicate(timeout=540)[0].strip().splitlines()[-1]) for p in ranks]
+    for out in outputs:
+        assert out["reward/math_verify_timeouts"] == 4.0 and out["reward/oracle_timeouts"] == 1.0

@@ -55,9 +55,8 @@ class BudgetClock:
 
     def left(self) -> float:
         with self._lock:
-            now = time.monotonic()
-            paused = self._paused_s + (now - self._paused_at if self._pausers else 0.0)
-            return self.budget_s - (now - self._opened - paused)
+            now = self._paused_at if self._pausers else time.monotonic()  # a stopped clock reads its stop time
+            return self.budget_s - (now - self._opened - self._paused_s)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
