@@ -50,14 +50,14 @@ def test_certainty_family_trains(model_path, tmp_path):
 
 def test_ensemble_family_trains_with_extra_voters(model_path, tmp_path):
     terms = [{"name": "majority_vote", "kwargs": {"ties": "first"}},
-             {"name": "semantic_cluster", "kwargs": {"min_cluster_ratio": 0.25}},
+             {"name": "semantic_cluster", "kwargs": {"min_cluster_ratio": 0.25, "timeout_s": 60.0, "budget_s": 600.0}},
              {"name": "unified", "alias": "unified_mv", "kwargs": {"granularity": "answer", "transform": "exp", "tau": 0}}]
     reward = {"terms": terms, "extractor": "regex", "extractor_kwargs": LAST_DIGIT, "vote_group_size": 6}
     metrics = train(model_path, tmp_path, reward)
     assert metrics[0]["dynamics/answer_rate"] > 0
     assert 0 < metrics[0]["reward/majority_vote/majority_ratio_mean"] <= 1
     assert "reward/semantic_cluster/largest_cluster_ratio_mean" in metrics[0]
-    assert metrics[0]["reward/semantic_cluster/cut_short_mean"] == 0.0  # single digits: verified within budget
+    assert metrics[0]["reward/semantic_cluster/cut_short_mean"] == 0.0  # single digits, generous limits: never out of time
     assert metrics[0]["reward/semantic_cluster_timeouts"] == 0.0  # counted every step, 0 included
     assert "reward/unified_mv_timeouts" not in metrics[0]  # exact equality cannot run out of time
 
