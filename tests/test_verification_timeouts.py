@@ -286,3 +286,17 @@ def test_timeouts_are_summed_over_ranks(tmp_path):
     outputs = [json.loads(p.communicate(timeout=540)[0].strip().splitlines()[-1]) for p in ranks]
     for out in outputs:
         assert out["reward/math_verify_timeouts"] == 4.0 and out["reward/oracle_timeouts"] == 1.0
+
+
+def test_an_infinite_timeout_sets_no_timer():
+    assert _math_worker.answer({"op": "equal", "gold": "1", "pred": "1", "timeout": float("inf")},
+                               lambda a, b: a == b) == {"ok": True, "result": True}
+
+
+@pytest.mark.timeout(300)
+def test_a_verifier_without_a_time_limit_still_answers(tmp_path):
+    verifier = mv.MathVerifier(timeout_s=float("inf"), workers=1, command=fake_command(tmp_path / "asked.log"))
+    try:
+        assert verifier.compare("1/2", "0.5") == (True, False)
+    finally:
+        verifier.close()

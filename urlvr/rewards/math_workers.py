@@ -108,7 +108,7 @@ class _Worker:
         except (BrokenPipeError, OSError):
             self.restart()
             return None, False
-        ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, wait_s))
+        ready, _, _ = select.select([self.process.stdout], [], [], None if math.isinf(wait_s) else max(0.0, wait_s))
         line = self.process.stdout.readline() if ready else None
         if not line:  # too slow (stuck where its own timer cannot reach) or dead: a fresh one warms up meanwhile
             self.restart()
