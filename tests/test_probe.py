@@ -86,6 +86,21 @@ def test_probe_table_never_cuts_a_model_or_reward_name(probed, capsys):
             assert any(model in line and reward in line for line in lines), (model, reward)
 
 
+def test_probe_says_when_verifications_ran_out_of_time(probed, capsys):
+    """A verification out of time scores as wrong (issue 19, item 3): the probe says how many."""
+    from dataclasses import replace
+
+    from urlvr.commands.probe import RewardProbe, print_table
+
+    _, (weak, _) = probed
+    assert weak.oracle_timeouts is None and all(r.timeouts is None for r in weak.rewards)  # no time-limited reward
+    print_table([weak])
+    assert "ran out of time" not in capsys.readouterr().out
+    timed = replace(weak, oracle_timeouts=2, rewards=weak.rewards + (RewardProbe("math_verify", 0.5, 0.0, timeouts=1),))
+    print_table([timed])
+    assert "urlvr: 3 verifications ran out of time and were scored as wrong" in capsys.readouterr().out
+
+
 def test_probe_predicts_fall_for_the_weak_prior_and_rise_for_the_aligned_one(probed):
     _, (weak, aligned) = probed
     by_reward = {r.reward: r for r in weak.rewards}

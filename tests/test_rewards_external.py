@@ -41,10 +41,10 @@ ADVERSARIAL = [
 @pytest.mark.parametrize("allow_power", [False, True])
 def test_adversarial_expressions_are_refused_quickly(allow_power):
     for text in ADVERSARIAL:
-        start = time.perf_counter()
+        start = time.process_time()  # CPU seconds: other processes on a loaded host do not count
         with pytest.raises(UnsafeExpression):
             safe_evaluate(text, allow_power=allow_power)
-        assert time.perf_counter() - start < 0.05, text[:40]
+        assert time.process_time() - start < 0.05, text[:40]
 
 
 def test_power_is_bounded_when_allowed():
@@ -115,58 +115,40 @@ def test_math_verify_reward_uses_symbolic_equivalence():
     from urlvr.rewards.math_verify import math_verify_reward
 
     group, ctx = group_of(["\\boxed{0.5}", "\\boxed{\\frac{2}{4}}", "\\boxed{1/3}", "none"], label="\\frac{1}{2}")
-    out = math_verify_reward(group, ctx.with_label_access(True))
-    assert out.scores == [1.0, 1.0, 0.0, 0.0]
+    out = math_verify_reward(group, ctx.with_label_access(True), timeout_s=60.0)  # a limit that never races
+    assert out.scores == [1.0, 1.0, 0.0, 0.0] and out.timeouts == 0
     with pytest.raises(LabelAccessError):
         math_verify_reward(group, ctx)
 
 
+# issue 10, item 11: a step's comparisons share one time budget, a verdict cache and parallel workers;
+# issue 19, item 3: timing tests with a stand-in worker are in test_verification_timeouts.py
+TOWERS = ["10^{10^{10^{10}}}"] + [f"{k}^{{{k}^{{{k}^{{{k}}}}}}}" for k in (7, 8, 9, 11, 12)]  # none ever finishes
+
+
 def test_math_verify_timeout_is_enforced_off_the_main_thread():
+    """Off the main thread (where math-verify's own signal-based timeout refuses to run), a
+    pathological comparison is stopped by its budget and the verifier still answers afterwards.
+    No race: the tower never finishes, and the comparison that must succeed has a minute."""
     pytest.importorskip("math_verify")
     import threading
 
-    from urlvr.rewards.math_verify import MathVerifier
+    from urlvr.rewards.math_verify import BudgetClock, MathVerifier
 
-    verifier = MathVerifier(timeout_s=1.0)
+    verifier = MathVerifier(timeout_s=60.0, workers=1)
     results = {}
 
-    def work():  # math-verify's own signal-based timeout would refuse to run here
-        start = time.perf_counter()
-        results["slow"] = verifier.equivalent("9^{9^{9^{9}}}", "1")
-        results["elapsed"] = time.perf_counter() - start
-        results["after"] = verifier.equivalent("1/2", "0.5")
+    def work():
+        results["slow"] = verifier.compare("1", TOWERS[0], clock=BudgetClock(1.0))
+        results["after"] = verifier.compare("1/2", "0.5")
 
     thread = threading.Thread(target=work)
     thread.start()
-    thread.join(timeout=60)
+    thread.join(timeout=300)
     verifier.close()
-    assert results["slow"] is None and results["elapsed"] < 3.0
-    assert results["after"] is True  # the worker was restarted
+    assert results["slow"] == (None, True)  # out of time: no verdict, and it says so
+    assert results["after"] == (True, False)
     assert verifier.timeouts == 1
-
-
-# issue 10, item 11: a step's comparisons share one time budget, a verdict cache and parallel workers
-TOWERS = ["10^{10^{10^{10}}}"] + [f"{k}^{{{k}^{{{k}^{{{k}}}}}}}" for k in (7, 8, 9, 11, 12)]  # each costs a timeout
-SLACK_S = 3.0  # killing the late children and starting fresh ones, on a loaded CI machine
-
-
-def test_a_pathological_pair_is_cut_short_by_the_budget():
-    pytest.importorskip("math_verify")
-    from urlvr.rewards.math_verify import MathVerifier, VerificationBudget
-
-    verifier = MathVerifier(timeout_s=5.0, workers=1)
-    try:
-        assert verifier.equivalent("1/2", "0.5") is True  # warm: startup is not what is measured
-        budget = VerificationBudget(verifier, budget_s=1.0)
-        start = time.monotonic()
-        assert budget.verdicts([("1", TOWERS[0])]) == [None]
-        assert time.monotonic() - start < 1.0 + SLACK_S  # was the full 5 s timeout
-        assert budget.cut_short(("1", TOWERS[0])) and budget.cut_short_count == 1
-        start = time.monotonic()
-        assert budget.verdicts([("1", TOWERS[0])] * 3) == [None] * 3  # cached for the step: not asked again
-        assert time.monotonic() - start < 0.5
-    finally:
-        verifier.close()
 
 
 def test_math_verify_reward_bounds_a_pathological_group_by_its_budget():
@@ -174,12 +156,11 @@ def test_math_verify_reward_bounds_a_pathological_group_by_its_budget():
     from urlvr.rewards.math_verify import math_verify_reward
 
     group, ctx = group_of([f"\\boxed{{{t}}}" for t in TOWERS] + ["\\boxed{8000}", "none"], label="8,000")
-    start = time.monotonic()
     out = math_verify_reward(group, ctx.with_label_access(True), timeout_s=5.0, budget_s=2.0, workers=2)
-    assert time.monotonic() - start < 2.0 + SLACK_S  # not len(TOWERS) x 5 s
     assert out.scores == [0.0] * len(TOWERS) + [1.0, 0.0]  # `8000` matches the label `8,000` without a worker
     assert out.diagnostics["cut_short"] == [1.0] * len(TOWERS) + [0.0, 0.0]
     assert out.diagnostics["failed"] == [1.0] * len(TOWERS) + [0.0, 0.0]
+    assert out.timeouts == len(TOWERS)  # counted: scored 0 like a wrong answer, but not silently
 
 
 def test_semantic_cluster_step_is_bounded_by_the_budget_and_logs_cut_short():
@@ -188,12 +169,11 @@ def test_semantic_cluster_step_is_bounded_by_the_budget_and_logs_cut_short():
                            group_of([f"\\boxed{{{t}}}" for t in reversed(TOWERS)], "b")]
     groups, contexts = [g for g, _ in groups_and_contexts], [c for _, c in groups_and_contexts]
     term = RewardTermSpec("semantic_cluster", 1.0, {"timeout_s": 5.0, "budget_s": 2.0, "workers": 2})
-    start = time.monotonic()
     out = score_batch(groups, contexts, [term], oracle=None)  # 2 x 15 comparisons, one budget for the step
-    assert time.monotonic() - start < 2.0 + SLACK_S
     assert out.per_term["semantic_cluster"].flatten().tolist() == pytest.approx([1 / 6] * 12)  # unverified = different
     cut = out.diagnostics["semantic_cluster/cut_short"]  # logged as reward/semantic_cluster/cut_short_mean
     assert (cut > 0).all() and (cut <= 15).all()
+    assert out.timeouts == {"semantic_cluster": int(cut[0, 0] + cut[1, 0])}  # reward/semantic_cluster_timeouts
 
 
 def test_verification_knobs_are_recipe_kwargs():

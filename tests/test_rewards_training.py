@@ -50,14 +50,16 @@ def test_certainty_family_trains(model_path, tmp_path):
 
 def test_ensemble_family_trains_with_extra_voters(model_path, tmp_path):
     terms = [{"name": "majority_vote", "kwargs": {"ties": "first"}},
-             {"name": "semantic_cluster", "kwargs": {"min_cluster_ratio": 0.25}},
+             {"name": "semantic_cluster", "kwargs": {"min_cluster_ratio": 0.25, "timeout_s": 60.0, "budget_s": 600.0}},
              {"name": "unified", "alias": "unified_mv", "kwargs": {"granularity": "answer", "transform": "exp", "tau": 0}}]
     reward = {"terms": terms, "extractor": "regex", "extractor_kwargs": LAST_DIGIT, "vote_group_size": 6}
     metrics = train(model_path, tmp_path, reward)
     assert metrics[0]["dynamics/answer_rate"] > 0
     assert 0 < metrics[0]["reward/majority_vote/majority_ratio_mean"] <= 1
     assert "reward/semantic_cluster/largest_cluster_ratio_mean" in metrics[0]
-    assert metrics[0]["reward/semantic_cluster/cut_short_mean"] == 0.0  # single digits: verified within budget
+    assert metrics[0]["reward/semantic_cluster/cut_short_mean"] == 0.0  # single digits, generous limits: never out of time
+    assert metrics[0]["reward/semantic_cluster_timeouts"] == 0.0  # counted every step, 0 included
+    assert "reward/unified_mv_timeouts" not in metrics[0]  # exact equality cannot run out of time
 
 
 def test_external_family_trains_on_countdown(model_path, tmp_path):
@@ -67,6 +69,7 @@ def test_external_family_trains_on_countdown(model_path, tmp_path):
     metrics = train(model_path, tmp_path, reward, plugins=["reward_plugins"],
                     data={"source": {"kind": "countdown", "num_problems": 16, "seed": 1}})
     assert "reward/countdown/correct_mean" in metrics[0] and "reward/countdown_mean" in metrics[0]
+    assert "reward/oracle_timeouts" in metrics[0] and "reward/countdown_timeouts" not in metrics[0]
 
 
 def test_policy_family_trains_with_self_verification_and_co_reward(model_path, tmp_path):
@@ -86,6 +89,7 @@ def test_policy_family_trains_with_self_verification_and_co_reward(model_path, t
     ({"terms": [{"name": "unified", "kwargs": {"anchor": "unifrom"}}]}, "anchor"),
     ({"terms": [{"name": "format", "gate": "formt"}]}, "did you mean 'format'"),
     ({"terms": [{"name": "format"}, {"name": "format"}]}, "appears twice; give one an `alias`"),
+    ({"terms": [{"name": "format", "alias": "oracle"}]}, "share metrics with `reward.oracle`"),
     ({"terms": [{"name": "format"}], "vote_group_size": 2}, "vote_group_size"),
     ({"terms": [{"name": "format"}], "extractor": "regex"}, "needs a `pattern`"),
 ])

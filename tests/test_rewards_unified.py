@@ -79,7 +79,7 @@ ANSWER_SETS = [
 def test_answer_level_is_semantic_cluster(answers):
     group, ctx = answer_group(answers)
     expected = semantic_cluster(group, ctx, equivalence="exact").scores
-    got = unified(group, ctx, granularity="answer", anchor="onehot", sign=-1, transform="exp")
+    got = unified(group, ctx, granularity="answer", anchor="onehot", sign=-1, transform="exp").scores
     assert got == pytest.approx(expected, abs=1e-15)
     for j, a in enumerate(answers):  # exp(-H(delta_A, pi^A)) = pi^A(ans(y)) = |C| / G
         assert got[j] == (0.0 if a is None else answers.count(a) / len(answers))
@@ -89,14 +89,14 @@ def test_answer_level_is_semantic_cluster(answers):
 def test_answer_level_tau_limit_is_majority_vote(answers):
     group, ctx = answer_group(answers)
     expected = majority_vote(group, ctx).scores
-    assert unified(group, ctx, granularity="answer", anchor="onehot", sign=-1, transform="exp", tau=0.0) == expected
-    tempered = unified(group, ctx, granularity="answer", anchor="onehot", sign=-1, transform="exp", tau=0.005)
+    assert unified(group, ctx, granularity="answer", anchor="onehot", sign=-1, transform="exp", tau=0.0).scores == expected
+    tempered = unified(group, ctx, granularity="answer", anchor="onehot", sign=-1, transform="exp", tau=0.005).scores
     assert tempered == pytest.approx(expected, abs=1e-6)  # tau -> 0+ converges to the indicator
 
 
 def test_answer_level_tie_limit_splits_the_mass():
     group, ctx = answer_group(["a", "b", "a", "b"])
-    assert unified(group, ctx, granularity="answer", anchor="onehot", sign=-1, transform="exp", tau=0.0) == [0.5] * 4
+    assert unified(group, ctx, granularity="answer", anchor="onehot", sign=-1, transform="exp", tau=0.0).scores == [0.5] * 4
     assert majority_vote(group, ctx).scores == [1.0, 0.0, 1.0, 0.0]  # the indicator breaks the tie (first seen)
 
 

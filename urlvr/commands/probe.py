@@ -45,6 +45,7 @@ class RewardProbe:
     top_reward_accuracy: float | None = None  # Label Accuracy of the top-reward sample
     advantage_correctness: float | None = None  # mean A_ij c_ij: first-order drift of correctness
     direction: str | None = None  # "rise" | "fall" | "undetermined" (ModelProbe.undetermined says why)
+    timeouts: int | None = None  # verifications out of time, scored as wrong; None: the reward has no time limit
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class ModelProbe:
     p_maj_histogram: dict[str, list] = field(default_factory=dict)
     rewards: tuple[RewardProbe, ...] = ()
     figure: str | None = None
+    oracle_timeouts: int | None = None  # the oracle's verifications out of time (scored wrong); None: no time limit
 
 
 def probe_recipe(base: dict[str, Any], model: str, rewards: Sequence[str], *, group_size: int | None) -> dict[str, Any]:
@@ -221,7 +223,7 @@ def _measure(model: str, groups, records, batch, stats, settings, engine, tokeni
     for name, scores in scored.per_term.items():  # [B, G] each
         std = scores.std(dim=1, unbiased=False) if size > 1 else torch.zeros(len(groups))
         probe = RewardProbe(reward=name, reward_mean=float(scores.mean()),
-                            zero_variance_groups=float((std == 0).double().mean()))
+                            zero_variance_groups=float((std == 0).double().mean()), timeouts=scored.timeouts.get(name))
         if correct is not None:
             mine = scores[labelled].double()
             top = float(correct.gather(1, mine.argmax(dim=1, keepdim=True)).mean())  # ties: the first sample
@@ -240,7 +242,7 @@ def _measure(model: str, groups, records, batch, stats, settings, engine, tokeni
         majority_correct=float(majority_correct[labelled].mean()) if correct is not None else None,
         mixed_groups=mixed, undetermined=undetermined if correct is not None else None,
         p_maj_histogram=alignment.p_maj_histogram(p_maj, majority_correct if correct is not None else None, size),
-        rewards=tuple(per_reward))
+        rewards=tuple(per_reward), oracle_timeouts=scored.timeouts.get("oracle"))
 
 
 # --------------------------------------------------------------------------- reporting
@@ -289,6 +291,10 @@ def print_table(results: Sequence[ModelProbe]) -> None:
                       *(len(r[i]) for r in table_rows)]) + 3 for i, c in enumerate(columns)) + 4
     console = Console(width=max(Console().width, 120, needed))
     console.print(table)
+    late = sum(r.oracle_timeouts or 0 for r in results) + sum(p.timeouts or 0 for r in results for p in r.rewards)
+    if late:
+        console.print(f"urlvr: {late} verifications ran out of time and were scored as wrong (columns `timeouts`, "
+                      "`oracle_timeouts` of probe.csv); raise the reward's timeout_s / budget_s to measure them")
     if not labelled:
         console.print("urlvr: no labelled prompts; to measure a prior without labels, run `urlvr mcs`")
     for result in results:

@@ -50,8 +50,9 @@ def rollout_rows(
 
 
 def greedy_row(step: int, prompt_id: str, sample, answer: str | None, correct: bool | None) -> dict[str, Any]:
-    """One `kind: greedy` row: the greedy answer, its correctness (None without a label) and the
-    model's confidence exp(mean log-prob) of its own greedy response."""
+    """One `kind: greedy` row: the greedy answer, its correctness (None without a label, or when
+    its verification ran out of time) and the model's confidence exp(mean log-prob) of its own
+    greedy response."""
     mean_logprob = sum(sample.logprobs) / len(sample.logprobs) if sample.logprobs else 0.0
     return {"step": step, "kind": "greedy", "prompt_id": prompt_id, "answer": answer,
             "correct": correct, "confidence": math.exp(mean_logprob), "length": len(sample.token_ids)}

@@ -1,63 +1,119 @@
 """The math-verify worker: `python -m urlvr.rewards._math_worker`, one JSON request per line.
 
-It runs in its own process because math-verify's timeouts use `signal.alarm`, which only works
-on a main thread (a trainer may call rewards from elsewhere) and cannot interrupt sympy stuck in
-C code. Here it *is* the main thread, so math-verify's own per-call timeouts apply, and the
-parent adds a hard deadline on top: it kills and restarts this process when a reply is late.
+It runs in its own process because a comparison must be stoppable: a timer signal only works on
+a main thread (a trainer may call rewards from elsewhere) and cannot interrupt sympy stuck in C
+code. Here it *is* the main thread, so this worker's own timer (`timeout` seconds from reading
+the request) stops a comparison still running Python code, and the parent kills and restarts the
+process when even that reply is late.
 
-Request:  {"op": "equal", "gold": "...", "pred": "...", "timeout": 5}
-Reply:    {"ok": true, "result": true} or {"ok": false, "error": "..."}
+math-verify's own timeouts are switched off: they return "not equivalent" (False, or no parse)
+when they fire, which would make a comparison that ran out of time look like a wrong answer. The
+worker's timer instead answers `{"ok": false, "timeout": true}`.
+
+Start-up -- importing math-verify and one warm-up comparison (the first one loads sympy's
+parsers, ~0.2 s) -- happens before the worker prints its ready line, so no request pays for it.
+
+Request:  {"op": "equal", "gold": "...", "pred": "...", "timeout": 5.0}
+Reply:    {"ok": true, "result": true}, {"ok": false, "timeout": true} or {"ok": false, "error": "..."}
 """
 
 from __future__ import annotations
 
 import json
+import math
 import resource
+import signal
 import sys
+from collections.abc import Callable
 from functools import lru_cache
 
 MEMORY_LIMIT_BYTES = 4 * 1024**3  # a runaway sympy expression raises MemoryError, not OOM-kills the host
+READY = {"ok": True, "result": "ready"}
+
+
+class OutOfTime(BaseException):
+    """The request's time ran out. A BaseException, so math-verify's and sympy's `except
+    Exception` handlers cannot turn it into a verdict."""
 
 
 @lru_cache(maxsize=4096)
-def _parsed(answer: str, timeout: int):
+def _parsed(answer: str):
     from math_verify import parse
 
-    # wrapping in \boxed{} lets math-verify read LaTeX (\frac{1}{2}) and plain text (1/2, 0.5) alike
-    return parse(f"\\boxed{{{answer}}}", parsing_timeout=timeout)
+    # wrapping in \boxed{} lets math-verify read LaTeX (\frac{1}{2}) and plain text (1/2, 0.5) alike;
+    # parsing_timeout=None: this worker's timer bounds the request instead (see the module docstring)
+    return parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
 
 
-def equal(gold: str, pred: str, timeout: int) -> bool:
+def equal(gold: str, pred: str) -> bool:
     from math_verify import verify
 
     if gold == pred:
         return True
-    parsed_gold, parsed_pred = _parsed(gold, timeout), _parsed(pred, timeout)
+    parsed_gold, parsed_pred = _parsed(gold), _parsed(pred)
     if not parsed_gold or not parsed_pred:
         return False
-    return bool(verify(parsed_gold, parsed_pred, timeout_seconds=timeout))
+    return bool(verify(parsed_gold, parsed_pred, timeout_seconds=None))
 
 
-def main() -> None:
+def start() -> None:
+    """Load math-verify and warm it up (before the ready line: start-up is never billed to a request)."""
+    import logging
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled" is by design here
+    equal("1/2", "0.5")
+
+
+def answer(request: dict, compare: Callable[[str, str], bool]) -> dict:
+    """The reply to one request; `compare` runs under a timer of `request["timeout"]` seconds."""
+    fired = False
+
+    def on_alarm(signum, frame):
+        nonlocal fired
+        fired = True
+        raise OutOfTime
+
+    try:
+        if request.get("op") != "equal":
+            raise ValueError(f"unknown op {request.get('op')!r}")
+        gold, pred, seconds = str(request["gold"]), str(request["pred"]), float(request["timeout"])
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        try:
+            if math.isfinite(seconds):  # an infinite timeout (a recipe's .inf): no timer at all
+                signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+            result = compare(gold, pred)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    except OutOfTime:
+        return {"ok": False, "timeout": True}
+    except Exception as err:  # noqa: BLE001 -- any failure is a "not verified" for the parent
+        return {"ok": False, "error": f"{type(err).__name__}: {err}"[:500]}
+    if fired:  # some library caught OutOfTime anyway: its result is not a verdict
+        return {"ok": False, "timeout": True}
+    return {"ok": True, "result": bool(result)}
+
+
+def serve(compare: Callable[[str, str], bool] = equal, warm_up: Callable[[], None] = start) -> None:
+    """Warm up, print the ready line, then answer requests from stdin until it closes.
+    (Tests serve a stand-in `compare` / `warm_up` through this same loop.)"""
     try:
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
     except (ValueError, OSError):  # not permitted here: the parent's deadline still applies
         pass
-    import math_verify  # noqa: F401  (import before the first request, so its time is not billed to it)
-
-    sys.stdout.write(json.dumps({"ok": True, "result": "ready"}) + "\n")
+    warm_up()
+    sys.stdout.write(json.dumps(READY) + "\n")
     sys.stdout.flush()
     for line in sys.stdin:
         try:
             request = json.loads(line)
-            if request["op"] != "equal":
-                raise ValueError(f"unknown op {request['op']!r}")
-            reply = {"ok": True, "result": equal(request["gold"], request["pred"], int(request["timeout"]))}
-        except Exception as err:  # noqa: BLE001 -- any failure is a "not verified" for the parent
-            reply = {"ok": False, "error": f"{type(err).__name__}: {err}"[:500]}
+        except ValueError as err:
+            reply = {"ok": False, "error": f"bad request: {err}"[:500]}
+        else:
+            reply = answer(request, compare)
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
 
 
 if __name__ == "__main__":
-    main()
+    serve()

@@ -98,10 +98,13 @@ class PolicyHandle(Protocol):
 
 @dataclass(frozen=True)
 class RewardOutput:
-    """Scores plus optional named per-sample diagnostics (logged as `reward/<term>/<name>`)."""
+    """Scores plus optional named per-sample diagnostics (logged as `reward/<term>/<name>`) and,
+    for a reward registered with `timed`, how many of the group's verifications ran out of time
+    (summed over the step and logged as `reward/<term>_timeouts`)."""
 
     scores: Sequence[float]
     diagnostics: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    timeouts: int = 0
 
 
 RewardFn = Callable[..., "Sequence[float] | RewardOutput"]
@@ -130,6 +133,12 @@ class RewardSpec:
     prepare: PrepareFn | None = None  # optional batch phase, run once per step over all groups
     family: RewardFamily = "other"  # what the score claims (see RewardFamily)
     stats: tuple[str, ...] | Callable[..., Sequence[str]] = ()  # token statistics read from ctx.token_stats
+    timed: bool | Callable[..., bool] = False  # verifies under a time limit and counts RewardOutput.timeouts
+
+    def is_timed(self, kwargs: Mapping[str, Any]) -> bool:
+        """Whether, with these recipe kwargs, this reward's verifications can run out of time
+        (then its `reward/<term>_timeouts` count is logged every step, 0 included)."""
+        return bool(self.timed(**kwargs) if callable(self.timed) else self.timed)
 
     def token_stats(self, kwargs: Mapping[str, Any]) -> tuple[str, ...]:
         """The statistics this reward reads with these recipe kwargs (the scoring pass computes
@@ -142,7 +151,7 @@ REWARDS: Registry[RewardSpec] = Registry("reward")
 
 def reward(
     name: str, *, needs_label: bool = False, prepare: PrepareFn | None = None, family: RewardFamily = "other",
-    stats: tuple[str, ...] | Callable[..., Sequence[str]] = (),
+    stats: tuple[str, ...] | Callable[..., Sequence[str]] = (), timed: bool | Callable[..., bool] = False,
 ) -> Callable[[RewardFn], RewardFn]:
     """Register ``fn(group, ctx, **kwargs)`` as a reward named ``name``; returns fn unchanged.
 
@@ -158,6 +167,10 @@ def reward(
     ``family`` says what a score claims -- ``"verdict"`` (score > 0.5 = judged correct),
     ``"certainty"`` (graded confidence) or ``"other"`` -- and so which label metrics are logged
     and what the Model Collapse Step watches (docs/dynamics.md).
+
+    ``timed`` (or a function of the recipe kwargs returning it) says the reward verifies under a
+    time limit and reports, in ``RewardOutput.timeouts``, the verifications that ran out of time,
+    so a timeout is counted (``reward/<term>_timeouts``), never silently scored as a wrong answer.
     """
     if family not in REWARD_FAMILIES:
         raise ValueError(f"reward {name!r}: family must be one of {', '.join(REWARD_FAMILIES)}, got {family!r}")
@@ -167,7 +180,7 @@ def reward(
         if not callable(stats) and isinstance(stats, str):
             raise TypeError(f"reward {name!r}: stats must be a tuple of names, got the string {stats!r}")
         REWARDS.register(name)(RewardSpec(name, fn, needs_label, doc[0] if doc else "", prepare, family,
-                                          stats if callable(stats) else tuple(stats)))
+                                          stats if callable(stats) else tuple(stats), timed))
         return fn
 
     return add
@@ -223,4 +236,6 @@ def call_reward(spec: RewardSpec, group: Group, ctx: RewardContext, kwargs: Mapp
         raise ValueError(f"reward {spec.name!r} returned {len(scores)} scores for a group of {group.size}")
     if not all(torch.isfinite(torch.tensor(scores, dtype=torch.float64))):
         raise ValueError(f"reward {spec.name!r} returned a non-finite score: {scores}")
-    return RewardOutput(scores=scores, diagnostics=out.diagnostics)
+    if not (isinstance(out.timeouts, int) and out.timeouts >= 0):
+        raise ValueError(f"reward {spec.name!r} returned timeouts={out.timeouts!r}; expected a count >= 0")
+    return RewardOutput(scores=scores, diagnostics=out.diagnostics, timeouts=out.timeouts)

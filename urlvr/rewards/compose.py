@@ -6,6 +6,9 @@ oracle for metrics.
 A term that raises stops the run with a `RewardError` naming the reward and the prompt (and the
 sample, when the reward says which), unless the recipe sets `on_error: zero`; then the group's
 scores are 0 and the failure is counted in `errors` (logged as `reward/<term>/error_rate`).
+A term -- or the oracle -- whose reward verifies under a time limit (`timed`) counts the
+verifications that ran out of time in `timeouts` (logged as `reward/<term>_timeouts`, the oracle's
+as `reward/oracle_timeouts`), every step, 0 included.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class BatchRewards:
     oracle: torch.Tensor | None  # [B, G], NaN rows where a prompt has no label; None if no oracle
     diagnostics: dict[str, torch.Tensor]  # "<term>/<name>" -> [B, G], NaN where a group failed
     errors: dict[str, float] = field(default_factory=dict)  # term key (on_error=zero) -> share of groups zeroed
+    timeouts: dict[str, int] = field(default_factory=dict)  # timed term key (or "oracle") -> verifications out of time
 
 
 def reward_family(terms: Sequence[tuple[str, float]]) -> tuple[RewardFamily, int | None]:
@@ -84,9 +88,11 @@ def score_batch(
     per_term: dict[str, torch.Tensor] = {}
     diagnostics: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
+    timeouts: dict[str, int] = {}
     gates: dict[str, torch.Tensor] = {}
     for term in terms:
-        scores, diag, failed = run_term(REWARDS.get(term.name), term.kwargs, groups, contexts, policy, term.on_error)
+        spec = REWARDS.get(term.name)
+        scores, diag, failed, timed_out = run_term(spec, term.kwargs, groups, contexts, policy, term.on_error)
         if term.gate is not None:
             if term.gate not in gates:
                 gates[term.gate] = run_term(REWARDS.get(term.gate), {}, groups, contexts, policy, "raise")[0]
@@ -95,16 +101,22 @@ def score_batch(
         diagnostics.update({f"{term.label}/{k}": v for k, v in diag.items()})
         if term.on_error == "zero":
             errors[term.label] = failed / max(1, len(groups))
+        if spec.is_timed(term.kwargs):
+            timeouts[term.label] = timed_out
     total = sum(term.weight * per_term[term.label] for term in terms)
-    return BatchRewards(total=total, per_term=per_term, oracle=_oracle_scores(groups, contexts, oracle, policy),
-                        diagnostics=diagnostics, errors=errors)
+    oracle_scores, oracle_timeouts = _oracle_scores(groups, contexts, oracle, policy)
+    if oracle is not None and REWARDS.get(oracle).is_timed({}):
+        timeouts["oracle"] = oracle_timeouts
+    return BatchRewards(total=total, per_term=per_term, oracle=oracle_scores, diagnostics=diagnostics,
+                        errors=errors, timeouts=timeouts)
 
 
 def run_term(
     spec: RewardSpec, kwargs: Mapping[str, Any], groups: Sequence[Group], contexts: Sequence[RewardContext],
     policy: PolicyHandle | None, on_error: str,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """One reward over the batch: (scores [B, G], diagnostics, number of groups that failed)."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], int, int]:
+    """One reward over the batch: (scores [B, G], diagnostics, number of groups that failed,
+    number of verifications that ran out of time)."""
     if on_error not in ("raise", "zero"):
         raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
     prepared: Sequence[Any] = [None] * len(groups)
@@ -120,6 +132,7 @@ def run_term(
             failed_groups = set(range(len(groups)))
     rows: list[list[float]] = []
     diag_rows: list[dict[str, Sequence[float]]] = []
+    timeouts = 0
     for index, (group, ctx) in enumerate(zip(groups, contexts, strict=True)):
         out = None
         if index not in failed_groups:
@@ -132,6 +145,7 @@ def run_term(
                     raise RewardError(_describe_failure(spec.name, group, err)) from err
                 failed_groups.add(index)
         rows.append(list(out.scores) if out is not None else [0.0] * group.size)
+        timeouts += out.timeouts if out is not None else 0
         diag_rows.append(dict(out.diagnostics) if out is not None else {})
     keys = sorted({k for d in diag_rows for k in d})
     diagnostics = {
@@ -139,7 +153,7 @@ def run_term(
                          for d, g in zip(diag_rows, groups)], dtype=torch.float32)
         for k in keys
     }
-    return torch.tensor(rows, dtype=torch.float32), diagnostics, len(failed_groups)
+    return torch.tensor(rows, dtype=torch.float32), diagnostics, len(failed_groups), timeouts
 
 
 def _prepare(spec: RewardSpec, groups, contexts, policy, kwargs: Mapping[str, Any]) -> Sequence[Any]:
@@ -165,16 +179,17 @@ def _describe_failure(name: str, group: Group, err: Exception) -> str:
 
 def _oracle_scores(
     groups: Sequence[Group], contexts: Sequence[RewardContext], oracle: str | None, policy: PolicyHandle | None,
-) -> torch.Tensor | None:
-    """The oracle's scores [B, G], NaN rows where a prompt has no label. Run like a term over the
-    labelled groups, so its batch phase (e.g. one verification budget for the step) applies too.
-    Its diagnostics are not logged: a rank without labelled prompts would lack their keys, and
-    per-step metrics must have the same keys on every rank."""
+) -> tuple[torch.Tensor | None, int]:
+    """The oracle's scores [B, G], NaN rows where a prompt has no label, and its timeouts. Run like
+    a term over the labelled groups, so its batch phase (e.g. one verification budget for the step)
+    applies too. Its diagnostics are not logged: a rank without labelled prompts would lack their
+    keys, and per-step metrics must have the same keys on every rank (its timeout count, 0 on such
+    a rank, has its key on every rank)."""
     labelled = [i for i, ctx in enumerate(contexts) if ctx.has_label]
     if oracle is None or not labelled:
-        return None
-    scores = run_term(REWARDS.get(oracle), {}, [groups[i] for i in labelled], [contexts[i] for i in labelled],
-                      policy, "raise")[0]
+        return None, 0
+    scores, _, _, timeouts = run_term(REWARDS.get(oracle), {}, [groups[i] for i in labelled],
+                                      [contexts[i] for i in labelled], policy, "raise")
     out = torch.full((len(groups), scores.shape[1]), float("nan"))
     out[torch.tensor(labelled)] = scores
-    return out
+    return out, timeouts

@@ -60,7 +60,12 @@ def _cluster_step(
         return list(pool.map(lambda ctx: cluster_by_equivalence(ctx.voters, budget), contexts))
 
 
-@reward("semantic_cluster", prepare=_cluster_step, family="certainty")
+def _verifies(*, equivalence: Equivalence = "math_verify", **_: object) -> bool:
+    """Only math-verify comparisons can run out of time (exact equality cannot)."""
+    return equivalence == "math_verify"
+
+
+@reward("semantic_cluster", prepare=_cluster_step, family="certainty", timed=_verifies)
 def semantic_cluster(
     group: Group, ctx: RewardContext, *, equivalence: Equivalence = "math_verify",
     min_cluster_ratio: float = 0.0, no_answer: Literal["zero", "singleton"] = "zero",
@@ -73,7 +78,8 @@ def semantic_cluster(
     without an answer score 0 and join no cluster; `"singleton"`: each is its own cluster of
     size 1, scoring 1/G (what EMPO's code does with empty answers). math-verify comparisons:
     `timeout_s` each, `budget_s` for all of a step's (of this group, outside a step), run by
-    `workers` child processes; a comparison without a verdict counts as "different".
+    `workers` child processes; a comparison without a verdict counts as "different" (one that ran
+    out of time too: it is counted in `timeouts`).
     """
     if not 0.0 <= min_cluster_ratio <= 1.0:
         raise ValueError(f"min_cluster_ratio must lie in [0, 1], got {min_cluster_ratio}")
@@ -96,7 +102,7 @@ def semantic_cluster(
         "clusters": [float(len(sizes))] * group.size,
         "equivalence_failures": [float(clustering.failures)] * group.size,
         "cut_short": [float(clustering.cut_short)] * group.size,
-    })
+    }, timeouts=clustering.cut_short)
 
 
 semantic_cluster.check = check_verification_kwargs  # type: ignore[attr-defined]

@@ -41,7 +41,7 @@ from typing import Literal
 
 import torch
 
-from urlvr.rewards.base import RewardContext, reward
+from urlvr.rewards.base import RewardContext, RewardOutput, reward
 from urlvr.rewards.certainty import masked_token_mean, masked_token_sum
 from urlvr.rewards.ensemble import Equivalence, answer_clusters
 from urlvr.rollout.base import Group
@@ -81,19 +81,26 @@ def _unified_stats(*, anchor: str = "onehot", granularity: str = "token", **_) -
     return () if granularity == "answer" or anchor not in _TOKEN_CROSS_ENTROPY else (_TOKEN_CROSS_ENTROPY[anchor][0],)
 
 
-@reward("unified", family="certainty", stats=_unified_stats)
+def _verifies(*, granularity: str = "token", equivalence: str = "exact", **_) -> bool:
+    """Only answer clusters by math-verify can run out of time."""
+    return granularity == "answer" and equivalence == "math_verify"
+
+
+@reward("unified", family="certainty", stats=_unified_stats, timed=_verifies)
 def unified(
     group: Group, ctx: RewardContext, *, anchor: Anchor = "onehot", sign: Literal[1, -1] = -1,
     transform: Literal["identity", "exp"] = "identity", granularity: Literal["token", "answer"] = "token",
     aggregate: Literal["mean", "sum"] = "mean", tau: float | None = None, equivalence: Equivalence = "exact",
     timeout_s: float = 5.0,
-) -> list[float]:
+) -> list[float] | RewardOutput:
     """r_uni(x, y) = psi((sigma/|I|) sum_{i in I} H(q_i, pi_i))  (paper App. A.3, Eq. 26, Table 6)."""
     _check(anchor=anchor, sign=sign, transform=transform, granularity=granularity, aggregate=aggregate, tau=tau)
     if granularity == "answer":
-        ids = answer_clusters(ctx.voters, equivalence, timeout_s).ids
+        clustering = answer_clusters(ctx.voters, equivalence, timeout_s)  # out of time: "different", counted
+        ids = clustering.ids
         p = answer_distribution(dict(Counter(i for i in ids if i is not None)), len(ctx.voters), tau)
-        return [0.0 if cluster is None else p[cluster] for cluster in ids[: group.size]]  # exp(-H(delta_A, pi^A))
+        return RewardOutput([0.0 if cluster is None else p[cluster] for cluster in ids[: group.size]],  # exp(-H(delta_A, pi^A))
+                            timeouts=clustering.cut_short)
     stat, factor = _TOKEN_CROSS_ENTROPY[anchor]
     if stat not in ctx.token_stats:
         raise KeyError(f"unified(anchor={anchor!r}) needs the token statistic {stat!r}")

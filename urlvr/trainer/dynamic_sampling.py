@@ -95,6 +95,7 @@ def dynamic_sample(next_batch: Callable[[int], list[PromptRecord]], sample_round
     mine = _gather_mine(rounds, selected, prompts_per_step, prompts_per_round, dist.world_size, dist.rank)
     errors = {key: sum(r.rewards.errors[key] for r in rounds) / len(rounds) for key in rounds[0].rewards.errors}
     drawn = len(rounds) * prompts_per_round
+    timeouts = {key: sum(r.rewards.timeouts[key] for r in rounds) for key in rounds[0].rewards.timeouts}  # every round's
     metrics = {
         "dynamic_sampling/rounds": float(len(rounds)),
         "dynamic_sampling/prompts_consumed": float(drawn),
@@ -103,7 +104,7 @@ def dynamic_sample(next_batch: Callable[[int], list[PromptRecord]], sample_round
         **_generated_metrics(every),
     }
     return Sampled(records=[m[0] for m in mine], drawn=[m[1] for m in mine], groups=[m[2] for m in mine],
-                   rewards=_stack_rewards([m[3] for m in mine], errors), metrics=metrics)
+                   rewards=_stack_rewards([m[3] for m in mine], errors, timeouts), metrics=metrics)
 
 
 def _group_means(out: Round) -> list[torch.Tensor]:
@@ -165,7 +166,7 @@ def _reward_rows(rewards: BatchRewards, b: int) -> dict:
             "diagnostics": {k: v[b] for k, v in rewards.diagnostics.items()}}
 
 
-def _stack_rewards(rows: Sequence[dict], errors: dict[str, float]) -> BatchRewards:
+def _stack_rewards(rows: Sequence[dict], errors: dict[str, float], timeouts: dict[str, int]) -> BatchRewards:
     """The selected groups' reward rows as one [B, G] batch; rows drawn without a label (or
     without a diagnostic) get NaN there, as `score_batch` writes them."""
     nan = torch.full_like(rows[0]["total"], float("nan"))
@@ -178,4 +179,4 @@ def _stack_rewards(rows: Sequence[dict], errors: dict[str, float]) -> BatchRewar
         per_term={k: torch.stack([row["per_term"][k] for row in rows]) for k in rows[0]["per_term"]},
         oracle=oracle,
         diagnostics={k: torch.stack([row["diagnostics"].get(k, nan) for row in rows]) for k in diagnostic_keys},
-        errors=errors)
+        errors=errors, timeouts=timeouts)

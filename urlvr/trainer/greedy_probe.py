@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from urlvr.metrics.evaluation import judge_samples
+from urlvr.metrics.evaluation import judge_outcome
 from urlvr.metrics.tracking import gather_rows, greedy_row
 
 
@@ -26,6 +26,7 @@ def greedy_rows(parts, recipe, dist, step: int) -> list[dict[str, Any]]:
         answer = parts.settings.answer(sample)
         correct = None
         if oracle is not None and record.label is not None:
-            correct = judge_samples(group, record, [answer], extract, oracle, tokenizer=parts.tokenizer)[0]
+            verdicts, timeouts = judge_outcome(group, record, [answer], extract, oracle, tokenizer=parts.tokenizer)
+            correct = None if timeouts else verdicts[0]  # out of time: unknown, not wrong
         rows.append(greedy_row(step, prompt_id, sample, answer, correct))
     return gather_rows(rows)

@@ -355,9 +355,12 @@ def _token_selection(token_filter: TokenFilter, batch: RolloutBatch, stats: dict
 
 def _reward_term_metrics(rewards: BatchRewards, num_groups: int) -> tuple[dict[str, float], dict[str, int]]:
     """Per-term error rates (on_error: zero) and the means of the terms' diagnostics, with what
-    each is a mean over (groups, finite values)."""
+    each is a mean over (groups, finite values); timed terms' timeouts, summed over ranks here."""
     out = {f"reward/{key}/error_rate": rate for key, rate in rewards.errors.items()}
     counts = dict.fromkeys(out, num_groups)
+    if rewards.timeouts:  # the same keys on every rank (BatchRewards.timeouts), so the same collective
+        timeouts = all_reduce_sum(torch.tensor([float(n) for n in rewards.timeouts.values()], dtype=torch.float64))
+        out.update({f"reward/{key}_timeouts": float(n) for key, n in zip(rewards.timeouts, timeouts)})
     for key, values in rewards.diagnostics.items():
         finite = values[torch.isfinite(values)]
         out[f"reward/{key}_mean"] = float(finite.mean()) if finite.numel() else 0.0

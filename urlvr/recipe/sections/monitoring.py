@@ -80,7 +80,8 @@ class EvalSection(Section):
     """A registered reward that decides whether an evaluation sample is correct (score > 0.5),
     for tasks where an answer is not a string to compare with the label: `countdown` (an
     expression must use the numbers and reach the target). null = the extracted answer equals
-    the label. Reported as `avg@k` etc. like the default."""
+    the label. Reported as `avg@k` etc. like the default; a time-limited judge (`math_verify`)
+    counts a verdict that ran out of time as incorrect and reports the count as `judge_timeouts`."""
     held_out: dict[str, DataSource] = Field(default_factory=dict)
     """More labelled sets evaluated at the same times as `source`, by name; logged as
     `eval/<name>/avg@k` etc. (e.g. the held-out benchmarks of a test-time run)."""

@@ -75,6 +75,8 @@ class RewardSection(Section):
         repeated = sorted({k for k in keys if keys.count(k) > 1})
         if repeated:
             raise ValueError(f"reward term {repeated[0]!r} appears twice; give one an `alias`")
+        if "oracle" in keys and self.oracle is not None:  # reward/oracle_timeouts is the oracle's
+            raise ValueError("a reward term named 'oracle' would share metrics with `reward.oracle`; give it another `alias`")
         from urlvr.rewards.extractors import make_extractor
 
         make_extractor(self.extractor, self.extractor_kwargs)
