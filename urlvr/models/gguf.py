@@ -135,10 +135,13 @@ def load_gguf(gguf: Path):
     except ValueError as err:
         if "not supported" not in str(err):
             raise
+        import transformers
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-        raise RecipeError(f"model.path {str(gguf)!r}: transformers cannot read this GGUF ({err}); it reads "
-                          f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}") from None
+        readable = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})  # sections, not models
+        raise RecipeError(f"model.path {str(gguf)!r}: transformers {transformers.__version__} cannot read this "
+                          f"GGUF ({err}); it reads {', '.join(readable)}; convert the model to an HF folder "
+                          "instead") from None
     # the weights are plain float32 now; the config must not claim a quantisation
     model.config.quantization_config = None
     if hasattr(model.config, "__dict__"):
