@@ -273,9 +273,9 @@ class Actor:
             params = {name for name, _ in lm.named_parameters(remove_duplicate=False)}
             state.update({k: v.detach().cpu().clone() for k, v in lm.state_dict().items()  # persistent buffers
                           if k not in params and "lora_" not in k and ".base_layer." not in k})
-            return state
+            return share_tied(state, lm)
         with self.generation_context() as model:
-            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            return share_tied({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, model)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """A LoRA model's adapter weights under the PeftModel's names, on every rank, on the CPU
@@ -283,6 +283,22 @@ class Actor:
         adapters = [p for p in self.model.parameters() if p.requires_grad]
         with gathered(adapters):
             return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if "lora_" in k}
+
+
+def share_tied(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`state` with every name of one tied parameter (SmolLM2's and Gemma's `lm_head.weight` is
+    `embed_tokens.weight`) pointing at one tensor again, as in the model. A copy per name would
+    hide the tie from `save_pretrained`, which then writes the matrix twice (113 MB more for
+    SmolLM2, 671 MB for Gemma 3 270M) and a reload no longer sees one weight."""
+    names_of: dict[int, list[str]] = {}
+    prefix = "base_model.model." if is_peft_model(model) else ""
+    for name, param in causal_lm(model).named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for names in names_of.values():
+        present = [n for n in names if n in state] or [prefix + n for n in names if prefix + n in state]
+        for name in present[1:]:
+            state[name] = state[present[0]]
+    return state
 
 
 class AdapterOffReference:
