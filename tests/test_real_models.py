@@ -48,10 +48,10 @@ def gemma3() -> Path:
     return _cached(GEMMA3)
 
 
-def recipe_for(model: str, out: Path, **sections) -> dict:
+def recipe_for(model_path: str, out: Path, **sections) -> dict:
     """2 single-digit additions x 2 samples x 8 tokens, majority vote, ground truth as oracle."""
     recipe = {
-        "seed": 0, "output_dir": str(out), "model": {"path": model},
+        "seed": 0, "output_dir": str(out), "model": {"path": model_path},
         "data": {"source": {"kind": "arithmetic", "num_problems": 2, "seed": 1, "max_value": 9, "operators": ["+"]},
                  "prompt_suffix": " Answer with the number only."},
         "rollout": {"group_size": 2, "max_new_tokens": 8},
