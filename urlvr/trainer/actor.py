@@ -6,8 +6,9 @@ positions, so no `[T, V]` float32 logits tensor for a whole sequence is ever hel
 (the decoder's hidden states are `[T, H]`, far smaller). The same module serves the no-grad
 scoring pass (old log-probs and the statistics the run declared) and the training forward,
 so on-policy importance ratios are exactly 1.
-Limitation: logits are `lm_head(hidden)`; models that post-process logits (soft-capping,
-logit scaling) need their own scorer.
+Logits are `lm_head(hidden)`, soft-capped as the model's own forward does where its config sets
+`final_logit_softcapping` (Gemma 2); a model that rescales its logits otherwise (`logit_scale`,
+`logits_scaling`) is refused rather than scored wrongly.
 
 LoRA (`model.lora`): the model is a `peft` PeftModel whose adapters are injected into the HF
 model's own layers, so the scorer runs the wrapped HF model's decoder and head (`causal_lm`) and
@@ -24,11 +25,24 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from urlvr.errors import RecipeError
 from urlvr.models.lora import causal_lm, is_peft_model
 from urlvr.recipe import Recipe
 from urlvr.algorithms.token_stats import compute_token_stats
 from urlvr.rollout.weight_sync import gathered, iter_weights
 from urlvr.trainer.lm_head import chunked_logprob, recomputes_in_backward
+
+
+def logit_softcap(config) -> float | None:
+    """The config's `final_logit_softcapping` (None: plain logits). Raises RecipeError for a model
+    whose forward rescales its logits in a way the scorer does not reproduce, naming the field."""
+    for field in ("logit_scale", "logits_scaling"):  # Cohere multiplies, Granite divides
+        value = getattr(config, field, None)
+        if value not in (None, 1, 1.0):
+            raise RecipeError(f"model.path: the model's config sets {field}={value}: its forward rescales the logits, which "
+                             "urlvr's scorer does not reproduce; its log-probs would be wrong")
+    cap = getattr(config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
 
 
 class TokenScorer(nn.Module):
@@ -38,6 +52,7 @@ class TokenScorer(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.softcap = logit_softcap(causal_lm(model).config)
 
     def forward(
         self,
@@ -84,7 +99,7 @@ class TokenScorer(nn.Module):
         def in_place(flat: torch.Tensor) -> torch.Tensor:  # [N] -> [b, T], 0 where keep is False
             return torch.zeros(keep.shape, dtype=flat.dtype, device=flat.device).masked_scatter(keep, flat)
 
-        if recomputes_in_backward(lm_head, stats, raw_stats):  # training: no [N, V] logits kept for backward
+        if self.softcap is None and recomputes_in_backward(lm_head, stats, raw_stats):  # training: no [N, V] logits kept
             values = chunked_logprob(hidden, lm_head, flat_targets, temperature, self.chunk_size, detached_stats)
             return {name: in_place(value) for name, value in values.items()}
         names = stats + tuple(f"raw_{n}" for n in raw_stats) + detached_stats
@@ -93,6 +108,8 @@ class TokenScorer(nn.Module):
         for start in range(0, flat_targets.shape[0], step):
             end = start + step
             raw = lm_head(hidden[start:end]).float()  # [n, V]
+            if self.softcap is not None:  # as Gemma 2's forward: cap * tanh(logits / cap)
+                raw = torch.tanh(raw / self.softcap) * self.softcap
             scaled = raw / temperature  # [n, V], once: the trained and the logged statistics share it
             lse = torch.logsumexp(scaled, dim=-1)
             for name, value in compute_token_stats(scaled, flat_targets[start:end], stats, lse).items():
