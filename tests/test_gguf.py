@@ -108,3 +108,12 @@ def test_a_write_killed_midway_leaves_no_complete_cache_and_the_next_run_finishe
     assert is_complete(target) and (target / MARKER_FILE).is_file() and (target / "tokenizer.json").is_file()
     assert dequantise_gguf(path, sha256="ab" * 32, cache_dir=tmp_path / "cache") == target and len(saved) == 2
     assert target.name == "m-abababababababab"
+
+
+def test_a_file_that_is_not_gguf_is_refused_in_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("URLVR_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF but not really" * 10)
+    with pytest.raises(RecipeError, match=r"^model.path '.*broken.gguf': transformers cannot read this GGUF file: ") as caught:
+        resolve_model_path(str(tmp_path / "broken.gguf"))
+    assert "\n" not in str(caught.value)

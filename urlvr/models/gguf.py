@@ -118,28 +118,29 @@ def dequantise_gguf(gguf: Path, *, sha256: str | None = None, cache_dir: Path | 
     return target
 
 
-def load_gguf(gguf: Path):
+def load_gguf(path: Path):
     """``(model, tokenizer)`` read from a GGUF file by transformers, float32, with the GGUF
     quantization config dropped (dequantised weights; `save_pretrained` refuses it otherwise)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        import gguf as _gguf  # noqa: F401  transformers' reader
+        import gguf  # noqa: F401  transformers' reader
     except ImportError:
-        raise RecipeError(f"model.path {str(gguf)!r}: reading GGUF files needs the gguf package: "
+        raise RecipeError(f"model.path {str(path)!r}: reading GGUF files needs the gguf package: "
                           "pip install gguf") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except ValueError as err:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except (ValueError, OSError, KeyError) as err:  # not a GGUF, truncated, or an architecture it cannot map
         if "not supported" not in str(err):
-            raise
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RecipeError(f"model.path {str(path)!r}: transformers cannot read this GGUF file: {reason}") from None
         import transformers
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
         readable = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})  # sections, not models
-        raise RecipeError(f"model.path {str(gguf)!r}: transformers {transformers.__version__} cannot read this "
+        raise RecipeError(f"model.path {str(path)!r}: transformers {transformers.__version__} cannot read this "
                           f"GGUF ({err}); it reads {', '.join(readable)}; convert the model to an HF folder "
                           "instead") from None
     # the weights are plain float32 now; the config must not claim a quantisation
