@@ -78,7 +78,7 @@ def test_an_architecture_transformers_cannot_read_is_refused_in_one_line(tmp_pat
     assert not any((tmp_path / "cache" / "gguf").iterdir())  # no staging folder left behind
 
 
-def test_a_write_killed_midway_leaves_no_complete_cache_and_the_next_run_finishes_it(tmp_path, monkeypatch):
+def test_a_write_killed_midway_leaves_no_complete_cache_and_the_next_run_finishes_it(tmp_path, monkeypatch, capsys):
     """The cache folder appears only by a rename after its marker file: a kill between the weights
     and the marker leaves nothing at the final path, and the next call dequantises again."""
     path = tmp_path / "m.gguf"
@@ -104,9 +104,13 @@ def test_a_write_killed_midway_leaves_no_complete_cache_and_the_next_run_finishe
         dequantise_gguf(path, sha256="ab" * 32, cache_dir=tmp_path / "cache")
     target = cached_folder(path, "ab" * 32, tmp_path / "cache")
     assert not target.exists() and not any(target.parent.iterdir())
+    capsys.readouterr()
     assert dequantise_gguf(path, sha256="ab" * 32, cache_dir=tmp_path / "cache") == target
+    progress = capsys.readouterr().err.splitlines()  # on stderr, captured: shown without a terminal too
+    assert progress[0].startswith("urlvr: dequantising m.gguf") and progress[-1].startswith("urlvr: cached m.gguf")
     assert is_complete(target) and (target / MARKER_FILE).is_file() and (target / "tokenizer.json").is_file()
     assert dequantise_gguf(path, sha256="ab" * 32, cache_dir=tmp_path / "cache") == target and len(saved) == 2
+    assert capsys.readouterr().err == ""  # a complete cache is used silently
     assert target.name == "m-abababababababab"
 
 
