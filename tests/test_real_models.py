@@ -185,6 +185,8 @@ def test_two_majority_vote_steps_change_the_weights_resume_bit_identically_and_e
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from urlvr.data.loaders import load_records
+    from urlvr.rewards.extractors import extract_last_number
     from urlvr.trainer import run as run_module
 
     tracked = "arithmetic-s1-000000"
@@ -226,9 +228,8 @@ def test_two_majority_vote_steps_change_the_weights_resume_bit_identically_and_e
     greedy = [r for r in map(json.loads, (straight.run_dir / "prompts.jsonl").read_text().splitlines())
               if r.get("kind") == "greedy" and r["step"] == 2]
     (row,) = greedy
-    from urlvr.data.loaders import load_records
-
     (record, _) = load_records("arithmetic", num_problems=2, seed=1, max_value=9, operators=("+",))
+    assert record.prompt_id == tracked
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": record.prompt + " Answer with the number only."}],
         add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -237,14 +238,13 @@ def test_two_majority_vote_steps_change_the_weights_resume_bit_identically_and_e
                                 return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
     response = out.sequences[0, prompt["input_ids"].shape[1]:]
     logprobs = [s[0].log_softmax(-1)[t].item() for s, t in zip(out.scores, response)]
-    from urlvr.rewards.extractors import extract_last_number
 
     assert len(response) == row["length"]
     assert extract_last_number(tokenizer.decode(response, skip_special_tokens=True)) == row["answer"]
     assert abs(torch.tensor(logprobs).mean().exp().item() - row["confidence"]) < 1e-3
 
 
-def test_a_lora_step_trains_the_adapters_only(smollm2, tmp_path):
+def test_a_lora_step_moves_the_adapters(smollm2, tmp_path):
     from safetensors.torch import load_file
 
     result = urlvr.train(recipe_for(str(smollm2), tmp_path / "lora", trainer={"total_steps": 1},
