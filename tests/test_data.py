@@ -276,8 +276,8 @@ def test_synthetic_sources_pass_count_and_seed(monkeypatch):
 
     calls = []
 
-    def arithmetic_problems(num_problems, seed):
-        calls.append(("arithmetic", num_problems, seed))
+    def arithmetic_problems(num_problems, seed, **ranges):
+        calls.append(("arithmetic", num_problems, seed, ranges))
         return [PromptRecord("a-0", "1+2", "3")]
 
     def countdown_problems(num_problems, seed):
@@ -290,7 +290,9 @@ def test_synthetic_sources_pass_count_and_seed(monkeypatch):
     monkeypatch.setitem(sys.modules, "urlvr.data.synthetic", fake)
     assert load_records("arithmetic", num_problems=5, seed=3) == [PromptRecord("a-0", "1+2", "3")]
     assert load_records("countdown", num_problems=2, seed=1) == [PromptRecord("c-0", "24?", "24")]
-    assert calls == [("arithmetic", 5, 3), ("countdown", 2, 1)]
+    assert load_records("arithmetic", num_problems=1, seed=0, max_value=9, operators=["+"])
+    assert calls == [("arithmetic", 5, 3, {"min_value": 0, "max_value": 99, "operators": ("+", "-")}),
+                     ("countdown", 2, 1), ("arithmetic", 1, 0, {"min_value": 0, "max_value": 9, "operators": ["+"]})]
 
 
 # --------------------------------------------------------------------------- templates

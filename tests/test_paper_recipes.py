@@ -179,3 +179,20 @@ def test_paper_recipe_runs_a_few_cpu_steps(name, tmp_path, monkeypatch):
         assert all(0.0 <= e["eval/avg@2"] <= 1.0 and e["eval/prompts"] == 4.0 for e in result.evaluations)
     if name == "test-time-amc23":
         assert {e["eval/prompts"] for e in result.evaluations} == {3.0}  # trained on the set it evaluates
+
+
+def test_real_model_recipes_say_what_they_show_and_run_two_steps_on_the_tiny_model(tmp_path, monkeypatch):
+    """recipes/real/: the header says what the run shows, how long it runs and what it needs; on
+    the tiny model (the real one is the real-model tier's) two steps train on single-digit sums."""
+    monkeypatch.chdir(REPO)
+    paths = sorted((RECIPES / "real").glob("*.yaml"))
+    assert [p.name for p in paths] == ["smollm2-majority.yaml"]
+    header = paths[0].read_text().split("\nseed:")[0]
+    assert all(word in header for word in ("# Shows:", "# Runs:", "# Needs: pip install", "# Run: urlvr train"))
+    overrides = ["model.path=urlvr/tiny", f"output_dir={tmp_path / 'run'}", "trainer.total_steps=2",
+                 "trainer.prompts_per_step=2", "trainer.prompts_per_minibatch=2", "rollout.group_size=2", "trainer.micro_batch_size=4",
+                 "logging.console=false", "trainer.save_every=0"]
+    result = urlvr.train(load_recipe(paths[0], overrides))
+    assert [m["step"] for m in result.metrics] == [1, 2]
+    rows = [json.loads(line) for line in (result.run_dir / "completions.jsonl").read_text().splitlines()]
+    assert rows and all(len(r["prompt"].split("+")) == 2 for r in rows if "prompt" in r)

@@ -95,3 +95,23 @@ def test_evaluate_expression_is_exact_and_safe() -> None:
     for bad in ("2**3", "__import__('os')", "1/0", "x+1", "1.5+1", "(1+"):
         with pytest.raises(ValueError):
             evaluate_expression(bad)
+
+
+def test_arithmetic_source_operand_range_and_operators_act():
+    from urlvr.data.loaders import load_records
+    from urlvr.recipe import load_recipe
+
+    recipe = load_recipe({"data": {"source": {"kind": "arithmetic", "num_problems": 50, "seed": 1, "max_value": 9,
+                                              "operators": ["+"]}}})
+    records = load_records("arithmetic", **recipe.data.source.model_dump(exclude={"kind"}))
+    assert all(r.metadata["operator"] == "+" and 0 <= r.metadata["left"] <= 9 and 0 <= r.metadata["right"] <= 9
+               for r in records)
+    assert len({r.prompt for r in records}) > 20 and all(int(r.label) <= 18 for r in records)
+    default = load_records("arithmetic", **load_recipe({}).data.source.model_dump(exclude={"kind"}))
+    assert max(r.metadata["left"] for r in default) > 9  # the default stays 0..99, + and -
+    import pytest
+
+    from urlvr.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="min_value"):
+        load_recipe({"data": {"source": {"kind": "arithmetic", "min_value": 5, "max_value": 2}}})

@@ -265,3 +265,39 @@ def test_chunked_scorer_with_a_masked_vocabulary_matches_the_reference():
             ref = masked_reference(scaled[b, t], int(input_ids[b, prompt_length + t]))
             for name in SCORE_STATS:
                 assert float(stats[name][b, t]) == pytest.approx(ref[name], rel=1e-4, abs=1e-5), (name, b, t)
+
+
+def test_scorer_soft_caps_logits_as_gemma2s_own_forward():
+    """Gemma 2 caps its logits (cap * tanh(z / cap)) inside its forward; the scorer calls the decoder
+    and the head itself, so it must cap too, in the scoring and the training (gradient) paths."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from urlvr.trainer.actor import TokenScorer
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5,
+                          initializer_range=0.5)
+    model = Gemma2ForCausalLM(config).double().eval()
+    ids = torch.randint(0, 64, (2, 7))
+    mask = torch.ones_like(ids)
+    positions = torch.arange(7).expand(2, 7)
+    reference = model(input_ids=ids, attention_mask=mask).logits[:, 2:-1].log_softmax(-1)
+    reference = reference.gather(-1, ids[:, 3:, None])[..., 0]  # [2, 4]
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = TokenScorer(model)(input_ids=ids, attention_mask=mask, position_ids=positions, prompt_length=3,
+                                     temperature=1.0, stats=("logprob",))["logprob"]
+        torch.testing.assert_close(got.detach().double(), reference.detach(), atol=1e-5, rtol=0)
+
+
+def test_scorer_refuses_a_model_that_rescales_its_logits(random_tiny_model):
+    from urlvr.trainer.actor import TokenScorer
+
+    _, model, _ = random_tiny_model
+    model.config.logit_scale = 0.0625
+    try:
+        with pytest.raises(ValueError, match="logit_scale=0.0625"):
+            TokenScorer(model)
+    finally:
+        del model.config.logit_scale

@@ -362,3 +362,26 @@ def test_a_run_whose_responses_reach_the_context_caps_them_and_says_so(random_ti
     (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": max(lengths)}))
     with pytest.raises(DataError, match="which fill the model's context length of"):
         urlvr.train(recipe_for((small,), tmp_path / "run2", trainer={"total_steps": 1}))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-merged"])
+def test_export_keeps_tied_embeddings_one_weight(random_tiny_model, tmp_path, lora):
+    """SmolLM2 and Gemma tie lm_head to the embeddings: the export saves the matrix once (as the
+    source folder does) and a reload ties it again, equal to the trained embeddings."""
+    from transformers import AutoModelForCausalLM
+
+    path, model, tokenizer = random_tiny_model
+    tied = tmp_path / "tied"
+    config = model.config.to_dict() | {"tie_word_embeddings": True}
+    source = type(model)(type(model.config).from_dict(config))
+    source.save_pretrained(tied)
+    tokenizer.save_pretrained(tied)
+    assert "lm_head.weight" not in load_file(tied / "model.safetensors")
+    extra = {"model": {"path": str(tied), "lora": {"rank": 4, "alpha": 8, "export_merged": True}}} if lora else {}
+    result = urlvr.train(small_run_recipe(tied, tmp_path / "run", trainer={"total_steps": 1}, **extra))
+    out = result.final_model_dir / "merged" if lora else result.final_model_dir
+    saved = load_file(out / "model.safetensors")
+    assert "lm_head.weight" not in saved and "model.embed_tokens.weight" in saved
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()
+    assert torch.equal(reloaded.get_input_embeddings().weight, saved["model.embed_tokens.weight"])

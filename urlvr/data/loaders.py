@@ -109,10 +109,11 @@ def _adapter_source(dataset: str, **options: Any) -> list[PromptRecord]:
 # --------------------------------------------------------------------------- synthetic
 # Imported lazily: the generators are another module, needed only when a recipe names them.
 @DATA_SOURCES.register("arithmetic")
-def _arithmetic_source(num_problems: int, seed: int) -> list[PromptRecord]:
+def _arithmetic_source(num_problems: int, seed: int, min_value: int = 0, max_value: int = 99,
+                       operators: tuple[str, ...] = ("+", "-")) -> list[PromptRecord]:
     from urlvr.data.synthetic import arithmetic_problems
 
-    return arithmetic_problems(num_problems, seed)
+    return arithmetic_problems(num_problems, seed, min_value=min_value, max_value=max_value, operators=operators)
 
 
 @DATA_SOURCES.register("countdown")

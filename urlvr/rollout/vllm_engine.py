@@ -160,7 +160,7 @@ class VLLMRolloutEngine:
     @classmethod
     def from_recipe(cls, recipe, model: torch.nn.Module, tokenizer, dist) -> VLLMRolloutEngine:
         """Start the engine for this rank from the recipe's model path and its `rollout.engine` section."""
-        from urlvr.models.tiny import resolve_model_path
+        from urlvr.models.resolve import resolve_model_path
 
         options: VLLMEngineSection = recipe.rollout.engine
         on_cpu = dist.device.type == "cpu"

@@ -6,8 +6,9 @@ positions, so no `[T, V]` float32 logits tensor for a whole sequence is ever hel
 (the decoder's hidden states are `[T, H]`, far smaller). The same module serves the no-grad
 scoring pass (old log-probs and the statistics the run declared) and the training forward,
 so on-policy importance ratios are exactly 1.
-Limitation: logits are `lm_head(hidden)`; models that post-process logits (soft-capping,
-logit scaling) need their own scorer.
+Logits are `lm_head(hidden)`, soft-capped as the model's own forward does where its config sets
+`final_logit_softcapping` (Gemma 2); a model that rescales its logits otherwise (`logit_scale`,
+`logits_scaling`) is refused rather than scored wrongly.
 
 LoRA (`model.lora`): the model is a `peft` PeftModel whose adapters are injected into the HF
 model's own layers, so the scorer runs the wrapped HF model's decoder and head (`causal_lm`) and
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from urlvr.errors import RecipeError
 from urlvr.models.lora import causal_lm, is_peft_model
 from urlvr.recipe import Recipe
 from urlvr.algorithms.token_stats import compute_token_stats
@@ -33,6 +35,18 @@ from urlvr.trainer.lm_head import chunked_logprob, recomputes_in_backward
 from urlvr.trainer.optimizer import optimizer_param_groups
 
 
+def logit_softcap(config) -> float | None:
+    """The config's `final_logit_softcapping` (None: plain logits). Raises RecipeError for a model
+    whose forward rescales its logits in a way the scorer does not reproduce, naming the field."""
+    for field in ("logit_scale", "logits_scaling"):  # Cohere multiplies, Granite divides
+        value = getattr(config, field, None)
+        if value not in (None, 1, 1.0):
+            raise RecipeError(f"model.path: the model's config sets {field}={value}: its forward rescales the logits, which "
+                             "urlvr's scorer does not reproduce; its log-probs would be wrong")
+    cap = getattr(config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
 class TokenScorer(nn.Module):
     """forward(...) -> {stat: [b, T]} for response positions, computed chunk-wise."""
 
@@ -40,6 +54,7 @@ class TokenScorer(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.softcap = logit_softcap(causal_lm(model).config)
 
     def forward(
         self,
@@ -86,7 +101,7 @@ class TokenScorer(nn.Module):
         def in_place(flat: torch.Tensor) -> torch.Tensor:  # [N] -> [b, T], 0 where keep is False
             return torch.zeros(keep.shape, dtype=flat.dtype, device=flat.device).masked_scatter(keep, flat)
 
-        if recomputes_in_backward(lm_head, stats, raw_stats):  # training: no [N, V] logits kept for backward
+        if self.softcap is None and recomputes_in_backward(lm_head, stats, raw_stats):  # training: no [N, V] logits kept
             values = chunked_logprob(hidden, lm_head, flat_targets, temperature, self.chunk_size, detached_stats)
             return {name: in_place(value) for name, value in values.items()}
         names = stats + tuple(f"raw_{n}" for n in raw_stats) + detached_stats
@@ -95,6 +110,8 @@ class TokenScorer(nn.Module):
         for start in range(0, flat_targets.shape[0], step):
             end = start + step
             raw = lm_head(hidden[start:end]).float()  # [n, V]
+            if self.softcap is not None:  # as Gemma 2's forward: cap * tanh(logits / cap)
+                raw = torch.tanh(raw / self.softcap) * self.softcap
             scaled = raw / temperature  # [n, V], once: the trained and the logged statistics share it
             lse = torch.logsumexp(scaled, dim=-1)
             for name, value in compute_token_stats(scaled, flat_targets[start:end], stats, lse).items():
@@ -273,9 +290,9 @@ class Actor:
             params = {name for name, _ in lm.named_parameters(remove_duplicate=False)}
             state.update({k: v.detach().cpu().clone() for k, v in lm.state_dict().items()  # persistent buffers
                           if k not in params and "lora_" not in k and ".base_layer." not in k})
-            return state
+            return share_tied(state, lm)
         with self.generation_context() as model:
-            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            return share_tied({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, model)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """A LoRA model's adapter weights under the PeftModel's names, on every rank, on the CPU
@@ -283,6 +300,22 @@ class Actor:
         adapters = [p for p in self.model.parameters() if p.requires_grad]
         with gathered(adapters):
             return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if "lora_" in k}
+
+
+def share_tied(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`state` with every name of one tied parameter (SmolLM2's and Gemma's `lm_head.weight` is
+    `embed_tokens.weight`) pointing at one tensor again, as in the model. A copy per name would
+    hide the tie from `save_pretrained`, which then writes the matrix twice (113 MB more for
+    SmolLM2, 671 MB for Gemma 3 270M) and a reload no longer sees one weight."""
+    names_of: dict[int, list[str]] = {}
+    prefix = "base_model.model." if is_peft_model(model) else ""
+    for name, param in causal_lm(model).named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for names in names_of.values():
+        present = [n for n in names if n in state] or [prefix + n for n in names if prefix + n in state]
+        for name in present[1:]:
+            state[name] = state[present[0]]
+    return state
 
 
 class AdapterOffReference:

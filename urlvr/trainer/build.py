@@ -20,7 +20,7 @@ from urlvr.data.records import DataError, PromptRecord
 from urlvr.data.stream import PromptStream
 from urlvr.data.templates import encode_prompts
 from urlvr.models.lora import apply_lora
-from urlvr.models.tiny import resolve_model_path
+from urlvr.models.resolve import resolve_model_path
 from urlvr.recipe import Recipe
 from urlvr.rollout.base import ROLLOUT_ENGINES, PromptInput, RolloutEngine, context_length
 from urlvr.trainer.actor import Actor, AdapterOffReference
@@ -65,7 +65,7 @@ def load_model_and_tokenizer(recipe: Recipe):
     local = Path(path).expanduser()
     if local.is_file():
         raise RecipeError(f"model.path {recipe.model.path!r}: is a file, not a model folder (a folder saved "
-                          "by save_pretrained: config.json, weights, tokenizer files)")
+                          "by save_pretrained: config.json, weights, tokenizer files; or a .gguf file)")
     if local.is_dir() and not (local / "config.json").is_file():
         raise RecipeError(f"model.path {recipe.model.path!r}: the folder has no config.json (a local model is "
                           "a folder saved by save_pretrained: config.json, weights, tokenizer files)")

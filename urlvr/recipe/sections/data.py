@@ -96,6 +96,19 @@ class ArithmeticSource(Section):
     """How many synthetic two-operand arithmetic problems to generate."""
     seed: int = 0
     """Generator seed (the tiny model's warm-up used a different one: these are held out)."""
+    min_value: int = Field(0, ge=0, le=10**9)
+    """Smallest operand (inclusive)."""
+    max_value: int = Field(99, ge=0, le=10**9)
+    """Largest operand (inclusive); 9 with `min_value: 0` gives single-digit problems, the ones a
+    135M-parameter chat model answers about half the time (docs/real-models.md)."""
+    operators: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+", "-"], min_length=1)
+    """Operators drawn uniformly per problem."""
+
+    @model_validator(mode="after")
+    def _operand_range(self):
+        if self.min_value > self.max_value:
+            raise ValueError(f"min_value ({self.min_value}) > max_value ({self.max_value})")
+        return self
 
 
 class CountdownSource(Section):
