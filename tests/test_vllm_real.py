@@ -140,6 +140,7 @@ def test_two_majority_vote_steps_move_the_weights_and_the_synced_engine_decodes_
     parts, recipe, dist, folder = run
     prompts = _prompts(parts)
     initial = {k: v.detach().clone() for k, v in parts.actor.model.state_dict().items()}
+    mismatch = []
     for step in (1, 2):
         started = time.perf_counter()
         metrics, _, _ = grpo_step(parts, recipe, dist, step)
@@ -147,7 +148,7 @@ def test_two_majority_vote_steps_move_the_weights_and_the_synced_engine_decodes_
         print(f"\n[vllm_real] step {step}: {time.perf_counter() - started:.0f} s ({stages}), "
               f"majority_vote {metrics.get('reward/majority_vote_mean', float('nan')):.3f}, "
               f"mismatch max {metrics['rollout/logprob_mismatch_max']:.2e}", file=sys.stderr)
-        assert metrics["rollout/logprob_mismatch_max"] < LOGPROB_TOL
+        mismatch.append(metrics["rollout/logprob_mismatch_max"])  # asserted last: the independent checks first
 
     trained = {k: v.detach().clone() for k, v in parts.actor.model.state_dict().items()}
     changed = [k for k in trained if not torch.equal(trained[k], initial[k])]
@@ -173,3 +174,4 @@ def test_two_majority_vote_steps_move_the_weights_and_the_synced_engine_decodes_
           f"trained vs initial HF {stale:.2e}", file=sys.stderr)
     assert worst < LOGPROB_TOL, worst
     assert stale > 10 * LOGPROB_TOL, f"two steps moved the greedy log-probs by only {stale:.2e}: the check is empty"
+    assert max(mismatch) < LOGPROB_TOL, mismatch  # urlvr's own per-step measure agrees
