@@ -25,6 +25,7 @@ bench/results/checkpointing_real.json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -113,8 +114,6 @@ def run_child(settings: dict, work_dir: Path) -> dict:
         if stage != "update":
             return original(timer, stage)
         return _measured_update(original(timer, stage))
-
-    import contextlib
 
     @contextlib.contextmanager
     def _measured_update(inner):
