@@ -44,6 +44,11 @@ PRESETS: dict[str, dict] = {
     "memory": dict(model="random:memory", prompts_per_step=2, group_size=4, max_new_tokens=2048, micro_batch_size=4,
                    warmup_steps=0, timed_steps=1, measure_floor=False,
                    targets={"peak_rss": 0.6}),
+    # a real pretrained model: SmolLM2-135M-Instruct (30 Llama blocks, 49,152-token tied head),
+    # from urlvr's cached float32 folder on both sides; a few prompts and tokens: a CPU step is seconds
+    "smollm2": dict(model="urlvr/smollm2-135m-instruct", prompts_per_step=4, group_size=4, max_new_tokens=24,
+                    micro_batch_size=8, warmup_steps=1, timed_steps=3, measure_floor=False,
+                    targets={"step_time": 0.8, "peak_rss": 0.8}),
 }
 
 
@@ -58,6 +63,12 @@ def resolve_model(spec: str, max_new_tokens: int) -> str:
         preset = spec.split(":", 1)[1]
         eos_rate = -1.0 if preset == "memory" else 1.5 / max_new_tokens
         return str(save_random_model(RESULTS_DIR / f"random-{preset}", preset_settings(preset, eos_rate=eos_rate)))
+    if spec.startswith("urlvr/") and spec not in ("urlvr/tiny", "urlvr/tiny-aligned"):
+        # a real model (urlvr/smollm2-135m-instruct, urlvr/gemma3-270m): its cached HF folder,
+        # dequantised on first use; both sides load that folder
+        from urlvr.models.resolve import resolve_model_path
+
+        return resolve_model_path(spec)
     if spec == "urlvr/tiny":
         from urlvr.models.tiny import ensure_tiny_model
 
@@ -184,8 +195,10 @@ def table(results: dict[str, dict]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                        help="workload: tiny (default), compute (25M params, 32k vocab, mixed lengths), memory (2x4x2048 tokens)")
-    parser.add_argument("--model", help="urlvr/tiny, random, random:compute, random:memory, or a model directory")
+                        help="workload: tiny (default), compute (25M params, 32k vocab, mixed lengths), memory (2x4x2048 tokens), "
+                             "smollm2 (SmolLM2-135M-Instruct, 4x4x24 tokens)")
+    parser.add_argument("--model", help="urlvr/tiny, urlvr/smollm2-135m-instruct, urlvr/gemma3-270m, random, random:compute, random:memory, "
+                             "or a model directory")
     parser.add_argument("--prompts-per-step", type=int)
     parser.add_argument("--group-size", type=int, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int)
