@@ -76,3 +76,21 @@ def test_metrics_under_mask_truncated_describe_every_sampled_token(random_tiny_m
     assert runs[True]["rollout/logprob_mismatch_max"] < 1e-4  # the sampler is this policy: no mismatch
     for key in METRICS:
         assert runs[True][key] == pytest.approx(runs[False][key], rel=1e-4, abs=1e-6), key
+
+
+def test_a_resume_that_extends_a_cosine_run_follows_the_new_schedule_at_once(random_tiny_model, tmp_path) -> None:
+    """3 cosine steps, then a resume to 6: steps 4-6 train at the 6-step schedule's rates (the rates
+    of a fresh 6-step run's steps 4-6), the first of them included. It trained at the finished
+    schedule's last rate, 0 (a breaker's finding: the restored optimizer's rate was used once)."""
+    lr = 1e-3
+
+    def recipe(out, steps):
+        return small_run_recipe(random_tiny_model[0], out, plugins=["reward_plugins"], reward=SHORT,
+                                optim={"lr": lr, "schedule": "cosine"}, trainer={"total_steps": steps, "save_every": 1})
+
+    urlvr.train(recipe(tmp_path / "run", 3))
+    resumed = urlvr.train(recipe(tmp_path / "run", 6), resume=tmp_path / "run").metrics
+    fresh = urlvr.train(recipe(tmp_path / "fresh", 6)).metrics
+    want = [lr * lr_factor(k, 0, 6, 0.0) for k in (3, 4, 5)]  # 5e-4, 2.5e-4, 6.7e-5
+    assert [m["actor/lr"] for m in resumed[-3:]] == pytest.approx(want, rel=1e-9)
+    assert [m["actor/lr"] for m in fresh[3:]] == pytest.approx(want, rel=1e-9)

@@ -260,6 +260,17 @@ class Actor:
             norm = getattr(self, "_unsharded_grad_norm", float("nan"))
         return float(norm)
 
+    def restart_lr_schedule(self) -> None:
+        """After a resume: set the rate of the next optimizer step from the recipe's schedule at the
+        restored position. The restored optimizer holds the rate the checkpoint's schedule set, and
+        LambdaLR keeps no lambdas in its state, so a schedule extended by the resume (a larger
+        `trainer.total_steps` under cosine) would act only from the step after next: a finished
+        cosine run's first resumed step trained at its final rate (0 by default). Unchanged
+        recipes get the very value the checkpoint holds (the same product LambdaLR computes)."""
+        scheduler = self.scheduler
+        for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 

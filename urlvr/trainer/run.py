@@ -158,6 +158,7 @@ class Trainer:
         universal = checkpoint.prepare_reshard(resume_from, world_size=dist.world_size, is_main=dist.is_main,
                                                zero_stage=self.recipe.optim.deepspeed.zero_stage)
         state = checkpoint.load_checkpoint(resume_from, parts.actor.engine, rank=dist.rank, universal=universal)
+        parts.actor.restart_lr_schedule()  # the recipe's schedule (perhaps extended) from the next step on
         parts.engine.sync_weights(parts.actor.model)
         parts.stream.load_state_dict(state["stream"])
         self.last_saved = state["step"]
