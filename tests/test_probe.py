@@ -197,8 +197,10 @@ def test_probe_refuses_an_earlier_probes_folder_and_overwrite_leaves_no_stale_pn
     recipe.write_text(yaml.safe_dump(PROBE_BASE))
     out = tmp_path / "probe"
     out.mkdir()
-    for name in ("probe.json", "urlvr__tiny-aligned.png", "notes.txt"):
+    for name in ("urlvr__tiny-aligned.png", "notes.txt", "my_plot.png"):  # the last one is the user's own
         (out / name).write_text("earlier")
+    (out / "probe.json").write_text(json.dumps([{"model": "urlvr/tiny-aligned",
+                                                 "figure": str(out / "urlvr__tiny-aligned.png")}]))
     args = ["probe", "urlvr/tiny", "--recipe", str(recipe), "--prompts", "8", "--group-size", "2",
             "--reward", "majority_vote", "--out", str(out)]
     assert main(args) == 2
@@ -213,7 +215,9 @@ def test_probe_refuses_an_earlier_probes_folder_and_overwrite_leaves_no_stale_pn
                               stderr=subprocess.STDOUT, env=env, timeout=600)
     text = log.read_text()
     assert done.returncode == 0, text
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "probe.csv", "probe.json", "urlvr__tiny.png"]
+    # the earlier probe's PNG is gone; the user's own PNG (no probe.json names it) stays (a breaker lost one)
+    assert sorted(p.name for p in out.iterdir()) == ["my_plot.png", "notes.txt", "probe.csv", "probe.json",
+                                                     "urlvr__tiny.png"]
     assert "urlvr probe: sampling urlvr/tiny, 2 samples per prompt: 8 prompts\n" in text
     assert "urlvr probe: sampling urlvr/tiny, 2 samples per prompt: 8/8 prompts (100%), " in text
 

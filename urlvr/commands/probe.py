@@ -94,15 +94,18 @@ def run_probe(models: Sequence[str], base: dict[str, Any], out_dir: Path | None 
     """Probe every model with the same prompts and rewards; with `out_dir`, write probe.json,
     probe.csv and `<model>.png` there. `rewards=None`: INTRINSIC_REWARDS. `origin` names the base
     recipe's file in error messages. An `out_dir` holding an earlier probe's files (probe.json,
-    probe.csv, any PNG) is refused (RecipeError) before anything loads, unless `overwrite`, which
-    deletes those files once the new results are in hand: a PNG of a model this run did not probe
-    must not stay beside its results."""
+    probe.csv, the PNGs its probe.json names) or a PNG this probe would write is refused
+    (RecipeError) before anything loads, unless `overwrite`, which deletes those files once the new
+    results are in hand: a PNG of a model this run did not probe must not stay beside its results,
+    and a user's own PNG is never touched."""
     stale: list[Path] = []
     if out_dir is not None:  # refused before any model loads; cleared once the new results are in hand
         from urlvr.commands.out_dir import check_output_dir
 
         out_dir = Path(out_dir)
-        owned = [out_dir / "probe.json", out_dir / "probe.csv", *sorted(out_dir.glob("*.png"))]
+        taken: set[str] = set()
+        owned = [out_dir / "probe.json", out_dir / "probe.csv", *_earlier_figures(out_dir),
+                 *(out_dir / f"{_slug(model, taken)}.png" for model in models)]  # the earlier run's, and ours
         stale = check_output_dir(out_dir, owned, overwrite=overwrite, command="probe")
     results = [probe_model(model, base, rewards or INTRINSIC_REWARDS, num_prompts=num_prompts, group_size=group_size,
                            overrides=overrides, progress=progress, origin=origin) for model in models]
@@ -258,6 +261,17 @@ def rows(results: Sequence[ModelProbe]) -> list[dict[str, Any]]:
         for reward in result.rewards:
             out.append({**shared, **asdict(reward)})
     return out
+
+
+def _earlier_figures(out_dir: Path) -> list[Path]:
+    """The PNGs an earlier probe wrote into `out_dir`: the `figure` of each model its probe.json
+    lists (none when there is no readable probe.json)."""
+    try:
+        saved = json.loads((out_dir / "probe.json").read_text())
+    except (OSError, ValueError):
+        return []
+    figures = [m.get("figure") for m in saved if isinstance(m, dict)] if isinstance(saved, list) else []
+    return [out_dir / Path(f).name for f in figures if isinstance(f, str) and f.endswith(".png")]
 
 
 def write_probe(results: Sequence[ModelProbe], out_dir: Path) -> None:
