@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -385,3 +386,15 @@ def test_export_keeps_tied_embeddings_one_weight(random_tiny_model, tmp_path, lo
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.lm_head.weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()
     assert torch.equal(reloaded.get_input_embeddings().weight, saved["model.embed_tokens.weight"])
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_to_delete_its_folder(random_tiny_model, tmp_path):
+    """Stopped before trainer.save_every's first checkpoint: `train` and `train --resume` each
+    pointed at the other (a breaker's dead end); both now say to delete the folder."""
+    recipe = recipe_for(random_tiny_model, tmp_path / "run", trainer={"total_steps": 1})
+    urlvr.train(recipe)
+    for path in (tmp_path / "run" / "checkpoints").iterdir():  # as if it had stopped before saving one
+        shutil.rmtree(path)
+    for resume in (None, tmp_path / "run"):
+        with pytest.raises(urlvr.RecipeError, match="delete the folder to start over"):
+            urlvr.train(recipe, resume=resume)

@@ -89,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt:
-        print("urlvr: interrupted; the last complete checkpoint is intact (resume with --resume RUN_DIR)", file=sys.stderr)
+        print("urlvr: interrupted; the last complete checkpoint is intact: continue with --resume <output_dir> (a run "
+              "stopped before its first checkpoint has none: delete its folder to start over)", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `urlvr schema | head`: the reader left; nothing to report
         sys.stderr.close()

@@ -142,7 +142,8 @@ def agreed_latest_checkpoint(run_dir: Path) -> Path:
     latest = latest_checkpoint(run_dir)
     seen = all_gather_objects([None if latest is None else latest.name])
     if all(name is None for name in seen):
-        raise RecipeError(f"{run_dir}: --resume given but the run has no complete checkpoint")
+        raise RecipeError(f"{run_dir}: --resume given but the run has no complete checkpoint (it stopped before "
+                          "its first one, trainer.save_every): delete the folder to start over")
     if len(set(seen)) > 1:
         views = ", ".join(f"rank {r}: {name or 'none'}" for r, name in enumerate(seen))
         raise RecipeError(

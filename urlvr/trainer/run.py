@@ -56,9 +56,8 @@ class Trainer:
             return
         if self.resume and not self.run_dir.is_dir():
             raise RecipeError(f"{self.run_dir}: --resume names a folder that does not exist")
-        if not self.resume and ((self.run_dir / "metrics.jsonl").exists() or checkpoint.complete_checkpoints(self.run_dir)):
-            raise RecipeError(f"{self.run_dir}: run directory already holds a run; pass --resume {self.run_dir} "
-                              "to continue it or set output_dir to a new folder")
+        if not self.resume:
+            _refuse_a_folder_holding_a_run(self.run_dir)
         latest = checkpoint.latest_checkpoint(self.run_dir) if self.resume else None
         if latest is not None:  # a change the checkpoint cannot honour fails before the model loads
             resume_changes(self.run_dir, self.recipe, checkpoint.checkpoint_step(latest))
@@ -174,11 +173,7 @@ class Trainer:
                 self.changes = resume_changes(run_dir, self.recipe, checkpoint.checkpoint_step(latest))
             return latest
         if rank == 0:
-            if (run_dir / "metrics.jsonl").exists() or checkpoint.complete_checkpoints(run_dir):
-                raise RecipeError(
-                    f"{run_dir}: run directory already holds a run; pass --resume {run_dir} to continue it "
-                    "or set output_dir to a new folder"
-                )
+            _refuse_a_folder_holding_a_run(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
         return None
@@ -270,6 +265,19 @@ def _evaluation_summary(path: Path) -> dict | None:
     gain = {k: last[k] - first[k] for k in first if k != "step" and isinstance(first[k], (int, float))
             and isinstance(last.get(k), (int, float)) and not k.endswith("/prompts")}
     return {"first": first, "last": last, "gain": gain if last["step"] != first["step"] else {}}
+
+
+def _refuse_a_folder_holding_a_run(run_dir: Path) -> None:
+    """RecipeError when `run_dir` holds a run, naming the way out: `--resume` when it has a
+    complete checkpoint, else (stopped before its first one) deleting the folder, as nothing can
+    be resumed and `--resume` would be refused."""
+    if checkpoint.complete_checkpoints(run_dir):
+        raise RecipeError(f"{run_dir}: run directory already holds a run; pass --resume {run_dir} to continue it "
+                          "or set output_dir to a new folder")
+    if (run_dir / "metrics.jsonl").exists():
+        raise RecipeError(f"{run_dir}: run directory holds a run that stopped before its first checkpoint "
+                          "(trainer.save_every), so nothing can be resumed: delete the folder to start over, or set "
+                          "output_dir to a new folder")
 
 
 def train(recipe: Recipe | str | Path | dict, *, resume: str | Path | None = None) -> RunResult:
