@@ -255,7 +255,7 @@ def test_round_size_is_refused_where_it_cannot_act(tmp_path):
             "micro_batch_size": 1}))
 
     with pytest.raises(RecipeError, match=r"max_rounds \(2\) x prompts_per_round \(3\) draws fewer prompts than "
-                                          r"trainer.prompts_per_step \(8\).*raise max_rounds to 3 or prompts_per_round to 4"):
+                                          r"trainer.prompts_per_step \(8\).*raise max_rounds to 3 or prompts_per_round to 5"):
         load({"name": "zero_variance", "max_rounds": 2, "prompts_per_round": 3})
     with pytest.raises(RecipeError, match="unknown field 'prompts_per_round'"):
         load({"name": "none", "prompts_per_round": 3})

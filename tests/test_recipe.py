@@ -421,7 +421,12 @@ INERT_KNOBS = {
     "one_round_of_the_training_batch": ({"trainer": {"total_steps": 5, "prompts_per_step": 4, "prompts_per_minibatch": 4},
                                          "rollout": {"dynamic_sampling": {"name": "zero_variance", "max_rounds": 1,
                                                                           "prompts_per_round": 4}}},
-                                        "one round of prompts_per_round (4) = trainer.prompts_per_step never refills"),
+                                        "max_rounds (1) x prompts_per_round (4) = trainer.prompts_per_step (4) never chooses"),
+    "rounds_that_draw_exactly_a_step": ({"trainer": {"total_steps": 5, "prompts_per_step": 4, "prompts_per_minibatch": 4},
+                                         "rollout": {"dynamic_sampling": {"name": "zero_variance", "max_rounds": 2,
+                                                                          "prompts_per_round": 2}}},
+                                        "never chooses: every drawn group trains, as with dynamic_sampling none: "
+                                        "raise max_rounds to 3 or prompts_per_round to 3"),
     "vllm_kwarg_of_a_field": ({"rollout": {"engine": {"name": "vllm", "kwargs": {"gpu_memory_utilization": 0.5}}}},
                               "rollout.engine.kwargs: gpu_memory_utilization is set by rollout.engine.gpu_memory_utilization"),
     "vllm_kwarg_urlvr_needs": ({"rollout": {"engine": {"name": "vllm", "kwargs": {"logprobs_mode": "raw_logprobs"}}}},

@@ -42,8 +42,9 @@ class GroupFilter(VariantSection):
     verl's DAPO recipes generate 3x the training batch). null = `trainer.prompts_per_step`.
     Larger rounds need fewer of them when many groups are flat; groups past the step's quota are
     dropped, informative or not, never carried to the next step (as in verl). At least the number
-    of ranks (each rank generates whole groups), and `max_rounds * prompts_per_round >=
-    trainer.prompts_per_step` (else a step could not be filled)."""
+    of ranks (each rank generates whole groups), and `max_rounds * prompts_per_round >
+    trainer.prompts_per_step` (fewer could not fill a step; exactly as many would train every drawn
+    group, as `none` does)."""
 
     @model_validator(mode="after")
     def _a_refill_round(self) -> GroupFilter:

@@ -85,15 +85,22 @@ class Recipe(Section):
     def _dynamic_sampling_rounds_fill_a_step(self) -> Recipe:
         sampling, quota = self.rollout.dynamic_sampling, self.trainer.prompts_per_step
         per_round = getattr(sampling, "prompts_per_round", None)
-        if per_round is not None and sampling.max_rounds * per_round < quota:
+        if per_round is None:
+            return self
+        # the filter chooses only when the rounds can draw more groups than a step trains: at exactly
+        # prompts_per_step every drawn group trains (the flat ones refill the step), as with `none`
+        drawn, rounds_needed, round_needed = sampling.max_rounds * per_round, quota // per_round + 1, \
+            quota // sampling.max_rounds + 1
+        if drawn < quota:
             raise ValueError(
                 f"rollout.dynamic_sampling: max_rounds ({sampling.max_rounds}) x prompts_per_round ({per_round}) "
-                f"draws fewer prompts than trainer.prompts_per_step ({quota}), so a step could not be filled: "
-                f"raise max_rounds to {-(-quota // per_round)} or prompts_per_round to {-(-quota // sampling.max_rounds)}")
-        if per_round is not None and sampling.max_rounds == 1 and per_round == quota:
-            raise ValueError(f"rollout.dynamic_sampling: one round of prompts_per_round ({per_round}) = "
-                             "trainer.prompts_per_step never refills nor chooses: every drawn group trains, as with "
-                             "dynamic_sampling none (raise max_rounds or prompts_per_round)")
+                f"draws fewer prompts than trainer.prompts_per_step ({quota}), so a step could not be filled and "
+                f"nothing chosen: raise max_rounds to {rounds_needed} or prompts_per_round to {round_needed}")
+        if drawn == quota:
+            raise ValueError(
+                f"rollout.dynamic_sampling: max_rounds ({sampling.max_rounds}) x prompts_per_round ({per_round}) "
+                f"= trainer.prompts_per_step ({quota}) never chooses: every drawn group trains, as with dynamic_sampling "
+                f"none: raise max_rounds to {rounds_needed} or prompts_per_round to {round_needed}")
         return self
 
     @model_validator(mode="after")
