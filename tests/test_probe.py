@@ -231,3 +231,19 @@ def test_probe_refusal_names_the_earlier_files(tmp_path):
         run_probe(["urlvr/tiny"], PROBE_BASE, tmp_path, progress=False)
     assert str(info.value) == (f"{tmp_path}: holds the output of an earlier `urlvr probe` (urlvr__tiny.png); "
                                "pass --overwrite to replace it, or --out a new folder")
+
+
+def test_probe_refuses_what_it_would_misread_before_sampling(tmp_path):
+    """`--set reward.terms.N...` indexed the probe's own term list (6 rewards), not the recipe's, and
+    replaced a probed reward silently; `--out` naming a file failed only after sampling, with a bare
+    FileExistsError (breaker findings). Both are one line before any model loads."""
+    from urlvr.commands.probe import run_probe
+    from urlvr.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"--set reward.terms.1.name=format: urlvr probe scores its own reward terms"):
+        run_probe(["urlvr/tiny"], PROBE_BASE, overrides=["reward.terms.1.name=format"], num_prompts=4, progress=False)
+    taken = tmp_path / "base.yaml"
+    taken.write_text("seed: 0\n")
+    with pytest.raises(RecipeError, match="is a file, not a folder"):
+        run_probe(["urlvr/tiny"], PROBE_BASE, taken, num_prompts=4, progress=False)
+    assert taken.read_text() == "seed: 0\n"

@@ -22,6 +22,8 @@ def check_output_dir(out_dir: Path, owned: Sequence[Path], *, overwrite: bool, c
     """The files and folders of `owned` (what an earlier run of `command` may have left in
     `out_dir`) that exist. Any present without `overwrite`: RecipeError naming them. Call it before
     anything slow loads; delete the returned paths (`clear_owned`) before the first new write."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RecipeError(f"{out_dir}: is a file, not a folder: --out names the folder `urlvr {command}` writes into")
     found = [path for path in dict.fromkeys(owned) if path.exists() or path.is_symlink()]
     if found and not overwrite:
         shown = ", ".join(path.name for path in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")

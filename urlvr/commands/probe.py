@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from urlvr.commands.mcs import _slug
+from urlvr.errors import RecipeError
 
 # label-free rewards that need no extra generation or worker: scored by default
 INTRINSIC_REWARDS = ("majority_vote", "self_certainty", "token_entropy", "trajectory_entropy", "probability",
@@ -98,6 +99,10 @@ def run_probe(models: Sequence[str], base: dict[str, Any], out_dir: Path | None 
     (RecipeError) before anything loads, unless `overwrite`, which deletes those files once the new
     results are in hand: a PNG of a model this run did not probe must not stay beside its results,
     and a user's own PNG is never touched."""
+    terms = [o for o in overrides if o.split("=", 1)[0].strip().startswith("reward.terms")]
+    if terms:  # the probe replaces the recipe's terms by its own list, which --set would index silently
+        raise RecipeError(f"--set {terms[0]}: urlvr probe scores its own reward terms (--reward), not the recipe's "
+                          "reward.terms; give a reward's kwargs in the --recipe file")
     stale: list[Path] = []
     if out_dir is not None:  # refused before any model loads; cleared once the new results are in hand
         from urlvr.commands.out_dir import check_output_dir
