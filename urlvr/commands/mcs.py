@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from urlvr.commands.out_dir import check_output_dir, clear_owned
+from urlvr.progress import format_seconds
 from urlvr.metrics.loggers import read_jsonl
 
 # the diagnostic: §6.3's aggressive settings, stop at collapse; everything else is the base recipe's
@@ -93,8 +95,6 @@ def run_mcs(models: Sequence[str], base: dict[str, Any], out_dir: Path, *, max_s
     runs, unless `overwrite`, which deletes them first (the new runs write there). `say` prints
     a line per model as it starts and ends (default: stderr, flushed, so a log file shows them)."""
     import urlvr
-    from urlvr.commands.out_dir import check_output_dir, clear_owned
-    from urlvr.progress import format_seconds
     from urlvr.recipe import load_recipe
 
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))

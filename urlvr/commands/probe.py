@@ -28,7 +28,9 @@ from typing import Any
 import torch
 
 from urlvr.commands.mcs import _slug
+from urlvr.commands.out_dir import check_output_dir, clear_owned
 from urlvr.errors import RecipeError
+from urlvr.progress import JobProgress
 
 # label-free rewards that need no extra generation or worker: scored by default
 INTRINSIC_REWARDS = ("majority_vote", "self_certainty", "token_entropy", "trajectory_entropy", "probability",
@@ -105,7 +107,6 @@ def run_probe(models: Sequence[str], base: dict[str, Any], out_dir: Path | None 
                           "reward.terms; give a reward's kwargs in the --recipe file")
     stale: list[Path] = []
     if out_dir is not None:  # refused before any model loads; cleared once the new results are in hand
-        from urlvr.commands.out_dir import check_output_dir
 
         out_dir = Path(out_dir)
         taken: set[str] = set()
@@ -115,7 +116,6 @@ def run_probe(models: Sequence[str], base: dict[str, Any], out_dir: Path | None 
     results = [probe_model(model, base, rewards or INTRINSIC_REWARDS, num_prompts=num_prompts, group_size=group_size,
                            overrides=overrides, progress=progress, origin=origin) for model in models]
     if out_dir is not None:
-        from urlvr.commands.out_dir import clear_owned
         from urlvr.metrics.plots import plot_probe
 
         clear_owned(stale)
@@ -168,7 +168,6 @@ def _sample(engine, prompts, settings, *, progress: bool, prompts_per_call: int 
     """Groups of `rollout.group_size` samples, `prompts_per_call` prompts per engine call (the
     progress unit: a bar on a terminal, a line every 30 s in a log); each prompt seeded by its
     index, so the result does not depend on the chunking."""
-    from urlvr.progress import JobProgress
 
     group_size, groups = settings.recipe.rollout.group_size, []
     sampling = settings.policy_sampling()

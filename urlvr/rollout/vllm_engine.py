@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
+from urlvr.errors import RecipeError
 from urlvr.progress import format_seconds
 from urlvr.recipe.sections.base import VariantSection
 from urlvr.rollout.base import (
@@ -65,7 +66,6 @@ _MISSING_VLLM = (
 
 def import_vllm():
     """Import vllm or fail with how to install it (not a bare ModuleNotFoundError)."""
-    from urlvr.errors import RecipeError
 
     try:
         import vllm
@@ -307,7 +307,6 @@ def check_kv_cache_size(options: VLLMEngineSection, on_cpu: bool, environment: s
     """Refuse a `cpu_kv_cache_gib` that would do nothing: on an accelerator (vLLM sizes the cache
     from `gpu_memory_utilization` there), or beside a `VLLM_CPU_KVCACHE_SPACE` already set to
     another size (the variable wins). A start-up check: the device is not in the recipe."""
-    from urlvr.errors import RecipeError
 
     if not options.changed("cpu_kv_cache_gib"):
         return
