@@ -100,6 +100,7 @@ def test_a_write_killed_midway_leaves_no_complete_cache_and_the_next_run_finishe
             (Path(folder) / "tokenizer.json").write_text("{}")
 
     monkeypatch.setattr(gguf_module, "load_gguf", lambda _: (FakeModel(), FakeTokenizer()))
+    monkeypatch.setattr(gguf_module, "check_readable", lambda _: None)
     with pytest.raises(KeyboardInterrupt):
         dequantise_gguf(path, sha256="ab" * 32, cache_dir=tmp_path / "cache")
     target = cached_folder(path, "ab" * 32, tmp_path / "cache")
@@ -114,10 +115,22 @@ def test_a_write_killed_midway_leaves_no_complete_cache_and_the_next_run_finishe
     assert target.name == "m-abababababababab"
 
 
-def test_a_file_that_is_not_gguf_is_refused_in_one_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize("damage", ["empty", "foreign", "header cut", "tensor data cut", "magic only"])
+def test_a_damaged_or_foreign_file_is_refused_in_one_line_before_dequantising(tmp_path, monkeypatch, capsys, damage):
+    """Every way a .gguf can be unreadable (breaker finding: an empty file printed "dequantising"
+    first, a cut header surfaced a bare struct error) fails the same way: one line naming the
+    file, its size and the fix, before any work is announced and with no cache folder left."""
     pytest.importorskip("gguf")
     monkeypatch.setenv("URLVR_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "broken.gguf").write_bytes(b"GGUF but not really" * 10)
-    with pytest.raises(RecipeError, match=r"^model.path '.*broken.gguf': transformers cannot read this GGUF file: ") as caught:
-        resolve_model_path(str(tmp_path / "broken.gguf"))
-    assert "\n" not in str(caught.value)
+    whole = write_gguf(tmp_path / "whole.gguf", "llama").read_bytes()
+    damaged = {"empty": b"", "foreign": b"PK\x03\x04 a zip, not a model" * 4, "header cut": whole[:8],
+               "tensor data cut": whole[:-16], "magic only": b"GGUF"}[damage]
+    path = tmp_path / "model.gguf"
+    path.write_bytes(damaged)
+    with pytest.raises(RecipeError) as caught:
+        resolve_model_path(str(path))
+    message = str(caught.value)
+    assert message.startswith(f"model.path '{path}' ({len(damaged):,} bytes) is not a complete GGUF file (")
+    assert message.endswith("reinstall the package that ships it or download it again") and "\n" not in message
+    assert "dequantising" not in capsys.readouterr().err
+    assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())

