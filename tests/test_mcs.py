@@ -115,6 +115,30 @@ def test_label_free_mcs_stops_at_proxy_saturation(always_zero_model, tmp_path):
     assert result.ground_truth_start is None  # no oracle: no ground-truth columns
 
 
+def test_a_bad_model_fails_before_deleting_or_running_and_a_later_failure_keeps_finished_rows(always_zero_model, tmp_path):
+    """Breaker finding: `mcs --overwrite good /no/such/model` deleted the earlier mcs.json, ran the
+    first model for minutes, then failed on the second and wrote no table at all."""
+    from urlvr.recipe import RecipeError
+
+    out = tmp_path / "mcs"
+    out.mkdir()
+    earlier = json.dumps([{"rank": 1, "model": "old", "run_dir": str(out / "old-model")}])
+    (out / "mcs.json").write_text(earlier)
+    said: list[str] = []
+    with pytest.raises(RecipeError, match=r"^model.path '/no/such/model': no such folder"):
+        run_mcs([str(always_zero_model), "/no/such/model"], BASE, out, max_steps=1, labels=False, overwrite=True,
+                say=said.append)
+    assert said == [] and (out / "mcs.json").read_text() == earlier and sorted(p.name for p in out.iterdir()) == ["mcs.json"]
+    broken = tmp_path / "broken"  # passes the up-front check (a folder with config.json), fails to load
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    with pytest.raises(RecipeError, match="cannot load it"):
+        run_mcs([str(always_zero_model), str(broken)], BASE, out, max_steps=1, labels=False, overwrite=True,
+                say=said.append)
+    rows = json.loads((out / "mcs.json").read_text())
+    assert [r["model"] for r in rows] == [str(always_zero_model)] and rows[0]["steps_run"] == 1
+
+
 def test_mcs_recipe_and_ranking_rules(tmp_path):
     recipe = mcs_recipe({"trainer": {"micro_batch_size": 32}, "reward": {"oracle": "math_verify"}}, "m", tmp_path,
                         max_steps=50, labels=True)

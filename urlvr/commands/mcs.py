@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from urlvr.commands.out_dir import check_output_dir, clear_owned
-from urlvr.progress import format_seconds
 from urlvr.metrics.loggers import read_jsonl
+from urlvr.models.resolve import checked_model_path
+from urlvr.progress import format_seconds
 
 # the diagnostic: §6.3's aggressive settings, stop at collapse; everything else is the base recipe's
 MCS_SETTINGS: dict[str, Any] = {
@@ -93,7 +94,9 @@ def run_mcs(models: Sequence[str], base: dict[str, Any], out_dir: Path, *, max_s
     the data source has a label field. `overrides` (`section.field=value`) are applied last.
     An `out_dir` holding an earlier mcs's tables or run directories is refused before anything
     runs, unless `overwrite`, which deletes them first (the new runs write there). `say` prints
-    a line per model as it starts and ends (default: stderr, flushed, so a log file shows them)."""
+    a line per model as it starts and ends (default: stderr, flushed, so a log file shows them).
+    Every model path is checked before anything is deleted or run (RecipeError naming it), and
+    the tables are rewritten after each model, so a run that fails later keeps the finished rows."""
     import urlvr
     from urlvr.recipe import load_recipe
 
@@ -108,6 +111,8 @@ def run_mcs(models: Sequence[str], base: dict[str, Any], out_dir: Path, *, max_s
         labels = getattr(source, "label_field", "answer") is not None  # arithmetic/countdown: labelled
     recipes = [load_recipe(mcs_recipe(base, model, run_dir, max_steps=max_steps, labels=labels), overrides)
                for model, run_dir in zip(models, run_dirs, strict=True)]  # a bad override fails before any run
+    for model in models:  # a mistyped model fails before the earlier tables are deleted or a model runs
+        checked_model_path(model)
     clear_owned(stale)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -120,9 +125,8 @@ def run_mcs(models: Sequence[str], base: dict[str, Any], out_dir: Path, *, max_s
         ended = f"collapsed at step {done.collapse_step}" if done.collapse_step is not None else \
             f"no collapse in {done.steps_run} steps"
         say(f"urlvr mcs: [{index}/{len(models)}] {model}: {ended} ({format_seconds(done.wall_seconds)})")
-    ranked = rank(results)
-    write_table(ranked, out_dir)
-    return ranked
+        write_table(rank(results), out_dir)  # after every model: a later failure keeps the finished rows
+    return rank(results)
 
 
 def _listed_runs(out_dir: Path) -> list[Path]:

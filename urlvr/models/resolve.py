@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from urlvr.errors import RecipeError
 from urlvr.models.gguf import dequantise_gguf, find_gguf
 from urlvr.models.pypi import PYPI_MODELS, resolve_pypi_model
@@ -28,3 +30,24 @@ def resolve_model_path(path: str) -> str:
     if gguf is not None:
         return str(dequantise_gguf(gguf))
     return resolve_tiny(path)
+
+
+def checked_model_path(path: str) -> str:
+    """`resolve_model_path(path)`, refused in one line when it cannot name a model: a file, a
+    folder without config.json, a local-looking path that does not exist. Hub ids pass unchecked
+    (they are checked by the download). Commands that run several models (`urlvr mcs`,
+    `urlvr probe`) call it for every model before any work or deletion.
+
+    Raises RecipeError naming `path`."""
+    resolved = resolve_model_path(path)
+    local = Path(resolved).expanduser()
+    if local.is_file():
+        raise RecipeError(f"model.path {path!r}: is a file, not a model folder (a folder saved "
+                          "by save_pretrained: config.json, weights, tokenizer files; or a .gguf file)")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise RecipeError(f"model.path {path!r}: the folder has no config.json (a local model is "
+                          "a folder saved by save_pretrained: config.json, weights, tokenizer files)")
+    if str(resolved).startswith(("/", "./", "../", "~")) and not local.is_dir():
+        raise RecipeError(f"model.path {path!r}: no such folder (a local model is a folder "
+                          "holding config.json and the weights; a hub model is named 'namespace/name')")
+    return resolved

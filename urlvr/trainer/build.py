@@ -20,7 +20,7 @@ from urlvr.data.records import DataError, PromptRecord
 from urlvr.data.stream import PromptStream
 from urlvr.data.templates import encode_prompts
 from urlvr.models.lora import apply_lora
-from urlvr.models.resolve import resolve_model_path
+from urlvr.models.resolve import checked_model_path
 from urlvr.recipe import Recipe
 from urlvr.rollout.base import ROLLOUT_ENGINES, PromptInput, RolloutEngine, context_length
 from urlvr.trainer.actor import Actor, AdapterOffReference
@@ -61,24 +61,14 @@ def seed_everything(seed: int) -> None:
 def load_model_and_tokenizer(recipe: Recipe):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(recipe.model.path)
-    local = Path(path).expanduser()
-    if local.is_file():
-        raise RecipeError(f"model.path {recipe.model.path!r}: is a file, not a model folder (a folder saved "
-                          "by save_pretrained: config.json, weights, tokenizer files; or a .gguf file)")
-    if local.is_dir() and not (local / "config.json").is_file():
-        raise RecipeError(f"model.path {recipe.model.path!r}: the folder has no config.json (a local model is "
-                          "a folder saved by save_pretrained: config.json, weights, tokenizer files)")
-    if str(path).startswith(("/", "./", "../", "~")) and not local.is_dir():
-        raise RecipeError(f"model.path {recipe.model.path!r}: no such folder (a local model is a folder "
-                          "holding config.json and the weights; a hub model is named 'namespace/name')")
+    path = checked_model_path(recipe.model.path)
     kwargs: dict[str, Any] = {"trust_remote_code": recipe.model.trust_remote_code, "dtype": torch.float32}
     if recipe.model.attn_implementation:
         kwargs["attn_implementation"] = recipe.model.attn_implementation
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as err:  # not a folder, not on the hub (or no network), no weights in it
+    except (OSError, ValueError) as err:  # not a folder, not on the hub (or no network), no weights or tokenizer in it
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RecipeError(f"model.path {recipe.model.path!r}: cannot load it: {reason}") from None
     if tokenizer.pad_token_id is None:
