@@ -312,3 +312,24 @@ def test_evol_rl_default_embedder_runs_offline_on_cpu():
     group, ctx, _, _ = make_case(["5", "5", "6"], [3, 4, 2], texts=["2 + 3 = 5", "two and three make 5", "6"])
     scores = evol_rl(group, ctx).scores
     assert scores[0] >= 0.5 and scores[1] >= 0.5 and scores[2] == -0.5
+
+
+# --------------------------------------------------------------------------- the zoo recipes
+@pytest.mark.parametrize("name", ["scope", "evol-rl"])
+def test_zoo_recipe_runs_two_steps_on_the_tiny_model(name, tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    import urlvr
+    from urlvr.recipe import load_recipe
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    recipe = load_recipe(repo / "recipes" / "zoo" / f"{name}.yaml", [f"output_dir={tmp_path / 'run'}", "logging.console=false"])
+    term = {"scope": "scope", "evol-rl": "evol_rl"}[name]
+    assert [t.name for t in recipe.reward.terms] == [term] and recipe.model.path == "urlvr/tiny"
+    result = urlvr.train(recipe)
+    assert [m["step"] for m in result.metrics] == [1, 2]
+    assert all(f"reward/{term}_mean" in m for m in result.metrics), sorted(result.metrics[0])
+    rows = [json.loads(line) for line in (result.run_dir / "completions.jsonl").read_text().splitlines()]
+    assert rows
