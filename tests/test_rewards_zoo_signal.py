@@ -140,6 +140,33 @@ def test_scope_subgroups_carry_one_label_each_and_the_draw_is_reproducible():
     assert first.scores == [float(a == lab) for a, lab in zip(answers, prepared.labels)]
 
 
+def test_scope_each_subgroup_label_is_the_weighted_vote_of_some_drawn_subset():
+    """The bootstrap: every subgroup's label is the confidence-weighted vote of some subset of
+    `votes_per_subgroup` samples (checked by enumerating all subsets in the reference)."""
+    from itertools import combinations
+
+    answers = ["1", "2", "3", None, "2", "1"]
+    group, ctx, logits, ids = make_case(answers, [4, 6, 2, 5, 3, 1], seed=9)
+    confs = [ref_confidence(logits[j], ids[j], 0) for j in range(6)]
+
+    def ref_vote(subset):
+        totals = {}
+        for i in subset:
+            if answers[i] is not None:
+                totals[answers[i]] = totals.get(answers[i], 0.0) + confs[i]
+        best = None
+        for a, c in totals.items():
+            if best is None or c > totals[best]:
+                best = a
+        return best
+
+    possible = {ref_vote(sub) for sub in combinations(range(6), 3)}
+    for seed in range(5):
+        prepared = REWARDS.get("scope").prepare([group], [ctx], None, subgroup_size=2, votes_per_subgroup=3, seed=seed)[0]
+        assert prepared.subgroup_size == 2 and set(prepared.labels) <= possible
+        assert all(prepared.labels[i] == prepared.labels[i + 1] for i in (0, 2, 4))
+
+
 def ref_pareto(rates, divs, lam):
     n = len(rates)
     front = []
