@@ -111,3 +111,32 @@ def test_hostile_answers_reach_the_verifier_bounded():
         assert all(v in (None, False) for v in verdicts)
     finally:
         verifier.close()
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_text_never_raises_in_the_zoo_rewards(name):
+    """SCOPE and EVOL-RL see the raw response text (EVOL-RL embeds it, SCOPE decodes its tokens):
+    hostile text beside ordinary siblings gets finite scores, never an exception."""
+    import torch
+
+    from urlvr.rewards.base import REWARDS, RewardContext, call_reward
+    from urlvr.rollout.base import Group, PromptInput, Sample
+
+    texts = [HOSTILE[name], "2 + 3 = 5", HOSTILE[name][:1000]]
+    ids = [(1, 2, 3), (4, 5), (6,)]
+    group = Group(prompt=PromptInput(prompt_id="p", text="q", token_ids=(1,)),
+                  samples=tuple(Sample(token_ids=i, logprobs=(0.0,) * len(i), text=t, finish_reason="length")
+                                for t, i in zip(texts, ids)))
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    stats = {"logprob": -torch.rand(3, 3), "top1_prob": torch.rand(3, 3), "top2_prob": torch.rand(3, 3) / 2}
+    answers = [make_extractor("boxed")(t) for t in texts]
+    ctx = RewardContext.for_group(answers, mask, extract_answer=lambda s: None, token_stats=stats,
+                                  tokenizer=type("T", (), {"decode": staticmethod(lambda ids, **_: HOSTILE[name][:50])})())
+    import importlib.util
+
+    runs = [("evol_rl", {"embedding": "tfidf"}), ("scope", {"top_k": 2}), ("scope", {})]
+    if importlib.util.find_spec("wordllama") is not None:  # the default embedder, where installed
+        runs.append(("evol_rl", {}))
+    for reward, kwargs in runs:
+        out = call_reward(REWARDS.get(reward), group, ctx, kwargs)
+        assert len(out.scores) == 3

@@ -5,10 +5,12 @@ import urlvr.rewards.certainty  # noqa: F401
 import urlvr.rewards.co_reward  # noqa: F401
 import urlvr.rewards.countdown  # noqa: F401
 import urlvr.rewards.ensemble  # noqa: F401
+import urlvr.rewards.evol_rl  # noqa: F401  (wordllama is imported on first use)
 import urlvr.rewards.external  # noqa: F401
 import urlvr.rewards.extractors  # noqa: F401
 import urlvr.rewards.length  # noqa: F401
 import urlvr.rewards.math_verify  # noqa: F401
+import urlvr.rewards.scope  # noqa: F401
 import urlvr.rewards.reasoning_gym  # noqa: F401  (reasoning-gym itself is imported on first use)
 import urlvr.rewards.self_verification  # noqa: F401
 import urlvr.rewards.unified  # noqa: F401
