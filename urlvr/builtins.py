@@ -4,6 +4,7 @@ import urlvr.metrics.collapse  # noqa: F401
 import urlvr.rewards.certainty  # noqa: F401
 import urlvr.rewards.co_reward  # noqa: F401
 import urlvr.rewards.countdown  # noqa: F401
+import urlvr.rewards.cuma  # noqa: F401
 import urlvr.rewards.ensemble  # noqa: F401
 import urlvr.rewards.external  # noqa: F401
 import urlvr.rewards.extractors  # noqa: F401
