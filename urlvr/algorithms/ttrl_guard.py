@@ -1,4 +1,4 @@
-"""TTRL-Guard (Lin et al. 2026, arXiv:2605.19444, §3.2-3.4; code linhxkkkk/TTRL-Guard): flip-rate
+"""TTRL-Guard (Lin et al. 2026, arXiv:2605.19444, §3.2-3.4 as its code cites them; code linhxkkkk/TTRL-Guard): flip-rate
 reward scaling (FRS), minority-preserving sampling (MPS) and risk-conditioned sparse updating
 (RCSU) on top of TTRL's majority vote, as pure per-step functions over a per-prompt history.
 

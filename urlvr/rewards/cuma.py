@@ -39,7 +39,7 @@ def top_answer_share(voters: tuple[str | None, ...]) -> tuple[str | None, float]
 
 @reward("cuma", family="verdict")
 def cuma(group: Group, ctx: RewardContext, *, majority_share: float = 0.5) -> RewardOutput:
-    """CuMa (arXiv 2511.04902, §3 "mask no-majority rollouts"): r(y_i) = 1[ans(y_i) = maj(x)] · 1[c(maj)/|V| > s], s = 1/2.
+    """CuMa: r(y_i) = 1[ans(y_i) = maj(x)] · 1[c(maj)/|V| > s], s = 1/2 (arXiv 2511.04902, abstract: "mask no-majority rollouts").
 
     maj(x) the most frequent answer among the voters V (`ctx.voters`: the trained samples, plus
     the extra voting samples when `reward.vote_group_size` is set), c(maj) its count; voters
