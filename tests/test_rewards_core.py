@@ -133,7 +133,7 @@ def test_reward_returning_wrong_count_is_refused():
 
 
 BUILTIN_FAMILIES = {  # what each built-in's score claims (docs/dynamics.md): a new built-in must be classified here
-    "majority_vote": "verdict", "co_reward": "verdict", "self_verification": "verdict", "countdown": "verdict",
+    "majority_vote": "verdict", "cuma": "verdict", "co_reward": "verdict", "self_verification": "verdict", "countdown": "verdict",
     "ground_truth": "verdict", "math_verify": "verdict",
     "self_certainty": "certainty", "token_entropy": "certainty", "trajectory_entropy": "certainty",
     "probability": "certainty", "probability_disparity": "certainty", "unified": "certainty",

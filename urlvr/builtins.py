@@ -4,6 +4,7 @@ import urlvr.metrics.collapse  # noqa: F401
 import urlvr.rewards.certainty  # noqa: F401
 import urlvr.rewards.co_reward  # noqa: F401
 import urlvr.rewards.countdown  # noqa: F401
+import urlvr.rewards.cuma  # noqa: F401
 import urlvr.rewards.ensemble  # noqa: F401
 import urlvr.rewards.evol_rl  # noqa: F401  (wordllama is imported on first use)
 import urlvr.rewards.external  # noqa: F401

@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # torchrun-style launchers
     recipe_command("validate", "check a recipe and print it resolved")
     sub.add_parser("schema", help="print the recipe's JSON schema")
-    sub.add_parser("rewards", help="list registered rewards")
+    rewards = sub.add_parser("rewards", help="list registered rewards, or describe one: its whole docstring and knobs")
+    rewards.add_argument("name", nargs="?", metavar="NAME", help="a registered reward: print its docstring and its "
+                         "knobs (name, type, default) from its signature")
     plot = sub.add_parser("plot", help="PNG figures of training dynamics from run directories (overlaid)")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/plots of the first run)")
@@ -126,8 +128,14 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "rewards":
         import urlvr.builtins  # noqa: F401
-        from urlvr.rewards.base import REWARDS
+        from urlvr.rewards.base import REWARDS, describe_reward
 
+        if args.name is not None:
+            if args.name not in REWARDS.names():
+                print(f"urlvr: error: {REWARDS.unknown_name_message(args.name)}", file=sys.stderr)
+                return 2
+            print(describe_reward(REWARDS.get(args.name)))
+            return 0
         for name in REWARDS.names():
             spec = REWARDS.get(name)
             print(f"{name:24s} {'[oracle] ' if spec.needs_label else ''}{spec.description}")

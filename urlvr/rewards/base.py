@@ -226,6 +226,47 @@ def check_reward_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
             raise ValueError(f"reward {name!r} declares stats=({stat!r},): {TOKEN_STATS.unknown_name_message(stat)}")
 
 
+def reward_knobs(spec: RewardSpec) -> list[tuple[str, str, str]]:
+    """(name, type, default) of each recipe knob of a reward: its keyword parameters after
+    (group, ctx), read from the signature, so the listing cannot drift from the code. A knob
+    without a default prints `required`; an unannotated one `any`."""
+    import inspect
+
+    try:
+        params = inspect.signature(spec.fn, eval_str=True).parameters
+    except Exception:  # annotations that cannot be resolved at runtime: print them as written
+        params = inspect.signature(spec.fn).parameters
+    knobs = []
+    for param in list(params.values())[2:]:
+        if param.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
+            continue
+        annotation = param.annotation
+        if annotation is inspect.Parameter.empty:
+            kind = "any"
+        elif isinstance(annotation, type):
+            kind = annotation.__name__
+        else:
+            kind = str(annotation).replace("typing.", "")
+        default = "required" if param.default is inspect.Parameter.empty else repr(param.default)
+        knobs.append((param.name, kind, default))
+    return knobs
+
+
+def describe_reward(spec: RewardSpec) -> str:
+    """What `urlvr rewards NAME` prints: name, family, oracle or not, the token statistics it
+    declares, its whole docstring, and its knobs (`reward_knobs`)."""
+    import inspect
+
+    stats = spec.stats if not callable(spec.stats) else "depends on the knobs"
+    head = (f"{spec.name}  (family: {spec.family}{', oracle: reads the label' if spec.needs_label else ''}; "
+            f"token statistics: {', '.join(stats) if isinstance(stats, tuple) and stats else stats or 'none'})")
+    lines = [head, "", inspect.cleandoc(spec.fn.__doc__ or "(no docstring)"), "", "knobs (recipe: reward.terms[].kwargs):"]
+    knobs = reward_knobs(spec)
+    width = max((len(n) for n, _, _ in knobs), default=0)
+    lines += [f"  {n:{width}s}  {kind}  = {default}" for n, kind, default in knobs] or ["  none"]
+    return "\n".join(lines)
+
+
 def call_reward(spec: RewardSpec, group: Group, ctx: RewardContext, kwargs: Mapping[str, Any]) -> RewardOutput:
     """Run one reward on one group and check it returned one finite float per sample."""
     out = spec.fn(group, ctx.with_label_access(spec.needs_label), **kwargs)
