@@ -133,11 +133,11 @@ def test_reward_returning_wrong_count_is_refused():
 
 
 BUILTIN_FAMILIES = {  # what each built-in's score claims (docs/dynamics.md): a new built-in must be classified here
-    "majority_vote": "verdict", "cuma": "verdict", "co_reward": "verdict", "self_verification": "verdict", "countdown": "verdict",
+    "majority_vote": "verdict", "cuma": "verdict", "scope": "verdict", "co_reward": "verdict", "self_verification": "verdict", "countdown": "verdict",
     "ground_truth": "verdict", "math_verify": "verdict",
     "self_certainty": "certainty", "token_entropy": "certainty", "trajectory_entropy": "certainty",
     "probability": "certainty", "probability_disparity": "certainty", "unified": "certainty",
-    "semantic_cluster": "certainty",
+    "semantic_cluster": "certainty", "evol_rl": "certainty",
     "format": "other", "overlong_penalty": "other", "reasoning_gym": "other",  # partial credit: not a 0/1 verdict
 }
 
