@@ -217,13 +217,38 @@ def check_reward_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
         except ValidationError as err:
             problem = err.errors()[0]["msg"]
             raise ValueError(f"reward {name!r}: argument {key!r}={value!r} is invalid ({problem})") from None
+        _refuse_scalar_coercion(name, key, value, adapter, annotation)
     if hasattr(spec.fn, "check"):
-        spec.fn.check(**kwargs)
+        try:
+            spec.fn.check(**kwargs)
+        except (TypeError, LookupError) as err:  # a check's own slip must still read as one line naming the reward
+            raise ValueError(f"reward {name!r}: {err}") from None
     from urlvr.algorithms.token_stats import TOKEN_STATS
 
     for stat in spec.token_stats(kwargs):
         if stat not in TOKEN_STATS:
             raise ValueError(f"reward {name!r} declares stats=({stat!r},): {TOKEN_STATS.unknown_name_message(stat)}")
+
+
+def _refuse_scalar_coercion(name: str, key: str, value: Any, adapter: Any, annotation: Any) -> None:
+    """Refuse a scalar that lax validation would convert but the reward would receive as written:
+    the string "0.6" for a float, true for an int, 1.0 for the literal 1. The reward gets the
+    recipe's value, not pydantic's conversion, so `"0.6"` would reach `0.5 <= share` as a str.
+    An int for a float is fine (Python's arithmetic treats them alike); containers stay lax."""
+    from pydantic import ValidationError
+
+    if not isinstance(value, (str, bool, float)):
+        return
+    try:
+        converted = adapter.validate_python(value, strict=True)
+    except ValidationError:
+        converted = None
+    else:
+        if type(converted) is type(value):
+            return
+    wanted = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+    hint = " (write it unquoted)" if isinstance(value, str) else ""
+    raise ValueError(f"reward {name!r}: argument {key!r}={value!r} is a {type(value).__name__}; the knob takes {wanted}{hint}")
 
 
 def reward_knobs(spec: RewardSpec) -> list[tuple[str, str, str]]:

@@ -161,7 +161,8 @@ def evol_rl(group: Group, ctx: RewardContext, *, embedding: str = "wordllama", a
 
 
 def _check(*, embedding: str = "wordllama", alpha: float = 0.5) -> None:
-    EMBEDDERS.get(embedding)  # an unknown name lists the known ones
+    if embedding not in EMBEDDERS:  # an unknown name lists the known ones
+        raise ValueError(f"evol_rl: embedding: {EMBEDDERS.unknown_name_message(embedding)}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"evol_rl: alpha must lie in [0, 1], got {alpha}")
     if embedding == "wordllama":
@@ -172,4 +173,16 @@ def _check(*, embedding: str = "wordllama", alpha: float = 0.5) -> None:
                              "(or embedding: tfidf, no dependency)") from None
 
 
+def check_group(*, group_size: int, vote_group_size: int | None, **kwargs: object) -> None:
+    """The load-time check against `rollout.group_size`: with two trained samples each side's
+    novelties are equal or the side is one sample, so the scores are fixed by the sides alone
+    (0.75 each, or 1.0 and -0.5) and the embedder and alpha would do nothing."""
+    idle = [k for k in ("embedding", "alpha") if k in kwargs]
+    if idle and group_size <= 2:
+        raise ValueError(f"evol_rl: {' and '.join(idle)} {'shape' if len(idle) > 1 else 'shapes'} the novelty, and with rollout.group_size "
+                         f"{group_size} the novelty cannot rank anything (each side's samples score alike): "
+                         f"drop {'them' if len(idle) > 1 else 'it'} or train 3 or more samples per prompt")
+
+
 evol_rl.check = _check  # type: ignore[attr-defined]
+evol_rl.check_group = check_group  # type: ignore[attr-defined]

@@ -261,4 +261,32 @@ def _check(*, top_k: int = 0, step_delimiter: str = "\n\n", subgroup_size: int |
         raise ValueError(f"scope: lam must lie in [0, 1], got {lam}")
 
 
-scope.check = _check  # type: ignore[attr-defined]
+def _check_given(**kwargs: Any) -> None:
+    """The load-time check: the values (`_check`), then the knobs that would do nothing."""
+    _check(**kwargs)
+    if "lam" in kwargs and kwargs.get("subgroup_size") is not None:
+        raise ValueError(f"scope: lam weighs the subgroup-size search, and subgroup_size={kwargs['subgroup_size']} "
+                         "fixes the size (no search): drop lam or set subgroup_size null")
+
+
+def check_group(*, group_size: int, vote_group_size: int | None, **kwargs: Any) -> None:
+    """The load-time check against the recipe's group (`rollout.group_size`, `reward.vote_group_size`)."""
+    if vote_group_size is not None and vote_group_size > group_size:
+        raise ValueError(f"scope votes with the trained samples only (their token statistics weigh the votes): "
+                         f"remove reward.vote_group_size ({vote_group_size})")
+    subgroup_size, votes = kwargs.get("subgroup_size"), kwargs.get("votes_per_subgroup")
+    if subgroup_size is not None and group_size % subgroup_size:
+        raise ValueError(f"scope: subgroup_size={subgroup_size} does not divide rollout.group_size ({group_size})")
+    if votes is not None and votes > group_size:
+        raise ValueError(f"scope: votes_per_subgroup={votes} exceeds rollout.group_size ({group_size}): the votes "
+                         "are drawn without replacement from the group")
+    idle = [k for k in ("top_k", "step_delimiter") if k in kwargs]
+    if idle and _votes(votes, group_size) == 1:
+        raise ValueError(f"scope: {' and '.join(idle)} {'shape' if len(idle) > 1 else 'shapes'} the confidence that weighs the votes, and each "
+                         f"subgroup's label is one sample's vote (votes_per_subgroup "
+                         f"{votes if votes is not None else f'null = half of {group_size}'} = 1): drop "
+                         f"{'them' if len(idle) > 1 else 'it'} or vote with 2 or more")
+
+
+scope.check = _check_given  # type: ignore[attr-defined]
+scope.check_group = check_group  # type: ignore[attr-defined]

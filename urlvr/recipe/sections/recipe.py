@@ -74,6 +74,20 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _reward_kwargs_fit_the_group(self) -> Recipe:
+        """A reward's optional `check_group(group_size=, vote_group_size=, **kwargs)` refuses, at
+        load time, knobs that cannot work or would do nothing with this recipe's group (scope's
+        subgroup_size must divide it; evol_rl's novelty needs 3 samples), not at step 1."""
+        from urlvr.recipe.names import registries
+
+        rewards = registries()["reward"]
+        for term in self.reward.terms:
+            check = getattr(rewards.get(term.name).fn, "check_group", None)
+            if check is not None:
+                check(group_size=self.rollout.group_size, vote_group_size=self.reward.vote_group_size, **term.kwargs)
+        return self
+
+    @model_validator(mode="after")
     def _dynamic_sampling_counts_steps(self) -> Recipe:
         if self.rollout.dynamic_sampling.name != "none" and self.trainer.total_steps is None:
             raise ValueError("rollout.dynamic_sampling draws a varying number of prompts per step, so "

@@ -1,0 +1,85 @@
+"""Breaker findings on the reward zoo (cuma, scope, evol_rl): every bad knob is a one-line
+load-time RecipeError naming the reward and the knob -- never a TypeError traceback from the
+reward's own check, never a ValueError at step 1 -- and a knob that would do nothing with the
+recipe's group is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+import urlvr.builtins  # noqa: F401
+from urlvr.recipe import load_recipe
+from urlvr.recipe.load import RecipeError
+
+ZOO = {"cuma": "recipes/zoo/cuma.yaml", "scope": "recipes/zoo/scope.yaml", "evol_rl": "recipes/zoo/evol-rl.yaml"}
+
+
+def _refused(reward: str, overrides: list[str], *needles: str) -> str:
+    with pytest.raises(RecipeError) as err:
+        load_recipe(ZOO[reward], overrides)
+    message = str(err.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+@pytest.mark.parametrize("reward, knob, value", [
+    ("cuma", "majority_share", "'0.6'"),  # a quoted number reached `0.5 <= share` as a str: TypeError
+    ("scope", "lam", "'0.7'"),
+    ("scope", "subgroup_size", "'2'"),
+    ("scope", "votes_per_subgroup", "'2'"),
+    ("evol_rl", "alpha", "'0.5'"),
+])
+def test_a_quoted_number_is_refused_naming_the_reward_and_the_knob(reward, knob, value):
+    extra = ", embedding: tfidf" if reward == "evol_rl" else ""
+    _refused(reward, [f"reward.terms.0.kwargs={{{knob}: {value}{extra}}}"], f"reward '{reward}'", repr(knob), "is a str")
+
+
+@pytest.mark.parametrize("value", ["true", "1.0"])
+def test_a_bool_or_float_for_an_int_literal_is_refused(value):
+    # lax validation took true and 1.0 for the literal 1, and the reward received them as written
+    _refused("scope", [f"reward.terms.0.kwargs={{top_k: {value}}}"], "reward 'scope'", "'top_k'")
+
+
+def test_a_bool_for_a_float_is_refused():
+    _refused("cuma", ["reward.terms.0.kwargs={majority_share: true}"], "reward 'cuma'", "'majority_share'", "is a bool")
+
+
+def test_an_int_for_a_float_is_still_accepted():
+    assert load_recipe(ZOO["evol_rl"], ["reward.terms.0.kwargs={embedding: tfidf, alpha: 1}"]).reward.terms[0].kwargs["alpha"] == 1
+
+
+def test_evol_rl_unknown_embedder_is_one_line_with_a_suggestion():
+    # was an UnknownNameError (a KeyError) escaping the pydantic validator as a traceback
+    _refused("evol_rl", ["reward.terms.0.kwargs={embedding: tfdif}"], "evol_rl", "embedding", "did you mean 'tfidf'")
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ("{subgroup_size: 3}", "does not divide rollout.group_size (4)"),  # was a ValueError at step 1
+    ("{subgroup_size: 8}", "does not divide rollout.group_size (4)"),
+    ("{votes_per_subgroup: 5}", "exceeds rollout.group_size (4)"),
+])
+def test_scope_knobs_that_do_not_fit_the_group_are_refused_at_load(kwargs, needle):
+    _refused("scope", [f"reward.terms.0.kwargs={kwargs}"], "scope", needle)
+
+
+def test_scope_with_extra_voters_is_refused_at_load_not_at_step_1():
+    _refused("scope", ["reward.vote_group_size=8"], "scope", "vote_group_size")
+
+
+def test_scope_lam_without_a_search_is_refused():
+    _refused("scope", ["reward.terms.0.kwargs={subgroup_size: 2, lam: 0.3}"], "scope", "lam", "subgroup_size=2")
+    assert load_recipe(ZOO["scope"], ["reward.terms.0.kwargs={subgroup_size: 2}"])
+
+
+def test_scope_confidence_knobs_with_one_vote_per_label_are_refused():
+    # one voter per subgroup: the confidence weights (top_k, step_delimiter) cannot change a label
+    _refused("scope", ["reward.terms.0.kwargs={votes_per_subgroup: 1, top_k: 1}"], "scope", "top_k", "votes_per_subgroup")
+    _refused("scope", ["rollout.group_size=2"], "scope", "top_k", "half of 2 = 1")
+    assert load_recipe(ZOO["scope"], ["reward.terms.0.kwargs={votes_per_subgroup: 1}"])
+
+
+def test_evol_rl_novelty_knobs_with_two_samples_are_refused():
+    _refused("evol_rl", ["rollout.group_size=2", "trainer.micro_batch_size=2"], "evol_rl", "embedding and alpha", "group_size 2")
+    assert load_recipe(ZOO["evol_rl"], ["rollout.group_size=3", "trainer.micro_batch_size=3"])
