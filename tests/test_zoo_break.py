@@ -83,3 +83,18 @@ def test_scope_confidence_knobs_with_one_vote_per_label_are_refused():
 def test_evol_rl_novelty_knobs_with_two_samples_are_refused():
     _refused("evol_rl", ["rollout.group_size=2", "trainer.micro_batch_size=2"], "evol_rl", "embedding and alpha", "group_size 2")
     assert load_recipe(ZOO["evol_rl"], ["rollout.group_size=3", "trainer.micro_batch_size=3"])
+
+
+def test_probe_takes_a_zoo_recipe_whose_update_knobs_need_a_ratio():
+    """`urlvr probe --recipe recipes/zoo/evol-rl.yaml --reward evol_rl` was refused: the probe forces
+    one mini-batch per step (nothing is trained), and the recipe's clip_eps_high then 'needs a
+    ratio'. The probe keeps the advantage estimator it measures and drops the update's knobs."""
+    import yaml
+
+    from urlvr.commands.probe import probe_recipe
+
+    base = yaml.safe_load(open(ZOO["evol_rl"]).read())
+    recipe = load_recipe(probe_recipe(base, "urlvr/tiny", ["evol_rl"], group_size=None))
+    assert recipe.reward.terms[0].kwargs == {"embedding": "tfidf", "alpha": 0.5}
+    base["algorithm"].update(advantage="rloo")
+    assert load_recipe(probe_recipe(base, "urlvr/tiny", ["evol_rl"], group_size=None)).algorithm.advantage == "rloo"

@@ -78,6 +78,12 @@ def probe_recipe(base: dict[str, Any], model: str, rewards: Sequence[str], *, gr
     recipe["reward"] = {**recipe.get("reward", {}), "terms": [
         {"name": name, "kwargs": own.get(name, {}).get("kwargs", {})} for name in rewards]}
     recipe["reward"].pop("vote_group_size", None)
+    # the update's knobs (loss, KL, entropy, corrections) act on nothing here, and the on-policy
+    # shape forced below would refuse some of them (clip_eps_high needs a ratio): keep the
+    # advantage estimator, which the probe measures, and drop the rest
+    algorithm = recipe.get("algorithm", {})
+    if isinstance(algorithm, dict):
+        recipe["algorithm"] = {k: v for k, v in algorithm.items() if k in ("advantage", "advantage_eps")}
     if group_size is not None:
         recipe.setdefault("rollout", {})["group_size"] = group_size
     # nothing is trained: the training batch shape must not refuse the probe (one mini-batch, and
