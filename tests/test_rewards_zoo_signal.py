@@ -358,5 +358,9 @@ def test_zoo_recipe_runs_two_steps_on_the_tiny_model(name, tmp_path, monkeypatch
     result = urlvr.train(recipe)
     assert [m["step"] for m in result.metrics] == [1, 2]
     assert all(f"reward/{term}_mean" in m for m in result.metrics), sorted(result.metrics[0])
+    assert all(m["dynamics/answer_rate"] > 0 for m in result.metrics)
+    # the documented run trains (scope's used to vote one cut-off answer, "7+4: 7+4" -> 4, in
+    # every group: zero variance, grad_norm 0 at both steps)
+    assert any(m["reward/zero_variance_group_fraction"] < 1.0 and m["actor/grad_norm"] > 0 for m in result.metrics)
     rows = [json.loads(line) for line in (result.run_dir / "completions.jsonl").read_text().splitlines()]
     assert rows

@@ -214,3 +214,7 @@ def test_zoo_recipe_runs_two_cpu_steps(name, term, tmp_path):
         assert f"reward/{term}_mean" in m and m["actor/ratio_mean"] == m["actor/ratio_mean"]
         if name == "cuma":
             assert 0.0 <= m["reward/cuma/masked_mean"] <= 1.0
+        assert m["dynamics/answer_rate"] > 0, m  # at max_new_tokens 24 no response was ever boxed
+    # the documented run trains: some step has a group with reward variance and a gradient
+    # (the shipped recipes used to run two vacuous steps, every group zero-variance, grad_norm 0)
+    assert any(m["reward/zero_variance_group_fraction"] < 1.0 and m["actor/grad_norm"] > 0 for m in result.metrics)
