@@ -98,3 +98,8 @@ def test_probe_takes_a_zoo_recipe_whose_update_knobs_need_a_ratio():
     assert recipe.reward.terms[0].kwargs == {"embedding": "tfidf", "alpha": 0.5}
     base["algorithm"].update(advantage="rloo")
     assert load_recipe(probe_recipe(base, "urlvr/tiny", ["evol_rl"], group_size=None)).algorithm.advantage == "rloo"
+
+
+def test_a_yaml_flow_mapping_without_a_space_says_why_the_knob_is_unknown():
+    # `--set reward.terms.0.kwargs={votes_per_subgroup:3}` is the key 'votes_per_subgroup:3' in YAML
+    _refused("scope", ["reward.terms.0.kwargs={votes_per_subgroup:3}"], "'votes_per_subgroup:3'", "write `{a: 1}`")

@@ -203,7 +203,9 @@ def check_reward_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
         accepted = list(params)[2:]
         for key in kwargs:
             if key not in accepted:
-                raise ValueError(f"reward {name!r} takes no argument {key!r} (it takes: {', '.join(accepted) or 'none'})")
+                # `{votes:3}` in YAML is the key 'votes:3' with no value: say so, the name looks right
+                hint = "; YAML reads `{a:1}` as the key 'a:1', write `{a: 1}`" if ":" in str(key) else ""
+                raise ValueError(f"reward {name!r} takes no argument {key!r} (it takes: {', '.join(accepted) or 'none'}){hint}")
     for key, value in kwargs.items():
         annotation = params[key].annotation if key in params else inspect.Parameter.empty
         if annotation is inspect.Parameter.empty or isinstance(annotation, str):
