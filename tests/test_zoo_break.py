@@ -103,3 +103,13 @@ def test_probe_takes_a_zoo_recipe_whose_update_knobs_need_a_ratio():
 def test_a_yaml_flow_mapping_without_a_space_says_why_the_knob_is_unknown():
     # `--set reward.terms.0.kwargs={votes_per_subgroup:3}` is the key 'votes_per_subgroup:3' in YAML
     _refused("scope", ["reward.terms.0.kwargs={votes_per_subgroup:3}"], "'votes_per_subgroup:3'", "write `{a: 1}`")
+
+
+@pytest.mark.parametrize("bad", [dict(window="5"), dict(window=2.5), dict(window=True), dict(tau_fr="0.3"), dict(frs="no")])
+def test_ttrl_guard_settings_of_the_wrong_type_are_refused_up_front(bad):
+    # were a TypeError traceback ('5' < 1) or accepted and failing mid-step (ratios[-2.5:])
+    from urlvr.algorithms.ttrl_guard import GuardSettings
+
+    with pytest.raises(ValueError, match=f"TTRL-Guard: {next(iter(bad))} must be a"):
+        GuardSettings(**bad)
+    assert GuardSettings(tau_fr=0, window=3).tau_fr == 0  # an int for a float is fine

@@ -50,6 +50,11 @@ class GuardSettings:
     rcsu: bool = True
 
     def __post_init__(self) -> None:
+        for name, value in vars(self).items():  # a str, a bool for a count or 2.5 visits would fail later, mid-step
+            wanted = bool if name in ("frs", "mps", "rcsu") else int if name in ("mps_min_votes_denom", "mps_steady", "window") else float
+            fits = isinstance(value, wanted) and (wanted is bool or not isinstance(value, bool))
+            if not fits and not (wanted is float and isinstance(value, int) and not isinstance(value, bool)):
+                raise ValueError(f"TTRL-Guard: {name} must be a {wanted.__name__}, got {value!r}")
         for name in ("tau_fr", "tau_mr", "lambda1", "lambda2", "beta_max", "theta_mr", "p_skip", "max_skip_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"TTRL-Guard: {name} must lie in [0, 1], got {getattr(self, name)}")
