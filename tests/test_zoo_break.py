@@ -113,3 +113,17 @@ def test_ttrl_guard_settings_of_the_wrong_type_are_refused_up_front(bad):
     with pytest.raises(ValueError, match=f"TTRL-Guard: {next(iter(bad))} must be a"):
         GuardSettings(**bad)
     assert GuardSettings(tau_fr=0, window=3).tau_fr == 0  # an int for a float is fine
+
+
+def test_scope_step_delimiter_split_across_tokens_still_ends_a_step():
+    # urlvr/tiny's tokenizer is character-level: "\n\n" is two tokens, and a step used to end only
+    # at a token whose own text held the whole delimiter, so no response ever had two steps and
+    # step_delimiter did nothing there
+    from urlvr.rewards.scope import step_spans
+
+    assert step_spans(["a", "\n", "\n", "b"], "\n\n") == [(0, 3), (3, 4)]
+    assert step_spans(["a", ".\n", "\nb", "c", "\n\n"], "\n\n") == [(0, 3), (3, 5)]
+    assert step_spans(["\n", "x", "\n"], "\n\n") == [(0, 3)]  # not adjacent: no step ends
+    assert step_spans(["\n", "\n", "\n"], "\n\n") == [(0, 2), (2, 3)]  # a delimiter's characters are used once
+    assert step_spans(["a", "STEP", "b"], "STEP") == [(0, 2), (2, 3)]  # whole-token delimiters as before
+    assert step_spans(["ST", "E", "P", "b"], "STEP") == [(0, 3), (3, 4)]

@@ -65,13 +65,18 @@ def token_confidence(stats: dict[str, torch.Tensor] | Any, top_k: int) -> torch.
 
 
 def step_spans(token_texts: Sequence[str], delimiter: str) -> list[tuple[int, int]]:
-    """[start, end) token ranges of the steps: a step ends with a token whose text contains the
-    delimiter; a trailing remainder is a step too (the code's `split_steps`)."""
-    spans, start = [], 0
+    """[start, end) token ranges of the steps: a step ends with the token that completes an
+    occurrence of the delimiter, which may straddle tokens (a character-level tokenizer spells
+    "\n\n" as two "\n" tokens); a trailing remainder is a step too (the code's `split_steps`,
+    which splits the text)."""
+    spans, start, carry = [], 0, ""
     for index, text in enumerate(token_texts):
-        if delimiter in text:
+        window = carry + text  # the delimiter's first characters may end the previous tokens
+        if delimiter in window:
             spans.append((start, index + 1))
-            start = index + 1
+            start, carry = index + 1, ""
+        else:
+            carry = window[max(0, len(window) - len(delimiter) + 1):]  # all a straddling delimiter can reuse
     if start < len(token_texts):
         spans.append((start, len(token_texts)))
     return spans
