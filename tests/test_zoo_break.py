@@ -127,3 +127,9 @@ def test_scope_step_delimiter_split_across_tokens_still_ends_a_step():
     assert step_spans(["\n", "\n", "\n"], "\n\n") == [(0, 2), (2, 3)]  # a delimiter's characters are used once
     assert step_spans(["a", "STEP", "b"], "STEP") == [(0, 2), (2, 3)]  # whole-token delimiters as before
     assert step_spans(["ST", "E", "P", "b"], "STEP") == [(0, 3), (3, 4)]
+
+
+def test_an_exponent_without_a_dot_says_yaml_read_it_as_text():
+    # PyYAML reads 5e-1 as the string '5e-1': "write it unquoted" would be wrong advice there
+    _refused("cuma", ["reward.terms.0.kwargs={majority_share: 5e-1}"], "'majority_share'", "write 1.0e-3")
+    assert load_recipe(ZOO["cuma"], ["reward.terms.0.kwargs={majority_share: 5.0e-1}"]).reward.terms[0].kwargs["majority_share"] == 0.5

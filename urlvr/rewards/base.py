@@ -249,8 +249,19 @@ def _refuse_scalar_coercion(name: str, key: str, value: Any, adapter: Any, annot
         if type(converted) is type(value):
             return
     wanted = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
-    hint = " (write it unquoted)" if isinstance(value, str) else ""
+    hint = ""
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text, quoted or not
+        hint = (" (YAML reads an exponent without a dot as text: write 1.0e-3, not 1e-3)"
+                if "e" in value.lower() and _is_number(value) else " (write it unquoted)")
     raise ValueError(f"reward {name!r}: argument {key!r}={value!r} is a {type(value).__name__}; the knob takes {wanted}{hint}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def reward_knobs(spec: RewardSpec) -> list[tuple[str, str, str]]:
