@@ -13,12 +13,15 @@ reward touching ``ctx.label`` gets an error, so labels cannot leak into the trai
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 
+from urlvr.algorithms.token_stats import TOKEN_STATS
 from urlvr.registry import Registry
 from urlvr.rollout.base import Group
 
@@ -146,7 +149,40 @@ class RewardSpec:
         return tuple(self.stats(**kwargs) if callable(self.stats) else self.stats)
 
 
-REWARDS: Registry[RewardSpec] = Registry("reward")
+def _check_reward_kwargs(spec: RewardSpec, name: str, kwargs: Mapping[str, Any]) -> None:
+    """Load-time check of a recipe term: every kwarg is a parameter of the reward, its value fits
+    the annotation (so `anchor: unifrom` fails before step 1), and the reward's own ``check``
+    (an optional attribute for cross-argument rules) accepts the combination."""
+    try:
+        params = inspect.signature(spec.fn, eval_str=True).parameters
+    except Exception:  # annotations that cannot be resolved at runtime: check names only
+        params = inspect.signature(spec.fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        accepted = list(params)[2:]
+        for key in kwargs:
+            if key not in accepted:
+                raise ValueError(f"reward {name!r} takes no argument {key!r} (it takes: {', '.join(accepted) or 'none'})")
+    for key, value in kwargs.items():
+        annotation = params[key].annotation if key in params else inspect.Parameter.empty
+        if annotation is inspect.Parameter.empty or isinstance(annotation, str):
+            continue
+        try:
+            adapter = TypeAdapter(annotation)
+        except Exception:  # a type pydantic cannot validate: the reward checks it itself
+            continue
+        try:
+            adapter.validate_python(value, strict=False)
+        except ValidationError as err:
+            problem = err.errors()[0]["msg"]
+            raise ValueError(f"reward {name!r}: argument {key!r}={value!r} is invalid ({problem})") from None
+    if hasattr(spec.fn, "check"):
+        spec.fn.check(**kwargs)
+    for stat in spec.token_stats(kwargs):
+        if stat not in TOKEN_STATS:
+            raise ValueError(f"reward {name!r} declares stats=({stat!r},): {TOKEN_STATS.unknown_name_message(stat)}")
+
+
+REWARDS: Registry[RewardSpec] = Registry("reward", check_kwargs=_check_reward_kwargs)
 
 
 def reward(
@@ -187,43 +223,9 @@ def reward(
 
 
 def check_reward_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
-    """Load-time check of a recipe term: every kwarg is a parameter of the reward, its value fits
-    the annotation (so `anchor: unifrom` fails before step 1), and the reward's own ``check``
-    (an optional attribute for cross-argument rules) accepts the combination."""
-    import inspect
-
-    from pydantic import TypeAdapter, ValidationError
-
-    spec = REWARDS.get(name)
-    try:
-        params = inspect.signature(spec.fn, eval_str=True).parameters
-    except Exception:  # annotations that cannot be resolved at runtime: check names only
-        params = inspect.signature(spec.fn).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        accepted = list(params)[2:]
-        for key in kwargs:
-            if key not in accepted:
-                raise ValueError(f"reward {name!r} takes no argument {key!r} (it takes: {', '.join(accepted) or 'none'})")
-    for key, value in kwargs.items():
-        annotation = params[key].annotation if key in params else inspect.Parameter.empty
-        if annotation is inspect.Parameter.empty or isinstance(annotation, str):
-            continue
-        try:
-            adapter = TypeAdapter(annotation)
-        except Exception:  # a type pydantic cannot validate: the reward checks it itself
-            continue
-        try:
-            adapter.validate_python(value, strict=False)
-        except ValidationError as err:
-            problem = err.errors()[0]["msg"]
-            raise ValueError(f"reward {name!r}: argument {key!r}={value!r} is invalid ({problem})") from None
-    if hasattr(spec.fn, "check"):
-        spec.fn.check(**kwargs)
-    from urlvr.algorithms.token_stats import TOKEN_STATS
-
-    for stat in spec.token_stats(kwargs):
-        if stat not in TOKEN_STATS:
-            raise ValueError(f"reward {name!r} declares stats=({stat!r},): {TOKEN_STATS.unknown_name_message(stat)}")
+    """Load-time check of a recipe term's kwargs against the reward `name` (`_check_reward_kwargs`);
+    the recipe reaches the same check through the registry catalog."""
+    REWARDS.check_kwargs(name, kwargs)
 
 
 def call_reward(spec: RewardSpec, group: Group, ctx: RewardContext, kwargs: Mapping[str, Any]) -> RewardOutput:

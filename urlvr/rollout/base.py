@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 
 from urlvr.data.records import PromptInput  # noqa: F401  (re-exported: engines take prompts in this form)
-from urlvr.recipe.sections.base import VariantSection, check_variant_name
+from urlvr.section import VariantSection, check_variant_name
 from urlvr.registry import Registry
 
 from urlvr.dist import DistInfo

@@ -39,7 +39,7 @@ from pydantic import Field, field_validator
 
 from urlvr.errors import RecipeError
 from urlvr.progress import format_seconds
-from urlvr.recipe.sections.base import VariantSection
+from urlvr.section import VariantSection
 from urlvr.rollout.base import (
     ROLLOUT_ENGINES,
     FinishReason,

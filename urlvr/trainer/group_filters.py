@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, model_validator
 
 from urlvr.metrics.dynamics import majority_ratios
-from urlvr.recipe.sections.base import VariantSection, check_variant_name
+from urlvr.section import VariantSection, check_variant_name
 from urlvr.algorithms.advantages import constant_groups
 from urlvr.registry import Registry
 
