@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from urlvr.rewards.extractors import normalize_answer
 from urlvr.rewards.voting import majority_answer
 from urlvr.rollout.base import Group
 from urlvr.algorithms.advantages import constant_groups
@@ -98,8 +99,6 @@ def majority_correctness(
     extra voting samples gave falls back to string equality with the normalised label; no
     majority (nobody answered) is wrong.
     """
-    from urlvr.rewards.extractors import normalize_answer
-
     out = []
     for i, (group_voters, group_answers, label) in enumerate(zip(voters, answers, labels, strict=True)):
         if label is None or oracle is None or torch.isnan(oracle[i]).any():

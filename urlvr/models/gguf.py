@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from urlvr.errors import RecipeError
 
 GGUF_SUFFIX = ".gguf"
@@ -121,11 +123,10 @@ def dequantise_gguf(gguf: Path, *, sha256: str | None = None, cache_dir: Path | 
 def load_gguf(path: Path):
     """``(model, tokenizer)`` read from a GGUF file by transformers, float32, with the GGUF
     quantization config dropped (dequantised weights; `save_pretrained` refuses it otherwise)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy (seconds), loaded on demand: a GGUF is read
 
     try:
-        import gguf  # noqa: F401  transformers' reader
+        import gguf  # noqa: F401  transformers' reader (optional extra: smollm2, gemma3), loaded on demand
     except ImportError:
         raise RecipeError(f"model.path {str(path)!r}: reading GGUF files needs the gguf package: "
                           "pip install gguf") from None
@@ -136,8 +137,8 @@ def load_gguf(path: Path):
         if "not supported" not in str(err):
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RecipeError(f"model.path {str(path)!r}: transformers cannot read this GGUF file: {reason}") from None
-        import transformers
-        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+        import transformers  # (loaded above) for its version in the message
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES  # on this error path only
 
         readable = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})  # sections, not models
         raise RecipeError(f"model.path {str(path)!r}: transformers {transformers.__version__} cannot read this "
