@@ -271,8 +271,7 @@ def test_load_records_errors(tmp_path):
 
 
 def test_synthetic_sources_pass_count_and_seed(monkeypatch):
-    import sys
-    import types
+    from urlvr.data import synthetic
 
     calls = []
 
@@ -284,10 +283,8 @@ def test_synthetic_sources_pass_count_and_seed(monkeypatch):
         calls.append(("countdown", num_problems, seed))
         return [PromptRecord("c-0", "24?", "24")]
 
-    fake = types.ModuleType("urlvr.data.synthetic")
-    fake.arithmetic_problems = arithmetic_problems
-    fake.countdown_problems = countdown_problems
-    monkeypatch.setitem(sys.modules, "urlvr.data.synthetic", fake)
+    monkeypatch.setattr(synthetic, "arithmetic_problems", arithmetic_problems)
+    monkeypatch.setattr(synthetic, "countdown_problems", countdown_problems)
     assert load_records("arithmetic", num_problems=5, seed=3) == [PromptRecord("a-0", "1+2", "3")]
     assert load_records("countdown", num_problems=2, seed=1) == [PromptRecord("c-0", "24?", "24")]
     assert load_records("arithmetic", num_problems=1, seed=0, max_value=9, operators=["+"])

@@ -25,4 +25,4 @@ import urlvr.algorithms.gspo  # noqa: F401
 import urlvr.algorithms.cispo  # noqa: F401
 import urlvr.algorithms.token_filters  # noqa: F401
 import urlvr.algorithms.mismatch  # noqa: F401
-import urlvr.trainer.group_filters  # noqa: F401
+import urlvr.algorithms.group_filters  # noqa: F401

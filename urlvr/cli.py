@@ -10,6 +10,19 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from urlvr.commands.mcs import format_table, run_mcs
+from urlvr.commands.probe import print_table, run_probe
+from urlvr.commands.sweep import launch_lines, load_sweep, run_sweep, validate_points
+from urlvr.data.loaders import DataError
+from urlvr.metrics.plots import plot_runs
+from urlvr.recipe import Recipe, RecipeError, load_recipe
+from urlvr.recipe.load import read_recipe_source
+from urlvr.rewards.base import REWARDS, describe_reward
+from urlvr.trainer.run import train
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,9 +113,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if args.debug:
             raise
-        from urlvr.data.loaders import DataError
-        from urlvr.recipe import RecipeError
-
         if isinstance(err, (RecipeError, DataError, FileNotFoundError)):
             print(f"urlvr: error: {err}", file=sys.stderr)
             return 2
@@ -113,23 +123,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _quiet_libraries() -> None:
     """The console shows urlvr's lines and its one progress bar: transformers' per-call bars
     (loading weights, writing shards) are switched off through its own setting."""
-    from transformers.utils import logging as transformers_logging
+    from transformers.utils import logging as transformers_logging  # heavy (seconds): only commands that load a model
 
     transformers_logging.disable_progress_bar()
 
 
 def _run(args: argparse.Namespace) -> int:
-    from urlvr.recipe import Recipe, load_recipe
-
     if args.command in ("train", "mcs", "sweep", "probe"):
         _quiet_libraries()
     if args.command == "schema":
         print(json.dumps(Recipe.model_json_schema(), indent=2))
         return 0
     if args.command == "rewards":
-        import urlvr.builtins  # noqa: F401
-        from urlvr.rewards.base import REWARDS, describe_reward
-
         if args.name is not None:
             if args.name not in REWARDS.names():
                 print(f"urlvr: error: {REWARDS.unknown_name_message(args.name)}", file=sys.stderr)
@@ -141,17 +146,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{name:24s} {'[oracle] ' if spec.needs_label else ''}{spec.description}")
         return 0
     if args.command == "plot":
-        from pathlib import Path
-
-        from urlvr.metrics.plots import plot_runs
-
         out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "plots"
         for figure in plot_runs([Path(d) for d in args.run_dirs], out):
             print(f"{figure.path}  ({len(figure.panels)} panels: {', '.join(figure.panels)})")
         return 0
     if args.command == "sweep":
-        from urlvr.commands.sweep import launch_lines, load_sweep, run_sweep, validate_points
-
         sweep = load_sweep(args.spec, grid=args.grid, overrides=args.overrides, recipe=args.recipe, out_dir=args.out)
         if args.print_only:
             validate_points(sweep)
@@ -160,11 +159,6 @@ def _run(args: argparse.Namespace) -> int:
             run_sweep(sweep)
         return 0
     if args.command == "probe":
-        from pathlib import Path
-
-        from urlvr.commands.probe import print_table, run_probe
-        from urlvr.recipe.load import read_recipe_source
-
         base = read_recipe_source(args.recipe)[1] if args.recipe else {}
         results = run_probe(args.models, base, Path(args.out), rewards=args.rewards or None, num_prompts=args.prompts,
                             group_size=args.group_size, overrides=args.overrides, origin=args.recipe,
@@ -173,11 +167,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"urlvr: wrote {Path(args.out) / 'probe.json'}, probe.csv and one PNG per model")
         return 0
     if args.command == "mcs":
-        from pathlib import Path
-
-        from urlvr.commands.mcs import format_table, run_mcs
-        from urlvr.recipe.load import read_recipe_source
-
         base = read_recipe_source(args.recipe)[1] if args.recipe else {}
         results = run_mcs(args.models, base, Path(args.out), max_steps=args.steps, overrides=args.overrides,
                           labels=False if args.label_free else None, overwrite=args.overwrite)
@@ -186,13 +175,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":
-        import yaml
-
         print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), end="")
         print(f"# {args.recipe}: valid", file=sys.stderr)
         return 0
-    from urlvr.trainer.run import train
-
     result = train(recipe, resume=args.resume)
     print(f"urlvr: run finished: {result.run_dir}")
     return 0

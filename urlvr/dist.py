@@ -15,6 +15,7 @@ host. A single process has no peer to share memory with, so urlvr's start-up doe
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import os
 import socket
@@ -52,7 +53,7 @@ def init_distributed() -> DistInfo:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    import deepspeed
+    import deepspeed  # heavy (about a second), loaded on demand: only a run or probe starts distributed
 
     if not torch.distributed.is_initialized():
         alone_on_cpu = not use_cuda and os.environ.get("WORLD_SIZE") == "1"
@@ -77,8 +78,6 @@ def init_distributed() -> DistInfo:
 def _no_shm_comm_op() -> Iterator[None]:
     """DeepSpeed's torch backend starts without its shared-memory all-reduce op (see the module
     docstring); ``deepspeed.initialize`` later reuses that backend, so the op is never built."""
-    import importlib
-
     # not `import deepspeed.comm.torch as ...`: the package re-exports the name `torch` (torch itself)
     ds_torch = importlib.import_module("deepspeed.comm.torch")
     build = getattr(ds_torch, "build_shm_op", None)

@@ -18,6 +18,10 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 __all__ = ["JobProgress", "format_seconds"]
 
 
@@ -85,11 +89,6 @@ def format_seconds(seconds: float) -> str:
 
 
 def _rich_bar(label: str, total: int, stream: TextIO):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from rich.markup import escape
-
     bar = Progress(TextColumn(f"[bold]{escape(label)}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    transient=True, console=Console(file=stream))
     bar.add_task("job", total=total)

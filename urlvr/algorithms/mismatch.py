@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, model_validator
 
 from urlvr.algorithms.losses import truncated_importance_weights
-from urlvr.recipe.sections.base import VariantSection, check_variant_name
+from urlvr.section import VariantSection, check_variant_name
 from urlvr.registry import Registry
 
 

@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from urlvr.recipe.sections.base import VariantSection, check_variant_name
+from urlvr.section import VariantSection, check_variant_name
 from urlvr.registry import Registry
 
 # verl clamps log(ratio) to this range before exp() so one wild token cannot overflow the loss.

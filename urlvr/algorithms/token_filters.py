@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from urlvr.recipe.sections.base import VariantSection, check_variant_name
+from urlvr.section import VariantSection, check_variant_name
 from urlvr.registry import Registry
 
 

@@ -27,6 +27,8 @@ from urlvr.commands.out_dir import check_output_dir, clear_owned
 from urlvr.metrics.loggers import read_jsonl
 from urlvr.models.resolve import checked_model_path
 from urlvr.progress import format_seconds
+from urlvr.recipe import load_recipe
+from urlvr.trainer.run import train
 
 # the diagnostic: §6.3's aggressive settings, stop at collapse; everything else is the base recipe's
 MCS_SETTINGS: dict[str, Any] = {
@@ -97,9 +99,6 @@ def run_mcs(models: Sequence[str], base: dict[str, Any], out_dir: Path, *, max_s
     a line per model as it starts and ends (default: stderr, flushed, so a log file shows them).
     Every model path is checked before anything is deleted or run (RecipeError naming it), and
     the tables are rewritten after each model, so a run that fails later keeps the finished rows."""
-    import urlvr
-    from urlvr.recipe import load_recipe
-
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
     slugs: set[str] = set()
@@ -119,7 +118,7 @@ def run_mcs(models: Sequence[str], base: dict[str, Any], out_dir: Path, *, max_s
     for index, (model, run_dir, recipe) in enumerate(zip(models, run_dirs, recipes, strict=True), 1):
         say(f"urlvr mcs: [{index}/{len(models)}] {model}: diagnostic run in {run_dir} (at most {max_steps} steps)")
         started = time.perf_counter()
-        urlvr.train(recipe)
+        train(recipe)
         results.append(_result(model, run_dir, time.perf_counter() - started))
         done = results[-1]
         ended = f"collapsed at step {done.collapse_step}" if done.collapse_step is not None else \

@@ -26,11 +26,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
+from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from urlvr.commands.mcs import _slug
 from urlvr.commands.out_dir import check_output_dir, clear_owned
+from urlvr.data.templates import encode_prompts
+from urlvr.dist import init_distributed
 from urlvr.errors import RecipeError
+from urlvr.metrics import alignment, dynamics
+from urlvr.metrics.plots import plot_probe
 from urlvr.progress import JobProgress
+from urlvr.recipe import load_recipe
+from urlvr.rewards.compose import RewardTermSpec, score_batch
+from urlvr.rewards.policy import EnginePolicy
+from urlvr.rollout.base import ROLLOUT_ENGINES, context_length
+from urlvr.rollout.collate import collate_groups
+from urlvr.trainer.actor import TokenScorer
+from urlvr.trainer.batching import budget_warning, micro_batches, scatter_rows, scorer_inputs
+from urlvr.trainer.build import load_model_and_tokenizer, load_prompt_records, seed_everything
+from urlvr.trainer.settings import RunSettings
 
 # label-free rewards that need no extra generation or worker: scored by default
 INTRINSIC_REWARDS = ("majority_vote", "self_certainty", "token_entropy", "trajectory_entropy", "probability",
@@ -122,8 +138,6 @@ def run_probe(models: Sequence[str], base: dict[str, Any], out_dir: Path | None 
     results = [probe_model(model, base, rewards or INTRINSIC_REWARDS, num_prompts=num_prompts, group_size=group_size,
                            overrides=overrides, progress=progress, origin=origin) for model in models]
     if out_dir is not None:
-        from urlvr.metrics.plots import plot_probe
-
         clear_owned(stale)
         out_dir.mkdir(parents=True, exist_ok=True)
         taken: set[str] = set()
@@ -136,15 +150,6 @@ def run_probe(models: Sequence[str], base: dict[str, Any], out_dir: Path | None 
 def probe_model(model: str, base: dict[str, Any], rewards: Sequence[str], *, num_prompts: int = 64,
                 group_size: int | None = None, overrides: Sequence[str] = (), progress: bool = True,
                 origin: str | None = None) -> ModelProbe:
-    from urlvr.data.templates import encode_prompts
-    from urlvr.dist import init_distributed
-    from urlvr.recipe import load_recipe
-    from urlvr.rollout.base import ROLLOUT_ENGINES, context_length
-    from urlvr.rollout.collate import collate_groups
-    from urlvr.trainer.batching import budget_warning
-    from urlvr.trainer.build import load_model_and_tokenizer, load_prompt_records, seed_everything
-    from urlvr.trainer.settings import RunSettings
-
     recipe = load_recipe(probe_recipe(base, model, rewards, group_size=group_size), overrides,
                          origin=f"{origin or '<dict>'} (probing {model})")
     dist = init_distributed()
@@ -195,9 +200,6 @@ def _sample(engine, prompts, settings, *, progress: bool, prompts_per_call: int 
 def _score(hf_model, batch, settings, device) -> dict[str, torch.Tensor]:
     """The trainer's scoring pass (`TokenScorer`, chunked over the sequence): exactly the statistics
     the probed rewards declare, on scaled (and, where asked, raw) logits."""
-    from urlvr.trainer.actor import TokenScorer
-    from urlvr.trainer.batching import micro_batches, scatter_rows, scorer_inputs
-
     scorer = TokenScorer(hf_model)
     pieces = []
     for micro in micro_batches(batch, range(batch.input_ids.shape[0]), settings.recipe.trainer):
@@ -207,11 +209,6 @@ def _score(hf_model, batch, settings, device) -> dict[str, torch.Tensor]:
 
 
 def _measure(model: str, groups, records, batch, stats, settings, engine, tokenizer) -> ModelProbe:
-    from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
-    from urlvr.metrics import alignment, dynamics
-    from urlvr.rewards.compose import RewardTermSpec, score_batch
-    from urlvr.rewards.policy import EnginePolicy
-
     recipe, size = settings.recipe, settings.recipe.rollout.group_size
     lent = settings.lent_stats(stats)
     contexts = [settings.reward_context(group, group, record, batch.response_mask[g * size:(g + 1) * size],
@@ -295,9 +292,6 @@ def write_probe(results: Sequence[ModelProbe], out_dir: Path) -> None:
 
 def print_table(results: Sequence[ModelProbe]) -> None:
     """A rich table, one row per (model, reward); label-free columns only where no labels exist."""
-    from rich.console import Console
-    from rich.table import Table
-
     labelled = any(r.labelled_prompts for r in results)
     columns = COLUMNS if labelled else ("model", "reward", "reward_mean", "zero_variance_groups", "p_maj_mean")
     table = Table(title="urlvr probe" + ("" if labelled else " (no labels: label-free quantities only)"))

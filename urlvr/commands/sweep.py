@@ -34,9 +34,13 @@ from typing import Any
 
 import yaml
 
+from urlvr.metrics.plots import plot_runs
 from urlvr.recipe import Recipe, RecipeError, load_recipe
 from urlvr.recipe.changes import FieldChange, format_changes, recipe_changes
 from urlvr.recipe.load import read_yaml_mapping
+from urlvr.trainer.checkpoint import checkpoint_step, latest_checkpoint
+from urlvr.trainer.resume import recorded_recipe
+from urlvr.trainer.run import train
 
 SPEC_KEYS = ("recipe", "grid", "set", "output_dir")
 
@@ -235,9 +239,6 @@ def run_sweep(sweep: Sweep, *, say=_say) -> list[Path]:
     finished (summary.json) with the point's recipe is skipped; one that started is resumed from
     its last checkpoint. A point whose folder holds a run of another recipe is refused before
     anything runs (`earlier_run_changes`): the overlay would show it under the new point's name."""
-    import urlvr
-    from urlvr.metrics.plots import plot_runs
-
     points = validate_points(sweep)  # a typo in the last point fails now, not after hours of the first
     recipes = [load_recipe(sweep.recipe, point.overrides) for point in points]
     extended = [earlier_run_changes(point, recipe) for point, recipe in zip(points, recipes, strict=True)]
@@ -247,7 +248,7 @@ def run_sweep(sweep: Sweep, *, say=_say) -> list[Path]:
             continue
         started = (point.run_dir / "metrics.jsonl").is_file()
         say(f"urlvr sweep: [{index}/{len(points)}] {point.name}: {'resuming' if started else 'training'} in {point.run_dir}")
-        urlvr.train(recipe, resume=point.run_dir if started else None)
+        train(recipe, resume=point.run_dir if started else None)
     dirs = [p.run_dir for p in points]
     for figure in plot_runs(dirs, sweep.out_dir / "plots"):
         say(f"urlvr sweep: {figure.path}")
@@ -263,9 +264,6 @@ def earlier_run_changes(point: SweepPoint, recipe: Recipe) -> list[FieldChange]:
     point's recipe now: only SWEEP_EXTENDS may differ (the run is resumed to more steps); any other
     field is a RecipeError listing each difference (old -> new), since the run there was trained
     with another recipe and the overlay would label it as this point."""
-    from urlvr.trainer.checkpoint import checkpoint_step, latest_checkpoint
-    from urlvr.trainer.resume import recorded_recipe
-
     if not (point.run_dir / "metrics.jsonl").is_file():
         return []
     latest = latest_checkpoint(point.run_dir)

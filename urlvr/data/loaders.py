@@ -16,7 +16,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from urlvr.data import synthetic
+from urlvr.data.adapters import load_adapter_records
 from urlvr.data.readers import RawRow, open_dataset, read_file_rows
+from urlvr.data.reasoning_gym import reasoning_gym_problems
 from urlvr.data.records import DataError, PromptRecord
 from urlvr.registry import Registry
 
@@ -97,36 +100,26 @@ def _datasets_source(name: str, **options: Any) -> list[PromptRecord]:
 
 
 # --------------------------------------------------------------------------- named datasets
-# Imported lazily, like the generators below: the adapter table is another module.
 @DATA_SOURCES.register("adapter")
 def _adapter_source(dataset: str, **options: Any) -> list[PromptRecord]:
     """A paper dataset by name (dapo-17k, aime-2024, ...), read through its registered adapter."""
-    from urlvr.data.adapters import load_adapter_records
-
     return load_adapter_records(dataset, **options)
 
 
 # --------------------------------------------------------------------------- synthetic
-# Imported lazily: the generators are another module, needed only when a recipe names them.
 @DATA_SOURCES.register("arithmetic")
 def _arithmetic_source(num_problems: int, seed: int, min_value: int = 0, max_value: int = 99,
                        operators: tuple[str, ...] = ("+", "-")) -> list[PromptRecord]:
-    from urlvr.data.synthetic import arithmetic_problems
-
-    return arithmetic_problems(num_problems, seed, min_value=min_value, max_value=max_value, operators=operators)
+    return synthetic.arithmetic_problems(num_problems, seed, min_value=min_value, max_value=max_value, operators=operators)
 
 
 @DATA_SOURCES.register("countdown")
 def _countdown_source(num_problems: int, seed: int) -> list[PromptRecord]:
-    from urlvr.data.synthetic import countdown_problems
-
-    return countdown_problems(num_problems, seed)
+    return synthetic.countdown_problems(num_problems, seed)
 
 
 @DATA_SOURCES.register("reasoning_gym")
 def _reasoning_gym_source(tasks: list[str], size: int, seed: int, config: dict | None = None) -> list[PromptRecord]:
-    from urlvr.data.reasoning_gym import reasoning_gym_problems
-
     return reasoning_gym_problems(tasks, size, seed, config)
 
 

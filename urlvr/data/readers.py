@@ -65,7 +65,7 @@ def _read_json(path: Path, limit: int | None) -> Iterator[RawRow]:
 
 
 def _read_parquet(path: Path, limit: int | None) -> Iterator[RawRow]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # heavy-ish (datasets' dependency), loaded on demand: only for .parquet files
 
     try:
         table = pq.read_table(path)
@@ -86,7 +86,7 @@ def _as_object(value: Any, path: Path, where: str) -> dict[str, Any]:
 def open_dataset(name_or_path: str, *, split: str = "train", subset: str | None = None):
     """One split of a `datasets` dataset (save_to_disk directory, local data file or directory,
     or hub id); what cannot be loaded is a DataError naming it."""
-    import datasets
+    import datasets  # heavy (seconds), loaded on demand: only for a datasets source
 
     local = Path(name_or_path)
     try:

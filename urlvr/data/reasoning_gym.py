@@ -19,7 +19,7 @@ def reasoning_gym_problems(tasks: Sequence[str], size: int, seed: int,
     """`size` entries of each task (seed `seed + index of the task`), in task order; `config[task]`
     holds that task's generator settings. The label is the entry's reference answer."""
     try:
-        import reasoning_gym
+        import reasoning_gym  # optional extra, loaded on demand
     except ImportError:
         raise DataError("data source 'reasoning_gym' needs reasoning-gym: pip install 'urlvr[reasoning-gym]'") from None
     records = []

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 
 import torch
 
-from urlvr.rewards.voting import majority_answer
+from urlvr.rewards.extractors import normalize_answer
 from urlvr.rollout.base import Group
 from urlvr.algorithms.advantages import constant_groups
+from urlvr.algorithms.voting import majority_answer, majority_ratios  # noqa: F401  (dynamics.majority_ratios: the loop's p_maj)
 from urlvr.algorithms.losses import kl_k3  # noqa: F401  (one k3, the loss's; also used as dynamics.kl_k3)
 
 
@@ -77,16 +78,6 @@ def reward_metrics(total: torch.Tensor, per_term: dict[str, torch.Tensor]) -> di
 
 
 # --------------------------------------------------------------------------- per prompt
-def majority_ratios(voters: Sequence[Sequence[str | None]]) -> torch.Tensor:
-    """p_maj per prompt: the share of voters whose answer is the majority answer (ties go to the
-    first seen, samples without an answer count in the denominator); 0 when nobody answered.  -> [B]"""
-    out = []
-    for group in voters:
-        majority = majority_answer(group)
-        out.append(0.0 if majority is None else sum(a == majority for a in group) / len(group))
-    return torch.tensor(out, dtype=torch.float64)
-
-
 def majority_correctness(
     voters: Sequence[Sequence[str | None]], answers: Sequence[Sequence[str | None]],
     oracle: torch.Tensor | None, labels: Sequence[str | None],
@@ -98,8 +89,6 @@ def majority_correctness(
     extra voting samples gave falls back to string equality with the normalised label; no
     majority (nobody answered) is wrong.
     """
-    from urlvr.rewards.extractors import normalize_answer
-
     out = []
     for i, (group_voters, group_answers, label) in enumerate(zip(voters, answers, labels, strict=True)):
         if label is None or oracle is None or torch.isnan(oracle[i]).any():

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
+from urlvr.algorithms.voting import majority_answer
 from urlvr.data.records import PromptRecord
 from urlvr.rewards.base import REWARDS, RewardContext, call_reward
 from urlvr.rewards.extractors import make_extractor, normalize_answer, sample_answer
-from urlvr.rewards.voting import majority_answer
 from urlvr.rollout.base import Group, PromptInput, RolloutEngine, SamplingParams
 from urlvr.dist import all_reduce_sum
 

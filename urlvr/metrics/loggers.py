@@ -71,7 +71,7 @@ class JsonlLogger:
 
 class WandbLogger:
     def __init__(self, recipe: Recipe, run_dir: Path) -> None:
-        import wandb
+        import wandb  # optional extra, loaded on demand: only when logging.wandb is on
 
         cfg = recipe.logging.wandb
         mode = cfg.mode if cfg.mode != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "offline")
@@ -91,7 +91,7 @@ class TensorBoardLogger:
     """Each finite metric as a scalar under its own name (`reward/proxy_mean`, ...), at its step."""
 
     def __init__(self, log_dir: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard extra: loaded on demand
 
         self.writer = SummaryWriter(log_dir=str(log_dir))
 

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import yaml
+
 from urlvr.metrics.collapse import collapse_metric, model_collapse_step
 from urlvr.metrics.loggers import read_jsonl
 from urlvr.metrics.tracking import read_prompt_rows
@@ -75,8 +78,6 @@ def load_run(run_dir: Path, name: str | None = None) -> RunData:
 
 
 def _collapse_settings(run_dir: Path) -> tuple[float, int]:
-    import yaml
-
     recipe_path = run_dir / "recipe.yaml"
     section = (yaml.safe_load(recipe_path.read_text()) or {}).get("collapse", {}) if recipe_path.is_file() else {}
     return section.get("reward_accuracy_threshold", 0.01), section.get("smoothing_window", 1)
@@ -109,8 +110,8 @@ def _unique_names(run_dirs: Sequence[Path]) -> list[str]:
 
 
 def _new_figure(rows: int, cols: int, width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure as MplFigure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy (seconds), loaded on demand: only when drawing
+    from matplotlib.figure import Figure as MplFigure  # (the same)
 
     fig = MplFigure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
@@ -160,8 +161,6 @@ def _eval_series(run: RunData) -> list[tuple[str, str]]:
 
 def plot_prompt_heatmap(run: RunData, path: Path) -> Figure:
     """Rows = prompts, columns = measured steps; value = +-confidence (greedy rows) or +-p_maj."""
-    import numpy as np
-
     greedy = [r for r in run.prompt_rows if r["kind"] == "greedy"]
     rows = greedy or [r for r in run.prompt_rows if r["kind"] == "rollout"]
     correct_key, depth_key = ("correct", "confidence") if greedy else ("majority_correct", "p_maj")

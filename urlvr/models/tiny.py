@@ -35,8 +35,9 @@ import torch
 from urlvr.data.records import PromptRecord
 from urlvr.data.synthetic import arithmetic_problems
 
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
     from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
     from transformers import PreTrainedTokenizerFast
 
@@ -151,8 +152,6 @@ def build_tokenizer() -> Tokenizer:
     Byte-level rather than a character list so that any UTF-8 prompt round-trips without an
     unknown token; no regex pre-split because, with no merges, it would change nothing.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
     vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -165,7 +164,7 @@ def build_tokenizer() -> Tokenizer:
 
 def wrap_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     """The transformers wrapper that ``save_pretrained`` writes (chat template, eos <|im_end|>)."""
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy (seconds), loaded on demand: a model is built
 
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -187,7 +186,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 # --------------------------------------------------------------------------- model + warm-up
 def build_model(settings: TinyModelSettings, tokenizer: Tokenizer, seed: int) -> LlamaForCausalLM:
     """A freshly initialised Llama-typed causal LM (= Qwen2 without the q/k/v biases)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # heavy (seconds), loaded on demand: a model is built
 
     config = LlamaConfig(
         vocab_size=tokenizer.get_vocab_size(),  # 256 bytes + 3 specials: every id decodes

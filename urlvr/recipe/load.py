@@ -11,7 +11,7 @@ import importlib
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -253,8 +253,6 @@ def _model_at(model: type[BaseModel], loc: list[str], data: Any = None) -> type[
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    from typing import get_args
-
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     found: list[type[BaseModel]] = []

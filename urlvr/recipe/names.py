@@ -7,48 +7,29 @@ from typing import Any, get_args
 from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic_core import core_schema
 
-from urlvr.registry import Registry
+from urlvr.registry import Registry, registry
+
+
+# the registries a recipe names, by catalog key (urlvr.registry.catalog_key of their kind)
+RECIPE_KINDS = (
+    "reward", "extractor", "rollout_engine", "group_filter", "advantage_estimator", "policy_loss", "token_filter",
+    "mismatch_correction", "loss_aggregation", "kl_estimator", "collapse_detector", "token_statistic",
+    "dataset_adapter",
+)
 
 
 def registries() -> dict[str, Registry]:
-    """Every registry a recipe can name, with the built-ins registered (imported lazily so
-    that importing the recipe module stays cheap)."""
-    import urlvr.builtins  # noqa: F401  (registers built-in parts)
-    from urlvr.data.adapters import DATASET_ADAPTERS
-    from urlvr.metrics.collapse import COLLAPSE_DETECTORS
-    from urlvr.rewards.base import REWARDS
-    from urlvr.rewards.extractors import EXTRACTORS
-    from urlvr.rollout.base import ROLLOUT_ENGINES
-    from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
-    from urlvr.trainer.group_filters import GROUP_FILTERS
-    from urlvr.algorithms.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS
-    from urlvr.algorithms.mismatch import MISMATCH_CORRECTIONS
-    from urlvr.algorithms.policy_losses import POLICY_LOSSES
-    from urlvr.algorithms.token_filters import TOKEN_FILTERS
-    from urlvr.algorithms.token_stats import TOKEN_STATS
-
-    return {
-        "reward": REWARDS,
-        "extractor": EXTRACTORS,
-        "rollout_engine": ROLLOUT_ENGINES,
-        "group_filter": GROUP_FILTERS,
-        "advantage_estimator": ADVANTAGE_ESTIMATORS,
-        "policy_loss": POLICY_LOSSES,
-        "token_filter": TOKEN_FILTERS,
-        "mismatch_correction": MISMATCH_CORRECTIONS,
-        "loss_aggregation": LOSS_AGGREGATIONS,
-        "kl_estimator": KL_ESTIMATORS,
-        "collapse_detector": COLLAPSE_DETECTORS,
-        "token_statistic": TOKEN_STATS,
-        "dataset_adapter": DATASET_ADAPTERS,
-    }
+    """Every registry a recipe can name, from the registry catalog (its modules made and filled
+    them: `urlvr/__init__.py` imports `urlvr.builtins`, a recipe's plugins are imported before
+    validation). Looked up, never imported: the parts live in the layers above the recipe."""
+    return {kind: registry(kind) for kind in RECIPE_KINDS}
 
 
 def check_registered(kind: str, name: str) -> str:
     """Return ``name`` if registered under ``kind``; else raise ValueError with a suggestion."""
-    registry = registries()[kind]
-    if name not in registry:
-        raise ValueError(registry.unknown_name_message(name))
+    found = registry(kind)
+    if name not in found:
+        raise ValueError(found.unknown_name_message(name))
     return name
 
 
@@ -58,11 +39,11 @@ class Registered:
     the moment they are generated, so a plugin's parts show up there too."""
 
     def __init__(self, kind: str, *, validate: bool = True) -> None:
-        self.kind = kind  # a key of `registries()`
+        self.kind = kind  # a registry catalog key (`RECIPE_KINDS`)
         self.validate = validate  # False: the section checks the name itself (e.g. with the kwargs)
 
     def names(self) -> list[str]:
-        return registries()[self.kind].names()
+        return registry(self.kind).names()
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
         if not self.validate:

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from urlvr.recipe.sections import Recipe
 from urlvr.recipe.names import registered_marker
-from urlvr.recipe.sections.base import VariantSection
+from urlvr.section import VariantSection
 from urlvr.recipe.variants import variant_marker
 
 
@@ -91,8 +91,8 @@ def section_table(model: type[BaseModel], prefix: str, out: list[str], seen: set
 
 
 def render() -> str:
-    import urlvr.builtins  # noqa: F401  (every built-in variant is registered, so each gets its table)
-
+    """The reference of every section; each registered variant gets its table (`urlvr/__init__.py`
+    registers the built-ins, a plugin imported before adds its own)."""
     out = ["# Recipe reference", "",
            "Generated from the pydantic schema by `python -m urlvr.recipe.reference`; do not edit by hand.",
            "Every section refuses unknown keys. `urlvr schema` prints the same as JSON schema.", "",

@@ -20,7 +20,8 @@ from typing import Any
 from pydantic import BaseModel, GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic_core import PydanticCustomError, core_schema
 
-from urlvr.recipe.sections.base import VariantSection, variant_section
+from urlvr.registry import registry
+from urlvr.section import VariantSection, variant_section
 
 
 class VariantOf:
@@ -29,15 +30,13 @@ class VariantOf:
     section; errors carry the field path (`algorithm.loss.clip_eps_low`) and "did you mean"."""
 
     def __init__(self, kind: str, *, default: str) -> None:
-        self.kind = kind  # a key of `urlvr.recipe.names.registries()`
+        self.kind = kind  # a registry catalog key (`urlvr.recipe.names.RECIPE_KINDS`)
         self.default = default
 
     def choices(self) -> dict[str, type[VariantSection]]:
         """Registered name -> section class, plugins included."""
-        from urlvr.recipe.names import registries
-
-        registry = registries()[self.kind]
-        return {name: variant_section(registry.get(name)) for name in registry.names()}
+        found = registry(self.kind)
+        return {name: variant_section(found.get(name)) for name in found.names()}
 
     def validate(self, value: Any) -> VariantSection:
         if isinstance(value, VariantSection):
@@ -47,12 +46,10 @@ class VariantOf:
         if not isinstance(value, Mapping):
             raise PydanticCustomError("variant_type", "expected a registered name or a mapping with `name`")
         name = value.get("name", self.default)
-        from urlvr.recipe.names import registries
-
-        registry = registries()[self.kind]
-        if not isinstance(name, str) or name not in registry:
-            raise PydanticCustomError("variant_unknown", registry.unknown_name_message(str(name)))
-        return variant_section(registry.get(name)).model_validate({**value, "name": name})
+        found = registry(self.kind)
+        if not isinstance(name, str) or name not in found:
+            raise PydanticCustomError("variant_unknown", found.unknown_name_message(str(name)))
+        return variant_section(found.get(name)).model_validate({**value, "name": name})
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
         # serialised by its runtime class, so every variant's own knobs round-trip

@@ -1,4 +1,5 @@
-"""The math-verify worker: `python -m urlvr.rewards._math_worker`, one JSON request per line.
+"""The math-verify worker: this file run as a script (`math_workers.WORKER_COMMAND`; it imports
+nothing of urlvr, so the package is not loaded), one JSON request per line.
 
 It runs in its own process because a comparison must be stoppable: a timer signal only works on
 a main thread (a trainer may call rewards from elsewhere) and cannot interrupt sympy stuck in C
@@ -20,6 +21,7 @@ Reply:    {"ok": true, "result": true}, {"ok": false, "timeout": true} or {"ok":
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import signal
@@ -38,7 +40,7 @@ class OutOfTime(BaseException):
 
 @lru_cache(maxsize=4096)
 def _parsed(answer: str):
-    from math_verify import parse
+    from math_verify import parse  # heavy (seconds, sympy), loaded on demand: the parent process imports this module too
 
     # wrapping in \boxed{} lets math-verify read LaTeX (\frac{1}{2}) and plain text (1/2, 0.5) alike;
     # parsing_timeout=None: this worker's timer bounds the request instead (see the module docstring)
@@ -46,7 +48,7 @@ def _parsed(answer: str):
 
 
 def equal(gold: str, pred: str) -> bool:
-    from math_verify import verify
+    from math_verify import verify  # (the same)
 
     if gold == pred:
         return True
@@ -58,8 +60,6 @@ def equal(gold: str, pred: str) -> bool:
 
 def start() -> None:
     """Load math-verify and warm it up (before the ready line: start-up is never billed to a request)."""
-    import logging
-
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled" is by design here
     equal("1/2", "0.5")
 

@@ -13,12 +13,15 @@ reward touching ``ctx.label`` gets an error, so labels cannot leak into the trai
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 
+from urlvr.algorithms.token_stats import TOKEN_STATS
 from urlvr.registry import Registry
 from urlvr.rollout.base import Group
 
@@ -146,7 +149,46 @@ class RewardSpec:
         return tuple(self.stats(**kwargs) if callable(self.stats) else self.stats)
 
 
-REWARDS: Registry[RewardSpec] = Registry("reward")
+def _check_reward_kwargs(spec: RewardSpec, name: str, kwargs: Mapping[str, Any]) -> None:
+    """Load-time check of a recipe term: every kwarg is a parameter of the reward, its value fits
+    the annotation (so `anchor: unifrom` fails before step 1), and the reward's own ``check``
+    (an optional attribute for cross-argument rules) accepts the combination."""
+    try:
+        params = inspect.signature(spec.fn, eval_str=True).parameters
+    except Exception:  # annotations that cannot be resolved at runtime: check names only
+        params = inspect.signature(spec.fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        accepted = list(params)[2:]
+        for key in kwargs:
+            if key not in accepted:
+                # `{votes:3}` in YAML is the key 'votes:3' with no value: say so, the name looks right
+                hint = "; YAML reads `{a:1}` as the key 'a:1', write `{a: 1}`" if ":" in str(key) else ""
+                raise ValueError(f"reward {name!r} takes no argument {key!r} (it takes: {', '.join(accepted) or 'none'}){hint}")
+    for key, value in kwargs.items():
+        annotation = params[key].annotation if key in params else inspect.Parameter.empty
+        if annotation is inspect.Parameter.empty or isinstance(annotation, str):
+            continue
+        try:
+            adapter = TypeAdapter(annotation)
+        except Exception:  # a type pydantic cannot validate: the reward checks it itself
+            continue
+        try:
+            adapter.validate_python(value, strict=False)
+        except ValidationError as err:
+            problem = err.errors()[0]["msg"]
+            raise ValueError(f"reward {name!r}: argument {key!r}={value!r} is invalid ({problem})") from None
+        _refuse_scalar_coercion(name, key, value, adapter, annotation)
+    if hasattr(spec.fn, "check"):
+        try:
+            spec.fn.check(**kwargs)
+        except (TypeError, LookupError) as err:  # a check's own slip must still read as one line naming the reward
+            raise ValueError(f"reward {name!r}: {err}") from None
+    for stat in spec.token_stats(kwargs):
+        if stat not in TOKEN_STATS:
+            raise ValueError(f"reward {name!r} declares stats=({stat!r},): {TOKEN_STATS.unknown_name_message(stat)}")
+
+
+REWARDS: Registry[RewardSpec] = Registry("reward", check_kwargs=_check_reward_kwargs)
 
 
 def reward(
@@ -187,49 +229,9 @@ def reward(
 
 
 def check_reward_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
-    """Load-time check of a recipe term: every kwarg is a parameter of the reward, its value fits
-    the annotation (so `anchor: unifrom` fails before step 1), and the reward's own ``check``
-    (an optional attribute for cross-argument rules) accepts the combination."""
-    import inspect
-
-    from pydantic import TypeAdapter, ValidationError
-
-    spec = REWARDS.get(name)
-    try:
-        params = inspect.signature(spec.fn, eval_str=True).parameters
-    except Exception:  # annotations that cannot be resolved at runtime: check names only
-        params = inspect.signature(spec.fn).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        accepted = list(params)[2:]
-        for key in kwargs:
-            if key not in accepted:
-                # `{votes:3}` in YAML is the key 'votes:3' with no value: say so, the name looks right
-                hint = "; YAML reads `{a:1}` as the key 'a:1', write `{a: 1}`" if ":" in str(key) else ""
-                raise ValueError(f"reward {name!r} takes no argument {key!r} (it takes: {', '.join(accepted) or 'none'}){hint}")
-    for key, value in kwargs.items():
-        annotation = params[key].annotation if key in params else inspect.Parameter.empty
-        if annotation is inspect.Parameter.empty or isinstance(annotation, str):
-            continue
-        try:
-            adapter = TypeAdapter(annotation)
-        except Exception:  # a type pydantic cannot validate: the reward checks it itself
-            continue
-        try:
-            adapter.validate_python(value, strict=False)
-        except ValidationError as err:
-            problem = err.errors()[0]["msg"]
-            raise ValueError(f"reward {name!r}: argument {key!r}={value!r} is invalid ({problem})") from None
-        _refuse_scalar_coercion(name, key, value, adapter, annotation)
-    if hasattr(spec.fn, "check"):
-        try:
-            spec.fn.check(**kwargs)
-        except (TypeError, LookupError) as err:  # a check's own slip must still read as one line naming the reward
-            raise ValueError(f"reward {name!r}: {err}") from None
-    from urlvr.algorithms.token_stats import TOKEN_STATS
-
-    for stat in spec.token_stats(kwargs):
-        if stat not in TOKEN_STATS:
-            raise ValueError(f"reward {name!r} declares stats=({stat!r},): {TOKEN_STATS.unknown_name_message(stat)}")
+    """Load-time check of a recipe term's kwargs against the reward `name` (`_check_reward_kwargs`);
+    the recipe reaches the same check through the registry catalog."""
+    REWARDS.check_kwargs(name, kwargs)
 
 
 def _refuse_scalar_coercion(name: str, key: str, value: Any, adapter: Any, annotation: Any) -> None:
@@ -237,8 +239,6 @@ def _refuse_scalar_coercion(name: str, key: str, value: Any, adapter: Any, annot
     the string "0.6" for a float, true for an int, 1.0 for the literal 1. The reward gets the
     recipe's value, not pydantic's conversion, so `"0.6"` would reach `0.5 <= share` as a str.
     An int for a float is fine (Python's arithmetic treats them alike); containers stay lax."""
-    from pydantic import ValidationError
-
     if not isinstance(value, (str, bool, float)):
         return
     try:
@@ -268,8 +268,6 @@ def reward_knobs(spec: RewardSpec) -> list[tuple[str, str, str]]:
     """(name, type, default) of each recipe knob of a reward: its keyword parameters after
     (group, ctx), read from the signature, so the listing cannot drift from the code. A knob
     without a default prints `required`; an unannotated one `any`."""
-    import inspect
-
     try:
         params = inspect.signature(spec.fn, eval_str=True).parameters
     except Exception:  # annotations that cannot be resolved at runtime: print them as written
@@ -293,8 +291,6 @@ def reward_knobs(spec: RewardSpec) -> list[tuple[str, str, str]]:
 def describe_reward(spec: RewardSpec) -> str:
     """What `urlvr rewards NAME` prints: name, family, oracle or not, the token statistics it
     declares, its whole docstring, and its knobs (`reward_knobs`)."""
-    import inspect
-
     stats = spec.stats if not callable(spec.stats) else "depends on the knobs"
     head = (f"{spec.name}  (family: {spec.family}{', oracle: reads the label' if spec.needs_label else ''}; "
             f"token statistics: {', '.join(stats) if isinstance(stats, tuple) and stats else stats or 'none'})")

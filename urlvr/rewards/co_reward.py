@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from urlvr.algorithms.voting import majority_answers
 from urlvr.rewards.base import PolicyHandle, RewardContext, RewardOutput, reward
-from urlvr.rewards.voting import majority_answers
 from urlvr.rollout.base import Group
 
 REPHRASE_PROMPT = (

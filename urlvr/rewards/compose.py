@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
+from urlvr.recipe.sections.reward import reward_family  # noqa: F401  (its old home; the recipe's checks read it too)
 from urlvr.rewards.base import (
     REWARDS,
     LabelAccessError,
     PolicyHandle,
     RewardContext,
-    RewardFamily,
     RewardSpec,
     call_reward,
 )
@@ -58,23 +58,6 @@ class BatchRewards:
     diagnostics: dict[str, torch.Tensor]  # "<term>/<name>" -> [B, G], NaN where a group failed
     errors: dict[str, float] = field(default_factory=dict)  # term key (on_error=zero) -> share of groups zeroed
     timeouts: dict[str, int] = field(default_factory=dict)  # timed term key (or "oracle") -> verifications out of time
-
-
-def reward_family(terms: Sequence[tuple[str, float]]) -> tuple[RewardFamily, int | None]:
-    """What the training reward of these (reward name, weight) terms claims, and, for a verdict,
-    the index of the term whose scores are the verdict. Zero-weight terms do not count.
-
-    verdict   -- exactly one counted term, a verdict with weight > 0 (its own scores, after any
-                 gate, are read with the 0.5 threshold; a sum of terms is no longer a verdict)
-    other     -- every counted term is "other"
-    certainty -- anything else: a graded score whose top sample and correlation mean something
-    """
-    counted = [(i, REWARDS.get(name).family, weight) for i, (name, weight) in enumerate(terms) if weight != 0]
-    if len(counted) == 1 and counted[0][1] == "verdict" and counted[0][2] > 0:
-        return "verdict", counted[0][0]
-    if all(family == "other" for _, family, _ in counted):
-        return "other", None
-    return "certainty", None
 
 
 def score_batch(

@@ -20,7 +20,20 @@ from urlvr.registry import Registry
 from urlvr.rollout.base import Sample
 
 Extractor = Callable[..., "str | None"]  # extractor(text, **recipe kwargs) -> answer or None
-EXTRACTORS: Registry[Extractor] = Registry("extractor")
+
+
+def _check_extractor_kwargs(fn: Extractor, name: str, kwargs: Mapping[str, Any]) -> None:
+    """Every kwarg is a parameter of the extractor (past the text), and its ``check`` attribute,
+    if any, accepts them (the regex extractor compiles its pattern there)."""
+    accepted = [n for n, p in list(inspect.signature(fn).parameters.items())[1:]]
+    unknown = [key for key in kwargs if key not in accepted]
+    if unknown:
+        raise ValueError(f"extractor {name!r} takes no argument {unknown[0]!r} (it takes: {', '.join(accepted) or 'none'})")
+    if hasattr(fn, "check"):
+        fn.check(**kwargs)
+
+
+EXTRACTORS: Registry[Extractor] = Registry("extractor", check_kwargs=_check_extractor_kwargs)
 _log = logging.getLogger(__name__)
 
 
@@ -41,14 +54,9 @@ def make_extractor(name: str, kwargs: Mapping[str, Any] | None = None) -> Callab
     raises on model text: an exception inside the extractor (a plugin's bug, say) is logged once
     and the text counts as having no answer, so one odd response cannot stop a run.
     """
-    fn = EXTRACTORS.get(name)
     kwargs = dict(kwargs or {})
-    accepted = [n for n, p in list(inspect.signature(fn).parameters.items())[1:]]
-    unknown = [key for key in kwargs if key not in accepted]
-    if unknown:
-        raise ValueError(f"extractor {name!r} takes no argument {unknown[0]!r} (it takes: {', '.join(accepted) or 'none'})")
-    if hasattr(fn, "check"):
-        fn.check(**kwargs)
+    EXTRACTORS.check_kwargs(name, kwargs)
+    fn = EXTRACTORS.get(name)
     return _Guarded(name, functools.partial(fn, **kwargs) if kwargs else fn)
 
 

@@ -31,12 +31,17 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 STARTUP_TIMEOUT_S = 60.0  # per worker start; longer means math-verify is broken (or the host hopelessly loaded)
 REPLY_GRACE_S = 1.0  # past a comparison's own timeout, for the worker's "timed out" reply to arrive
 DEFAULT_TIMEOUT_S = 5.0  # per comparison
 DEFAULT_WORKERS = 4  # child processes (each holds sympy: ~150 MB)
-WORKER_COMMAND = (sys.executable, "-m", "urlvr.rewards._math_worker")
+# the worker's file run on its own, not `-m urlvr.rewards._math_worker`: that would import the urlvr
+# package first (torch and every built-in part, seconds and hundreds of MB per worker, and past the
+# worker's own address-space limit); the file imports nothing of urlvr
+WORKER_COMMAND = (sys.executable, "-c", "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')",
+                  str(Path(__file__).with_name("_math_worker.py")))
 
 
 class BudgetClock:

@@ -19,7 +19,7 @@ from urlvr.rollout.base import Group
 
 @lru_cache(maxsize=None)
 def _verifier(task: str):
-    import reasoning_gym
+    import reasoning_gym  # optional extra, loaded on demand: a reasoning_gym reward is called
 
     return reasoning_gym.get_score_answer_fn(task)
 

@@ -13,15 +13,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 
 from urlvr.data.records import PromptInput  # noqa: F401  (re-exported: engines take prompts in this form)
-from urlvr.recipe.sections.base import VariantSection, check_variant_name
+from urlvr.section import VariantSection, check_variant_name
 from urlvr.registry import Registry
 
 from urlvr.dist import DistInfo
+from urlvr.recipe import Recipe
 
 FinishReason = Literal["eos", "stop", "length"]
 
@@ -88,7 +89,7 @@ class RolloutEngine(Protocol):
     uses_trainer_module: bool
 
     @classmethod
-    def from_recipe(cls, recipe: Any, model: torch.nn.Module, tokenizer, dist: DistInfo) -> RolloutEngine:  # recipe: a urlvr Recipe (the recipe layer sits above this one)
+    def from_recipe(cls, recipe: Recipe, model: torch.nn.Module, tokenizer, dist: DistInfo) -> RolloutEngine:
         """Build this rank's engine for ``model`` (the module the trainer optimizes) on ``dist.device``;
         ``recipe.rollout.engine`` is an instance of ``settings``."""
         ...

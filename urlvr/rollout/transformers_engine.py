@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from urlvr.recipe.sections.base import VariantSection
+from urlvr.section import VariantSection
 from urlvr.rollout.base import (
     ROLLOUT_ENGINES,
     Group,

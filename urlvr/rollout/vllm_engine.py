@@ -38,8 +38,9 @@ import torch
 from pydantic import Field, field_validator
 
 from urlvr.errors import RecipeError
+from urlvr.models.resolve import resolve_model_path
 from urlvr.progress import format_seconds
-from urlvr.recipe.sections.base import VariantSection
+from urlvr.section import VariantSection
 from urlvr.rollout.base import (
     ROLLOUT_ENGINES,
     FinishReason,
@@ -68,7 +69,7 @@ def import_vllm():
     """Import vllm or fail with how to install it (not a bare ModuleNotFoundError)."""
 
     try:
-        import vllm
+        import vllm  # optional extra, loaded on demand: an engine is built
     except ImportError as err:  # also a broken install, e.g. a CUDA torchvision beside CPU torch
         raise RecipeError(f"rollout.engine: {_MISSING_VLLM} (import failed: {err})") from None
     return vllm
@@ -160,8 +161,6 @@ class VLLMRolloutEngine:
     @classmethod
     def from_recipe(cls, recipe, model: torch.nn.Module, tokenizer, dist) -> VLLMRolloutEngine:
         """Start the engine for this rank from the recipe's model path and its `rollout.engine` section."""
-        from urlvr.models.resolve import resolve_model_path
-
         options: VLLMEngineSection = recipe.rollout.engine
         on_cpu = dist.device.type == "cpu"
         check_kv_cache_size(options, on_cpu, os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
@@ -264,7 +263,7 @@ class VLLMRolloutEngine:
             self.asleep = False
 
     def _request_params(self, sampling: SamplingParams, group_size: int, index: int, budget: int):
-        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm import SamplingParams as VLLMSamplingParams  # optional extra (vllm), loaded on demand
 
         if sampling.prompt_seeds is not None:
             seed = sampling.prompt_seeds[index]  # vLLM seeds sample j of the group with seed + j
@@ -327,6 +326,6 @@ def _sampled_logprobs(completion, token_ids: list[int]) -> tuple[float, ...]:
 
 
 def _sleep_mode_available() -> bool:
-    from vllm.platforms import current_platform
+    from vllm.platforms import current_platform  # optional extra (vllm), loaded on demand
 
     return bool(current_platform.is_sleep_mode_available())

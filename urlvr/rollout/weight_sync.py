@@ -77,7 +77,7 @@ def gathered(params: list[torch.nn.Parameter]) -> contextlib.AbstractContextMana
     """Whole ``params`` inside the context under ZeRO-3 (read-only); nothing to do otherwise."""
     if not any(hasattr(p, "ds_id") for p in params):  # not ZeRO-3 partitioned: nothing to gather
         return contextlib.nullcontext()
-    import deepspeed
+    import deepspeed  # heavy (about a second), loaded on demand: only ZeRO-3 partitioned weights
 
     return deepspeed.zero.GatheredParameters(params)
 

@@ -40,7 +40,7 @@ def checkpoint_decoder_blocks(model: nn.Module) -> int:
     its activations in the backward pass whenever it runs with gradients on; returns the number
     of blocks. Raises RecipeError for a model without transformers' `GradientCheckpointingLayer`
     blocks (remote code written for transformers < 4.52): nothing here could checkpoint it."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
+    from transformers.modeling_layers import GradientCheckpointingLayer  # heavy (seconds), loaded on demand
 
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not blocks:

@@ -178,7 +178,7 @@ class Actor:
 
     def __init__(self, model: nn.Module, recipe: Recipe, *, world_size: int, micro_steps_per_minibatch: int,
                  total_optimizer_steps: int) -> None:
-        import deepspeed
+        import deepspeed  # heavy (about a second), loaded on demand: an actor is built
 
         self.recipe = recipe
         if recipe.model.gradient_checkpointing:  # not transformers' switch: it needs train mode (see the module)
@@ -282,7 +282,7 @@ class Actor:
         if self.zero_stage != 3:
             yield self.model
             return
-        import deepspeed
+        import deepspeed  # (the same), only under ZeRO-3
 
         offload = self.engine.optimizer.parameter_offload
         with deepspeed.zero.GatheredParameters(list(self.model.parameters())):

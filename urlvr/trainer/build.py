@@ -23,7 +23,7 @@ from urlvr.models.lora import apply_lora
 from urlvr.models.resolve import checked_model_path
 from urlvr.recipe import Recipe
 from urlvr.rollout.base import ROLLOUT_ENGINES, PromptInput, RolloutEngine, context_length
-from urlvr.trainer.actor import Actor, AdapterOffReference
+from urlvr.trainer.actor import Actor, AdapterOffReference, TokenScorer
 from urlvr.trainer.batching import budget_warning, check_padding_free
 from urlvr.trainer.settings import RunSettings
 from urlvr.dist import DistInfo
@@ -59,7 +59,7 @@ def seed_everything(seed: int) -> None:
 
 
 def load_model_and_tokenizer(recipe: Recipe):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy (seconds), loaded on demand: a model is loaded
 
     path = checked_model_path(recipe.model.path)
     kwargs: dict[str, Any] = {"trust_remote_code": recipe.model.trust_remote_code, "dtype": torch.float32}
@@ -176,8 +176,6 @@ def _evaluation_shard(source, recipe: Recipe, tokenizer, dist: DistInfo, context
 
 
 def _frozen_reference(recipe: Recipe, device: torch.device):
-    from urlvr.trainer.actor import TokenScorer
-
     model, _ = load_model_and_tokenizer(recipe)
     model.requires_grad_(False)
     return TokenScorer(model).to(device).eval()

@@ -231,7 +231,7 @@ def lock_run_dir(run_dir: Path):
     a second run (or a resume) started into a folder a run is still writing is refused, instead of
     interleaving two runs' metrics and checkpoints. The kernel drops the lock when the process
     ends, even on kill -9, so no stale lock survives a crash."""
-    import fcntl
+    import fcntl  # POSIX only, loaded on demand: importing urlvr elsewhere must not fail for want of it
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     handle = open(Path(run_dir) / ".urlvr.lock", "w")

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from urlvr.trainer.group_filters import GroupFilter, select_groups
+from urlvr.algorithms.group_filters import GroupFilter, select_groups
 from urlvr.data.records import PromptRecord
 from urlvr.dist import DistInfo, all_gather_objects, all_gather_rows, even_shard
 from urlvr.metrics.dynamics import majority_ratios

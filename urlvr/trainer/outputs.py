@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 from urlvr.metrics.loggers import JsonlLogger, console_line, make_trackers, open_for_append, truncate_appended_files
 from urlvr.metrics.tracking import PromptTrackWriter
 from urlvr.recipe import Recipe
@@ -90,8 +92,6 @@ class RunOutputs:
 def _progress(enabled: bool, total: int, done: int):
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     progress = Progress(TextColumn("[bold]urlvr"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     progress.add_task("train", total=total, completed=done)
     progress.start()

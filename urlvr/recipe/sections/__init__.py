@@ -2,7 +2,7 @@
 
 One module per group of sections: `data`, `generation` (model, rollout), `reward`,
 `optimisation` (algorithm, optim, trainer), `monitoring` (logging, eval, dynamics, collapse), and
-`recipe`, which assembles them; `base` holds the shared `Section` base class.
+`recipe`, which assembles them; the shared `Section` base class lives in the leaf `urlvr.section`.
 
 Defaults are the paper's Table 7 (GRPO, temperature 1.0, 64 prompts per step, mini-batch 64 =
 pure on-policy, 8 samples per prompt, no KL/entropy regularisation, lr 1e-6, 1 epoch, max prompt
@@ -14,7 +14,7 @@ load time, so a typo fails before step 1.
 
 from __future__ import annotations
 
-from urlvr.recipe.sections.base import Section
+from urlvr.section import Section
 from urlvr.recipe.sections.data import (
     FileSource,
     DatasetsSource,

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from urlvr.recipe.names import Registered
-from urlvr.recipe.sections.base import Section
+from urlvr.section import Section
 
 
 class FileSource(Section):

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from urlvr.recipe.sections.base import Section, VariantSection
+from urlvr.section import Section, VariantSection
 from urlvr.recipe.variants import VariantOf
 
 

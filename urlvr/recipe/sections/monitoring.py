@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from urlvr.recipe.names import Registered
-from urlvr.recipe.sections.base import Section
+from urlvr.section import Section
 from urlvr.recipe.sections.data import DataSource
 
 

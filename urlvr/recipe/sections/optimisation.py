@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from urlvr.recipe.names import Registered
-from urlvr.recipe.sections.base import Section, VariantSection
+from urlvr.registry import registry
+from urlvr.section import Section, VariantSection
 from urlvr.recipe.variants import VariantOf
 
 
@@ -67,9 +68,7 @@ class AlgorithmSection(Section):
     @field_validator("kl_estimator")
     @classmethod
     def _differentiable_kl(cls, name: str) -> str:
-        from urlvr.recipe.names import registries
-
-        if getattr(registries()["kl_estimator"].get(name), "loss_gradient", "") is None:
+        if getattr(registry("kl_estimator").get(name), "loss_gradient", "") is None:
             raise ValueError(f"kl_estimator {name!r} cannot be a loss term: its expected gradient on samples "
                              "from the policy is zero, so it never pulls towards the reference; use k2 "
                              "(gradient of KL(π‖π_ref)) or k3 (gradient of KL(π_ref‖π))")

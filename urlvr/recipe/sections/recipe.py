@@ -7,12 +7,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from urlvr.recipe.sections.base import Section
 from urlvr.recipe.sections.data import DataSection
 from urlvr.recipe.sections.generation import ModelSection, RolloutSection
 from urlvr.recipe.sections.monitoring import LoggingSection, EvalSection, DynamicsSection, CollapseSection
 from urlvr.recipe.sections.optimisation import AlgorithmSection, OptimSection, TrainerSection
-from urlvr.recipe.sections.reward import RewardSection
+from urlvr.recipe.sections.reward import RewardSection, reward_family
+from urlvr.registry import registry
+from urlvr.section import Section
 
 
 class Recipe(Section):
@@ -168,9 +169,7 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _advantage_eps_needs_a_std(self) -> Recipe:
-        from urlvr.recipe.names import registries
-
-        estimator = registries()["advantage_estimator"].get(self.algorithm.advantage)
+        estimator = registry("advantage_estimator").get(self.algorithm.advantage)
         if self.algorithm.changed("advantage_eps") and not getattr(estimator, "uses_eps", True):
             raise ValueError(f"algorithm.advantage_eps is added to the group std, and advantage "
                              f"{self.algorithm.advantage} does not divide by it: drop advantage_eps")
@@ -194,9 +193,7 @@ class Recipe(Section):
         if self.rollout.temperature == 1.0:
             raise ValueError("reward.certainty_logits raw equals scaled at rollout.temperature 1.0 (the logits are "
                              "divided by 1): drop it")
-        from urlvr.recipe.names import registries
-
-        rewards = registries()["reward"]
+        rewards = registry("reward")
         if not any(rewards.get(term.name).token_stats(term.kwargs) for term in self.reward.terms):
             raise ValueError("reward.certainty_logits raw applies to the token statistics a reward reads, and no "
                              "reward term reads any: drop it")
@@ -213,8 +210,6 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _collapse_knobs_need_a_signal(self) -> Recipe:
-        from urlvr.rewards.compose import reward_family
-
         collapse, oracle = self.collapse, self.reward.oracle
         family, _ = reward_family([(term.name, term.weight) for term in self.reward.terms])
         unmeasured = ("reward.oracle is null" if oracle is None else f"the training reward's family is {family}, "

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from urlvr.recipe.names import Registered, check_registered
-from urlvr.recipe.sections.base import Section
+from urlvr.registry import registry
+from urlvr.section import Section
 
 
 class RewardTerm(Section):
@@ -32,9 +34,7 @@ class RewardTerm(Section):
         check_registered("reward", self.name)
         if self.gate is not None:
             check_registered("reward", self.gate)
-        from urlvr.rewards.base import check_reward_kwargs
-
-        check_reward_kwargs(self.name, self.kwargs)
+        registry("reward").check_kwargs(self.name, self.kwargs)
         return self
 
     @property
@@ -77,7 +77,24 @@ class RewardSection(Section):
             raise ValueError(f"reward term {repeated[0]!r} appears twice; give one an `alias`")
         if "oracle" in keys and self.oracle is not None:  # reward/oracle_timeouts is the oracle's
             raise ValueError("a reward term named 'oracle' would share metrics with `reward.oracle`; give it another `alias`")
-        from urlvr.rewards.extractors import make_extractor
-
-        make_extractor(self.extractor, self.extractor_kwargs)
+        registry("extractor").check_kwargs(self.extractor, dict(self.extractor_kwargs))
         return self
+
+
+def reward_family(terms: Sequence[tuple[str, float]]) -> tuple[str, int | None]:
+    """What the training reward of these (reward name, weight) terms claims, and, for a verdict,
+    the index of the term whose scores are the verdict. Zero-weight terms do not count.
+
+    verdict   -- exactly one counted term, a verdict with weight > 0 (its own scores, after any
+                 gate, are read with the 0.5 threshold; a sum of terms is no longer a verdict)
+    other     -- every counted term is "other"
+    certainty -- anything else: a graded score whose top sample and correlation mean something
+    (the families: `urlvr.rewards.base.RewardFamily`; here because the recipe's checks read it too)
+    """
+    rewards = registry("reward")
+    counted = [(i, rewards.get(name).family, weight) for i, (name, weight) in enumerate(terms) if weight != 0]
+    if len(counted) == 1 and counted[0][1] == "verdict" and counted[0][2] > 0:
+        return "verdict", counted[0][0]
+    if all(family == "other" for _, family, _ in counted):
+        return "other", None
+    return "certainty", None
