@@ -34,12 +34,13 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import cache
+from pathlib import Path
 
 import torch
 
 from urlvr.registry import Registry
 from urlvr.rewards.base import RewardContext, RewardOutput, reward
-from urlvr.rewards.voting import majority_answers
+from urlvr.algorithms.voting import majority_answers
 from urlvr.rollout.base import Group
 
 Embedder = Callable[[Sequence[str]], torch.Tensor]  # texts -> [N, D]
@@ -52,12 +53,10 @@ def _wordllama():
     """WordLlama from the files inside its wheel. `WordLlama.load()` itself looks for the
     tokenizer under `tokenizer/` while the wheel ships it under `tokenizers/`, and then tries the
     hub; loading the two files directly keeps it offline."""
-    from pathlib import Path
-
-    import wordllama
-    from safetensors import safe_open
-    from wordllama import WordLlama
-    from wordllama.inference import WordLlamaInference
+    import wordllama  # optional extra (urlvr[evol]), loaded on demand: only the wordllama embedder needs it
+    from safetensors import safe_open  # comes with transformers; only this embedder reads a raw table
+    from wordllama import WordLlama  # optional extra, as above
+    from wordllama.inference import WordLlamaInference  # optional extra, as above
 
     root = Path(wordllama.__file__).parent
     tokenizer = WordLlama.load_tokenizer(root / "tokenizers" / "l2_supercat_tokenizer_config.json")

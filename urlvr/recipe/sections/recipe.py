@@ -79,9 +79,7 @@ class Recipe(Section):
         """A reward's optional `check_group(group_size=, vote_group_size=, **kwargs)` refuses, at
         load time, knobs that cannot work or would do nothing with this recipe's group (scope's
         subgroup_size must divide it; evol_rl's novelty needs 3 samples), not at step 1."""
-        from urlvr.recipe.names import registries
-
-        rewards = registries()["reward"]
+        rewards = registry("reward")
         for term in self.reward.terms:
             check = getattr(rewards.get(term.name).fn, "check_group", None)
             if check is not None:
