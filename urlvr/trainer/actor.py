@@ -32,6 +32,7 @@ from urlvr.algorithms.token_stats import compute_token_stats
 from urlvr.rollout.weight_sync import gathered, iter_weights
 from urlvr.trainer.activation_checkpointing import checkpoint_decoder_blocks
 from urlvr.trainer.lm_head import chunked_logprob, recomputes_in_backward
+from urlvr.trainer.batching import MicroBatch
 from urlvr.trainer.optimizer import optimizer_param_groups
 
 
@@ -214,25 +215,25 @@ class Actor:
     def is_lora(self) -> bool:
         return is_peft_model(self.model)
 
-    def forward(self, micro: dict[str, torch.Tensor], stats: tuple[str, ...],
+    def forward(self, micro: MicroBatch, stats: tuple[str, ...],
                 raw_stats: tuple[str, ...] = (), detached_stats: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         dropout = torch.is_grad_enabled() and bool(self.adapter_dropouts)
         for module in self.adapter_dropouts:
             module.train(dropout)
         try:
             return self.engine(
-                input_ids=micro["input_ids"], attention_mask=micro["attention_mask"],
-                position_ids=micro["position_ids"], prompt_length=micro["prompt_length"],
+                input_ids=micro.input_ids, attention_mask=micro.attention_mask,
+                position_ids=micro.position_ids, prompt_length=micro.prompt_length,
                 temperature=self.recipe.rollout.temperature, stats=stats, raw_stats=raw_stats,
-                detached_stats=detached_stats, response_mask=micro["response_mask"],
-                predict_index=micro.get("predict_index"),
+                detached_stats=detached_stats, response_mask=micro.response_mask,
+                predict_index=micro.predict_index,
             )
         finally:
             for module in self.adapter_dropouts:
                 module.eval()
 
     @torch.no_grad()
-    def score(self, micro: dict[str, torch.Tensor], stats: tuple[str, ...],
+    def score(self, micro: MicroBatch, stats: tuple[str, ...],
               raw_stats: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         return self.forward(micro, stats, raw_stats)
 

@@ -130,7 +130,7 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
         total_optimizer_steps=total_steps * settings.minibatches_per_step * trainer.ppo_epochs,
     )
     if trainer.padding_free:  # before step 1: a model whose attention ignores packing fails here, not silently
-        check_padding_free(lambda micro: actor.score(_on_device(micro, dist.device), ("logprob",)),
+        check_padding_free(lambda micro: actor.score(micro.to(dist.device), ("logprob",)),
                            tolerance=1e-3 if recipe.optim.deepspeed.precision == "fp32" else 5e-2)
     if needs_reference and recipe.model.lora is not None:
         reference = AdapterOffReference(actor)  # no second copy: dynamics.kl_reference_device does not apply
@@ -192,6 +192,3 @@ def _frozen_reference(recipe: Recipe, device: torch.device):
     model.requires_grad_(False)
     return TokenScorer(model).to(device).eval()
 
-
-def _on_device(micro: dict, device: torch.device) -> dict:
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in micro.items()}

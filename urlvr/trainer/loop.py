@@ -32,12 +32,14 @@ from urlvr.rewards.base import RewardContext
 from urlvr.rollout.base import Group, RolloutBatch, hashed_seed
 from urlvr.rollout.collate import collate_groups
 from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
-from urlvr.trainer.batching import micro_batches, padding_summary, same_count_on_every_rank, scatter_rows, scorer_inputs
+from urlvr.trainer.batching import (MicroBatch, RowInputs, micro_batches, padding_summary, same_count_on_every_rank,
+                                    scatter_rows, scorer_inputs)
 from urlvr.trainer.build import RunParts
 from urlvr.trainer.dynamic_sampling import Round, dynamic_sample
 from urlvr.trainer.sharding import RowLayout
 from urlvr.dist import DistInfo, all_gather_objects, all_gather_rows, all_reduce_max, all_reduce_sum
 from urlvr.algorithms.losses import KL_ESTIMATORS, token_weights
+from urlvr.algorithms.mismatch import MismatchCorrection
 from urlvr.algorithms.token_filters import TokenFilter, TokenSelection
 
 
@@ -83,7 +85,7 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
         # no scoring pass, and the update will mask rows (mask_truncated): their training forward
         # computes nothing, while the metrics describe every sampled token: score those rows now
         masked_stats = _score_masked_rows(parts, batch, truncated) \
-            if stats is None and truncated is not None and truncated.any() else None
+            if not settings.scoring_pass and truncated is not None and truncated.any() else None
 
     with timer("reward"):  # dynamic sampling scored each round's new groups already
         lent = {name: value[own] for name, value in settings.lent_stats(stats).items()}  # reward.certainty_logits
@@ -101,15 +103,15 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
 
     with timer("update"):
         parts.engine.offload()  # a vLLM engine frees the device for the actor (sleep mode)
-        per_row = {"advantages": advantages, "sampler_logprobs": batch.sampler_logprobs}  # rows of the global batch
-        correction = None  # sampler/trainer mismatch correction (algorithm.mismatch), fixed for the step
-        if stats is not None:  # else old log-probs and IS weights come from each micro-batch's own forward
-            per_row["old_logprobs"] = stats["logprob"]
-            correction = algo.mismatch.weights(stats["logprob"], batch.sampler_logprobs, batch.response_mask)
-            if correction is not None:
-                per_row["is_weights"] = correction.weights
-        if algo.kl_coef > 0:
-            per_row["ref_logprobs"] = ref_logprobs
+        # sampler/trainer mismatch correction (algorithm.mismatch), fixed for the step by the scoring pass;
+        # else each micro-batch's own forward gives the old log-probs and the weights (MicroBatch.old_policy)
+        correction = algo.mismatch.weights(stats["logprob"], batch.sampler_logprobs, batch.response_mask) \
+            if settings.scoring_pass else None
+        inputs = RowInputs(  # rows of the global batch
+            advantages=advantages, sampler_logprobs=batch.sampler_logprobs,
+            old_logprobs=stats["logprob"] if settings.scoring_pass else None,
+            is_weights=None if correction is None else correction.weights,
+            ref_logprobs=ref_logprobs if algo.kl_coef > 0 else None)
         selected = torch.zeros_like(batch.response_mask, dtype=torch.bool)  # algorithm.token_filter, per mini-batch
         micro_logs: list[tuple[dict[str, float], int]] = []  # (metrics, its real tokens) per real micro-batch
         step_logs: list[tuple[dict[str, float], int]] = []  # one per optimizer step
@@ -128,18 +130,17 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
                 lr = parts.actor.learning_rate()  # the rate this optimizer step uses (the scheduler moves on after it)
                 rows = layout.minibatch_rows(mb_start)  # this rank's even share of the mini-batch
                 # the selection is a [B, T] tensor like every per-row one: cut to each micro-batch's rows AND width
-                cut = per_row if selection is None else {**per_row, "selected": selected}
+                cut = inputs if selection is None else replace(inputs, selected=selected)
                 micros = _micro_batches_on_every_rank(batch, rows, recipe.trainer, cut)
                 for i, micro in enumerate(micros):
-                    loss, policy_loss, log, out = _micro_batch_loss(
-                        parts, micro, dist.world_size, n_seqs, n_tokens, micro.get("selected"))
+                    loss, policy_loss, log, out = _micro_batch_loss(parts, micro, dist.world_size, n_seqs, n_tokens)
                     last = i == len(micros) - 1
-                    parts.actor.backward_and_step(loss * 0.0 if micro["dummy"] else loss, last_of_minibatch=last)
+                    parts.actor.backward_and_step(loss * 0.0 if micro.dummy else loss, last_of_minibatch=last)
                     forwards.append(micro)
-                    if micro["dummy"]:
+                    if micro.dummy:
                         continue
                     minibatch_loss += policy_loss
-                    micro_logs.append((log, int(micro["response_mask"].sum())))
+                    micro_logs.append((log, int(micro.response_mask.sum())))
                     trained.append((micro, out))
                 # summed over micro-batches here, over ranks by the mean (x world_size) in the metrics
                 step_log = {"loss/policy": minibatch_loss, "actor/grad_norm": parts.actor.grad_norm(), "actor/lr": lr}
@@ -147,7 +148,7 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
                     step_log.update({f"actor/token_filter/{k}": v for k, v in selection.metrics.items()})
                 step_logs.append((step_log, 1))
         step_logs.append((padding_summary(forwards), 1))  # the only entry with these keys
-        if stats is None:  # on-policy, one pass over every row: the training forwards' statistics, every rank's
+        if not settings.scoring_pass:  # on-policy, one pass over every row: the training forwards' statistics, every rank's
             stats = _gather_rows(scatter_rows(trained, *batch.response_mask.shape), layout,
                                  [*settings.train_stats, *settings.logged_train_stats], batch)
             if masked_stats is not None:  # rows the update masked: their statistics from before it
@@ -246,41 +247,33 @@ def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
                              ("input_ids", "attention_mask", "response_mask", "sampler_logprobs")})
 
 
-def _micro_batch_loss(parts: RunParts, micro: dict, world_size: int, num_sequences: float, num_tokens: float,
-                      selected: torch.Tensor | None,
+def _micro_batch_loss(parts: RunParts, micro: MicroBatch, world_size: int, num_sequences: float, num_tokens: float,
                       ) -> tuple[torch.Tensor, float, dict[str, float], dict[str, torch.Tensor]]:
     """(the micro-batch's loss to backward, its policy-loss share, its metrics, its forward's
-    statistics detached): the recipe's loss variant (restricted to the `selected` tokens of a
-    token filter, if any) weighted by the mini-batch-wide aggregation weights and the mismatch
+    statistics detached): the recipe's loss variant (restricted to the tokens a token filter
+    selected, if any) weighted by the mini-batch-wide aggregation weights and the mismatch
     correction, plus the KL and entropy terms the recipe turns on."""
     algo, settings = parts.settings.recipe.algorithm, parts.settings
-    mask = micro["response_mask"].float()  # [b, T]
+    mask = micro.response_mask.float()  # [b, T]
     out = parts.actor.forward(micro, settings.train_stats, detached_stats=settings.logged_train_stats)
-    # no scoring pass (on-policy): the old policy is this very forward's, so the ratio is exactly 1
-    old_logprobs = micro["old_logprobs"] if "old_logprobs" in micro else out["logprob"].detach()
+    micro = _old_policy(micro, out["logprob"], algo.mismatch)
     loss_stats = algo.loss.stats()  # current-policy statistics the loss reads, from this forward
-    loss_out = algo.loss(out["logprob"], old_logprobs, micro["advantages"], mask,
+    loss_out = algo.loss(out["logprob"], micro.old_logprobs, micro.advantages, mask,
                          **({"token_stats": {n: out[n] for n in loss_stats}} if loss_stats else {}))
     per_token_loss = loss_out.per_token_loss  # [b, T]
-    if selected is not None:
-        per_token_loss = algo.token_filter.apply(per_token_loss, out["logprob"], old_logprobs, selected)
+    if micro.selected is not None:
+        per_token_loss = algo.token_filter.apply(per_token_loss, out["logprob"], micro.old_logprobs, micro.selected)
     # x world_size: DeepSpeed averages gradients over ranks; we want the global sum
     weights = world_size * token_weights(
         mask, algo.loss_aggregation, max_response_length=settings.recipe.rollout.max_new_tokens,
         num_sequences=int(num_sequences), num_tokens=int(num_tokens),
     )  # [b, T]
-    if "is_weights" in micro:  # algorithm.mismatch, fixed for the step by the scoring pass
-        policy_weights = weights * micro["is_weights"]
-    elif "old_logprobs" not in micro:  # no scoring pass: this forward's detached log-probs give the same weights
-        correction = algo.mismatch.weights(out["logprob"].detach(), micro["sampler_logprobs"], micro["response_mask"])
-        policy_weights = weights if correction is None else weights * correction.weights
-    else:
-        policy_weights = weights
+    policy_weights = weights if micro.is_weights is None else weights * micro.is_weights
     loss = (policy_weights * per_token_loss).sum()
     policy_loss = loss.item()
     log = {f"actor/{k}": v for k, v in loss_out.metrics.items()}
-    if "ref_logprobs" in micro:
-        kl = KL_ESTIMATORS.get(algo.kl_estimator)(out["logprob"], micro["ref_logprobs"])  # [b, T]
+    if micro.ref_logprobs is not None:
+        kl = KL_ESTIMATORS.get(algo.kl_estimator)(out["logprob"], micro.ref_logprobs)  # [b, T]
         loss = loss + algo.kl_coef * (weights * kl).sum()
         log["actor/kl_to_reference"] = dynamics.masked_mean(kl.detach(), mask)
     if algo.entropy_coef > 0:
@@ -288,11 +281,22 @@ def _micro_batch_loss(parts: RunParts, micro: dict, world_size: int, num_sequenc
     return loss, policy_loss, log, {name: value.detach() for name, value in out.items()}
 
 
-def _micro_batches_on_every_rank(batch: RolloutBatch, rows, trainer, per_row=None) -> list[dict]:
+def _old_policy(micro: MicroBatch, logprob: torch.Tensor, mismatch: MismatchCorrection) -> MicroBatch:
+    """`micro` with its old log-probs and mismatch weights: the scoring pass's when it ran, else
+    those of this very training forward (`logprob`, detached: the policy that sampled, ratio
+    exactly 1) and the weights they give, which are the scoring pass's (each row's weight depends
+    on that row only)."""
+    if micro.old_logprobs is not None:
+        return micro
+    correction = mismatch.weights(logprob.detach(), micro.sampler_logprobs, micro.response_mask)
+    return replace(micro, old_logprobs=logprob.detach(), is_weights=None if correction is None else correction.weights)
+
+
+def _micro_batches_on_every_rank(batch: RolloutBatch, rows, trainer, inputs: RowInputs = RowInputs()) -> list[MicroBatch]:
     """This rank's micro-batches of `rows`, padded with dummies to the count of the rank with the
     most (ZeRO needs equal forward/backward calls); a rank with no rows runs dummies only."""
-    micros = micro_batches(batch, rows, trainer, per_row) if len(rows) else \
-        [{**micro_batches(batch, [0], trainer, per_row)[0], "dummy": True}]
+    micros = micro_batches(batch, rows, trainer, inputs) if len(rows) else \
+        [replace(micro_batches(batch, [0], trainer, inputs)[0], dummy=True)]
     return same_count_on_every_rank(micros)
 
 
@@ -316,7 +320,7 @@ def _score_rows(parts: RunParts, batch: RolloutBatch, rows, stats: tuple[str, ..
     raw_stats = settings.raw_score_stats if raw_stats is None else raw_stats
     micros = _micro_batches_on_every_rank(batch, rows, settings.recipe.trainer)
     pieces = [(micro, parts.actor.score(micro, stats, raw_stats)) for micro in micros]
-    return scatter_rows([(micro, out) for micro, out in pieces if not micro["dummy"]], *batch.response_mask.shape)
+    return scatter_rows([(micro, out) for micro, out in pieces if not micro.dummy], *batch.response_mask.shape)
 
 
 def _score(parts: RunParts, batch: RolloutBatch) -> dict[str, torch.Tensor]:
