@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import torch
 
-from urlvr.metrics import dynamics, tracking
+from urlvr.metrics import dynamics, step as step_metrics, tracking
 from urlvr.recipe import Recipe
 from urlvr.rewards.compose import BatchRewards, RewardTermSpec, score_batch
 from urlvr.rewards.policy import EnginePolicy
@@ -37,7 +37,7 @@ from urlvr.trainer.batching import (MicroBatch, RowInputs, micro_batches, paddin
 from urlvr.trainer.build import RunParts
 from urlvr.trainer.dynamic_sampling import Round, dynamic_sample
 from urlvr.trainer.sharding import RowLayout
-from urlvr.dist import DistInfo, all_gather_objects, all_gather_rows, all_reduce_max, all_reduce_sum
+from urlvr.dist import DistInfo, all_gather_objects, all_gather_rows, all_reduce_sum
 from urlvr.algorithms.losses import KL_ESTIMATORS, token_weights
 from urlvr.algorithms.mismatch import MismatchCorrection
 from urlvr.algorithms.token_filters import TokenFilter, TokenSelection
@@ -162,7 +162,7 @@ def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tup
 
     with timer("metrics"):
         metrics, prompt_rows = _step_metrics(groups, records, rollout_batch, own, stats, rewards, contexts,
-                                             micro_logs + step_logs, parts, timer, recipe, ref_logprobs, step, correction)
+                                             micro_logs + step_logs, parts, timer, ref_logprobs, step, correction)
         metrics.update(sampled.metrics if sampled is not None else {})  # dynamic_sampling/*, already global
     metrics["time/step"] = time.perf_counter() - step_start
     metrics["perf/tokens_per_second"] = metrics["perf/response_tokens"] / metrics["time/step"]
@@ -357,113 +357,28 @@ def _token_selection(token_filter: TokenFilter, batch: RolloutBatch, stats: dict
                                {n: stats[n][rows] for n in token_filter.stats()}, torch.Generator().manual_seed(seed))
 
 
-def _reward_term_metrics(rewards: BatchRewards, num_groups: int) -> tuple[dict[str, float], dict[str, int]]:
-    """Per-term error rates (on_error: zero) and the means of the terms' diagnostics, with what
-    each is a mean over (groups, finite values); timed terms' timeouts, summed over ranks here."""
-    out = {f"reward/{key}/error_rate": rate for key, rate in rewards.errors.items()}
-    counts = dict.fromkeys(out, num_groups)
-    if rewards.timeouts:  # the same keys on every rank (BatchRewards.timeouts), so the same collective
-        timeouts = all_reduce_sum(torch.tensor([float(n) for n in rewards.timeouts.values()], dtype=torch.float64))
-        out.update({f"reward/{key}_timeouts": float(n) for key, n in zip(rewards.timeouts, timeouts)})
-    for key, values in rewards.diagnostics.items():
-        finite = values[torch.isfinite(values)]
-        out[f"reward/{key}_mean"] = float(finite.mean()) if finite.numel() else 0.0
-        counts[f"reward/{key}_mean"] = finite.numel()
-    return out, counts
-
-
-def _mean_logs(logs: list[tuple[dict[str, float], int]]) -> tuple[dict[str, float], dict[str, int]]:
-    """Per key, over the logs of positive weight that have it: `*_max` the max, `*_min` the min,
-    any other key the weighted mean (0.0 if none) with its total weight as count. A micro-batch's
-    weight is its real tokens, so a token mean (`actor/ratio_mean`, `actor/clip_fraction`) and
-    an extreme come out the same however the micro-batches are cut; a step entry weighs 1.
-    Extremes get no count: `_reduce_over_ranks` then takes their max/min over ranks too."""
-    keys = {k for log, _ in logs for k in log}
-    means, counts = {}, {}
-    for key in keys:
-        present = [(log[key], weight) for log, weight in logs if key in log and weight > 0]
-        if key.endswith("_max"):
-            means[key] = max((value for value, _ in present), default=0.0)
-        elif key.endswith("_min"):
-            means[key] = min((value for value, _ in present), default=0.0)
-        else:
-            counts[key] = sum(weight for _, weight in present)
-            means[key] = sum(value * weight for value, weight in present) / max(1, counts[key])
-    return means, counts
-
-
-def _step_metrics(groups, records, batch, own: slice, stats, rewards: BatchRewards, contexts, update_logs,
-                  parts: RunParts, timer: StageTimer, recipe: Recipe, ref_logprobs, step: int,
+def _step_metrics(groups, records, batch: RolloutBatch, own: slice, stats, rewards: BatchRewards, contexts,
+                  update_logs, parts: RunParts, timer: StageTimer, ref_logprobs, step: int,
                   correction) -> tuple[dict[str, float], list[dict]]:
-    """Each rank measures its own groups (rows `own` of the global batch); `_reduce_over_ranks` combines them."""
-    mask = batch.response_mask[own].float()
-    logprob, sampler_logprobs = stats["logprob"][own], batch.sampler_logprobs[own]
-    answers, voters = [ctx.answers for ctx in contexts], [ctx.voters for ctx in contexts]
-    mismatch = torch.where(mask.bool(), (logprob - sampler_logprobs).abs(), 0.0)
-    responses = dynamics.response_metrics(groups, ngram=recipe.dynamics.repetition_ngram)
-    term_metrics, term_counts = _reward_term_metrics(rewards, len(groups))
-    update, update_counts = _mean_logs(update_logs)
-    local = {
-        "rollout/logprob_mismatch_max": float(mismatch.max()) if mismatch.numel() else 0.0,
-        **responses, **term_metrics,
-        "dynamics/answer_rate": sum(a is not None for group in answers for a in group) / mask.shape[0],
-        **update, **timer,
-        # computed over the whole batch, the same on every rank: the plain mean over ranks is that value
-        **(correction.sequence_means if correction is not None else {}),
-    }
-    sample_means = [k for k in responses if not k.endswith(("_max", "_min"))] + ["dynamics/answer_rate"]
-    counts = {**dict.fromkeys(sample_means, mask.shape[0]), **term_counts, **update_counts}
-    token_means = {  # ranks hold different token counts: weight each rank's mean by its count
-        **{f"actor/{name}_mean": dynamics.masked_mean(stats[name][own], mask) for name in parts.settings.metric_stats},
-        **dynamics.sampler_mismatch_metrics(logprob, sampler_logprobs, mask),
-        **(correction.token_means if correction is not None else {}),  # whole batch: any token weighting gives it
-    }
-    if ref_logprobs is not None:  # KL(pi || pi_0) of the policy that sampled this batch
-        token_means["actor/kl_to_initial"] = dynamics.masked_mean(dynamics.kl_k3(logprob, ref_logprobs[own]), mask)
-    metrics = _reduce_over_ranks(local, counts, token_means, float(mask.sum()))
-    # label metrics and p_maj over the global batch: gather per-sample [B, G] and per-prompt [B] rows
-    oracle = rewards.oracle
-    if oracle is None and recipe.reward.oracle is not None:  # no label on this rank: NaN rows, same shapes
-        oracle = torch.full(rewards.total.shape, float("nan"))
-    p_maj = dynamics.majority_ratios(voters)  # [B]
-    majority_correct = dynamics.majority_correctness(voters, answers, oracle, [r.label for r in records])  # [B]
-    metrics["dynamics/majority_ratio"] = float(all_gather_rows(p_maj).mean())
-    # label metrics, std and zero-variance groups need every sample: gather the small [B, G] rewards once
-    total = all_gather_rows(rewards.total)
-    # each label metric only where the reward's family defines it (Reward Accuracy: verdicts only)
-    family, verdict = parts.settings.reward_family
-    judged = total if verdict is None else all_gather_rows(rewards.per_term[recipe.reward.terms[verdict].key])
-    metrics.update(dynamics.label_metrics(
-        judged, None if oracle is None else all_gather_rows(oracle), all_gather_rows(majority_correct), family=family))
-    metrics.update(dynamics.reward_metrics(total, {name: all_gather_rows(s) for name, s in rewards.per_term.items()}))
-    metrics["actor/optimizer_steps_per_rollout"] = float(parts.settings.minibatches_per_step * recipe.trainer.ppo_epochs)
+    """Each rank measures its own groups (rows `own` of the global batch); metrics/step.py reduces them."""
+    settings = parts.settings
+    recipe, mask = settings.recipe, batch.response_mask[own].float()
+    local, counts = step_metrics.rank_metrics(groups, contexts, rewards, mask, update_logs, timer, correction,
+                                              ngram=recipe.dynamics.repetition_ngram)
+    token_means, extremes = step_metrics.token_metrics(
+        {name: stats[name][own] for name in ("logprob", *settings.metric_stats)}, batch.sampler_logprobs[own], mask,
+        settings.metric_stats, correction, None if ref_logprobs is None else ref_logprobs[own])
+    metrics = step_metrics.reduce_over_ranks({**extremes, **local}, counts, token_means, float(mask.sum()))
+    family, verdict = settings.reward_family
+    labels, p_maj, majority_correct, oracle = step_metrics.global_label_metrics(
+        rewards, contexts, records, oracle_named=recipe.reward.oracle is not None, family=family,
+        verdict_key=None if verdict is None else recipe.reward.terms[verdict].key)
+    metrics.update(labels)
+    metrics["actor/optimizer_steps_per_rollout"] = float(settings.minibatches_per_step * recipe.trainer.ppo_epochs)
     tracked = recipe.dynamics.track_prompts
     prompt_rows = [] if tracked is None else tracking.gather_rows(tracking.rollout_rows(
-        step, records, voters, p_maj, majority_correct, rewards.total, oracle, tracked))
+        step, records, [ctx.voters for ctx in contexts], p_maj, majority_correct, rewards.total, oracle, tracked))
     return metrics, prompt_rows
-
-
-def _reduce_over_ranks(local: dict[str, float], counts: dict[str, int], token_means: dict[str, float],
-                       tokens: float) -> dict[str, float]:
-    """A key of `local` with a count is a mean over that many of this rank's items (samples,
-    groups, micro-batches: ranks hold unequal shares), so the ranks' values are weighted by their
-    counts; without a count, `*_max` keys take the max over ranks, `*_min` keys the min, and the
-    rest (timings) the plain mean. `token_means` are weighted by each rank's `tokens`. Keys
-    present on all ranks. Adds `perf/response_tokens`."""
-    keys, weighted = sorted(local), sorted(token_means)
-    count = torch.tensor([float(counts.get(k, 1)) for k in keys], dtype=torch.float64)  # 1: each rank the same
-    total = all_reduce_sum(count)
-    share = torch.where(total > 0, count / total.clamp(min=1e-300), 0.0)  # this rank's weight: 1.0 in a world of one
-    raw = torch.tensor([local[k] for k in keys], dtype=torch.float64)
-    values = torch.cat([torch.where(count > 0, raw * share, 0.0),
-                        torch.tensor([token_means[k] * tokens for k in weighted] + [tokens], dtype=torch.float64)])
-    sums, maxima, minima = all_reduce_sum(values), all_reduce_max(raw), -all_reduce_max(-raw)
-    out = {k: float(sums[i] if k in counts or not k.endswith(("_max", "_min"))
-                    else maxima[i] if k.endswith("_max") else minima[i]) for i, k in enumerate(keys)}
-    total_tokens = float(sums[-1])
-    out.update({k: float(sums[len(keys) + j]) / total_tokens if total_tokens else 0.0 for j, k in enumerate(weighted)})
-    out["perf/response_tokens"] = total_tokens
-    return out
 
 
 def _completions(groups, records, rewards: BatchRewards, contexts, how_many: int, step: int) -> list[dict]:
