@@ -105,9 +105,17 @@ class TokenScorer(nn.Module):
         if self.softcap is None and recomputes_in_backward(lm_head, stats, raw_stats):  # training: no [N, V] logits kept
             values = chunked_logprob(hidden, lm_head, flat_targets, temperature, self.chunk_size, detached_stats)
             return {name: in_place(value) for name, value in values.items()}
+        values = self._head_in_chunks(hidden, lm_head, flat_targets, temperature, stats, raw_stats, detached_stats,
+                                      step=self.chunk_size * keep.shape[0])  # `chunk_size` positions of every row
+        return {name: in_place(value) for name, value in values.items()}
+
+    def _head_in_chunks(self, hidden: torch.Tensor, lm_head: nn.Module, flat_targets: torch.Tensor,
+                        temperature: float, stats: tuple[str, ...], raw_stats: tuple[str, ...],
+                        detached_stats: tuple[str, ...], *, step: int) -> dict[str, torch.Tensor]:
+        """The statistics `[N]` of the real tokens' hidden states `[N, H]`, `step` positions' logits
+        `[step, V]` at a time (the memory of `chunk_size` positions of every row)."""
         names = stats + tuple(f"raw_{n}" for n in raw_stats) + detached_stats
         chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        step = self.chunk_size * keep.shape[0]  # the memory of `chunk_size` positions of every row
         for start in range(0, flat_targets.shape[0], step):
             end = start + step
             raw = lm_head(hidden[start:end]).float()  # [n, V]
@@ -125,7 +133,7 @@ class TokenScorer(nn.Module):
             if raw_stats:
                 for name, value in compute_token_stats(raw, flat_targets[start:end], raw_stats).items():
                     chunks[f"raw_{name}"].append(value)
-        return {name: in_place(torch.cat(parts)) for name, parts in chunks.items()}
+        return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
 def lr_lambda(recipe: Recipe, total_optimizer_steps: int):

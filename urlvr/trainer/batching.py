@@ -41,7 +41,6 @@ class RowInputs:
     advantages: torch.Tensor | None = None  # [B*G], one per sample
     sampler_logprobs: torch.Tensor | None = None  # [B*G, T] the rollout engine's (mismatch correction)
     old_logprobs: torch.Tensor | None = None  # [B*G, T] the scoring pass's; None: each training forward's own
-    is_weights: torch.Tensor | None = None  # [B*G, T] mismatch correction fixed by the scoring pass
     ref_logprobs: torch.Tensor | None = None  # [B*G, T] pi_0's, when the loss has a KL term
     selected: torch.Tensor | None = None  # [B*G, T] bool, the token filter's selection
 
@@ -60,6 +59,7 @@ class MicroBatch(RowInputs):
     rows: torch.Tensor  # [b] indices into the collated batch
     predict_index: torch.Tensor | None = None  # [N] packed only: the position predicting each response token
     dummy: bool = False
+    is_weights: torch.Tensor | None = None  # [b, t] mismatch correction, set by the update from old_logprobs
 
     def to(self, device: torch.device | str) -> MicroBatch:
         """The same micro-batch with every tensor on `device`."""
