@@ -61,7 +61,7 @@ def run_steps(random_tiny_model, out, checkpointing: bool, steps: int = 1, **sec
     metrics = []
     for step in range(1, steps + 1):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            metrics.append(grpo_step(parts, recipe, dist, step)[0])
+            metrics.append(grpo_step(parts, dist, step)[0])
     weights = {k: v.detach().clone() for k, v in parts.actor.model.state_dict().items()}
     return {"calls": calls, "blocks": len(blocks), "saved_bytes": sum(saved.values()), "metrics": metrics,
             "weights": weights}

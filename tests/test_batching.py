@@ -19,6 +19,7 @@ from urlvr.rollout.collate import collate_groups, position_ids_from_attention_ma
 from urlvr.trainer.actor import TokenScorer
 from urlvr.errors import RecipeError
 from urlvr.trainer.batching import (
+    RowInputs,
     budget_warning,
     check_padding_free,
     micro_batches,
@@ -82,32 +83,32 @@ def test_trimmed_micro_batches_keep_positions_and_cut_only_padding():
     positions = position_ids_from_attention_mask(batch.attention_mask)
     for mode, knobs in MODES.items():
         for micro in micro_batches(batch, range(9), TrainerSection(**knobs)):
-            if "predict_index" in micro:
+            if micro.predict_index is not None:
                 _check_packed(batch, micro)
                 continue
-            rows, p = micro["rows"], micro["prompt_length"]
-            t = micro["response_mask"].shape[1]
+            rows, p = micro.rows, micro.prompt_length
+            t = micro.response_mask.shape[1]
             columns = slice(batch.prompt_length - p, batch.prompt_length + t)
-            assert torch.equal(micro["position_ids"], positions[rows, columns]), mode
-            assert micro["attention_mask"].sum() == batch.attention_mask[rows].sum(), f"{mode}: a real token was cut"
-            assert micro["response_mask"].sum() == batch.response_mask[rows].sum()
+            assert torch.equal(micro.position_ids, positions[rows, columns]), mode
+            assert micro.attention_mask.sum() == batch.attention_mask[rows].sum(), f"{mode}: a real token was cut"
+            assert micro.response_mask.sum() == batch.response_mask[rows].sum()
 
 
 def _check_packed(batch, micro):
     """One row of the micro-batch's real tokens, sequence after sequence, positions restarting at
     0; predict_index points at the token before each real response token."""
     prompts, responses = lengths(batch)
-    ids, positions = micro["input_ids"][0], micro["position_ids"][0]
-    assert micro["attention_mask"] is None and micro["input_ids"].shape[0] == 1
+    ids, positions = micro.input_ids[0], micro.position_ids[0]
+    assert micro.attention_mask is None and micro.input_ids.shape[0] == 1
     offset, predicted = 0, []
-    for row in micro["rows"].tolist():
+    for row in micro.rows.tolist():
         p, t = prompts[row], responses[row]
         want = batch.input_ids[row, batch.prompt_length - p:batch.prompt_length + t]
         assert torch.equal(ids[offset:offset + p + t], want) and torch.equal(positions[offset:offset + p + t], torch.arange(p + t))
         predicted += range(offset + p - 1, offset + p - 1 + t)
         offset += p + t
-    assert offset == ids.shape[0] and micro["predict_index"].tolist() == predicted
-    assert int(micro["response_mask"].sum()) == len(predicted)
+    assert offset == ids.shape[0] and micro.predict_index.tolist() == predicted
+    assert int(micro.response_mask.sum()) == len(predicted)
 
 
 def test_bucketing_and_token_budget_cut_the_padding_on_mixed_lengths():
@@ -123,13 +124,13 @@ def _gradient(model, batch, knobs) -> dict[str, torch.Tensor]:
     scorer = TokenScorer(copy.deepcopy(model))
     advantages = torch.linspace(-1.0, 1.0, batch.input_ids.shape[0])
     num_tokens = int(batch.response_mask.sum())
-    micros = micro_batches(batch, range(9), TrainerSection(**knobs), {"advantages": advantages})
+    micros = micro_batches(batch, range(9), TrainerSection(**knobs), RowInputs(advantages=advantages))
     logprobs = []
     for micro in micros:
         out = scorer(**scorer_inputs(micro, "cpu"), temperature=1.0, stats=("logprob",))
-        mask = micro["response_mask"].float()
+        mask = micro.response_mask.float()
         weights = token_weights(mask, "token-mean", max_response_length=9, num_sequences=9, num_tokens=num_tokens)
-        (weights * -micro["advantages"][:, None] * out["logprob"]).sum().backward()
+        (weights * -micro.advantages[:, None] * out["logprob"]).sum().backward()
         logprobs.append((micro, {"logprob": out["logprob"].detach()}))
     scattered = scatter_rows(logprobs, *batch.response_mask.shape)["logprob"] * batch.response_mask
     return {"logprob": scattered, **{n: p.grad for n, p in scorer.named_parameters() if p.grad is not None}}

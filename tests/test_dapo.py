@@ -58,11 +58,12 @@ def test_overlong_penalty_as_a_reward_term():
 
 def test_without_truncated_zeroes_exactly_the_truncated_rows():
     from urlvr.rollout.collate import collate_groups
-    from urlvr.trainer.loop import _truncated_rows, _without_rows
+    from urlvr.trainer.loop import _truncated_rows
+    from urlvr.trainer.update import without_rows
 
     groups = [group_of([3, 5], finish="eos"), group_of([5, 2], finish="length")]
     batch = collate_groups(groups, pad_token_id=0)
-    masked = _without_rows(batch, _truncated_rows(groups, batch))
+    masked = without_rows(batch, _truncated_rows(groups, batch))
     assert masked.response_mask[:2].equal(batch.response_mask[:2])
     assert int(masked.response_mask[2:].sum()) == 0 and int(batch.response_mask[2:].sum()) == 7
 
@@ -331,8 +332,8 @@ def recorded_run(tmp_path_factory):
     work, rounds = tmp_path_factory.mktemp("dapo_rounds"), {}
     original = loop._sample_round
 
-    def recording(parts, recipe, dist, step, records, round_index):
-        out = original(parts, recipe, dist, step, records, round_index)
+    def recording(parts, dist, step, records, round_index):
+        out = original(parts, dist, step, records, round_index)
         rounds.setdefault(step, []).append(out)
         return out
 

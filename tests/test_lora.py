@@ -65,7 +65,7 @@ def test_lora_steps_move_only_the_adapters_and_kl_grows_from_zero(lora_parts):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     kl = []
     for step in (1, 2, 3):
-        metrics, _, _ = grpo_step(parts, recipe, dist, step)
+        metrics, _, _ = grpo_step(parts, dist, step)
         kl.append(metrics["actor/kl_to_initial"])
         assert metrics["actor/ratio_min"] == metrics["actor/ratio_max"] == 1.0  # dropout 0: still on-policy
     after = model.state_dict()
@@ -171,11 +171,11 @@ def test_gradient_checkpointing_and_adapter_dropout_still_train_the_adapters(ran
     recipe = load_recipe({**raw, "model": {**raw["model"], "gradient_checkpointing": True}})
     dist = init_distributed()
     parts = build.build_run(recipe, dist)
-    first, _, _ = grpo_step(parts, recipe, dist, 1)
+    first, _, _ = grpo_step(parts, dist, 1)
     assert first["actor/grad_norm"] > 0.0
     assert any(float(p.abs().max()) > 0 for n, p in parts.actor.model.named_parameters() if "lora_B" in n)
     assert all(not m.training for m in parts.actor.adapter_dropouts)  # back to eval after the training forward
     # step 1: B = 0, so dropout on the adapters' input changes nothing yet; step 2: it does
     assert first["actor/ratio_max"] == first["actor/ratio_min"] == 1.0
-    second, _, _ = grpo_step(parts, recipe, dist, 2)
+    second, _, _ = grpo_step(parts, dist, 2)
     assert second["actor/ratio_max"] != 1.0 or second["actor/ratio_min"] != 1.0

@@ -204,10 +204,10 @@ def test_two_majority_vote_steps_change_the_weights_resume_bit_identically_and_e
     # killed during step 2 (after step 1's checkpoint), resumed: the same metrics and weights
     real_step = run_module.grpo_step
 
-    def killed_at_step_2(parts, recipe, dist, step):
+    def killed_at_step_2(parts, dist, step):
         if step == 2:
             raise KeyboardInterrupt("killed")
-        return real_step(parts, recipe, dist, step)
+        return real_step(parts, dist, step)
 
     killed = recipe_for("urlvr/smollm2-135m-instruct", tmp_path / "killed", **sections)
     monkeypatch.setattr(run_module, "grpo_step", killed_at_step_2)

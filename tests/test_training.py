@@ -119,10 +119,10 @@ def test_resume_after_a_kill_between_logging_and_checkpoint_writes_every_appende
     recipe = recipe_for(random_tiny_model, tmp_path / "killed", **everything)
     real_step = run_module.grpo_step
 
-    def killed_at_step_4(parts, recipe, dist, step):
+    def killed_at_step_4(parts, dist, step):
         if step == 4:
             raise KeyboardInterrupt("killed")  # after step 3's rows and evaluation, before any step-3 checkpoint
-        return real_step(parts, recipe, dist, step)
+        return real_step(parts, dist, step)
 
     monkeypatch.setattr(run_module, "grpo_step", killed_at_step_4)
     with pytest.raises(KeyboardInterrupt):

@@ -194,7 +194,7 @@ def test_which_terms_log_timeouts_and_how():
     import dataclasses
 
     from urlvr.rewards.base import REWARDS
-    from urlvr.trainer.loop import _reward_term_metrics
+    from urlvr.metrics.step import reward_term_metrics
 
     assert REWARDS.get("math_verify").is_timed({})
     assert REWARDS.get("semantic_cluster").is_timed({}) and not REWARDS.get("semantic_cluster").is_timed(
@@ -207,7 +207,7 @@ def test_which_terms_log_timeouts_and_how():
     out = score_batch(list(groups), list(contexts), [RewardTermSpec("semantic_cluster", 1.0, {"equivalence": "exact"})],
                       oracle=None)
     assert out.timeouts == {}
-    metrics, _ = _reward_term_metrics(dataclasses.replace(out, timeouts={"clusters": 0, "oracle": 4}), 2)
+    metrics, _ = reward_term_metrics(dataclasses.replace(out, timeouts={"clusters": 0, "oracle": 4}), 2)
     assert metrics["reward/clusters_timeouts"] == 0.0 and metrics["reward/oracle_timeouts"] == 4.0
 
 
@@ -259,13 +259,13 @@ def test_evaluation_reports_judge_timeouts(fake_verifiers):
 RANK_SCRIPT = """
 import json, torch
 from urlvr.rewards.compose import BatchRewards
-from urlvr.trainer.loop import _reduce_over_ranks, _reward_term_metrics
+from urlvr.metrics.step import reduce_over_ranks, reward_term_metrics
 torch.distributed.init_process_group("gloo")
 rank = torch.distributed.get_rank()
 rewards = BatchRewards(total=torch.zeros(1, 2), per_term={}, oracle=None, diagnostics={},
                        timeouts={"math_verify": 1 + 2 * rank, "oracle": rank})  # rank 0: 1, 0; rank 1: 3, 1
-local, counts = _reward_term_metrics(rewards, 1)
-print(json.dumps(_reduce_over_ranks(local, counts, {}, 1.0)))
+local, counts = reward_term_metrics(rewards, 1)
+print(json.dumps(reduce_over_ranks(local, counts, {}, 1.0)))
 """
 
 

@@ -154,7 +154,7 @@ def test_grpo_steps_keep_engine_and_trainer_in_step(run):
     prompts = _prompts(parts)
     start = {k: v.clone() for k, v in parts.actor.model.state_dict().items()}
     for step in range(1, 4):
-        metrics, _, _ = grpo_step(parts, recipe, dist, step)
+        metrics, _, _ = grpo_step(parts, dist, step)
         assert _greedy(parts.engine, prompts) == _greedy(_reference_engine(parts), prompts), f"step {step}"
         assert metrics["rollout/logprob_mismatch_mean"] < 1e-3
         assert metrics["rollout/logprob_mismatch_max"] < 1e-2
@@ -187,7 +187,7 @@ def test_lora_run_syncs_merged_weights_after_every_step(run, tmp_path):
         assert start == _greedy(_reference_engine(lora), prompts)
         outputs = []
         for step in range(1, 4):
-            metrics, _, _ = grpo_step(lora, recipe, dist, step)
+            metrics, _, _ = grpo_step(lora, dist, step)
             outputs.append(_greedy(lora.engine, prompts))
             assert outputs[-1] == _greedy(_reference_engine(lora), prompts), f"step {step}"
             assert metrics["rollout/logprob_mismatch_mean"] < 1e-3

@@ -143,7 +143,7 @@ def test_two_majority_vote_steps_move_the_weights_and_the_synced_engine_decodes_
     mismatch = []
     for step in (1, 2):
         started = time.perf_counter()
-        metrics, _, _ = grpo_step(parts, recipe, dist, step)
+        metrics, _, _ = grpo_step(parts, dist, step)
         stages = ", ".join(f"{k[5:]} {v:.2f} s" for k, v in metrics.items() if k.startswith("time/"))
         print(f"\n[vllm_real] step {step}: {time.perf_counter() - started:.0f} s ({stages}), "
               f"majority_vote {metrics.get('reward/majority_vote_mean', float('nan')):.3f}, "

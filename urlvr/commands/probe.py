@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,21 +31,20 @@ from rich.table import Table
 from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from urlvr.commands.mcs import _slug
 from urlvr.commands.out_dir import check_output_dir, clear_owned
-from urlvr.data.templates import encode_prompts
 from urlvr.dist import init_distributed
 from urlvr.errors import RecipeError
 from urlvr.metrics import alignment, dynamics
 from urlvr.metrics.plots import plot_probe
 from urlvr.progress import JobProgress
 from urlvr.recipe import load_recipe
-from urlvr.rewards.compose import RewardTermSpec, score_batch
-from urlvr.rewards.policy import EnginePolicy
 from urlvr.rollout.base import ROLLOUT_ENGINES, context_length
 from urlvr.rollout.collate import collate_groups
 from urlvr.trainer.actor import TokenScorer
-from urlvr.trainer.batching import budget_warning, micro_batches, scatter_rows, scorer_inputs
-from urlvr.trainer.build import load_model_and_tokenizer, load_prompt_records, seed_everything
+from urlvr.trainer.batching import micro_batches, scorer_inputs
+from urlvr.trainer.build import (encode_recipe_prompts, load_model_and_tokenizer, load_prompt_records, seed_everything,
+                                 warn_about_budget)
 from urlvr.trainer.settings import RunSettings
+from urlvr.trainer.stages import Rollout, policy_handle, score_and_reward, scoring_pass
 
 # label-free rewards that need no extra generation or worker: scored by default
 INTRINSIC_REWARDS = ("majority_vote", "self_certainty", "token_entropy", "trajectory_entropy", "probability",
@@ -157,21 +155,18 @@ def probe_model(model: str, base: dict[str, Any], rewards: Sequence[str], *, num
     seed_everything(recipe.seed)
     hf_model, tokenizer = load_model_and_tokenizer(recipe)
     hf_model.to(dist.device).eval()
-    data = recipe.data
-    records = load_prompt_records(data.source, recipe)[:num_prompts]
-    encoded = encode_prompts(tokenizer, records, template=data.template, system_prompt=data.system_prompt,
-                             suffix=data.prompt_suffix, max_prompt_length=data.max_prompt_length,
-                             on_long_prompt=data.on_long_prompt, context_length=context_length(hf_model))
+    records = load_prompt_records(recipe.data.source, recipe)[:num_prompts]
+    encoded = encode_recipe_prompts(recipe, tokenizer, records, context_length(hf_model))
     records, prompts = list(encoded.records), list(encoded.inputs)
-    warning = budget_warning(recipe.trainer.max_tokens_per_micro_batch,  # the scoring pass cuts by it too
-                             max((len(p.token_ids) for p in prompts), default=0), recipe.rollout.max_new_tokens)
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
+    warn_about_budget(recipe, prompts)  # the scoring pass cuts micro-batches by the budget too
     engine = ROLLOUT_ENGINES.get(recipe.rollout.engine.name).from_recipe(recipe, hf_model, tokenizer, dist)
     groups = _sample(engine, prompts, settings, progress=progress, label=f"urlvr probe: sampling {model}")
     batch = collate_groups(groups, pad_token_id=tokenizer.pad_token_id)
-    stats = _score(hf_model, batch, settings, dist.device)
-    return _measure(model, groups, records, batch, stats, settings, engine, tokenizer)
+    rollout = Rollout(records, groups, groups, batch, slice(0, batch.input_ids.shape[0]), first_prompt=0)
+    # the trainer's scoring and reward stage; the policy handle seeded by the recipe's seed
+    scored = score_and_reward(rollout, lambda r: _score(hf_model, r.batch, settings, dist.device),
+                              policy_handle(engine, tokenizer, settings, recipe.seed), settings, tokenizer)
+    return _measure(model, groups, records, scored, settings)
 
 
 def _sample(engine, prompts, settings, *, progress: bool, prompts_per_call: int = 8,
@@ -180,7 +175,7 @@ def _sample(engine, prompts, settings, *, progress: bool, prompts_per_call: int 
     progress unit: a bar on a terminal, a line every 30 s in a log); each prompt seeded by its
     index, so the result does not depend on the chunking."""
 
-    group_size, groups = settings.recipe.rollout.group_size, []
+    group_size, groups = settings.group_size, []
     sampling = settings.policy_sampling()
     bar = JobProgress(f"{label}, {group_size} samples per prompt", len(prompts), unit="prompts") if progress else None
     try:
@@ -201,23 +196,16 @@ def _score(hf_model, batch, settings, device) -> dict[str, torch.Tensor]:
     """The trainer's scoring pass (`TokenScorer`, chunked over the sequence): exactly the statistics
     the probed rewards declare, on scaled (and, where asked, raw) logits."""
     scorer = TokenScorer(hf_model)
-    pieces = []
-    for micro in micro_batches(batch, range(batch.input_ids.shape[0]), settings.recipe.trainer):
-        pieces.append((micro, scorer(**scorer_inputs(micro, device), temperature=settings.recipe.rollout.temperature,
-                                     stats=settings.score_stats, raw_stats=settings.raw_score_stats)))
-    return {name: value.cpu() for name, value in scatter_rows(pieces, *batch.response_mask.shape).items()}
+    stats = scoring_pass(micro_batches(batch, range(batch.input_ids.shape[0]), settings.recipe.trainer), lambda micro:
+                         scorer(**scorer_inputs(micro, device), temperature=settings.temperature,
+                                stats=settings.score_stats, raw_stats=settings.raw_score_stats), batch)
+    return {name: value.cpu() for name, value in stats.items()}
 
 
-def _measure(model: str, groups, records, batch, stats, settings, engine, tokenizer) -> ModelProbe:
-    recipe, size = settings.recipe, settings.recipe.rollout.group_size
-    lent = settings.lent_stats(stats)
-    contexts = [settings.reward_context(group, group, record, batch.response_mask[g * size:(g + 1) * size],
-                                        {k: v[g * size:(g + 1) * size] for k, v in lent.items()}, tokenizer)
-                for g, (group, record) in enumerate(zip(groups, records, strict=True))]
-    policy = EnginePolicy(engine, tokenizer, template=recipe.data.template, system_prompt=recipe.data.system_prompt,
-                          prompt_suffix=recipe.data.prompt_suffix, sampling=settings.policy_sampling(), seed=recipe.seed)
-    terms = [RewardTermSpec(t.name, 1.0, t.kwargs, t.key, t.gate, t.on_error) for t in recipe.reward.terms]
-    scored = score_batch(groups, contexts, terms, recipe.reward.oracle, policy)
+def _measure(model: str, groups, records, scored, settings) -> ModelProbe:
+
+    recipe, size, contexts = settings.recipe, settings.group_size, scored.contexts
+    scored = scored.rewards
     answers = [ctx.answers for ctx in contexts]
     p_maj = dynamics.majority_ratios(answers)  # [B]
     labels = [r.label for r in records]

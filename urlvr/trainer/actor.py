@@ -32,6 +32,7 @@ from urlvr.algorithms.token_stats import compute_token_stats
 from urlvr.rollout.weight_sync import gathered, iter_weights
 from urlvr.trainer.activation_checkpointing import checkpoint_decoder_blocks
 from urlvr.trainer.lm_head import chunked_logprob, recomputes_in_backward
+from urlvr.trainer.batching import MicroBatch
 from urlvr.trainer.optimizer import optimizer_param_groups
 
 
@@ -104,9 +105,17 @@ class TokenScorer(nn.Module):
         if self.softcap is None and recomputes_in_backward(lm_head, stats, raw_stats):  # training: no [N, V] logits kept
             values = chunked_logprob(hidden, lm_head, flat_targets, temperature, self.chunk_size, detached_stats)
             return {name: in_place(value) for name, value in values.items()}
+        values = self._head_in_chunks(hidden, lm_head, flat_targets, temperature, stats, raw_stats, detached_stats,
+                                      step=self.chunk_size * keep.shape[0])  # `chunk_size` positions of every row
+        return {name: in_place(value) for name, value in values.items()}
+
+    def _head_in_chunks(self, hidden: torch.Tensor, lm_head: nn.Module, flat_targets: torch.Tensor,
+                        temperature: float, stats: tuple[str, ...], raw_stats: tuple[str, ...],
+                        detached_stats: tuple[str, ...], *, step: int) -> dict[str, torch.Tensor]:
+        """The statistics `[N]` of the real tokens' hidden states `[N, H]`, `step` positions' logits
+        `[step, V]` at a time (the memory of `chunk_size` positions of every row)."""
         names = stats + tuple(f"raw_{n}" for n in raw_stats) + detached_stats
         chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        step = self.chunk_size * keep.shape[0]  # the memory of `chunk_size` positions of every row
         for start in range(0, flat_targets.shape[0], step):
             end = start + step
             raw = lm_head(hidden[start:end]).float()  # [n, V]
@@ -124,7 +133,7 @@ class TokenScorer(nn.Module):
             if raw_stats:
                 for name, value in compute_token_stats(raw, flat_targets[start:end], raw_stats).items():
                     chunks[f"raw_{name}"].append(value)
-        return {name: in_place(torch.cat(parts)) for name, parts in chunks.items()}
+        return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
 def lr_lambda(recipe: Recipe, total_optimizer_steps: int):
@@ -214,25 +223,25 @@ class Actor:
     def is_lora(self) -> bool:
         return is_peft_model(self.model)
 
-    def forward(self, micro: dict[str, torch.Tensor], stats: tuple[str, ...],
+    def forward(self, micro: MicroBatch, stats: tuple[str, ...],
                 raw_stats: tuple[str, ...] = (), detached_stats: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         dropout = torch.is_grad_enabled() and bool(self.adapter_dropouts)
         for module in self.adapter_dropouts:
             module.train(dropout)
         try:
             return self.engine(
-                input_ids=micro["input_ids"], attention_mask=micro["attention_mask"],
-                position_ids=micro["position_ids"], prompt_length=micro["prompt_length"],
+                input_ids=micro.input_ids, attention_mask=micro.attention_mask,
+                position_ids=micro.position_ids, prompt_length=micro.prompt_length,
                 temperature=self.recipe.rollout.temperature, stats=stats, raw_stats=raw_stats,
-                detached_stats=detached_stats, response_mask=micro["response_mask"],
-                predict_index=micro.get("predict_index"),
+                detached_stats=detached_stats, response_mask=micro.response_mask,
+                predict_index=micro.predict_index,
             )
         finally:
             for module in self.adapter_dropouts:
                 module.eval()
 
     @torch.no_grad()
-    def score(self, micro: dict[str, torch.Tensor], stats: tuple[str, ...],
+    def score(self, micro: MicroBatch, stats: tuple[str, ...],
               raw_stats: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         return self.forward(micro, stats, raw_stats)
 

@@ -13,14 +13,16 @@ Four ways to choose and lay out a micro-batch's rows (`plan_micro_batches`), one
   model's attention builds the block-diagonal one from the positions), L within the budget.
 The padded layouts are trimmed to their own rows' longest prompt and longest response (prompts
 are left-padded and responses right-padded, so the columns cut are padding in every row of it).
-Every layout carries the same `[b, T]` per-row tensors (`response_mask`, advantages, ...), so
-the loss code never sees the difference; the scorer reads the packed layout's `predict_index`.
+Every layout is a `MicroBatch` carrying the same `[b, T]` per-row fields (`response_mask`, and
+the update's `RowInputs`: advantages, old log-probs, ...), so the loss code never sees the
+difference; the scorer reads the packed layout's `predict_index`.
 The loss uses mini-batch-wide normalisers, so none of this changes a gradient beyond float noise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -29,6 +31,40 @@ from urlvr.errors import RecipeError
 from urlvr.recipe.sections.optimisation import TrainerSection
 from urlvr.rollout.base import Group, PromptInput, RolloutBatch, Sample
 from urlvr.rollout.collate import collate_groups, position_ids_from_attention_mask
+
+
+@dataclass(frozen=True, kw_only=True)
+class RowInputs:
+    """What the update reads per row of the global batch, beyond the rollout's tokens: `[B*G]` or
+    `[B*G, T]` each; None where this step has none (the source is `RunSettings.scoring_pass`)."""
+
+    advantages: torch.Tensor | None = None  # [B*G], one per sample
+    sampler_logprobs: torch.Tensor | None = None  # [B*G, T] the rollout engine's (mismatch correction)
+    old_logprobs: torch.Tensor | None = None  # [B*G, T] the scoring pass's; None: each training forward's own
+    ref_logprobs: torch.Tensor | None = None  # [B*G, T] pi_0's, when the loss has a KL term
+    selected: torch.Tensor | None = None  # [B*G, T] bool, the token filter's selection
+
+
+@dataclass(frozen=True, kw_only=True)
+class MicroBatch(RowInputs):
+    """One forward's input, padded `[b, p+t]` or packed `[1, L]`, with the `RowInputs` of its rows
+    cut alike (`[b]` or `[b, t]`). A `dummy` repeats another micro-batch so that every rank makes
+    the same number of forward/backward calls (ZeRO); its outputs are dropped, its loss zeroed."""
+
+    input_ids: torch.Tensor  # [b, p+t], or [1, L] packed
+    attention_mask: torch.Tensor | None  # [b, p+t]; None packed (positions mark the sequences)
+    position_ids: torch.Tensor  # like input_ids
+    response_mask: torch.Tensor  # [b, t]
+    prompt_length: int  # p, this micro-batch's own (trimmed)
+    rows: torch.Tensor  # [b] indices into the collated batch
+    predict_index: torch.Tensor | None = None  # [N] packed only: the position predicting each response token
+    dummy: bool = False
+    is_weights: torch.Tensor | None = None  # [b, t] mismatch correction, set by the update from old_logprobs
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        """The same micro-batch with every tensor on `device`."""
+        return replace(self, **{f.name: value.to(device) for f in fields(self)
+                                if isinstance(value := getattr(self, f.name), torch.Tensor)})
 
 
 def plan_micro_batches(prompt_lengths: Sequence[int], response_lengths: Sequence[int], rows: Sequence[int], *,
@@ -75,11 +111,11 @@ def budget_warning(max_tokens: int | None, longest_prompt: int, max_new_tokens: 
 
 
 def micro_batches(batch: RolloutBatch, rows: Sequence[int], trainer: TrainerSection,
-                  per_row: Mapping[str, torch.Tensor] | None = None) -> list[dict]:
-    """Dicts of the micro-batches of `rows`: `input_ids`, `attention_mask`, `position_ids`
-    (`[b, p+t]`, or `[1, L]` with `attention_mask` None and a `predict_index` `[N]` when packed),
-    `response_mask` `[b, t]`, every tensor of `per_row` (`[B]` or `[B, T]`, cut alike), the
-    micro-batch's own `prompt_length` p, its `rows` (indices into the batch) and `dummy` (False)."""
+                  inputs: RowInputs = RowInputs()) -> list[MicroBatch]:
+    """The micro-batches of `rows`: `input_ids`, `attention_mask`, `position_ids` (`[b, p+t]`,
+    or `[1, L]` with `attention_mask` None and a `predict_index` `[N]` when packed),
+    `response_mask` `[b, t]`, every field of `inputs` (`[B]` or `[B, T]`, cut alike), the
+    micro-batch's own `prompt_length` p and its `rows` (indices into the batch)."""
     prompt_lengths = batch.attention_mask[:, :batch.prompt_length].sum(1).tolist()
     response_lengths = batch.response_mask.sum(1).tolist()
     plan = plan_micro_batches(prompt_lengths, response_lengths, rows, rows_per_micro_batch=trainer.micro_batch_size,
@@ -101,12 +137,17 @@ def micro_batches(batch: RolloutBatch, rows: Sequence[int], trainer: TrainerSect
             columns = slice(batch.prompt_length - prompt, batch.prompt_length + response)
             micro = {"input_ids": batch.input_ids[picked, columns], "attention_mask": batch.attention_mask[picked, columns],
                      "position_ids": position_ids[picked, columns]}
-        micro.update({"response_mask": batch.response_mask[picked, :response], "prompt_length": prompt,
-                      "rows": picked, "dummy": False})
-        for name, tensor in (per_row or {}).items():
-            micro[name] = tensor[picked, :response] if tensor.dim() == 2 else tensor[picked]
-        out.append(micro)
+        cut = {f.name: _cut(getattr(inputs, f.name), picked, response) for f in fields(RowInputs)}
+        out.append(MicroBatch(**micro, **cut, response_mask=batch.response_mask[picked, :response],
+                              prompt_length=prompt, rows=picked))
     return out
+
+
+def _cut(tensor: torch.Tensor | None, rows: torch.Tensor, width: int) -> torch.Tensor | None:
+    """`rows` of a `[B]` tensor, or `rows` and the first `width` columns of a `[B, T]` one."""
+    if tensor is None:
+        return None
+    return tensor[rows, :width] if tensor.dim() == 2 else tensor[rows]
 
 
 def _packed_inputs(batch: RolloutBatch, index: Sequence[int], prompt_lengths: Sequence[int],
@@ -128,14 +169,14 @@ def _packed_inputs(batch: RolloutBatch, index: Sequence[int], prompt_lengths: Se
             "position_ids": torch.cat(positions)[None].to(device), "predict_index": torch.cat(predict).to(device)}
 
 
-def scorer_inputs(micro: dict, device: torch.device | str) -> dict:
+def scorer_inputs(micro: MicroBatch, device: torch.device | str) -> dict:
     """The keyword inputs of `TokenScorer` for `micro` (padded or packed), on `device`."""
     keys = ("input_ids", "attention_mask", "position_ids", "response_mask", "predict_index")
-    return {"prompt_length": micro["prompt_length"],
-            **{key: None if micro.get(key) is None else micro[key].to(device) for key in keys}}
+    return {"prompt_length": micro.prompt_length,
+            **{key: None if getattr(micro, key) is None else getattr(micro, key).to(device) for key in keys}}
 
 
-def check_padding_free(score: Callable[[dict], Mapping[str, torch.Tensor]], *, tolerance: float) -> None:
+def check_padding_free(score: Callable[[MicroBatch], Mapping[str, torch.Tensor]], *, tolerance: float) -> None:
     """Refuse (RecipeError) a model whose attention ignores packed `position_ids`: two short
     sequences scored packed must get the log-probs they get padded, within `tolerance` (nats).
     Without this check such a model would let each sequence attend to the ones packed before it,
@@ -147,7 +188,7 @@ def check_padding_free(score: Callable[[dict], Mapping[str, torch.Tensor]], *, t
     for packed in (False, True):
         trainer = TrainerSection(max_tokens_per_micro_batch=64, padding_free=packed)
         [micro] = micro_batches(batch, range(2), trainer)
-        got[packed] = score(micro)["logprob"].float().cpu() * micro["response_mask"].cpu()
+        got[packed] = score(micro)["logprob"].float().cpu() * micro.response_mask.cpu()
     gap = float((got[True] - got[False]).abs().max())
     if not gap <= tolerance:
         raise RecipeError(
@@ -157,16 +198,16 @@ def check_padding_free(score: Callable[[dict], Mapping[str, torch.Tensor]], *, t
             "switch padding_free off (bucketed micro-batches: trainer.max_tokens_per_micro_batch alone).")
 
 
-def same_count_on_every_rank(micros: list[dict]) -> list[dict]:
+def same_count_on_every_rank(micros: list[MicroBatch]) -> list[MicroBatch]:
     """Pad `micros` to the largest count of any rank with dummies (copies of the last micro-batch,
     `dummy=True`: the caller drops their outputs and zeroes their loss). ZeRO gathers parameters in
     every forward (stage 3) and reduces gradients in every backward, so every rank must make the same
     number of calls; with a token budget the count depends on this rank's lengths. One all-reduce."""
     count = int(all_reduce_max(torch.tensor([float(len(micros))], dtype=torch.float64))[0])
-    return micros + [{**micros[-1], "dummy": True} for _ in range(count - len(micros))]
+    return micros + [replace(micros[-1], dummy=True) for _ in range(count - len(micros))]
 
 
-def scatter_rows(pieces: Iterable[tuple[dict, Mapping[str, torch.Tensor]]], num_rows: int,
+def scatter_rows(pieces: Iterable[tuple[MicroBatch, Mapping[str, torch.Tensor]]], num_rows: int,
                  response_length: int) -> dict[str, torch.Tensor]:
     """Put per-micro-batch outputs `[b, t]` back at their rows of a `[num_rows, response_length]`
     tensor per name (0 beyond each micro-batch's trimmed width: padding, masked everywhere)."""
@@ -175,18 +216,18 @@ def scatter_rows(pieces: Iterable[tuple[dict, Mapping[str, torch.Tensor]]], num_
         for name, value in values.items():
             if name not in out:
                 out[name] = value.new_zeros(num_rows, response_length)
-            out[name][micro["rows"], :value.shape[1]] = value
+            out[name][micro.rows, :value.shape[1]] = value
     return out
 
 
-def padding_summary(micros: Iterable[dict]) -> dict[str, float]:
+def padding_summary(micros: Iterable[MicroBatch]) -> dict[str, float]:
     """`perf/padding_fraction` (padding tokens / processed tokens, dummies all padding) and
     `perf/tokens_per_forward` (processed `[b, p+t]` tokens per forward) of the given forwards."""
     processed = real = forwards = 0
     for micro in micros:
-        processed += micro["input_ids"].numel()
-        mask = micro["attention_mask"]  # None: packed, every position a real token
-        real += 0 if micro["dummy"] else int(mask.sum()) if mask is not None else micro["input_ids"].numel()
+        processed += micro.input_ids.numel()
+        mask = micro.attention_mask  # None: packed, every position a real token
+        real += 0 if micro.dummy else int(mask.sum()) if mask is not None else micro.input_ids.numel()
         forwards += 1
     return {"perf/padding_fraction": 1.0 - real / processed if processed else 0.0,
             "perf/tokens_per_forward": processed / forwards if forwards else 0.0}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import random
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from urlvr.data.loaders import load_records
 from urlvr.data.records import DataError, PromptRecord
 from urlvr.data.stream import PromptStream
-from urlvr.data.templates import encode_prompts
+from urlvr.data.templates import EncodedPrompts, encode_prompts
 from urlvr.models.lora import apply_lora
 from urlvr.models.resolve import checked_model_path
 from urlvr.recipe import Recipe
@@ -80,6 +81,24 @@ def load_prompt_records(source, recipe: Recipe) -> list[PromptRecord]:
     return load_records(source.kind, **options)
 
 
+def encode_recipe_prompts(recipe: Recipe, tokenizer, records: Sequence[PromptRecord],
+                          context: int | None) -> EncodedPrompts:
+    """`records` encoded by the recipe's template, system prompt, suffix and long-prompt policy
+    (training, evaluation and `urlvr probe` alike); `context`: the model's context length."""
+    data = recipe.data
+    return encode_prompts(tokenizer, records, template=data.template, system_prompt=data.system_prompt,
+                          suffix=data.prompt_suffix, max_prompt_length=data.max_prompt_length,
+                          on_long_prompt=data.on_long_prompt, context_length=context)
+
+
+def warn_about_budget(recipe: Recipe, prompts: Sequence[PromptInput]) -> None:
+    """Print `budget_warning`'s start-up warning, if any, for the longest of `prompts`."""
+    longest_prompt = max((len(p.token_ids) for p in prompts), default=0)
+    warning = budget_warning(recipe.trainer.max_tokens_per_micro_batch, longest_prompt, recipe.rollout.max_new_tokens)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+
+
 def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
     settings = RunSettings.derive(recipe, dist)  # a batch that does not fit the world size fails first
     seed_everything(recipe.seed)
@@ -92,16 +111,10 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
         model = apply_lora(model, recipe.model.lora)
     records = load_prompt_records(recipe.data.source, recipe)
     # encode every prompt now: an over-long prompt fails before step 1, not at step 300
-    encoded = encode_prompts(
-        tokenizer, records, template=recipe.data.template, system_prompt=recipe.data.system_prompt,
-        suffix=recipe.data.prompt_suffix, max_prompt_length=recipe.data.max_prompt_length,
-        on_long_prompt=recipe.data.on_long_prompt, context_length=context_length(model),
-    )
+    encoded = encode_recipe_prompts(recipe, tokenizer, records, context_length(model))
     by_id = {p.prompt_id: p for p in encoded.inputs}
-    longest_prompt = max((len(p.token_ids) for p in encoded.inputs), default=0)
-    warning = budget_warning(recipe.trainer.max_tokens_per_micro_batch, longest_prompt, recipe.rollout.max_new_tokens)
-    if warning and dist.is_main:
-        print(warning, file=sys.stderr, flush=True)
+    if dist.is_main:
+        warn_about_budget(recipe, encoded.inputs)
     records = list(encoded.records)
     trainer = recipe.trainer
     stream = PromptStream(
@@ -119,7 +132,7 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
         total_optimizer_steps=total_steps * settings.minibatches_per_step * trainer.ppo_epochs,
     )
     if trainer.padding_free:  # before step 1: a model whose attention ignores packing fails here, not silently
-        check_padding_free(lambda micro: actor.score(_on_device(micro, dist.device), ("logprob",)),
+        check_padding_free(lambda micro: actor.score(micro.to(dist.device), ("logprob",)),
                            tolerance=1e-3 if recipe.optim.deepspeed.precision == "fp32" else 5e-2)
     if needs_reference and recipe.model.lora is not None:
         reference = AdapterOffReference(actor)  # no second copy: dynamics.kl_reference_device does not apply
@@ -165,11 +178,7 @@ def _evaluation_shard(source, recipe: Recipe, tokenizer, dist: DistInfo, context
     if unlabelled:
         raise DataError(f"{where}: {len(unlabelled)} prompts have no label (first: {unlabelled[0]!r}); "
                         "evaluation needs labels")
-    encoded = encode_prompts(
-        tokenizer, records, template=recipe.data.template, system_prompt=recipe.data.system_prompt,
-        suffix=recipe.data.prompt_suffix, max_prompt_length=recipe.data.max_prompt_length,
-        on_long_prompt=recipe.data.on_long_prompt, context_length=context,
-    )
+    encoded = encode_recipe_prompts(recipe, tokenizer, records, context)
     shard = slice(dist.rank, None, dist.world_size)
     return list(encoded.records[shard]), list(encoded.inputs[shard])
 
@@ -179,6 +188,3 @@ def _frozen_reference(recipe: Recipe, device: torch.device):
     model.requires_grad_(False)
     return TokenScorer(model).to(device).eval()
 
-
-def _on_device(micro: dict, device: torch.device) -> dict:
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in micro.items()}

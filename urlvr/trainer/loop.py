@@ -1,6 +1,7 @@
-"""The GRPO loop. `grpo_step` is the whole algorithm for one rollout batch, top to bottom:
-rollout -> score (a forward, only when needed) -> reward -> advantage -> policy-loss updates
--> weight sync -> metrics.
+"""The GRPO loop. `grpo_step` is the whole algorithm for one rollout batch, top to bottom, one
+named and timed function per stage, each handing a record on (trainer/stages.py):
+rollout (`Rollout`) -> score and reward (`Scored`; a forward only when needed) -> advantage
+-> update (`MicroBatch`es -> `UpdateResult`) -> weight sync -> metrics (metrics/step.py).
 
 Where it departs from the papers it follows, on purpose (docs/step.md):
 - On-policy means one optimizer step per rollout batch (Table 7). When no reward reads token
@@ -19,199 +20,111 @@ Where it departs from the papers it follows, on purpose (docs/step.md):
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 
-from urlvr.metrics import dynamics, tracking
-from urlvr.recipe import Recipe
-from urlvr.rewards.compose import BatchRewards, RewardTermSpec, score_batch
-from urlvr.rewards.policy import EnginePolicy
-from urlvr.rewards.base import RewardContext
-from urlvr.rollout.base import Group, RolloutBatch, hashed_seed
-from urlvr.rollout.collate import collate_groups
 from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
-from urlvr.trainer.batching import micro_batches, padding_summary, same_count_on_every_rank, scatter_rows, scorer_inputs
+from urlvr.dist import DistInfo, all_gather_objects, all_gather_rows
+from urlvr.metrics import step as step_metrics, tracking
+from urlvr.rewards.policy import EnginePolicy
+from urlvr.rollout.base import Group, RolloutBatch
+from urlvr.rollout.collate import collate_groups
 from urlvr.trainer.build import RunParts
 from urlvr.trainer.dynamic_sampling import Round, dynamic_sample
-from urlvr.trainer.sharding import RowLayout
-from urlvr.dist import DistInfo, all_gather_objects, all_gather_rows, all_reduce_max, all_reduce_sum
-from urlvr.algorithms.losses import KL_ESTIMATORS, token_weights
-from urlvr.algorithms.token_filters import TokenFilter, TokenSelection
+from urlvr.trainer.scoring import reference_logprobs, score_global_batch, score_masked_rows, score_rows
+from urlvr.trainer.stages import Rollout, Scored, StageTimer, UpdateResult, policy_handle, score_and_reward
+from urlvr.trainer.update import update_policy
 
 
-class StageTimer(dict):
-    """Wall time per named stage, reported as `time/<stage>`."""
-
-    @contextmanager
-    def __call__(self, stage: str):
-        start = time.perf_counter()
-        yield
-        self[f"time/{stage}"] = self.get(f"time/{stage}", 0.0) + time.perf_counter() - start
-
-
-def grpo_step(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int) -> tuple[dict[str, float], list[dict], list[dict]]:
+def grpo_step(parts: RunParts, dist: DistInfo, step: int) -> tuple[dict[str, float], list[dict], list[dict]]:
     """One GRPO step: this rank's whole groups for rollout, rewards and advantages, its even share
     of every mini-batch's rows for the update; returns (metrics, completions, per-prompt tracking
-    rows of every rank)."""
-    timer, algo, group_size, settings = StageTimer(), recipe.algorithm, recipe.rollout.group_size, parts.settings
-    layout = settings.layout
-    step_start = time.perf_counter()
-
+    rows of every rank). Reads the recipe through `parts.settings` only."""
+    settings, timer, step_start = parts.settings, StageTimer(), time.perf_counter()
     with timer("rollout"):  # this rank's whole prompts; every group stays on one rank
-        sampled = None
-        if recipe.rollout.dynamic_sampling.name != "none":  # DAPO: rounds of generate -> reward -> filter (refill)
-            sampled = dynamic_sample(parts.stream.next_batch, lambda batch_records, round_index: _sample_round(
-                parts, recipe, dist, step, batch_records, round_index), recipe.rollout.dynamic_sampling,
-                recipe.trainer.prompts_per_step, settings.prompts_per_round, dist)
-            records, drawn, groups = sampled.records, sampled.drawn, sampled.groups
-        else:
-            records = parts.stream.next_batch()
-            drawn, groups = _generate(parts, recipe, records, settings.train_sampling(step, len(records)))
-        # every rank collates the global batch, as one process would, and scores and trains its rows of it
-        every_group = all_gather_objects(groups)
-        batch = _to_device(collate_groups(every_group, pad_token_id=parts.tokenizer.pad_token_id), dist.device)
-        own = slice(settings.prompt_shard.start * group_size, settings.prompt_shard.stop * group_size)  # our groups' rows
-        truncated = _truncated_rows(every_group, batch) if algo.mask_truncated else None  # [B*G] bool
-
-    with timer("score"):  # old log-probs + exactly the declared statistics ([B*G, T] each); else the training forward gives them
-        stats = _score(parts, batch) if settings.scoring_pass else None
-        kl_every = recipe.dynamics.kl_to_initial_every  # KL to pi_0 measured even without a penalty
-        measure_kl = algo.kl_coef > 0 or (kl_every > 0 and step % kl_every == 0)
-        ref_logprobs = _reference_logprobs(parts, batch, recipe) if measure_kl else None
-        # no scoring pass, and the update will mask rows (mask_truncated): their training forward
-        # computes nothing, while the metrics describe every sampled token: score those rows now
-        masked_stats = _score_masked_rows(parts, batch, truncated) \
-            if stats is None and truncated is not None and truncated.any() else None
-
-    with timer("reward"):  # dynamic sampling scored each round's new groups already
-        lent = {name: value[own] for name, value in settings.lent_stats(stats).items()}  # reward.certainty_logits
-        contexts = _contexts(parts, groups, drawn, records, batch.response_mask[own], lent)
-        rewards = sampled.rewards if sampled is not None else _rewards(
-            parts, recipe, step, groups, contexts, settings.first_prompt_index())
-
-    with timer("advantage"):  # [B, G] -> one advantage per sample, broadcast over its tokens; every rank's
-        estimator = ADVANTAGE_ESTIMATORS.get(algo.advantage)
-        advantages = all_gather_rows(estimator(rewards.total.double(), eps=algo.advantage_eps).float().flatten())
-        advantages = advantages.to(dist.device)  # [B*G] of the global batch
-        rollout_batch = batch  # metrics describe every sampled row
-        if truncated is not None:  # DAPO's overlong filtering: truncated rows leave the update and its normalisers
-            batch = _without_rows(batch, truncated)
-
+        rollout = sample_rollout(parts, dist, step)
+    with timer("score"):  # KL to pi_0 (a penalty, or measured), and the rows the update will mask
+        reference = reference_logprobs(parts, rollout.batch) if settings.measures_kl(step) else None
+        masked = score_masked_rows(parts, rollout)
+    # old log-probs + exactly the declared statistics ([B*G, T] each); else the training forward gives them
+    scored = score_and_reward(rollout, lambda r: score_global_batch(parts, r.batch) if settings.scoring_pass else {},
+                              _policy(parts, step, rollout.first_prompt), settings, parts.tokenizer, timer)
+    with timer("advantage"):
+        scored = with_advantages(parts, scored, dist.device)
     with timer("update"):
         parts.engine.offload()  # a vLLM engine frees the device for the actor (sleep mode)
-        per_row = {"advantages": advantages, "sampler_logprobs": batch.sampler_logprobs}  # rows of the global batch
-        correction = None  # sampler/trainer mismatch correction (algorithm.mismatch), fixed for the step
-        if stats is not None:  # else old log-probs and IS weights come from each micro-batch's own forward
-            per_row["old_logprobs"] = stats["logprob"]
-            correction = algo.mismatch.weights(stats["logprob"], batch.sampler_logprobs, batch.response_mask)
-            if correction is not None:
-                per_row["is_weights"] = correction.weights
-        if algo.kl_coef > 0:
-            per_row["ref_logprobs"] = ref_logprobs
-        selected = torch.zeros_like(batch.response_mask, dtype=torch.bool)  # algorithm.token_filter, per mini-batch
-        micro_logs: list[tuple[dict[str, float], int]] = []  # (metrics, its real tokens) per real micro-batch
-        step_logs: list[tuple[dict[str, float], int]] = []  # one per optimizer step
-        forwards, trained = [], []  # every training forward; (micro, detached statistics) standing in for the scoring pass
-        for epoch in range(recipe.trainer.ppo_epochs):
-            for mb_start in range(0, layout.rows, layout.rows_per_minibatch):
-                minibatch = range(mb_start, mb_start + layout.rows_per_minibatch)  # every rank's rows
-                selection = _token_selection(algo.token_filter, batch, stats, advantages, minibatch,
-                                             hashed_seed(recipe.seed, step, epoch, mb_start))
-                if selection is not None:
-                    selected[minibatch.start:minibatch.stop] = selection.selected
-                # mini-batch-wide normalisers over all ranks' rows: micro-batching and sharding change nothing
-                n_tokens = float(batch.response_mask[minibatch.start:minibatch.stop].sum())
-                n_seqs = float(layout.rows_per_minibatch)
-                minibatch_loss = 0.0  # this rank's share of the mini-batch's policy loss, x world_size
-                lr = parts.actor.learning_rate()  # the rate this optimizer step uses (the scheduler moves on after it)
-                rows = layout.minibatch_rows(mb_start)  # this rank's even share of the mini-batch
-                # the selection is a [B, T] tensor like every per-row one: cut to each micro-batch's rows AND width
-                cut = per_row if selection is None else {**per_row, "selected": selected}
-                micros = _micro_batches_on_every_rank(batch, rows, recipe.trainer, cut)
-                for i, micro in enumerate(micros):
-                    loss, policy_loss, log, out = _micro_batch_loss(
-                        parts, micro, dist.world_size, n_seqs, n_tokens, micro.get("selected"))
-                    last = i == len(micros) - 1
-                    parts.actor.backward_and_step(loss * 0.0 if micro["dummy"] else loss, last_of_minibatch=last)
-                    forwards.append(micro)
-                    if micro["dummy"]:
-                        continue
-                    minibatch_loss += policy_loss
-                    micro_logs.append((log, int(micro["response_mask"].sum())))
-                    trained.append((micro, out))
-                # summed over micro-batches here, over ranks by the mean (x world_size) in the metrics
-                step_log = {"loss/policy": minibatch_loss, "actor/grad_norm": parts.actor.grad_norm(), "actor/lr": lr}
-                if selection is not None:  # the same on every rank: selected over the whole mini-batch
-                    step_log.update({f"actor/token_filter/{k}": v for k, v in selection.metrics.items()})
-                step_logs.append((step_log, 1))
-        step_logs.append((padding_summary(forwards), 1))  # the only entry with these keys
-        if stats is None:  # on-policy, one pass over every row: the training forwards' statistics, every rank's
-            stats = _gather_rows(scatter_rows(trained, *batch.response_mask.shape), layout,
-                                 [*settings.train_stats, *settings.logged_train_stats], batch)
-            if masked_stats is not None:  # rows the update masked: their statistics from before it
-                stats = {name: torch.where(truncated.unsqueeze(-1), masked_stats[name], value)
-                         for name, value in stats.items()}
-            # the same weights the micro-batches used (each row's depends on that row only), for the metrics
-            correction = algo.mismatch.weights(stats["logprob"], batch.sampler_logprobs, batch.response_mask)
-
+        update = update_policy(parts, rollout, scored, reference, masked, step)
     with timer("weight_sync"):  # the next rollout (and any evaluation) samples the updated policy
         parts.engine.sync_weights(parts.actor.model)
-
     with timer("metrics"):
-        metrics, prompt_rows = _step_metrics(groups, records, rollout_batch, own, stats, rewards, contexts,
-                                             micro_logs + step_logs, parts, timer, recipe, ref_logprobs, step, correction)
-        metrics.update(sampled.metrics if sampled is not None else {})  # dynamic_sampling/*, already global
+        metrics, prompt_rows = _step_metrics(parts, rollout, scored, update, reference, timer, step)
     metrics["time/step"] = time.perf_counter() - step_start
     metrics["perf/tokens_per_second"] = metrics["perf/response_tokens"] / metrics["time/step"]
-    completions = _completions(groups, records, rewards, contexts, recipe.logging.completions_per_step, step)
+    completions = _completions(rollout, scored, settings.recipe.logging.completions_per_step, step)
     return metrics, completions, prompt_rows
 
 
-# --------------------------------------------------------------------------- helpers of the step
-def _generate(parts: RunParts, recipe: Recipe, records, sampling) -> tuple[list[Group], list[Group]]:
+# --------------------------------------------------------------------------- the stages
+def sample_rollout(parts: RunParts, dist: DistInfo, step: int) -> Rollout:
+    """This rank's prompts and groups (DAPO's dynamic sampling: rounds of generate -> reward ->
+    filter, refilled), and the global batch every rank collates, as one process would, to score
+    and train its rows of it."""
+    settings, recipe = parts.settings, parts.settings.recipe
+    rewards, sampling_metrics = None, {}
+    if recipe.rollout.dynamic_sampling.name != "none":
+        sampled = dynamic_sample(parts.stream.next_batch, lambda batch_records, round_index: _sample_round(
+            parts, dist, step, batch_records, round_index), recipe.rollout.dynamic_sampling,
+            recipe.trainer.prompts_per_step, settings.prompts_per_round, dist)
+        records, drawn, groups = sampled.records, sampled.drawn, sampled.groups
+        rewards, sampling_metrics = sampled.rewards, sampled.metrics
+    else:
+        records = parts.stream.next_batch()
+        drawn, groups = _generate(parts, records, settings.train_sampling(step, len(records)))
+    every_group = all_gather_objects(groups)
+    batch = _to_device(collate_groups(every_group, pad_token_id=parts.tokenizer.pad_token_id), dist.device)
+    truncated = _truncated_rows(every_group, batch) if recipe.algorithm.mask_truncated else None  # [B*G] bool
+    return Rollout(records, drawn, groups, batch, settings.own_rows, settings.first_prompt_index(), rewards,
+                   sampling_metrics, truncated)
+
+
+def with_advantages(parts: RunParts, scored: Scored, device: torch.device) -> Scored:
+    """`scored` with the advantages of the global batch `[B*G]`: each rank's groups `[B, G]` by
+    the recipe's estimator, one per sample (broadcast over its tokens by the loss), gathered."""
+    algo = parts.settings.recipe.algorithm
+    estimator = ADVANTAGE_ESTIMATORS.get(algo.advantage)
+    advantages = all_gather_rows(estimator(scored.rewards.total.double(), eps=algo.advantage_eps).float().flatten())
+    return replace(scored, advantages=advantages.to(device))
+
+
+# --------------------------------------------------------------------------- rollout helpers
+def _generate(parts: RunParts, records, sampling) -> tuple[list[Group], list[Group]]:
     """(voting groups, trained groups) of `records`: `vote_group_size` samples drawn, the first
     `group_size` of each trained (TTRL: draw more samples to vote than to train)."""
-    group_size = recipe.rollout.group_size
+    group_size = parts.settings.group_size
     with parts.generation_context():
         drawn = parts.engine.generate([parts.prompts[r.prompt_id] for r in records],
-                                      recipe.reward.vote_group_size or group_size, sampling)
+                                      parts.settings.recipe.reward.vote_group_size or group_size, sampling)
     return drawn, [replace(g, samples=g.samples[:group_size]) for g in drawn]
 
 
-def _contexts(parts: RunParts, groups, drawn, records, response_mask: torch.Tensor,
-              lent: dict[str, torch.Tensor]) -> list[RewardContext]:
-    """One reward context per group, lending the rewards' statistics of its rows (`response_mask`
-    and `lent` hold these groups' rows, in order)."""
-    settings, group_size = parts.settings, parts.settings.recipe.rollout.group_size
-    return [settings.reward_context(group, voters, record, response_mask[g * group_size:(g + 1) * group_size],
-                                    {name: value[g * group_size:(g + 1) * group_size] for name, value in lent.items()},
-                                    parts.tokenizer)
-            for g, (group, voters, record) in enumerate(zip(groups, drawn, records, strict=True))]
-
-
-def _rewards(parts: RunParts, recipe: Recipe, step: int, groups, contexts, first_prompt_index: int) -> BatchRewards:
-    """The recipe's reward terms (and the metrics-only oracle) over these groups."""
-    settings = parts.settings
-    terms = [RewardTermSpec(t.name, t.weight, t.kwargs, t.key, t.gate, t.on_error) for t in recipe.reward.terms]
-    policy = EnginePolicy(  # lent to rewards that generate (self-verification): one batched call each
-        parts.engine, parts.tokenizer, template=recipe.data.template, system_prompt=recipe.data.system_prompt,
-        prompt_suffix=recipe.data.prompt_suffix, sampling=settings.policy_sampling(),
-        seed=settings.sampling_seed(step, first_prompt_index), generation_context=parts.generation_context)
-    return score_batch(groups, contexts, terms, recipe.reward.oracle, policy)
-
-
-def _sample_round(parts: RunParts, recipe: Recipe, dist: DistInfo, step: int, records, round_index: int) -> Round:
+def _sample_round(parts: RunParts, dist: DistInfo, step: int, records, round_index: int) -> Round:
     """One round of dynamic sampling on this rank: generate, score its own new groups only if a
     reward reads token statistics (the step's scoring pass runs again on the selected groups), reward."""
     settings = parts.settings
-    drawn, groups = _generate(parts, recipe, records, settings.round_sampling(step, round_index, len(records)))
+    drawn, groups = _generate(parts, records, settings.round_sampling(step, round_index, len(records)))
     batch = _to_device(collate_groups(groups, pad_token_id=parts.tokenizer.pad_token_id), dist.device)
-    stats = _score_rows(parts, batch, range(batch.input_ids.shape[0])) if settings.reward_stats else {}
-    contexts = _contexts(parts, groups, drawn, records, batch.response_mask, settings.lent_stats(stats) if stats else {})
-    first = settings.round_first_index(round_index)
-    return Round(records, drawn, groups, contexts, _rewards(parts, recipe, step, groups, contexts, first))
+    rows = range(batch.input_ids.shape[0])
+    rollout = Rollout(records, drawn, groups, batch, slice(rows.start, rows.stop), settings.round_first_index(round_index))
+    scored = score_and_reward(rollout, lambda r: score_rows(parts, r.batch, rows) if settings.reward_stats else {},
+                              _policy(parts, step, rollout.first_prompt), settings, parts.tokenizer)
+    return Round(records, drawn, groups, scored.contexts, scored.rewards)
+
+
+def _policy(parts: RunParts, step: int, first_prompt: int) -> EnginePolicy:
+    """The policy handle of this rank's rewards, seeded by the step and its first prompt's global index."""
+    return policy_handle(parts.engine, parts.tokenizer, parts.settings, parts.settings.sampling_seed(step, first_prompt),
+                         parts.generation_context)
 
 
 def _truncated_rows(groups, batch: RolloutBatch) -> torch.Tensor:
@@ -222,23 +135,6 @@ def _truncated_rows(groups, batch: RolloutBatch) -> torch.Tensor:
                         device=batch.response_mask.device)
 
 
-def _without_rows(batch: RolloutBatch, rows: torch.Tensor) -> RolloutBatch:
-    """The batch with the response mask of `rows` (`[B*G]` bool) zeroed."""
-    return replace(batch, response_mask=batch.response_mask.masked_fill(rows.unsqueeze(-1), 0))
-
-
-def _score_masked_rows(parts: RunParts, batch: RolloutBatch, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The statistics the training forwards compute (`[B*G, T]` each, every rank's rows), measured
-    by a no-grad forward of the rollout's policy over `rows` (`[B*G]` bool), zero elsewhere. Why:
-    the training forward of a row the update masks (`mask_truncated`) computes nothing for it, and
-    the metrics (entropy, sampler mismatch, KL to pi_0, the collapse detectors) describe every
-    sampled token, not only the trained ones. Only these rows pay a forward, and no backward."""
-    settings = parts.settings
-    layout, names = settings.layout, (*settings.train_stats, *settings.logged_train_stats)
-    own = [row for run in layout.scored_rows() for row in run if rows[row]]  # this rank's share of them
-    return _gather_rows(_score_rows(parts, batch, own, names, ()), layout, names, batch)
-
-
 def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
     if device.type == "cpu":
         return batch
@@ -246,225 +142,36 @@ def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
                              ("input_ids", "attention_mask", "response_mask", "sampler_logprobs")})
 
 
-def _micro_batch_loss(parts: RunParts, micro: dict, world_size: int, num_sequences: float, num_tokens: float,
-                      selected: torch.Tensor | None,
-                      ) -> tuple[torch.Tensor, float, dict[str, float], dict[str, torch.Tensor]]:
-    """(the micro-batch's loss to backward, its policy-loss share, its metrics, its forward's
-    statistics detached): the recipe's loss variant (restricted to the `selected` tokens of a
-    token filter, if any) weighted by the mini-batch-wide aggregation weights and the mismatch
-    correction, plus the KL and entropy terms the recipe turns on."""
-    algo, settings = parts.settings.recipe.algorithm, parts.settings
-    mask = micro["response_mask"].float()  # [b, T]
-    out = parts.actor.forward(micro, settings.train_stats, detached_stats=settings.logged_train_stats)
-    # no scoring pass (on-policy): the old policy is this very forward's, so the ratio is exactly 1
-    old_logprobs = micro["old_logprobs"] if "old_logprobs" in micro else out["logprob"].detach()
-    loss_stats = algo.loss.stats()  # current-policy statistics the loss reads, from this forward
-    loss_out = algo.loss(out["logprob"], old_logprobs, micro["advantages"], mask,
-                         **({"token_stats": {n: out[n] for n in loss_stats}} if loss_stats else {}))
-    per_token_loss = loss_out.per_token_loss  # [b, T]
-    if selected is not None:
-        per_token_loss = algo.token_filter.apply(per_token_loss, out["logprob"], old_logprobs, selected)
-    # x world_size: DeepSpeed averages gradients over ranks; we want the global sum
-    weights = world_size * token_weights(
-        mask, algo.loss_aggregation, max_response_length=settings.recipe.rollout.max_new_tokens,
-        num_sequences=int(num_sequences), num_tokens=int(num_tokens),
-    )  # [b, T]
-    if "is_weights" in micro:  # algorithm.mismatch, fixed for the step by the scoring pass
-        policy_weights = weights * micro["is_weights"]
-    elif "old_logprobs" not in micro:  # no scoring pass: this forward's detached log-probs give the same weights
-        correction = algo.mismatch.weights(out["logprob"].detach(), micro["sampler_logprobs"], micro["response_mask"])
-        policy_weights = weights if correction is None else weights * correction.weights
-    else:
-        policy_weights = weights
-    loss = (policy_weights * per_token_loss).sum()
-    policy_loss = loss.item()
-    log = {f"actor/{k}": v for k, v in loss_out.metrics.items()}
-    if "ref_logprobs" in micro:
-        kl = KL_ESTIMATORS.get(algo.kl_estimator)(out["logprob"], micro["ref_logprobs"])  # [b, T]
-        loss = loss + algo.kl_coef * (weights * kl).sum()
-        log["actor/kl_to_reference"] = dynamics.masked_mean(kl.detach(), mask)
-    if algo.entropy_coef > 0:
-        loss = loss - algo.entropy_coef * (weights * out["entropy"]).sum()
-    return loss, policy_loss, log, {name: value.detach() for name, value in out.items()}
-
-
-def _micro_batches_on_every_rank(batch: RolloutBatch, rows, trainer, per_row=None) -> list[dict]:
-    """This rank's micro-batches of `rows`, padded with dummies to the count of the rank with the
-    most (ZeRO needs equal forward/backward calls); a rank with no rows runs dummies only."""
-    micros = micro_batches(batch, rows, trainer, per_row) if len(rows) else \
-        [{**micro_batches(batch, [0], trainer, per_row)[0], "dummy": True}]
-    return same_count_on_every_rank(micros)
-
-
-def _gather_rows(local: dict[str, torch.Tensor], layout: RowLayout, names, batch: RolloutBatch) -> dict[str, torch.Tensor]:
-    """Every rank's rows of the `[B*G, T]` statistics `names` (`local` holds zeros where another
-    rank computed the row, and may lack a name on a rank that had no rows): each row is computed
-    by exactly one rank, so a sum over ranks puts every row in place, exactly."""
-    if layout.world_size == 1:
-        return local
-    return {name: all_reduce_sum(local[name] if name in local else torch.zeros_like(batch.sampler_logprobs))
-            for name in names}
-
-
-def _score_rows(parts: RunParts, batch: RolloutBatch, rows, stats: tuple[str, ...] | None = None,
-                raw_stats: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-    """The scoring pass over `rows` of `batch`: `stats` (default: the run's declared scoring
-    statistics, and certainty also on raw logits when reward.certainty_logits asks), `[B*G, T]`
-    each, zero on the other rows. Every rank calls it (with no rows: dummy forwards only)."""
-    settings = parts.settings
-    stats = settings.score_stats if stats is None else stats
-    raw_stats = settings.raw_score_stats if raw_stats is None else raw_stats
-    micros = _micro_batches_on_every_rank(batch, rows, settings.recipe.trainer)
-    pieces = [(micro, parts.actor.score(micro, stats, raw_stats)) for micro in micros]
-    return scatter_rows([(micro, out) for micro, out in pieces if not micro["dummy"]], *batch.response_mask.shape)
-
-
-def _score(parts: RunParts, batch: RolloutBatch) -> dict[str, torch.Tensor]:
-    """Each rank scores its rows of the global batch; the rows are then gathered, so every rank
-    holds every row's statistics."""
-    settings, layout = parts.settings, parts.settings.layout
-    local = _score_rows(parts, batch, [row for run in layout.scored_rows() for row in run])
-    return _gather_rows(local, layout, [*settings.score_stats, *(f"raw_{n}" for n in settings.raw_score_stats)], batch)
-
-
-@torch.no_grad()
-def _reference_logprobs(parts: RunParts, batch: RolloutBatch, recipe: Recipe) -> torch.Tensor:
-    """pi_0's log-probs of every row: each rank its scored rows, then gathered (no dummies: the
-    reference is a plain module, no collectives)."""
-    layout, pieces = parts.settings.layout, []
-    rows = [row for run in layout.scored_rows() for row in run]
-    device = next(parts.reference.parameters()).device  # the training device, or the host (dynamics.kl_reference_device)
-    for micro in (micro_batches(batch, rows, recipe.trainer) if rows else []):
-        logprob = parts.reference(**scorer_inputs(micro, device), temperature=recipe.rollout.temperature,
-                                  stats=("logprob",))["logprob"]
-        pieces.append((micro, {"logprob": logprob.to(batch.input_ids.device)}))
-    local = scatter_rows(pieces, *batch.response_mask.shape) or {"logprob": torch.zeros_like(batch.sampler_logprobs)}
-    return _gather_rows(local, layout, ["logprob"], batch)["logprob"]
-
-
-def _token_selection(token_filter: TokenFilter, batch: RolloutBatch, stats: dict[str, torch.Tensor],
-                     advantages: torch.Tensor, minibatch: range, seed: int) -> TokenSelection | None:
-    """The token filter's selection over the WHOLE mini-batch (every rank holds every row), so
-    neither micro-batching nor the number of ranks changes it."""
-    if token_filter.name == "none":
-        return None
-    rows = slice(minibatch.start, minibatch.stop)
-    return token_filter.select(stats["logprob"][rows], advantages[rows], batch.response_mask[rows],
-                               {n: stats[n][rows] for n in token_filter.stats()}, torch.Generator().manual_seed(seed))
-
-
-def _reward_term_metrics(rewards: BatchRewards, num_groups: int) -> tuple[dict[str, float], dict[str, int]]:
-    """Per-term error rates (on_error: zero) and the means of the terms' diagnostics, with what
-    each is a mean over (groups, finite values); timed terms' timeouts, summed over ranks here."""
-    out = {f"reward/{key}/error_rate": rate for key, rate in rewards.errors.items()}
-    counts = dict.fromkeys(out, num_groups)
-    if rewards.timeouts:  # the same keys on every rank (BatchRewards.timeouts), so the same collective
-        timeouts = all_reduce_sum(torch.tensor([float(n) for n in rewards.timeouts.values()], dtype=torch.float64))
-        out.update({f"reward/{key}_timeouts": float(n) for key, n in zip(rewards.timeouts, timeouts)})
-    for key, values in rewards.diagnostics.items():
-        finite = values[torch.isfinite(values)]
-        out[f"reward/{key}_mean"] = float(finite.mean()) if finite.numel() else 0.0
-        counts[f"reward/{key}_mean"] = finite.numel()
-    return out, counts
-
-
-def _mean_logs(logs: list[tuple[dict[str, float], int]]) -> tuple[dict[str, float], dict[str, int]]:
-    """Per key, over the logs of positive weight that have it: `*_max` the max, `*_min` the min,
-    any other key the weighted mean (0.0 if none) with its total weight as count. A micro-batch's
-    weight is its real tokens, so a token mean (`actor/ratio_mean`, `actor/clip_fraction`) and
-    an extreme come out the same however the micro-batches are cut; a step entry weighs 1.
-    Extremes get no count: `_reduce_over_ranks` then takes their max/min over ranks too."""
-    keys = {k for log, _ in logs for k in log}
-    means, counts = {}, {}
-    for key in keys:
-        present = [(log[key], weight) for log, weight in logs if key in log and weight > 0]
-        if key.endswith("_max"):
-            means[key] = max((value for value, _ in present), default=0.0)
-        elif key.endswith("_min"):
-            means[key] = min((value for value, _ in present), default=0.0)
-        else:
-            counts[key] = sum(weight for _, weight in present)
-            means[key] = sum(value * weight for value, weight in present) / max(1, counts[key])
-    return means, counts
-
-
-def _step_metrics(groups, records, batch, own: slice, stats, rewards: BatchRewards, contexts, update_logs,
-                  parts: RunParts, timer: StageTimer, recipe: Recipe, ref_logprobs, step: int,
-                  correction) -> tuple[dict[str, float], list[dict]]:
-    """Each rank measures its own groups (rows `own` of the global batch); `_reduce_over_ranks` combines them."""
-    mask = batch.response_mask[own].float()
-    logprob, sampler_logprobs = stats["logprob"][own], batch.sampler_logprobs[own]
-    answers, voters = [ctx.answers for ctx in contexts], [ctx.voters for ctx in contexts]
-    mismatch = torch.where(mask.bool(), (logprob - sampler_logprobs).abs(), 0.0)
-    responses = dynamics.response_metrics(groups, ngram=recipe.dynamics.repetition_ngram)
-    term_metrics, term_counts = _reward_term_metrics(rewards, len(groups))
-    update, update_counts = _mean_logs(update_logs)
-    local = {
-        "rollout/logprob_mismatch_max": float(mismatch.max()) if mismatch.numel() else 0.0,
-        **responses, **term_metrics,
-        "dynamics/answer_rate": sum(a is not None for group in answers for a in group) / mask.shape[0],
-        **update, **timer,
-        # computed over the whole batch, the same on every rank: the plain mean over ranks is that value
-        **(correction.sequence_means if correction is not None else {}),
-    }
-    sample_means = [k for k in responses if not k.endswith(("_max", "_min"))] + ["dynamics/answer_rate"]
-    counts = {**dict.fromkeys(sample_means, mask.shape[0]), **term_counts, **update_counts}
-    token_means = {  # ranks hold different token counts: weight each rank's mean by its count
-        **{f"actor/{name}_mean": dynamics.masked_mean(stats[name][own], mask) for name in parts.settings.metric_stats},
-        **dynamics.sampler_mismatch_metrics(logprob, sampler_logprobs, mask),
-        **(correction.token_means if correction is not None else {}),  # whole batch: any token weighting gives it
-    }
-    if ref_logprobs is not None:  # KL(pi || pi_0) of the policy that sampled this batch
-        token_means["actor/kl_to_initial"] = dynamics.masked_mean(dynamics.kl_k3(logprob, ref_logprobs[own]), mask)
-    metrics = _reduce_over_ranks(local, counts, token_means, float(mask.sum()))
-    # label metrics and p_maj over the global batch: gather per-sample [B, G] and per-prompt [B] rows
-    oracle = rewards.oracle
-    if oracle is None and recipe.reward.oracle is not None:  # no label on this rank: NaN rows, same shapes
-        oracle = torch.full(rewards.total.shape, float("nan"))
-    p_maj = dynamics.majority_ratios(voters)  # [B]
-    majority_correct = dynamics.majority_correctness(voters, answers, oracle, [r.label for r in records])  # [B]
-    metrics["dynamics/majority_ratio"] = float(all_gather_rows(p_maj).mean())
-    # label metrics, std and zero-variance groups need every sample: gather the small [B, G] rewards once
-    total = all_gather_rows(rewards.total)
-    # each label metric only where the reward's family defines it (Reward Accuracy: verdicts only)
-    family, verdict = parts.settings.reward_family
-    judged = total if verdict is None else all_gather_rows(rewards.per_term[recipe.reward.terms[verdict].key])
-    metrics.update(dynamics.label_metrics(
-        judged, None if oracle is None else all_gather_rows(oracle), all_gather_rows(majority_correct), family=family))
-    metrics.update(dynamics.reward_metrics(total, {name: all_gather_rows(s) for name, s in rewards.per_term.items()}))
-    metrics["actor/optimizer_steps_per_rollout"] = float(parts.settings.minibatches_per_step * recipe.trainer.ppo_epochs)
+# --------------------------------------------------------------------------- what the step logs
+def _step_metrics(parts: RunParts, rollout: Rollout, scored: Scored, update: UpdateResult,
+                  reference: torch.Tensor | None, timer: StageTimer, step: int) -> tuple[dict[str, float], list[dict]]:
+    """Each rank measures its own groups (rows `rollout.own` of the global batch); metrics/step.py
+    reduces them over ranks. Returns (metrics, per-prompt tracking rows of every rank)."""
+    settings, own, batch = parts.settings, rollout.own, rollout.batch  # the metrics describe every sampled row
+    recipe, mask = settings.recipe, batch.response_mask[own].float()
+    local, counts = step_metrics.rank_metrics(rollout.groups, scored.contexts, scored.rewards, mask, update.logs,
+                                              timer, update.correction, ngram=recipe.dynamics.repetition_ngram)
+    token_means, extremes = step_metrics.token_metrics(
+        {name: update.stats[name][own] for name in ("logprob", *settings.metric_stats)}, batch.sampler_logprobs[own],
+        mask, settings.metric_stats, update.correction, None if reference is None else reference[own])
+    metrics = step_metrics.reduce_over_ranks({**extremes, **local}, counts, token_means, float(mask.sum()))
+    family, verdict = settings.reward_family
+    labels, p_maj, majority_correct, oracle = step_metrics.global_label_metrics(
+        scored.rewards, scored.contexts, rollout.records, oracle_named=recipe.reward.oracle is not None, family=family,
+        verdict_key=None if verdict is None else recipe.reward.terms[verdict].key)
+    metrics.update(labels)
+    metrics["actor/optimizer_steps_per_rollout"] = float(settings.minibatches_per_step * recipe.trainer.ppo_epochs)
+    metrics.update(rollout.sampling_metrics)  # dynamic_sampling/*, already global
     tracked = recipe.dynamics.track_prompts
     prompt_rows = [] if tracked is None else tracking.gather_rows(tracking.rollout_rows(
-        step, records, voters, p_maj, majority_correct, rewards.total, oracle, tracked))
+        step, rollout.records, [ctx.voters for ctx in scored.contexts], p_maj, majority_correct,
+        scored.rewards.total, oracle, tracked))
     return metrics, prompt_rows
 
 
-def _reduce_over_ranks(local: dict[str, float], counts: dict[str, int], token_means: dict[str, float],
-                       tokens: float) -> dict[str, float]:
-    """A key of `local` with a count is a mean over that many of this rank's items (samples,
-    groups, micro-batches: ranks hold unequal shares), so the ranks' values are weighted by their
-    counts; without a count, `*_max` keys take the max over ranks, `*_min` keys the min, and the
-    rest (timings) the plain mean. `token_means` are weighted by each rank's `tokens`. Keys
-    present on all ranks. Adds `perf/response_tokens`."""
-    keys, weighted = sorted(local), sorted(token_means)
-    count = torch.tensor([float(counts.get(k, 1)) for k in keys], dtype=torch.float64)  # 1: each rank the same
-    total = all_reduce_sum(count)
-    share = torch.where(total > 0, count / total.clamp(min=1e-300), 0.0)  # this rank's weight: 1.0 in a world of one
-    raw = torch.tensor([local[k] for k in keys], dtype=torch.float64)
-    values = torch.cat([torch.where(count > 0, raw * share, 0.0),
-                        torch.tensor([token_means[k] * tokens for k in weighted] + [tokens], dtype=torch.float64)])
-    sums, maxima, minima = all_reduce_sum(values), all_reduce_max(raw), -all_reduce_max(-raw)
-    out = {k: float(sums[i] if k in counts or not k.endswith(("_max", "_min"))
-                    else maxima[i] if k.endswith("_max") else minima[i]) for i, k in enumerate(keys)}
-    total_tokens = float(sums[-1])
-    out.update({k: float(sums[len(keys) + j]) / total_tokens if total_tokens else 0.0 for j, k in enumerate(weighted)})
-    out["perf/response_tokens"] = total_tokens
-    return out
-
-
-def _completions(groups, records, rewards: BatchRewards, contexts, how_many: int, step: int) -> list[dict]:
-    out = []
-    for index, (group, record, ctx) in enumerate(zip(groups, records, contexts)):
+def _completions(rollout: Rollout, scored: Scored, how_many: int, step: int) -> list[dict]:
+    out, rewards = [], scored.rewards
+    for index, (group, record, ctx) in enumerate(zip(rollout.groups, rollout.records, scored.contexts)):
         for j, sample in enumerate(group.samples):
             if len(out) >= how_many:
                 return out

@@ -100,7 +100,7 @@ class Trainer:
         checkpoints; returns (last step done, the alarm that stopped the run or None)."""
         recipe, done = self.recipe, start_step
         for step in range(start_step + 1, parts.total_steps + 1):
-            metrics, completions, prompt_rows = grpo_step(parts, recipe, dist, step)
+            metrics, completions, prompt_rows = grpo_step(parts, dist, step)
             done = step
             result.metrics.append({"step": step, **metrics})
             alarms = self.monitor.observe(step, metrics)

@@ -75,6 +75,28 @@ class RunSettings:
             reward_family=reward_family([(t.name, t.weight) for t in recipe.reward.terms]),
         )
 
+    # ------------------------------------------------------------------ the step's shape
+    @property
+    def group_size(self) -> int:
+        """Samples trained per prompt (`rollout.group_size`)."""
+        return self.recipe.rollout.group_size
+
+    @property
+    def own_rows(self) -> slice:
+        """This rank's rows of each step's global batch: the whole groups of its prompts."""
+        return slice(self.prompt_shard.start * self.group_size, self.prompt_shard.stop * self.group_size)
+
+    @property
+    def temperature(self) -> float:
+        """The rollout's temperature, which every scoring forward applies to the logits."""
+        return self.recipe.rollout.temperature
+
+    def measures_kl(self, step: int) -> bool:
+        """Whether step `step` needs pi_0's log-probs: a KL penalty, or KL to pi_0 measured every
+        `dynamics.kl_to_initial_every` steps (even without a penalty)."""
+        every = self.recipe.dynamics.kl_to_initial_every
+        return self.recipe.algorithm.kl_coef > 0 or (every > 0 and step % every == 0)
+
     # ------------------------------------------------------------------ token statistics
     @property
     def scoring_pass(self) -> bool:
@@ -124,6 +146,11 @@ class RunSettings:
         """A per-(step, prompt) seed, keyed by the prompt's index in the global batch: rollouts are
         reproducible, resume-exact without RNG replay, and the same on 1 rank or 8."""
         return hashed_seed(self.recipe.seed, step, prompt_index, bits=62)
+
+    def token_filter_seed(self, step: int, epoch: int, first_row: int) -> int:
+        """The seed of the token filter's draw over the mini-batch starting at row `first_row` of
+        `step`'s global batch in `epoch`: the same on 1 rank or 8, and resume-exact."""
+        return hashed_seed(self.recipe.seed, step, epoch, first_row)
 
     def first_prompt_index(self) -> int:
         """Global index of this rank's first prompt (ranks hold contiguous slices)."""
