@@ -264,7 +264,7 @@ def inverse_cdf_draw(probs: torch.Tensor, generators: Sequence[torch.Generator])
     trainer's prompt seeds promise). Returns [A] int64.
 
     Why inverse-CDF: one uniform per row is O(1) RNG work per row instead of O(V) -- the
-    exponential race it replaced filled V = 49k-262k noise floats per row per token, 7.3% of a
+    exponential race it replaced filled V = 49k-262k noise floats per row per token, 7.3-8.0% of a
     SmolLM2 rollout (docs/benchmarks.md). The cumulative sum is float64 so that a 262k
     vocabulary's tail keeps its mass; a token of probability 0 owns an empty interval
     [F(v-1), F(v)) and is never drawn.
