@@ -69,7 +69,11 @@ def recipe_for(model_path: Path, out: Path, zero_stage: int, *, group_size: int 
         rollout={"group_size": group_size, "max_new_tokens": int(BUDGET), "stop_token_ids": [3, 4, 5, 6, 7]},
         trainer={"total_steps": STEPS, "prompts_per_step": PROMPTS_PER_STEP, "prompts_per_minibatch": PROMPTS_PER_STEP,
                  "micro_batch_size": 8, "save_every": 0, **(trainer or {})},
-        optim={"lr": 1e-3, "deepspeed": {"zero_stage": zero_stage}},
+        # A large Adam eps keeps each update linear in the gradient. With the default, the first
+        # steps are lr x sign(g): ZeRO-3's reduce-scatter sums in another order, and in an element
+        # whose gradient is float noise that order picked the sign of a full lr step (one v_proj
+        # element 4.9e-5 apart after the inverse-CDF sampler of 14abf5d changed the samples).
+        optim={"lr": 1e-3, "adam_eps": 1e-2, "deepspeed": {"zero_stage": zero_stage}},
         # KL to pi_0 (a frozen reference per rank) and per-prompt tracking (rows gathered from every rank)
         dynamics={"kl_to_initial_every": 2, "track_prompts": "all", "greedy_every": 2},
     )

@@ -270,8 +270,8 @@ def test_gemma3_base_loads_and_takes_a_step_with_the_plain_template(gemma3, tmp_
 
 # ------------------------------------------------------------------------- the rise (SmolLM2)
 RISE_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "real" / "smollm2-majority.yaml"
-RISE_STEPS = 8  # 6 were too few: seed 0 rose only 0.06 by step 6 (0.19 0.19 0.19 0.38 0.28 0.22)
-RISE_MARGIN = 0.1  # the sweep below: lr 1e-5 rose 0.16-0.55 on three seeds, lr 1e-9 fell 0.14
+RISE_STEPS = 8  # 6 were too few (before 14abf5d's sampler, seed 0 had risen only 0.06 by step 6)
+RISE_MARGIN = 0.1  # the sweep below: lr 1e-5 rose 0.31-0.45 on three seeds, lr 1e-9 fell 0.03
 
 
 def _rise(run_dir: Path, *, seed: int, lr: float) -> tuple[float, list[float]]:
@@ -290,21 +290,24 @@ def test_majority_vote_rise_on_single_digit_sums_and_none_at_lr_1e9(smollm2, tmp
     """The paper's rise on a real model: label-free majority voting (the ground truth is logged,
     never trained on) makes SmolLM2 right more often within 8 steps, and lr 1e-9 does not.
 
-    The sweep behind RISE_STEPS and RISE_MARGIN (the recipe as committed, `--set
-    trainer.total_steps=8 seed=S`; ground truth of each step's 4 prompts x 8 samples, steps 1-8):
+    The sweep behind RISE_MARGIN (the recipe as committed, `--set trainer.total_steps=8 seed=S`
+    [--set optim.lr=1e-9]; ground truth of each step's 4 prompts x 8 samples, steps 1-8), redone
+    under the inverse-CDF sampler of commit 14abf5d, which changed every sampled token:
 
-        seed 0, lr 1e-5: 0.19 0.19 0.19 0.38 0.28 0.22 0.25 0.56  rise +0.22
-        seed 1, lr 1e-5: 0.06 0.03 0.09 0.19 0.28 0.41 0.09 0.31  rise +0.16
-        seed 2, lr 1e-5: 0.09 0.16 0.28 0.31 0.41 0.56 0.62 0.72  rise +0.55
-        seed 0, lr 1e-9: 0.19 0.16 0.16 0.09 0.09 0.09 0.00 0.06  rise -0.14
+        seed 0, lr 1e-5: 0.12 0.28 0.25 0.16 0.25 0.44 0.34 0.72  rise +0.33
+        seed 1, lr 1e-5: 0.19 0.03 0.09 0.28 0.50 0.50 0.34 0.50  rise +0.31
+        seed 2, lr 1e-5: 0.09 0.09 0.22 0.25 0.38 0.47 0.47 0.62  rise +0.45
+        seed 0, lr 1e-9: 0.12 0.22 0.19 0.06 0.03 0.16 0.12 0.16  rise -0.03
 
+    (Under the exponential-race sampler before it: seeds 0 / 1 / 2 rose +0.22 / +0.16 / +0.55 at
+    lr 1e-5 and seed 0 fell 0.14 at lr 1e-9.)
     Steps of one seed see the same prompts at any lr, so the control measures the prompts'
-    difficulty: at steps 7-8 the trained run is right 0.25 and 0.56 where the untrained one is right
-    0.00 and 0.06.
-    Single steps are noisy (seed 1's step 7: 0.09), hence the two-step means. With cut responses
-    voting (`reward.answer_from_truncated: true`, the recipe before) seed 0 rose only +0.03
-    (0.22 0.25 0.31 0.41 0.31 0.31 0.25 0.28) and this test fails. About 3 min of one
-    quiet core per run (22 s a step).
+    difficulty: at steps 7-8 the trained run is right 0.34 and 0.72 where the untrained one is right
+    0.12 and 0.16. Single steps are noisy (step 4: 0.16 after 0.25), hence the two-step means; the
+    share of responses cut at 12 tokens fell 0.78 -> 0.12 in the trained run and stayed 0.56-0.81 in
+    the control. With cut responses voting (`reward.answer_from_truncated: true`, the recipe
+    before) seed 0 rose only +0.03 under the old sampler and this test failed. About 3 min of one
+    quiet core per run (22 s a step); 17-20 min each on the loaded machine of the sweep.
     """
     rise, truth = _rise(tmp_path / "trained", seed=0, lr=1e-5)
     assert rise >= RISE_MARGIN, f"ground truth per step {truth}: rise {rise:.3f} < {RISE_MARGIN}"
