@@ -7,7 +7,9 @@ SmolLM2-135M-Instruct and Gemma 3 270M from PyPI, through the same load -> probe
 Each model is dequantised once per cache (``$URLVR_CACHE``, else ~/.cache/urlvr): the first run
 of the tier pays about a minute (SmolLM2) and several (Gemma) of CPU for it. Workloads are tiny
 (2 prompts x 2-4 samples x 6-8 tokens): a SmolLM2 step costs about 25 s of CPU. The rise test
-runs the recipe's own workload (4 prompts x 8 samples x 12 tokens) for 8 steps, twice.
+runs the recipe's own workload (4 prompts x 8 samples x 12 tokens) for 8 steps, twice; the fall
+test does the same on two-digit sums with 24 held-out sums evaluated after every step (about 5
+min a run on a quiet machine).
 """
 
 from __future__ import annotations
@@ -315,3 +317,74 @@ def test_majority_vote_rise_on_single_digit_sums_and_none_at_lr_1e9(smollm2, tmp
     # weights; whatever rise it shows is the prompts' difficulty, not learning
     still, flat = _rise(tmp_path / "control", seed=0, lr=1e-9)
     assert still < RISE_MARGIN, f"lr 1e-9 rose too: ground truth per step {flat}, rise {still:.3f}"
+
+
+# ---------------------------------------------------------------- the rise and the fall (SmolLM2)
+FALL_STEPS = 8  # lr 3e-5: held-out greedy is 0 from step 6 and the proxy 0.97 at step 8 (seed 0)
+FALL_LR = 3e-5  # 1e-5 shows the same shape over 40 steps (docs/real-models.md): 15 min at least
+FALL_EVAL_EVERY = 1  # every step: seed 1 was up at step 1 (0.21) and below its start at step 2 (0.04)
+FALL_RISE_BY = 4  # the rise must show at an evaluation up to this step
+FALL_MARGIN = 0.05  # 2 of 24 prompts; the sweep below: the early peak is 3-4 prompts above the start
+FALL_PROXY = 0.6  # the proxy's mean over the last two steps: 0.88 and 0.96 in the sweep
+
+
+def _fall(run_dir: Path, *, seed: int, lr: float) -> tuple[dict[int, float], list[float]]:
+    """`recipes/real/smollm2-majority.yaml` on two-digit sums for FALL_STEPS steps, with 24 held-out
+    two-digit sums (another seed) evaluated before step 1 and every FALL_EVAL_EVERY steps: held-out
+    greedy accuracy by step, read back from the run's `eval.jsonl` as a user would, and the proxy
+    (the majority-vote reward trained on) of each step."""
+    held_out = "{kind: arithmetic, num_problems: 24, seed: 2, min_value: 10, max_value: 99, operators: ['+']}"
+    overrides = [f"output_dir={run_dir}", f"seed={seed}", f"optim.lr={lr}", f"trainer.total_steps={FALL_STEPS}",
+                 "trainer.save_every=0", "trainer.export_final_model=false", "logging.console=false",
+                 "data.source.min_value=10", "data.source.max_value=99", f"eval.source={held_out}",
+                 "eval.at_start=true", "eval.samples_per_prompt=1", f"eval.every_steps={FALL_EVAL_EVERY}"]
+    result = urlvr.train(urlvr.load_recipe(RISE_RECIPE, overrides))
+    lines = (run_dir / "eval.jsonl").read_text().splitlines()
+    greedy = {int(row["step"]): row["eval/greedy_accuracy"] for row in map(json.loads, lines)}
+    assert sorted(greedy) == list(range(0, FALL_STEPS + 1, FALL_EVAL_EVERY)), f"evaluated at {sorted(greedy)}"
+    return greedy, [m["reward/proxy_mean"] for m in result.metrics]
+
+
+def _rise_then_fall(greedy: dict[int, float], proxy: list[float]) -> list[str]:
+    """What falls short of the rise and the fall, in words ([] = the run shows both): held-out
+    greedy accuracy above its start by FALL_MARGIN at an evaluation up to step FALL_RISE_BY, at or
+    below its start at the last evaluation, and the proxy high (>= FALL_PROXY over the last two
+    steps) while it falls."""
+    start, last = greedy[0], greedy[max(greedy)]
+    peak = max(acc for step, acc in greedy.items() if 0 < step <= FALL_RISE_BY)
+    misses = []
+    if peak < start + FALL_MARGIN:
+        misses.append(f"no rise: peak {peak:.3f} by step {FALL_RISE_BY} < start {start:.3f} + {FALL_MARGIN}")
+    if last > start:
+        misses.append(f"no fall: last {last:.3f} > start {start:.3f}")
+    if sum(proxy[-2:]) / 2 < FALL_PROXY:
+        misses.append(f"proxy ends low: {proxy[-2:]} (mean < {FALL_PROXY})")
+    return misses
+
+
+def test_majority_vote_held_out_rises_then_falls_on_two_digit_sums_and_not_at_lr_1e9(smollm2, tmp_path):
+    """The paper's rise and fall on a real model: label-free majority voting on two-digit sums
+    makes SmolLM2 right more often on held-out sums at first, then right on none of them while the
+    proxy (the majority vote it is trained on) ends high; lr 1e-9 shows neither.
+
+    The model learns to answer with an operand, on which the vote agrees: at step 8 seed 0 answers
+    `67.` to `Compute 67+74.` (the first operand), seed 1 restates `58+97` and stops, so
+    `last_number` reads the second (docs/real-models.md, "Two-digit sums: the rise and the fall").
+    The sweep behind the FALL_ constants (lr 3e-5, held-out greedy accuracy of the 24 sums
+    before step 1 and after steps 1-8; proxy of steps 7-8):
+
+        seed 0, lr 3e-5: 0.08 | 0.21 0.25 0.17 0.21 0.08 0.00 0.00 0.00  proxy 0.78 0.97
+        seed 1, lr 3e-5: 0.08 | 0.21 0.04 0.00 0.00 0.00 0.00 0.00 0.00  proxy 0.94 0.97
+        seed 0, lr 1e-9: 0.08 | 0.08 0.08 0.08 0.08 0.08 0.08 0.08 0.08  proxy 0.06 0.09
+
+    lr 1e-9 misses the rise and the proxy (its greedy answers never change).
+
+    About 5 min a run on the 2-core machine when it is quiet (steps 20 s, evaluations 11 s; the
+    lr 1e-9 run took 299 s), 7 min at a load average of 10 (seed 1: 423 s).
+    """
+    greedy, proxy = _fall(tmp_path / "trained", seed=0, lr=FALL_LR)
+    misses = _rise_then_fall(greedy, proxy)
+    assert not misses, f"held-out greedy by step {greedy}, proxy per step {proxy}: {'; '.join(misses)}"
+    # the control: the same prompts and samples; weights that do not move neither rise nor fall
+    still, flat = _fall(tmp_path / "control", seed=0, lr=1e-9)
+    assert _rise_then_fall(still, flat), f"lr 1e-9 rose and fell too: held-out greedy {still}, proxy {flat}"
