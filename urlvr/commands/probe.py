@@ -90,7 +90,6 @@ class _DryRunPolicy:
         return [[""] * samples_per_question for _ in questions]
 
 
-
 @dataclass(frozen=True)
 class RewardProbe:
     reward: str
@@ -151,8 +150,8 @@ def run_probe(models: Sequence[str], base: dict[str, Any], out_dir: Path | None 
               overwrite: bool = False) -> list[ModelProbe]:
     """Probe every model with the same prompts and rewards; with `out_dir`, write probe.json,
     probe.csv and `<model>.png` there. `rewards=None`: `default_rewards` (every reward that
-    applies; each other one, and any that raises on the sampled data, is listed in `skipped`). `origin` names the base
-    recipe's file in error messages. An `out_dir` holding an earlier probe's files (probe.json,
+    applies; each other one, and any that raises on the sampled data, is listed in each result's
+    `skipped`). `origin` names the base recipe's file in error messages. An `out_dir` holding an earlier probe's files (probe.json,
     probe.csv, the PNGs its probe.json names) or a PNG this probe would write is refused
     (RecipeError) before anything loads, unless `overwrite`, which deletes those files once the new
     results are in hand: a PNG of a model this run did not probe must not stay beside its results,
@@ -169,10 +168,10 @@ def run_probe(models: Sequence[str], base: dict[str, Any], out_dir: Path | None 
         owned = [out_dir / "probe.json", out_dir / "probe.csv", *_earlier_figures(out_dir),
                  *(out_dir / f"{_slug(model, taken)}.png" for model in models)]  # the earlier run's, and ours
         stale = check_output_dir(out_dir, owned, overwrite=overwrite, command="probe")
-    optional, skipped = (list(rewards), {}) if rewards else default_rewards(base, origin)
-    results = [probe_model(model, base, optional, num_prompts=num_prompts, group_size=group_size,
-                           overrides=overrides, progress=progress, origin=origin, optional=() if rewards else optional)
-               for model in models]
+    names, skipped = (list(rewards), {}) if rewards else default_rewards(base, origin)
+    optional = () if rewards else names  # a reward the user named raises on bad data; one picked for them is dropped
+    results = [probe_model(model, base, names, num_prompts=num_prompts, group_size=group_size, overrides=overrides,
+                           progress=progress, origin=origin, optional=optional) for model in models]
     results = [replace(result, skipped={**skipped, **result.skipped}) for result in results]
     if out_dir is not None:
         from urlvr.metrics.plots import plot_probe
