@@ -128,6 +128,10 @@ def test_a_probe_of_a_handful_of_prompts_says_it_cannot_tell(tmp_path, capsys):
     assert result.undetermined.startswith("8 labelled prompts (a direction needs >= 16)")
     print_table([result])
     assert "urlvr/tiny: direction undetermined: 8 labelled prompts" in capsys.readouterr().out
+    print_table([result], rank=True)  # ranked: no rank number, the reason once under the table
+    ranked_view = capsys.readouterr().out
+    assert "│    - │ majority_vote │" in ranked_view and "│ undetermined │ see below" in ranked_view
+    assert "urlvr/tiny: direction undetermined: 8 labelled prompts" in ranked_view
 
 
 def test_probe_writes_json_csv_and_one_png_per_model(probed):

@@ -447,7 +447,8 @@ def _print_ranked(results: Sequence[ModelProbe]) -> None:
         for entry in ranked(result):
             table.add_row(_cell(entry.rank), entry.reward, _cell(entry.top_reward_accuracy),
                           _cell(entry.standard_error), _cell(entry.group_auroc), _cell(entry.direction),
-                          entry.reason or "")
+                          "see below" if entry.reason and entry.reason == result.undetermined
+                          else entry.reason or "")
         console.print(table)
     console.print(f"urlvr: {RANK_RULE}", soft_wrap=True)
     _print_notes(console, results)
