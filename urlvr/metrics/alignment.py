@@ -160,8 +160,9 @@ def rank_rewards(rewards: Sequence[Any], labelled_prompts: int, undetermined: st
     def key(entry: RankedReward) -> tuple:
         auroc_ = 0.5 if entry.group_auroc is None else entry.group_auroc
         top = -1.0 if entry.top_reward_accuracy is None else entry.top_reward_accuracy
-        return (entry.reason is not None, -top, -auroc_, entry.reward)
+        return (-top, -auroc_, entry.reward)
 
     ordered = sorted(entries, key=key)
     determined = [e for e in ordered if e.reason is None]
-    return [replace(e, rank=i + 1) for i, e in enumerate(determined)] + [e for e in ordered if e.reason is not None]
+    undetermined_ = [e for e in ordered if e.reason is not None]  # after every determined one, same order
+    return [replace(e, rank=i + 1) for i, e in enumerate(determined)] + undetermined_
