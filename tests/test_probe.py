@@ -128,6 +128,10 @@ def test_a_probe_of_a_handful_of_prompts_says_it_cannot_tell(tmp_path, capsys):
     assert result.undetermined.startswith("8 labelled prompts (a direction needs >= 16)")
     print_table([result])
     assert "urlvr/tiny: direction undetermined: 8 labelled prompts" in capsys.readouterr().out
+    print_table([result], rank=True)  # ranked: no rank number, the reason once under the table
+    ranked_view = capsys.readouterr().out
+    assert "│    - │ majority_vote │" in ranked_view and "│ undetermined │ see below" in ranked_view
+    assert "urlvr/tiny: direction undetermined: 8 labelled prompts" in ranked_view
 
 
 def test_probe_writes_json_csv_and_one_png_per_model(probed):
@@ -250,3 +254,153 @@ def test_probe_refuses_what_it_would_misread_before_sampling(tmp_path):
     with pytest.raises(RecipeError, match="is a file, not a folder"):
         run_probe(["urlvr/tiny"], PROBE_BASE, taken, num_prompts=4, progress=False)
     assert taken.read_text() == "seed: 0\n"
+
+
+# --------------------------------------------------------------------------- the ranked view (--rank)
+def test_rank_rewards_by_hand():
+    """Best first by top-reward acc, ties by AUROC in group (None = chance, 0.5), then name;
+    undetermined after every determined reward, with the reason; SE = sqrt(p (1 - p) / n)."""
+    from urlvr.commands.probe import RewardProbe
+
+    def probe(name, top, auroc, flat=0.0):
+        return RewardProbe(name, 0.0, flat, top_reward_accuracy=top, group_auroc=auroc)
+
+    rewards = [probe("a", 0.25, 0.9), probe("b", 0.75, 0.6), probe("c", 0.75, 0.7), probe("d", 0.25, None),
+               probe("e", 0.9, 0.9, flat=1.0), probe("f", 0.25, 0.4)]
+    ranked = alignment.rank_rewards(rewards, labelled_prompts=16)
+    assert [(e.reward, e.rank) for e in ranked] == [("c", 1), ("b", 2), ("a", 3), ("d", 4), ("f", 5), ("e", None)]
+    assert [e.direction for e in ranked] == ["rise", "rise", "fall", "fall", "fall", "undetermined"]
+    assert ranked[0].standard_error == pytest.approx((0.75 * 0.25 / 16) ** 0.5)  # 0.108
+    assert ranked[2].standard_error == pytest.approx((0.25 * 0.75 / 16) ** 0.5)
+    assert ranked[-1].reason.startswith("constant in every group") and ranked[0].reason is None
+    # the model cannot tell: every reward is undetermined, in the same order, with the model's reason
+    shy = alignment.rank_rewards(rewards[:3], labelled_prompts=8, undetermined="8 labelled prompts")
+    assert [(e.reward, e.rank, e.reason) for e in shy] == [(r, None, "8 labelled prompts") for r in ("c", "b", "a")]
+    assert alignment.rank_rewards([probe("g", None, None)], 0)[0].reason.startswith("no labelled prompts")
+
+
+def _lengths_probe(monkeypatch):
+    """`urlvr probe` on urlvr/tiny with the sampling and the scoring pass replaced by 16 hand-made
+    groups whose samples differ in length. Per prompt: sample 0 right, 4 tokens of log-prob -0.5
+    (mean -0.5, sum -2.0); sample 1 wrong, 1 token of -1.0 (mean -1.0, sum -1.0); sample 2, 2 tokens
+    of -0.9 (mean -0.9, sum -1.8), wrong like sample 1 on prompts 0-11 and right on 12-15. Padding
+    scores 0.0, which would win every mean that counted it."""
+    import urlvr.commands.probe as probe_module
+    from urlvr.rollout.base import Group, Sample
+
+    plan = {}  # prompt_id -> per-sample token log-probs
+
+    def sample(engine, prompts, settings, **_):
+        records = {r.prompt_id: r for r in probe_module_records(settings)}
+        groups = []
+        for index, prompt in enumerate(prompts):
+            label = records[prompt.prompt_id].label
+            third = label if index >= 12 else "-1"
+            tokens = [[-0.5] * 4, [-1.0], [-0.9] * 2]
+            texts = [f"\\boxed{{{label}}}", "\\boxed{-1}", f"\\boxed{{{third}}}"]
+            plan[prompt.prompt_id] = tokens
+            groups.append(Group(prompt, tuple(Sample(tuple(range(5, 5 + len(t))), tuple(t), text, "stop")
+                                              for t, text in zip(tokens, texts))))
+        return groups
+
+    def score(hf_model, batch, settings, device):
+        mask = batch.response_mask
+        logprob = torch.zeros(mask.shape, dtype=torch.float32)  # padding: 0.0
+        rows = [lp for prompt_id in plan for lp in plan[prompt_id]]  # the batch's rows: groups in prompt order
+        for row, values in enumerate(rows):
+            assert int(mask[row].sum()) == len(values)
+            logprob[row, mask[row].bool()] = torch.tensor(values)
+        names = set(settings.score_stats) | {f"raw_{n}" for n in settings.raw_score_stats}
+        return {n: logprob if n.endswith("logprob") else torch.zeros_like(logprob) for n in names}
+
+    def probe_module_records(settings):
+        from urlvr.trainer.build import load_prompt_records
+
+        return load_prompt_records(settings.recipe.data.source, settings.recipe)
+
+    monkeypatch.setattr(probe_module, "_sample", sample)
+    monkeypatch.setattr(probe_module, "_score", score)
+
+
+def test_probe_rank_flag_orders_rewards_on_responses_of_different_lengths(tmp_path, monkeypatch, capsys):
+    """--rank by hand (see `_lengths_probe`): trajectory_entropy's top sample (best mean) is sample 0,
+    right on 16/16 prompts; majority_vote's is the first majority sample, right on 4/16;
+    probability's (best product) is sample 1, right on 0/16; `format` is 1 everywhere (undetermined)."""
+    from urlvr.cli import main
+
+    _lengths_probe(monkeypatch)
+    recipe = tmp_path / "base.yaml"
+    recipe.write_text(yaml.safe_dump({**PROBE_BASE, "data": {"source": {"kind": "arithmetic", "num_problems": 16,
+                                                                         "seed": 1}}}))
+    out = tmp_path / "probe"
+    args = ["probe", "urlvr/tiny", "--recipe", str(recipe), "--prompts", "16", "--group-size", "3", "--out", str(out),
+            "--rank"]
+    for name in ("probability", "majority_vote", "format", "trajectory_entropy"):
+        args += ["--reward", name]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    order = [name for line in text.splitlines() for name in ("trajectory_entropy", "majority_vote", "probability",
+                                                               "format") if f" {name} " in line]
+    assert order == ["trajectory_entropy", "majority_vote", "probability", "format"], text
+    assert "urlvr: ranked by top-reward acc" in text and "paper Theorem 1" in text
+    (saved,) = json.loads((out / "probe.json").read_text())
+    ranked = [(e["reward"], e["rank"], e["top_reward_accuracy"], e["direction"]) for e in saved["ranked"]]
+    assert ranked == [("trajectory_entropy", 1, 1.0, "rise"), ("majority_vote", 2, 0.25, "fall"),
+                      ("probability", 3, 0.0, "fall"), ("format", None, 1.0, "undetermined")]
+    assert saved["ranked"][1]["standard_error"] == pytest.approx((0.25 * 0.75 / 16) ** 0.5)
+    assert saved["ranked"][0]["group_auroc"] == pytest.approx(1.0)
+    assert saved["ranked"][3]["reason"].startswith("constant in every group")
+
+
+def test_default_probe_covers_every_reward_that_applies_and_says_why_not_the_others(monkeypatch):
+    """No --reward: every registered reward is probed (a reward registered later, as the zoo's are,
+    included without editing probe), except oracles, rewards whose kwargs are refused, timed
+    checkers and rewards whose batch phase generates with the policy, each with its reason."""
+    from urlvr.commands.probe import default_rewards
+    from urlvr.rewards.base import REWARDS, RewardSpec
+
+    def fresh(group, ctx):
+        return [0.0] * group.size
+
+    def asks(groups, contexts, policy):
+        policy.generate([])  # the PolicyHandle contract: every rank calls, even with nothing to ask
+        return []
+
+    def cheap(groups, contexts, policy):
+        return [None] * len(groups)
+
+    monkeypatch.setitem(REWARDS._entries, "zz_new", RewardSpec("zz_new", fresh, False, ""))
+    monkeypatch.setitem(REWARDS._entries, "zz_prepared", RewardSpec("zz_prepared", fresh, False, "", prepare=cheap))
+    monkeypatch.setitem(REWARDS._entries, "zz_generates", RewardSpec("zz_generates", fresh, False, "", prepare=asks))
+    names, skipped = default_rewards({})
+    assert set(names) | set(skipped) == set(REWARDS.names()) and not set(names) & set(skipped)
+    assert {"zz_new", "zz_prepared", "majority_vote", "self_certainty", "token_entropy", "trajectory_entropy",
+            "probability", "probability_disparity", "unified"} <= set(names)
+    assert skipped["zz_generates"].startswith("asks the policy to generate")
+    assert skipped["self_verification"].startswith("asks the policy to generate")
+    assert skipped["ground_truth"].startswith("an oracle") and skipped["math_verify"].startswith("an oracle")
+    assert "needs max_length" in skipped["overlong_penalty"]
+    assert skipped["semantic_cluster"].startswith("verifies under a time limit")
+    # the base recipe's kwargs decide: an exact-match clustering needs no checker, overlong_penalty its length
+    names, skipped = default_rewards({"reward": {"terms": [
+        {"name": "semantic_cluster", "kwargs": {"equivalence": "exact"}},
+        {"name": "overlong_penalty", "kwargs": {"max_length": 80, "cache": 16}}]}})
+    assert {"semantic_cluster", "overlong_penalty"} <= set(names)
+
+
+def test_a_default_reward_that_raises_on_this_data_is_dropped_with_its_error(monkeypatch, capsys):
+    """`countdown` on arithmetic problems (no numbers, no target) raised and stopped the probe;
+    picked by default it is dropped, with the error, and the rest is measured. Named, it raises."""
+    from urlvr.commands.probe import print_table, run_probe
+    from urlvr.rewards.compose import RewardError
+
+    _lengths_probe(monkeypatch)
+    base = {**PROBE_BASE, "data": {"source": {"kind": "arithmetic", "num_problems": 16, "seed": 1}}}
+    (result,) = run_probe(["urlvr/tiny"], base, num_prompts=16, group_size=3, progress=False)
+    assert "countdown" not in {r.reward for r in result.rewards}
+    assert result.skipped["countdown"].startswith("raised on this data (ValueError: countdown needs metadata fields")
+    assert {"majority_vote", "trajectory_entropy", "probability"} <= {r.reward for r in result.rewards}
+    print_table([result], rank=True)
+    assert "urlvr: not probed: countdown: raised on this data" in capsys.readouterr().out
+    with pytest.raises(RewardError, match="countdown"):
+        run_probe(["urlvr/tiny"], base, rewards=["countdown"], num_prompts=16, group_size=3, progress=False)

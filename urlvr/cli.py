@@ -72,13 +72,15 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("models", nargs="+", metavar="MODEL", help="model directories or hub ids (urlvr/tiny, ...)")
     probe.add_argument("--recipe", help="base recipe YAML (data, template, sampling, extractor)")
     probe.add_argument("--reward", dest="rewards", action="append", default=[], metavar="NAME",
-                       help="a reward to score (repeatable; default: every intrinsic reward that needs no extra generation)")
+                       help="a reward to score (repeatable; default: every registered reward that applies; the others are listed with why)")
     probe.add_argument("--prompts", type=_positive_int, default=64, help="prompts to sample (default 64)")
     probe.add_argument("--group-size", type=_positive_int,
                        help="samples per prompt (default: the recipe's rollout.group_size)")
     probe.add_argument("--out", default="runs/probe", help="folder for probe.json, probe.csv, <model>.png (default runs/probe)")
     probe.add_argument("--overwrite", action="store_true",
                        help="replace an earlier probe's files in --out (refused otherwise); other files stay")
+    probe.add_argument("--rank", action="store_true",
+                       help="print each model's rewards best first (top-reward acc, then AUROC in group), with the rule")
     common(probe, "override a recipe field (repeatable)")
     mcs = sub.add_parser("mcs", help="rank models by prior: Model Collapse Step of a majority-vote diagnostic run")
     mcs.add_argument("models", nargs="+", metavar="MODEL", help="model directories or hub ids")
@@ -163,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
         results = run_probe(args.models, base, Path(args.out), rewards=args.rewards or None, num_prompts=args.prompts,
                             group_size=args.group_size, overrides=args.overrides, origin=args.recipe,
                             overwrite=args.overwrite)
-        print_table(results)
+        print_table(results, rank=args.rank)
         print(f"urlvr: wrote {Path(args.out) / 'probe.json'}, probe.csv and one PNG per model")
         return 0
     if args.command == "mcs":

@@ -37,6 +37,9 @@ from urlvr.metrics import alignment, dynamics
 from urlvr.metrics.plots import plot_probe
 from urlvr.progress import JobProgress
 from urlvr.recipe import load_recipe
+from urlvr.recipe.load import _import_plugins
+from urlvr.rewards.base import REWARDS, check_reward_kwargs
+from urlvr.rewards.compose import RewardError, _prepare, score_batch
 from urlvr.rollout.base import ROLLOUT_ENGINES, context_length
 from urlvr.rollout.collate import collate_groups
 from urlvr.trainer.actor import TokenScorer
@@ -44,11 +47,59 @@ from urlvr.trainer.batching import micro_batches, scorer_inputs
 from urlvr.trainer.build import (encode_recipe_prompts, load_model_and_tokenizer, load_prompt_records, seed_everything,
                                  warn_about_budget)
 from urlvr.trainer.settings import RunSettings
-from urlvr.trainer.stages import Rollout, policy_handle, score_and_reward, scoring_pass
+from urlvr.trainer.stages import Rollout, policy_handle, reward_terms, score_and_reward, scoring_pass
 
-# label-free rewards that need no extra generation or worker: scored by default
-INTRINSIC_REWARDS = ("majority_vote", "self_certainty", "token_entropy", "trajectory_entropy", "probability",
-                     "probability_disparity")
+
+def default_rewards(base: dict[str, Any], origin: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """The rewards a probe without `--reward` scores: every registered reward (the recipe's
+    plugins included) that applies, and, for each other one, why not. Not probed: oracles (they
+    read the label; the probe measures the others against it), rewards whose kwargs are refused
+    (defaults, or the base recipe's term), rewards that verify under a time limit (external
+    checkers), and rewards whose batch phase asks the policy to generate (found by a dry run on an
+    empty batch: the PolicyHandle contract makes every rank call `generate`, even with nothing to
+    ask). A reward that raises on the sampled data is dropped later, with its error (`probe_model`)."""
+    _import_plugins(base.get("plugins", []), origin or "<dict>")
+    own = {t["name"]: t.get("kwargs") or {} for t in base.get("reward", {}).get("terms", [])
+           if isinstance(t, dict) and "name" in t}
+    names, skipped = [], {}
+    for name in REWARDS.names():
+        spec, kwargs = REWARDS.get(name), own.get(name, {})
+        if spec.needs_label:
+            skipped[name] = "an oracle (reads the label): the probe measures the other rewards against it"
+            continue
+        try:
+            check_reward_kwargs(name, kwargs)
+        except Exception as err:  # the reward's own message says which kwargs it needs
+            skipped[name] = f"its kwargs are refused ({err}); give them in the --recipe's reward.terms"
+            continue
+        if spec.is_timed(kwargs):
+            skipped[name] = ("verifies under a time limit with an external checker (worker processes); "
+                             "name it with --reward to probe it")
+            continue
+        if spec.prepare is not None:
+            policy = _DryRunPolicy()
+            try:
+                _prepare(spec, [], [], policy, kwargs)
+            except Exception as err:
+                skipped[name] = (f"its batch phase fails on an empty batch ({type(err).__name__}: {err}); "
+                                 "name it with --reward to probe it")
+                continue
+            if policy.asked:
+                skipped[name] = ("asks the policy to generate (sampling beyond the probe's own); "
+                                 "name it with --reward to probe it")
+                continue
+        names.append(name)
+    return names, skipped
+
+
+class _DryRunPolicy:
+    """A PolicyHandle that records whether it was asked to generate and returns empty texts."""
+
+    asked = False
+
+    def generate(self, questions, *, samples_per_question: int = 1, **_: Any) -> list[list[str]]:
+        self.asked = True
+        return [[""] * samples_per_question for _ in questions]
 
 
 @dataclass(frozen=True)
@@ -80,6 +131,7 @@ class ModelProbe:
     p_maj_histogram: dict[str, list] = field(default_factory=dict)
     rewards: tuple[RewardProbe, ...] = ()
     figure: str | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # reward -> why this probe did not score it
     oracle_timeouts: int | None = None  # the oracle's verifications out of time (scored wrong); None: no time limit
 
 
@@ -115,8 +167,9 @@ def run_probe(models: Sequence[str], base: dict[str, Any], out_dir: Path | None 
               overrides: Sequence[str] = (), progress: bool = True, origin: str | None = None,
               overwrite: bool = False) -> list[ModelProbe]:
     """Probe every model with the same prompts and rewards; with `out_dir`, write probe.json,
-    probe.csv and `<model>.png` there. `rewards=None`: INTRINSIC_REWARDS. `origin` names the base
-    recipe's file in error messages. An `out_dir` holding an earlier probe's files (probe.json,
+    probe.csv and `<model>.png` there. `rewards=None`: `default_rewards` (every reward that
+    applies; each other one, and any that raises on the sampled data, is listed in each result's
+    `skipped`). `origin` names the base recipe's file in error messages. An `out_dir` holding an earlier probe's files (probe.json,
     probe.csv, the PNGs its probe.json names) or a PNG this probe would write is refused
     (RecipeError) before anything loads, unless `overwrite`, which deletes those files once the new
     results are in hand: a PNG of a model this run did not probe must not stay beside its results,
@@ -133,8 +186,11 @@ def run_probe(models: Sequence[str], base: dict[str, Any], out_dir: Path | None 
         owned = [out_dir / "probe.json", out_dir / "probe.csv", *_earlier_figures(out_dir),
                  *(out_dir / f"{_slug(model, taken)}.png" for model in models)]  # the earlier run's, and ours
         stale = check_output_dir(out_dir, owned, overwrite=overwrite, command="probe")
-    results = [probe_model(model, base, rewards or INTRINSIC_REWARDS, num_prompts=num_prompts, group_size=group_size,
-                           overrides=overrides, progress=progress, origin=origin) for model in models]
+    names, skipped = (list(rewards), {}) if rewards else default_rewards(base, origin)
+    optional = () if rewards else names  # a reward the user named raises on bad data; one picked for them is dropped
+    results = [probe_model(model, base, names, num_prompts=num_prompts, group_size=group_size, overrides=overrides,
+                           progress=progress, origin=origin, optional=optional) for model in models]
+    results = [replace(result, skipped={**skipped, **result.skipped}) for result in results]
     if out_dir is not None:
         clear_owned(stale)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +203,9 @@ def run_probe(models: Sequence[str], base: dict[str, Any], out_dir: Path | None 
 
 def probe_model(model: str, base: dict[str, Any], rewards: Sequence[str], *, num_prompts: int = 64,
                 group_size: int | None = None, overrides: Sequence[str] = (), progress: bool = True,
-                origin: str | None = None) -> ModelProbe:
+                origin: str | None = None, optional: Sequence[str] = ()) -> ModelProbe:
+    """One model's probe. A reward in `optional` (picked by `default_rewards`, not named) that
+    raises on this data is dropped and listed in `skipped` with its error; any other raises."""
     recipe = load_recipe(probe_recipe(base, model, rewards, group_size=group_size), overrides,
                          origin=f"{origin or '<dict>'} (probing {model})")
     dist = init_distributed()
@@ -163,10 +221,16 @@ def probe_model(model: str, base: dict[str, Any], rewards: Sequence[str], *, num
     groups = _sample(engine, prompts, settings, progress=progress, label=f"urlvr probe: sampling {model}")
     batch = collate_groups(groups, pad_token_id=tokenizer.pad_token_id)
     rollout = Rollout(records, groups, groups, batch, slice(0, batch.input_ids.shape[0]), first_prompt=0)
+    skipped: dict[str, str] = {}
+
+    def rewarder(groups, contexts, policy):  # the recipe's terms, one at a time: an optional one may drop out
+        return _score_each(groups, contexts, reward_terms(settings), recipe.reward.oracle, policy, optional, skipped)
+
     # the trainer's scoring and reward stage; the policy handle seeded by the recipe's seed
     scored = score_and_reward(rollout, lambda r: _score(hf_model, r.batch, settings, dist.device),
-                              policy_handle(engine, tokenizer, settings, recipe.seed), settings, tokenizer)
-    return _measure(model, groups, records, scored, settings)
+                              policy_handle(engine, tokenizer, settings, recipe.seed), settings, tokenizer,
+                              rewarder=rewarder)
+    return _measure(model, groups, records, scored, settings, skipped)
 
 
 def _sample(engine, prompts, settings, *, progress: bool, prompts_per_call: int = 8,
@@ -202,8 +266,7 @@ def _score(hf_model, batch, settings, device) -> dict[str, torch.Tensor]:
     return {name: value.cpu() for name, value in stats.items()}
 
 
-def _measure(model: str, groups, records, scored, settings) -> ModelProbe:
-
+def _measure(model: str, groups, records, scored, settings, skipped: dict[str, str]) -> ModelProbe:
     recipe, size, contexts = settings.recipe, settings.group_size, scored.contexts
     scored = scored.rewards
     answers = [ctx.answers for ctx in contexts]
@@ -240,7 +303,28 @@ def _measure(model: str, groups, records, scored, settings) -> ModelProbe:
         majority_correct=float(majority_correct[labelled].mean()) if correct is not None else None,
         mixed_groups=mixed, undetermined=undetermined if correct is not None else None,
         p_maj_histogram=alignment.p_maj_histogram(p_maj, majority_correct if correct is not None else None, size),
-        rewards=tuple(per_reward), oracle_timeouts=scored.timeouts.get("oracle"))
+        rewards=tuple(per_reward), skipped=skipped, oracle_timeouts=scored.timeouts.get("oracle"))
+
+
+def _score_each(groups, contexts, terms, oracle, policy, optional: Sequence[str], skipped: dict[str, str]):
+    """`score_batch`, one term at a time, so that a term in `optional` that raises on this data
+    (e.g. `countdown` on problems without its numbers) is dropped, with its error written into
+    `skipped` ({reward: why dropped}), instead of stopping the probe. -> BatchRewards of the kept
+    terms and the oracle."""
+    per_term, timeouts = {}, {}
+    for term in terms:
+        try:
+            one = score_batch(groups, contexts, [term], None, policy)
+        except RewardError as err:
+            if term.name not in optional:
+                raise
+            cause = err.__cause__ or err
+            skipped[term.name] = f"raised on this data ({type(cause).__name__}: {cause})"
+            continue
+        per_term.update(one.per_term)
+        timeouts.update(one.timeouts)
+    scored = score_batch(groups, contexts, [], oracle, policy)
+    return replace(scored, per_term=per_term, timeouts={**timeouts, **scored.timeouts})
 
 
 # --------------------------------------------------------------------------- reporting
@@ -252,7 +336,7 @@ def rows(results: Sequence[ModelProbe]) -> list[dict[str, Any]]:
     """One flat row per (model, reward): the CSV's and the table's content."""
     out = []
     for result in results:
-        shared = {k: v for k, v in asdict(result).items() if k not in ("rewards", "p_maj_histogram", "figure")}
+        shared = {k: v for k, v in asdict(result).items() if k not in ("rewards", "p_maj_histogram", "figure", "skipped")}
         for reward in result.rewards:
             out.append({**shared, **asdict(reward)})
     return out
@@ -269,8 +353,16 @@ def _earlier_figures(out_dir: Path) -> list[Path]:
     return [out_dir / Path(f).name for f in figures if isinstance(f, str) and f.endswith(".png")]
 
 
+def ranked(result: ModelProbe) -> list:
+    """The model's rewards best first (`alignment.rank_rewards`: top-reward acc, then AUROC in group)."""
+    from urlvr.metrics.alignment import rank_rewards
+
+    return rank_rewards(result.rewards, result.labelled_prompts, result.undetermined)
+
+
 def write_probe(results: Sequence[ModelProbe], out_dir: Path) -> None:
-    (out_dir / "probe.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    (out_dir / "probe.json").write_text(json.dumps([{**asdict(r), "ranked": [asdict(e) for e in ranked(r)]}
+                                                    for r in results], indent=2))
     flat = rows(results)
     with open(out_dir / "probe.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else ["model"])
@@ -278,8 +370,12 @@ def write_probe(results: Sequence[ModelProbe], out_dir: Path) -> None:
         writer.writerows(flat)
 
 
-def print_table(results: Sequence[ModelProbe]) -> None:
-    """A rich table, one row per (model, reward); label-free columns only where no labels exist."""
+def print_table(results: Sequence[ModelProbe], *, rank: bool = False) -> None:
+    """A rich table, one row per (model, reward); label-free columns only where no labels exist.
+    `rank`: one table per model instead, its rewards best first (`ranked`), with the rule."""
+    if rank:
+        _print_ranked(results)
+        return
     labelled = any(r.labelled_prompts for r in results)
     columns = COLUMNS if labelled else ("model", "reward", "reward_mean", "zero_variance_groups", "p_maj_mean")
     table = Table(title="urlvr probe" + ("" if labelled else " (no labels: label-free quantities only)"))
@@ -303,9 +399,46 @@ def print_table(results: Sequence[ModelProbe]) -> None:
                       "`oracle_timeouts` of probe.csv); raise the reward's timeout_s / budget_s to measure them")
     if not labelled:
         console.print("urlvr: no labelled prompts; to measure a prior without labels, run `urlvr mcs`")
+    _print_notes(console, results)
+
+
+def _print_notes(console, results: Sequence[ModelProbe]) -> None:
+    """The lines under a table: why a model's direction is undetermined, and the rewards not probed."""
     for result in results:
         if result.undetermined:
             console.print(f"urlvr: {result.model}: direction undetermined: {result.undetermined}")
+    shared = {k: v for k, v in results[0].skipped.items() if all(r.skipped.get(k) == v for r in results)} if results else {}
+    for name, why in shared.items():
+        console.print(f"urlvr: not probed: {name}: {why}", soft_wrap=True)
+    for result in results:
+        for name, why in result.skipped.items():
+            if name not in shared:
+                console.print(f"urlvr: {result.model}: not probed: {name}: {why}", soft_wrap=True)
+
+
+RANK_RULE = ("ranked by top-reward acc (the share of prompts whose highest-scored sample is right), ties by AUROC "
+             "in group. Rule (paper Theorem 1, App. A.4-A.5): training concentrates each prompt on the answer the "
+             "reward ranks first, so expect `rise` where that answer is right on more than half the prompts. "
+             "Limits: it predicts the first direction only (every intrinsic reward falls in the end, paper §4.1); "
+             "rewards within about 2 standard errors (± column) are not told apart; on the tiny models `rise` "
+             "was necessary, not sufficient, for a gain (docs/probe.md)")
+
+
+def _print_ranked(results: Sequence[ModelProbe]) -> None:
+    console = Console(width=max(Console().width, 120))
+    for result in results:
+        table = Table(title=f"urlvr probe --rank: {result.model} ({result.labelled_prompts} labelled prompts)")
+        for column in ("rank", "reward", "top-reward acc", "±", "AUROC in group", "direction", "why undetermined"):
+            named = column in ("reward", "direction", "why undetermined")
+            table.add_column(column, justify="left" if named else "right", no_wrap=column != "why undetermined")
+        for entry in ranked(result):
+            table.add_row(_cell(entry.rank), entry.reward, _cell(entry.top_reward_accuracy),
+                          _cell(entry.standard_error), _cell(entry.group_auroc), _cell(entry.direction),
+                          "see below" if entry.reason and entry.reason == result.undetermined
+                          else entry.reason or "")
+        console.print(table)
+    console.print(f"urlvr: {RANK_RULE}", soft_wrap=True)
+    _print_notes(console, results)
 
 
 HEADERS = {"auroc": "AUROC", "group_auroc": "AUROC in group", "reward_accuracy": "reward acc", "top_reward_accuracy":

@@ -9,6 +9,11 @@ the confidence-correctness alignment these functions measure.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
 import torch
 
 
@@ -111,3 +116,53 @@ def _average_ranks(values: torch.Tensor) -> torch.Tensor:
         ranks[order[start : end + 1]] = (start + end) / 2 + 1
         start = end + 1
     return ranks
+
+
+# --------------------------------------------------------------------------- ranking (`urlvr probe --rank`)
+@dataclass(frozen=True)
+class RankedReward:
+    """One reward's place in a model's ranking (docs/probe.md, "Ranking rewards for a model")."""
+
+    reward: str
+    rank: int | None  # 1 = best; None: undetermined (ranked after every determined reward)
+    top_reward_accuracy: float | None  # the sort key: share of labelled prompts whose top sample is right
+    standard_error: float | None  # sqrt(p (1 - p) / n) over the n labelled prompts
+    group_auroc: float | None  # the tie-break: how the reward ranks right above wrong among siblings
+    direction: str | None  # "rise" | "fall" | "undetermined"
+    reason: str | None = None  # why undetermined (None when ranked)
+
+
+def rank_rewards(rewards: Sequence[Any], labelled_prompts: int, undetermined: str | None = None) -> list[RankedReward]:
+    """Rewards sorted best first for one model: by top-reward Label Accuracy (descending), ties by
+    within-group AUROC (descending; None counts as 0.5, chance), then by name. A reward whose
+    direction cannot be drawn ranks after all determined ones, in the same order, with the reason:
+    the model's `undetermined` reason (too few labelled prompts, answers or mixed groups), no
+    labelled prompts, or a score constant in every group (GRPO gets no signal from it, and its "top"
+    sample is just the first one).
+
+    `rewards`: objects with `reward`, `top_reward_accuracy`, `group_auroc` and
+    `zero_variance_groups` (a share in [0, 1]), e.g. `urlvr.commands.probe.RewardProbe`.
+    Why this key: it is the quantity the paper's Theorem 1 says training converges on (each prompt
+    concentrates on the answer the reward ranks first), and the one whose order matched the
+    measured training runs in docs/probe.md, where `adv x correct` did not."""
+    entries = []
+    for item in rewards:
+        top = item.top_reward_accuracy
+        reason = undetermined
+        if top is None:
+            reason = reason or "no labelled prompts (the ranking reads correctness)"
+        elif item.zero_variance_groups >= 1.0:
+            reason = reason or "constant in every group (no GRPO signal; its top sample is just the first one)"
+        se = math.sqrt(top * (1 - top) / labelled_prompts) if top is not None and labelled_prompts > 0 else None
+        direction = "undetermined" if reason else expected_direction(top)
+        entries.append(RankedReward(item.reward, None, top, se, item.group_auroc, direction, reason))
+
+    def key(entry: RankedReward) -> tuple:
+        auroc_ = 0.5 if entry.group_auroc is None else entry.group_auroc
+        top = -1.0 if entry.top_reward_accuracy is None else entry.top_reward_accuracy
+        return (-top, -auroc_, entry.reward)
+
+    ordered = sorted(entries, key=key)
+    determined = [e for e in ordered if e.reason is None]
+    undetermined_ = [e for e in ordered if e.reason is not None]  # after every determined one, same order
+    return [replace(e, rank=i + 1) for i, e in enumerate(determined)] + undetermined_

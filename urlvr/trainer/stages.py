@@ -86,19 +86,25 @@ def scoring_pass(micros: Sequence[MicroBatch], score: Callable[[MicroBatch], Map
 
 
 def score_and_reward(rollout: Rollout, score: Callable[[Rollout], Stats], policy: EnginePolicy,
-                     settings: RunSettings, tokenizer, timer: StageTimer | None = None) -> Scored:
+                     settings: RunSettings, tokenizer, timer: StageTimer | None = None,
+                     rewarder: Callable[..., BatchRewards] | None = None) -> Scored:
     """Stage `score` (`score(rollout)`: the statistics of `rollout.batch`'s rows, `{}` when no
     forward is needed) then stage `reward`: one context per group of this rank, lending the
     rewards' statistics of its rows, and the recipe's reward terms over the groups (unless the
-    rollout was rewarded already)."""
+    rollout was rewarded already). `rewarder(groups, contexts, policy)` replaces the recipe's
+    `score_batch` call (the probe scores its terms one at a time, dropping those that raise)."""
     timer = timer if timer is not None else StageTimer()
     with timer("score"):
         stats = score(rollout)
     with timer("reward"):
         lent = {name: value[rollout.own] for name, value in settings.lent_stats(stats).items()}
         contexts = reward_contexts(settings, rollout, lent, tokenizer)
-        rewards = rollout.rewards if rollout.rewards is not None else score_batch(
-            rollout.groups, contexts, reward_terms(settings), settings.recipe.reward.oracle, policy)
+        if rollout.rewards is not None:
+            rewards = rollout.rewards
+        elif rewarder is not None:
+            rewards = rewarder(rollout.groups, contexts, policy)
+        else:
+            rewards = score_batch(rollout.groups, contexts, reward_terms(settings), settings.recipe.reward.oracle, policy)
     return Scored(stats, contexts, rewards)
 
 
