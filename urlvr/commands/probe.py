@@ -355,9 +355,7 @@ def _earlier_figures(out_dir: Path) -> list[Path]:
 
 def ranked(result: ModelProbe) -> list:
     """The model's rewards best first (`alignment.rank_rewards`: top-reward acc, then AUROC in group)."""
-    from urlvr.metrics.alignment import rank_rewards
-
-    return rank_rewards(result.rewards, result.labelled_prompts, result.undetermined)
+    return alignment.rank_rewards(result.rewards, result.labelled_prompts, result.undetermined)
 
 
 def write_probe(results: Sequence[ModelProbe], out_dir: Path) -> None:
