@@ -55,11 +55,18 @@ TOKEN_FILTERS: Registry[type[TokenFilter]] = Registry("token filter", check=chec
 
 
 # --------------------------------------------------------------------------- pure functions
+TIE_TOLERANCE = 1e-5  # relative: float32 carries about 7 digits; layouts differ in the last 1-2
+
+
 def top_fraction_mask(values: torch.Tensor, response_mask: torch.Tensor, fraction: float) -> torch.Tensor:
-    """keep_t = m_t ∧ (v_t ≥ τ), τ = the ⌈q·N⌉-th largest v over the N response tokens (ties kept).
+    """keep_t = m_t ∧ (v_t ≥ τ - ε), τ = the ⌈q·N⌉-th largest v over the N response tokens (ties kept).
 
     Wang et al. 2025 ("Beyond the 80/20 Rule", Eq. 4): I[H_t ≥ τ_ρ], τ_ρ the top-ρ entropy
     quantile of the batch. No response token: nothing kept. `[B, T] x2 -> [B, T] bool`.
+    ε = TIE_TOLERANCE·max(|τ|, 1): a tie is a tie to float32 rounding. Why: the samples of one
+    prompt often share a value (the first token's entropy), and the same value computed in two
+    micro-batch layouts (other padded widths, other matmul shapes) differs in its last bits; an
+    exact comparison let the layout break the tie and select other tokens.
     """
     mask = response_mask.bool()
     count = int(mask.sum())
@@ -67,7 +74,7 @@ def top_fraction_mask(values: torch.Tensor, response_mask: torch.Tensor, fractio
     if k == 0:
         return torch.zeros_like(mask)
     threshold = values[mask].topk(k).values[-1]
-    return mask & (values >= threshold)
+    return mask & (values >= threshold - TIE_TOLERANCE * threshold.abs().clamp_min(1.0))
 
 
 def token_covariance(logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
