@@ -404,3 +404,21 @@ def test_a_default_reward_that_raises_on_this_data_is_dropped_with_its_error(mon
     assert "urlvr: not probed: countdown: raised on this data" in capsys.readouterr().out
     with pytest.raises(RewardError, match="countdown"):
         run_probe(["urlvr/tiny"], base, rewards=["countdown"], num_prompts=16, group_size=3, progress=False)
+
+
+def test_a_plugin_reward_that_reads_the_label_is_dropped_from_the_default_set(monkeypatch):
+    """A user's plugin reward that is not an oracle and reads ctx.label anyway (a docs example
+    registers one) stopped every default probe once registered; by default it is dropped with the
+    reason, named it raises the leak as before."""
+    from urlvr.commands.probe import run_probe
+    from urlvr.rewards.base import REWARDS, LabelAccessError, reward
+
+    _lengths_probe(monkeypatch)
+    monkeypatch.setattr(REWARDS, "_entries", dict(REWARDS._entries))  # the registration leaves with the test
+    reward("peeks_in_probe_test")(lambda group, ctx: [float(a == ctx.label) for a in ctx.answers])
+    base = {**PROBE_BASE, "data": {"source": {"kind": "arithmetic", "num_problems": 16, "seed": 1}}}
+    (result,) = run_probe(["urlvr/tiny"], base, num_prompts=16, group_size=3, progress=False)
+    assert result.skipped["peeks_in_probe_test"].startswith("raised on this data (LabelAccessError:")
+    assert "majority_vote" in {r.reward for r in result.rewards}
+    with pytest.raises(LabelAccessError):
+        run_probe(["urlvr/tiny"], base, rewards=["peeks_in_probe_test"], num_prompts=16, group_size=3, progress=False)

@@ -38,7 +38,7 @@ from urlvr.metrics.plots import plot_probe
 from urlvr.progress import JobProgress
 from urlvr.recipe import load_recipe
 from urlvr.recipe.load import _import_plugins
-from urlvr.rewards.base import REWARDS, check_reward_kwargs
+from urlvr.rewards.base import REWARDS, LabelAccessError, check_reward_kwargs
 from urlvr.rewards.compose import RewardError, _prepare, score_batch
 from urlvr.rollout.base import ROLLOUT_ENGINES, context_length
 from urlvr.rollout.collate import collate_groups
@@ -315,7 +315,9 @@ def _score_each(groups, contexts, terms, oracle, policy, optional: Sequence[str]
     for term in terms:
         try:
             one = score_batch(groups, contexts, [term], None, policy)
-        except RewardError as err:
+        except (RewardError, LabelAccessError) as err:
+            # a default pick that breaks on this data (or reads the label it may not) must not
+            # stop the probe of every other reward; a reward the user named still raises
             if term.name not in optional:
                 raise
             cause = err.__cause__ or err
