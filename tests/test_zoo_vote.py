@@ -201,7 +201,7 @@ def test_srt_recipe_is_majority_vote_with_rloo():
 def test_cuma_recipe_masks_and_keeps_file_order():
     r = load_recipe(ZOO / "cuma.yaml")
     assert [(t.name, t.kwargs) for t in r.reward.terms] == [("cuma", {"majority_share": 0.5})]
-    assert r.data.shuffle is False and r.model.path == "urlvr/tiny" and r.trainer.total_steps == 2
+    assert r.data.shuffle is False and r.model.path == "urlvr/tiny-aligned" and r.trainer.total_steps == 2
 
 
 @pytest.mark.parametrize("name, term", [("srt", "majority_vote"), ("cuma", "cuma")])
@@ -218,3 +218,5 @@ def test_zoo_recipe_runs_two_cpu_steps(name, term, tmp_path):
     # the documented run trains: some step has a group with reward variance and a gradient
     # (the shipped recipes used to run two vacuous steps, every group zero-variance, grad_norm 0)
     assert any(m["reward/zero_variance_group_fraction"] < 1.0 and m["actor/grad_norm"] > 0 for m in result.metrics)
+    if name == "cuma":  # and the mask really acted on some group (the recipe's point)
+        assert any(m["reward/cuma/masked_mean"] > 0 for m in result.metrics)
