@@ -129,6 +129,11 @@ def test_a_bad_model_fails_before_deleting_or_running_and_a_later_failure_keeps_
         run_mcs([str(always_zero_model), "/no/such/model"], BASE, out, max_steps=1, labels=False, overwrite=True,
                 say=said.append)
     assert said == [] and (out / "mcs.json").read_text() == earlier and sorted(p.name for p in out.iterdir()) == ["mcs.json"]
+    # a model named twice is the same run twice (same recipe, same seed): refused before anything
+    with pytest.raises(RecipeError, match="listed more than once"):
+        run_mcs([str(always_zero_model), str(always_zero_model)], BASE, out, max_steps=1, labels=False,
+                overwrite=True, say=said.append)
+    assert said == [] and (out / "mcs.json").read_text() == earlier
     broken = tmp_path / "broken"  # passes the up-front check (a folder with config.json), fails to load
     broken.mkdir()
     (broken / "config.json").write_text("{}")

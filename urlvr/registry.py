@@ -83,8 +83,10 @@ class Registry(Generic[T]):
 
     def unknown_name_message(self, name: str) -> str:
         known = sorted(self._entries)
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        # compared lower-cased so `Majority_Vote` or `PPO_CLIP` still finds its entry
+        lowered = {entry.lower(): entry for entry in known}
+        close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)
+        hint = f"; did you mean {lowered[close[0]]!r}?" if close else ""
         return f"unknown {self.kind} {name!r}{hint} (known: {', '.join(known) or 'none'})"
 
     def check_kwargs(self, name: str, kwargs: Mapping[str, Any]) -> None:

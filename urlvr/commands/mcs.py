@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from urlvr.commands.out_dir import check_output_dir, clear_owned
+from urlvr.errors import RecipeError
 from urlvr.metrics.loggers import read_jsonl
 from urlvr.models.resolve import checked_model_path
 from urlvr.progress import format_seconds
@@ -100,6 +101,9 @@ def run_mcs(models: Sequence[str], base: dict[str, Any], out_dir: Path, *, max_s
     Every model path is checked before anything is deleted or run (RecipeError naming it), and
     the tables are rewritten after each model, so a run that fails later keeps the finished rows."""
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    twice = sorted({model for model in models if list(models).count(model) > 1})
+    if twice:  # the same recipe and seed twice is the same run twice: an hour lost, no new row
+        raise RecipeError(f"urlvr mcs: {', '.join(twice)} listed more than once; name each model once")
     out_dir = Path(out_dir)
     slugs: set[str] = set()
     run_dirs = [out_dir / _slug(model, slugs) for model in models]
