@@ -57,9 +57,9 @@ def test_unknown_reward_name(tmp_path):
     message = error_of(tmp_path, {"reward": {"terms": [{"name": "majorty_vote"}]}})
     assert message.startswith("recipe.yaml: reward.terms.0: unknown reward 'majorty_vote'; "
                               "did you mean 'majority_vote'? (known: ")
-    # capitals are a typo like any other (difflib alone found nothing for `Majority_Vote`)
-    message = error_of(tmp_path, {"reward": {"terms": [{"name": "Majority_Vote"}]}})
-    assert "unknown reward 'Majority_Vote'; did you mean 'majority_vote'?" in message
+    # capitals are a typo like any other (difflib alone found nothing for `MAJORITY_VOTE`)
+    message = error_of(tmp_path, {"reward": {"terms": [{"name": "MAJORITY_VOTE"}]}})
+    assert "unknown reward 'MAJORITY_VOTE'; did you mean 'majority_vote'?" in message
 
 
 def test_reward_kwargs_checked_against_signature(tmp_path):
