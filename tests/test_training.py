@@ -319,6 +319,17 @@ def test_a_run_folder_takes_one_run_at_a_time(tmp_path):
     lock_run_dir(tmp_path / "run").close()
 
 
+def test_a_finished_run_frees_its_folder_while_the_trainer_lives(random_tiny_model, tmp_path):
+    """The lock ends with `fit`, not with garbage collection (a notebook or `urlvr mcs` holding the
+    Trainer kept the folder locked, and an unclosed-file ResourceWarning followed every run)."""
+    from urlvr.trainer.checkpoint import lock_run_dir
+    from urlvr.trainer.run import Trainer
+
+    trainer = Trainer(recipe_for(random_tiny_model, tmp_path / "run"))
+    trainer.fit()
+    lock_run_dir(tmp_path / "run").close()  # refused while `trainer` is alive before
+
+
 def test_resuming_a_finished_run_changes_nothing(random_tiny_model, tmp_path, capsys):
     recipe = recipe_for(random_tiny_model, tmp_path / "run")
     urlvr.train(recipe)

@@ -63,6 +63,14 @@ class Trainer:
             resume_changes(self.run_dir, self.recipe, checkpoint.checkpoint_step(latest))
 
     def fit(self) -> RunResult:
+        try:
+            return self._fit()
+        finally:  # the folder is free when the run returns (or raises), not when the Trainer is collected
+            lock, self._lock = getattr(self, "_lock", None), None
+            if lock is not None:
+                lock.close()
+
+    def _fit(self) -> RunResult:
         recipe, run_dir = self.recipe, self.run_dir
         dist = init_distributed()
         resume_from = self._checkpoint_to_resume(dist.rank)
@@ -166,7 +174,7 @@ class Trainer:
     def _checkpoint_to_resume(self, rank: int) -> Path | None:
         run_dir = self.run_dir
         if rank == 0:
-            self._lock = checkpoint.lock_run_dir(run_dir)  # held until the process ends
+            self._lock = checkpoint.lock_run_dir(run_dir)  # held until fit returns (or the process ends)
         if self.resume:
             latest = checkpoint.agreed_latest_checkpoint(run_dir)  # every rank must see the same one
             if rank == 0:  # said and recorded once the run is sure to train (a finished run stays untouched)
