@@ -41,6 +41,13 @@ def test_every_reward_has_a_knob_section_that_is_its_signature():
         assert spec.knobs is spec.knobs  # derived once, kept on the registry's entry
 
 
+def test_every_built_in_knob_is_documented_by_its_reward():
+    # the recipe reference and the schema describe a knob with what the docstring says of it
+    undocumented = [f"{name}.{knob}" for name in REWARDS.names() if REWARDS.get(name).fn.__module__.startswith("urlvr.")
+                    for knob, field in REWARDS.get(name).knobs.model_fields.items() if not field.description]
+    assert undocumented == []
+
+
 def test_a_bad_knob_value_points_at_the_knob():
     # was `reward.terms.0: reward 'cuma': ...`: the field path stopped at the term
     assert _error(CUMA, "reward.terms.0.kwargs={majority_share: abc}").startswith(
