@@ -132,3 +132,13 @@ def test_the_recipe_reference_lists_each_rewards_knobs():
 ])
 def test_knob_text_reads_what_the_docstring_says_of_a_knob(doc, knob, text):
     assert knob_text(doc, knob) == text
+
+
+class _LaxKnobs(BaseModel):  # pydantic's default: extra keys ignored
+    level: int = 1
+
+
+def test_a_knob_the_function_does_not_take_is_refused_even_by_a_lax_declared_section():
+    spec = RewardSpec("plain", _plain, False, "", declared_knobs=_LaxKnobs)
+    with pytest.raises(ValueError, match="reward 'plain' takes no argument 'loudness' \\(it takes: level\\)"):
+        _check_reward_kwargs(spec, "plain", {"loudness": 2})

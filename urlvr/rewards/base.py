@@ -168,7 +168,9 @@ def _check_reward_kwargs(spec: RewardSpec, name: str, kwargs: Mapping[str, Any])
     cross-argument rules) accepts the combination. A problem with one knob is a `KnobError`
     naming it (the recipe points at `kwargs.<knob>`); an unknown knob a ValueError of the term."""
     section = spec.knobs
-    if section.model_config.get("extra") == "forbid":
+    # a knob the section does not list is refused unless both the section and the function take any
+    # (a declared section that ignores extra keys would otherwise pass them to a function without them)
+    if section.model_config.get("extra") == "forbid" or not takes_any_knob(spec.fn):
         accepted = list(section.model_fields)
         for key in kwargs:
             if key not in accepted:
