@@ -1,11 +1,14 @@
 """The command line: one-line errors with file and field, schema, validate, rewards."""
 
 import json
+import re
 
 import pytest
 import yaml
 
 from urlvr.cli import main
+from urlvr.registry import catalog
+from urlvr.rewards.base import REWARDS
 
 
 def test_validate_bad_recipe_prints_one_line(tmp_path, capsys):
@@ -86,3 +89,39 @@ def test_mcs_refuses_an_earlier_mcs_folder_in_one_line(tmp_path, capsys):
     assert main(["mcs", "urlvr/tiny", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"urlvr: error: {tmp_path}: holds the output of an earlier `urlvr mcs` "
                                                "(mcs.csv); pass --overwrite to replace it, or --out a new folder")
+
+
+# --------------------------------------------------------------------------- urlvr list
+def test_list_prints_every_registry_with_each_entry_and_its_summary(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for key, found in catalog().items():
+        assert f"\n{key} ({len(found.names())}):\n" in f"\n{out}", key
+        for name in found.names():
+            assert f"\n  {name} " in out or f"\n  {name}\n" in out, (key, name)
+    # a section's docstring gives its first sentence, an entry's `description` itself (a plugin a
+    # test imported may widen the name column)
+    assert re.search(r"^  ppo_clip +PPO's clipped surrogate .* optional dual clip; logs", out, re.M)
+    assert re.search(r"^  entropy_collapse +actor entropy falls below threshold x its starting value$", out, re.M)
+
+
+def test_list_one_kind_by_a_word_of_it_plural_or_not(capsys):
+    assert main(["list", "rewards"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"reward ({len(REWARDS.names())}):\n")
+    width = max(len(name) for name in REWARDS.names())
+    for name in REWARDS.names():
+        assert f"  {name:{width}s}  {REWARDS.get(name).description}".rstrip() in out.splitlines()
+    assert main(["list", "losses"]) == 0
+    headers = [line for line in capsys.readouterr().out.splitlines() if line and not line.startswith(" ")]
+    counts = {key: len(catalog()[key].names()) for key in ("loss_aggregation", "policy_loss")}  # plugins included
+    assert headers == [f"{key} ({n}):" for key, n in counts.items()]
+    assert main(["list", "policy-loss"]) == 0
+    assert capsys.readouterr().out.startswith(f"policy_loss ({counts['policy_loss']}):\n")
+
+
+def test_list_an_unknown_kind_is_one_line_naming_the_kinds(capsys):
+    assert main(["list", "engins"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("urlvr: error: no registry of 'engins'; did you mean 'engines'?")
+    assert f"(kinds: {', '.join(sorted(catalog()))})" in err

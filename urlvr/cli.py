@@ -1,4 +1,4 @@
-"""`urlvr` command line: train, validate, schema, rewards, plot, sweep, probe, mcs.
+"""`urlvr` command line: train, validate, schema, list, rewards, plot, sweep, probe, mcs.
 
 Errors a user can fix (bad recipe, missing file, bad data) print as one line naming the file and
 field, exit code 2; `--debug` shows the traceback instead.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from urlvr.commands.listing import listing
 from urlvr.commands.mcs import format_table, run_mcs
 from urlvr.commands.probe import print_table, run_probe
 from urlvr.commands.sweep import launch_lines, load_sweep, run_sweep, validate_points
@@ -50,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # torchrun-style launchers
     recipe_command("validate", "check a recipe and print it resolved")
     sub.add_parser("schema", help="print the recipe's JSON schema")
+    listed = sub.add_parser("list", help="list every registered part (rewards, losses, engines, ...), or those of one kind")
+    listed.add_argument("kind", nargs="?", metavar="KIND", help="a kind: its registry key (policy_loss) or a word of it, "
+                        "plural or not (rewards, losses, advantages, engines, sources, filters, ...)")
     rewards = sub.add_parser("rewards", help="list registered rewards, or describe one: its whole docstring and knobs")
     rewards.add_argument("name", nargs="?", metavar="NAME", help="a registered reward: print its docstring and its "
                          "knobs (name, type, default) from its signature")
@@ -135,6 +139,13 @@ def _run(args: argparse.Namespace) -> int:
         _quiet_libraries()
     if args.command == "schema":
         print(json.dumps(Recipe.model_json_schema(), indent=2))
+        return 0
+    if args.command == "list":
+        try:
+            print(listing(args.kind))
+        except ValueError as err:  # an unknown kind: one line listing the kinds
+            print(f"urlvr: error: {err}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "rewards":
         if args.name is not None:

@@ -74,6 +74,11 @@ class DatasetAdapter:
     dedupe: bool = False  # drop rows whose question was already seen (first one wins)
     source: str = ""  # where the schema was checked, and the paper section that uses it
 
+    @property
+    def description(self) -> str:
+        """One line for `urlvr list`: the hub dataset, its split and subset."""
+        return f"{self.hub_id} (split {self.split}{f', subset {self.subset}' if self.subset else ''})"
+
 
 DATASET_ADAPTERS: Registry[DatasetAdapter] = Registry("dataset adapter")
 

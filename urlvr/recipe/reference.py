@@ -12,6 +12,7 @@ from typing import get_args, get_origin
 from pydantic import BaseModel
 
 from urlvr.recipe.sections import Recipe
+from urlvr.recipe.knobs import knobs_marker
 from urlvr.recipe.names import registered_marker
 from urlvr.section import VariantSection
 from urlvr.recipe.variants import variant_marker
@@ -54,9 +55,17 @@ def _models(annotation) -> list[type[BaseModel]]:
     return [m for arg in get_args(annotation) for m in _models(arg)]
 
 
-def section_table(model: type[BaseModel], prefix: str, out: list[str], seen: set) -> None:
-    rows, nested = [], []
+def section_table(model: type[BaseModel], prefix: str, out: list[str], seen: set, title: str | None = None) -> None:
+    rows, nested, knob_tables = [], [], []
     for name, field in model.model_fields.items():
+        knobs = knobs_marker(field)
+        if knobs is not None:  # a term's kwargs: the knobs of the part it names, one table per part
+            # urlvr's own parts only, as for variants
+            choices = {n: sub for n, sub in knobs.choices().items() if sub.__module__.startswith("urlvr.")}
+            knob_tables.append((f"{prefix}{name}", choices))
+            rows.append(f"| `{name}` | the knobs of the {knobs.kind.replace('_', ' ')} `name` names (below) "
+                        f"| {_default(field)} | {_cell(field.description)} |")
+            continue
         marker = variant_marker(field)
         if marker is not None:  # a registered part with its own section: one table per variant
             # urlvr's own variants only: a plugin imported in this process (a test, a docs example)
@@ -79,10 +88,17 @@ def section_table(model: type[BaseModel], prefix: str, out: list[str], seen: set
             meaning += f" Registered: {', '.join(f'`{n}`' for n in registered.names())}."
         rows.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {_cell(meaning)} |")
     if rows:
-        title = f"`{prefix.rstrip('.')}` ({model.__name__})" if prefix else "Top level"
+        if title is None:
+            title = f"`{prefix.rstrip('.')}` ({model.__name__})" if prefix else "Top level"
         if issubclass(model, VariantSection):
             title = f"`{prefix.rstrip('.')}` with `name: {model.model_fields['name'].default}` ({model.__name__})"
         out += [f"## {title}", "", "| field | type | default | meaning |", "|---|---|---|---|", *rows, ""]
+    for path, choices in knob_tables:
+        bare = [f"`{n}`" for n, sub in choices.items() if not sub.model_fields]
+        if bare:
+            out += [f"`{path}` is empty (`{{}}`) for {', '.join(bare)}: they take no knobs.", ""]
+        for part, sub in choices.items():
+            section_table(sub, path + ".", out, seen, title=f"`{path}` with `name: {part}` ({sub.__name__})")
     for path, sub in nested:
         key = (path, sub)
         if key not in seen:

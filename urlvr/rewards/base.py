@@ -16,13 +16,16 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol, get_args, runtime_checkable
+from functools import cached_property
+from typing import Annotated, Any, Literal, Protocol, get_args, runtime_checkable
 
 import torch
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from urlvr.algorithms.token_stats import TOKEN_STATS
+from urlvr.errors import KnobError
 from urlvr.registry import Registry
+from urlvr.rewards.knobs import derive_knob_section, knob_parameters, takes_any_knob
 from urlvr.rollout.base import Group
 
 
@@ -137,6 +140,14 @@ class RewardSpec:
     family: RewardFamily = "other"  # what the score claims (see RewardFamily)
     stats: tuple[str, ...] | Callable[..., Sequence[str]] = ()  # token statistics read from ctx.token_stats
     timed: bool | Callable[..., bool] = False  # verifies under a time limit and counts RewardOutput.timeouts
+    declared_knobs: type[BaseModel] | None = None  # the knob section, where the signature cannot express it
+
+    @cached_property
+    def knobs(self) -> type[BaseModel]:
+        """The section of this reward's recipe knobs (`reward.terms[].kwargs`): the declared one, else
+        derived from the signature (`urlvr.rewards.knobs.derive_knob_section`) on first use and kept.
+        First use, not registration: a signature may name a type its module defines further down."""
+        return self.declared_knobs or derive_knob_section(self.name, self.fn)
 
     def is_timed(self, kwargs: Mapping[str, Any]) -> bool:
         """Whether, with these recipe kwargs, this reward's verifications can run out of time
@@ -150,34 +161,36 @@ class RewardSpec:
 
 
 def _check_reward_kwargs(spec: RewardSpec, name: str, kwargs: Mapping[str, Any]) -> None:
-    """Load-time check of a recipe term: every kwarg is a parameter of the reward, its value fits
-    the annotation (so `anchor: unifrom` fails before step 1), and the reward's own ``check``
-    (an optional attribute for cross-argument rules) accepts the combination."""
-    try:
-        params = inspect.signature(spec.fn, eval_str=True).parameters
-    except Exception:  # annotations that cannot be resolved at runtime: check names only
-        params = inspect.signature(spec.fn).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        accepted = list(params)[2:]
+    """Load-time check of a recipe term: the kwargs validate against the reward's knob section
+    (`RewardSpec.knobs`: no unknown knob, every required one given, each value fits its type, so
+    `anchor: unifrom` fails before step 1), no scalar reaches the reward other than as its type
+    says (`_refuse_scalar_coercion`), and the reward's own ``check`` (an optional attribute for
+    cross-argument rules) accepts the combination. A problem with one knob is a `KnobError`
+    naming it (the recipe points at `kwargs.<knob>`); an unknown knob a ValueError of the term."""
+    section = spec.knobs
+    # a knob the section does not list is refused unless both the section and the function take any
+    # (a declared section that ignores extra keys would otherwise pass them to a function without them)
+    if section.model_config.get("extra") == "forbid" or not takes_any_knob(spec.fn):
+        accepted = list(section.model_fields)
         for key in kwargs:
             if key not in accepted:
                 # `{votes:3}` in YAML is the key 'votes:3' with no value: say so, the name looks right
                 hint = "; YAML reads `{a:1}` as the key 'a:1', write `{a: 1}`" if ":" in str(key) else ""
                 raise ValueError(f"reward {name!r} takes no argument {key!r} (it takes: {', '.join(accepted) or 'none'}){hint}")
+    try:
+        section.model_validate(dict(kwargs))
+    except ValidationError as err:
+        problem = err.errors()[0]
+        key = str(problem["loc"][0]) if problem["loc"] else ""
+        if problem["type"] == "missing":
+            raise KnobError(f"reward {name!r} needs the knob {key!r} (it has no default)", knob=key) from None
+        if key in kwargs:
+            raise KnobError(f"reward {name!r}: argument {key!r}={kwargs[key]!r} is invalid ({problem['msg']})", knob=key) from None
+        raise ValueError(f"reward {name!r}: {problem['msg']}") from None  # a declared section's own cross-knob rule
     for key, value in kwargs.items():
-        annotation = params[key].annotation if key in params else inspect.Parameter.empty
-        if annotation is inspect.Parameter.empty or isinstance(annotation, str):
-            continue
-        try:
-            adapter = TypeAdapter(annotation)
-        except Exception:  # a type pydantic cannot validate: the reward checks it itself
-            continue
-        try:
-            adapter.validate_python(value, strict=False)
-        except ValidationError as err:
-            problem = err.errors()[0]["msg"]
-            raise ValueError(f"reward {name!r}: argument {key!r}={value!r} is invalid ({problem})") from None
-        _refuse_scalar_coercion(name, key, value, adapter, annotation)
+        if key in section.model_fields:
+            annotation = section.model_fields[key].annotation
+            _refuse_scalar_coercion(name, key, value, _knob_adapter(section, key), annotation)
     if hasattr(spec.fn, "check"):
         try:
             spec.fn.check(**kwargs)
@@ -188,12 +201,28 @@ def _check_reward_kwargs(spec: RewardSpec, name: str, kwargs: Mapping[str, Any])
             raise ValueError(f"reward {name!r} declares stats=({stat!r},): {TOKEN_STATS.unknown_name_message(stat)}")
 
 
+_ADAPTERS: dict[tuple[type[BaseModel], str], TypeAdapter] = {}  # (knob section, knob) -> its validator
+
+
+def _knob_adapter(section: type[BaseModel], key: str) -> TypeAdapter:
+    """The validator of one knob alone (its annotation with its constraints), made once."""
+    if (section, key) not in _ADAPTERS:
+        field = section.model_fields[key]
+        annotation = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+        try:
+            _ADAPTERS[section, key] = TypeAdapter(annotation)
+        except Exception:  # a type pydantic cannot build a validator for alone: the section checked it
+            _ADAPTERS[section, key] = TypeAdapter(Any)
+    return _ADAPTERS[section, key]
+
+
 REWARDS: Registry[RewardSpec] = Registry("reward", check_kwargs=_check_reward_kwargs)
 
 
 def reward(
     name: str, *, needs_label: bool = False, prepare: PrepareFn | None = None, family: RewardFamily = "other",
     stats: tuple[str, ...] | Callable[..., Sequence[str]] = (), timed: bool | Callable[..., bool] = False,
+    knobs: type[BaseModel] | None = None,
 ) -> Callable[[RewardFn], RewardFn]:
     """Register ``fn(group, ctx, **kwargs)`` as a reward named ``name``; returns fn unchanged.
 
@@ -213,6 +242,12 @@ def reward(
     ``timed`` (or a function of the recipe kwargs returning it) says the reward verifies under a
     time limit and reports, in ``RewardOutput.timeouts``, the verifications that ran out of time,
     so a timeout is counted (``reward/<term>_timeouts``), never silently scored as a wrong answer.
+
+    ``knobs`` declares the section of the recipe knobs (a pydantic model, `extra="forbid"`, a
+    docstring under each field) where the signature cannot express them (a constraint, a
+    cross-knob rule); by default it is derived from the signature (`urlvr.rewards.knobs`). Either
+    way `urlvr schema`, the recipe reference and `urlvr rewards NAME` list the knobs, and a
+    recipe's `kwargs` are validated against them. The reward still receives the values as written.
     """
     if family not in REWARD_FAMILIES:
         raise ValueError(f"reward {name!r}: family must be one of {', '.join(REWARD_FAMILIES)}, got {family!r}")
@@ -221,8 +256,12 @@ def reward(
         doc = (fn.__doc__ or "").strip().splitlines()
         if not callable(stats) and isinstance(stats, str):
             raise TypeError(f"reward {name!r}: stats must be a tuple of names, got the string {stats!r}")
+        if knobs is not None and not takes_any_knob(fn):
+            missing = [k for k in knobs.model_fields if k not in {p.name for p in knob_parameters(fn)}]
+            if missing:
+                raise TypeError(f"reward {name!r}: its knobs section declares {', '.join(missing)}, which the function does not take")
         REWARDS.register(name)(RewardSpec(name, fn, needs_label, doc[0] if doc else "", prepare, family,
-                                          stats if callable(stats) else tuple(stats), timed))
+                                          stats if callable(stats) else tuple(stats), timed, knobs))
         return fn
 
     return add
@@ -253,7 +292,8 @@ def _refuse_scalar_coercion(name: str, key: str, value: Any, adapter: Any, annot
     if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text, quoted or not
         hint = (" (YAML reads an exponent without a dot as text: write 1.0e-3, not 1e-3)"
                 if "e" in value.lower() and _is_number(value) else " (write it unquoted)")
-    raise ValueError(f"reward {name!r}: argument {key!r}={value!r} is a {type(value).__name__}; the knob takes {wanted}{hint}")
+    raise KnobError(f"reward {name!r}: argument {key!r}={value!r} is a {type(value).__name__}; the knob takes {wanted}{hint}",
+                    knob=key)
 
 
 def _is_number(text: str) -> bool:
@@ -265,26 +305,19 @@ def _is_number(text: str) -> bool:
 
 
 def reward_knobs(spec: RewardSpec) -> list[tuple[str, str, str]]:
-    """(name, type, default) of each recipe knob of a reward: its keyword parameters after
-    (group, ctx), read from the signature, so the listing cannot drift from the code. A knob
-    without a default prints `required`; an unannotated one `any`."""
-    try:
-        params = inspect.signature(spec.fn, eval_str=True).parameters
-    except Exception:  # annotations that cannot be resolved at runtime: print them as written
-        params = inspect.signature(spec.fn).parameters
+    """(name, type, default) of each recipe knob of a reward, read from its knob section
+    (`RewardSpec.knobs`, itself read from the signature), so the listing cannot drift from the
+    code. A knob without a default prints `required`; an unannotated one `any`."""
     knobs = []
-    for param in list(params.values())[2:]:
-        if param.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
-            continue
-        annotation = param.annotation
-        if annotation is inspect.Parameter.empty:
+    for name, knob in spec.knobs.model_fields.items():
+        annotation = knob.annotation
+        if annotation is Any:
             kind = "any"
         elif isinstance(annotation, type):
             kind = annotation.__name__
         else:
             kind = str(annotation).replace("typing.", "")
-        default = "required" if param.default is inspect.Parameter.empty else repr(param.default)
-        knobs.append((param.name, kind, default))
+        knobs.append((name, kind, "required" if knob.is_required() else repr(knob.get_default(call_default_factory=True))))
     return knobs
 
 

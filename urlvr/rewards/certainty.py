@@ -81,6 +81,8 @@ def probability_disparity(
     over the M tokens of the final answer a (span="answer": the tokens that overlap the answer's
     characters, see `answer_char_span`; a sample with no locatable answer gets 0), or over the
     whole response (span="response").
+
+    `span`: the tokens averaged over, `answer` (the paper's) or `response`.
     """
     gap = _stat(ctx, "top1_prob").to(torch.float64) - _stat(ctx, "top2_prob").to(torch.float64)  # [G, T]
     mask = ctx.response_mask.to(torch.float64)

@@ -58,7 +58,13 @@ def co_reward(
     group: Group, ctx: RewardContext, *, rephrase_field: str | None = "rephrased", rephrased_samples: int | None = None,
     max_new_tokens: int | None = None, include_original: bool = True,
 ) -> RewardOutput:
-    """Co-Reward: r(y) = 1[ans(y) = maj(x)] + 1[ans(y) = maj(rephrase(x))]  (paper Table 2)."""
+    """Co-Reward: r(y) = 1[ans(y) = maj(x)] + 1[ans(y) = maj(rephrase(x))]  (paper Table 2).
+
+    `rephrase_field`: the prompt metadata key holding a rephrasing (null: always generate one).
+    `rephrased_samples`: answers drawn for the rephrased question, which only vote (null: the group size).
+    `max_new_tokens`: the budget of the rephrasing and of its answers (null: the rollout's).
+    `include_original`: add the vote of the original question (false: the cross term alone).
+    """
     rephrased_votes = ctx.prepared if ctx.prepared is not None else ()
     original = majority_answers(ctx.voters) if include_original else set()
     cross = majority_answers(rephrased_votes)

@@ -152,6 +152,13 @@ def countdown(
     TinyZero's scorer (the paper's oracle for §7) uses format_score=0.1, use_all=True and refuses
     equations (allow_equals=False); the Jiayi-Pan/Countdown-Tasks-3to4 columns are `nums`, `target`.
     The numbers and target come from the prompt's metadata: they are part of the question, not a label.
+
+    `format_score`: the score of a wrong answer that was extracted, in [0, 0.5).
+    `use_all`: every number must be used exactly once (false: each at most once).
+    `allow_power`: `**` and `^` count as operators.
+    `allow_equals`: an answer `expr = target` is read as `expr` (false: an equation is wrong).
+    `numbers_field`: the prompt metadata key of the numbers (a list, or a JSON string of one).
+    `target_field`: the prompt metadata key of the target.
     """
     numbers, target = countdown_problem(dict(ctx.metadata), numbers_field, target_field)
     correct = [a is not None and check_countdown(a, numbers, target, use_all=use_all, allow_power=allow_power,

@@ -73,13 +73,16 @@ def semantic_cluster(
 ) -> RewardOutput:
     """EMPO: r(y) = |C(y)| / G, C(y) = the semantic cluster of ans(y)  (paper Table 2, Eq. 37).
 
+    `equivalence`: when two answers share a cluster, `math_verify` (mathematically equivalent)
+    or `exact` (equal strings).
     `min_cluster_ratio`: when the largest cluster holds less than this share of the group, every
-    sample scores 0 (EMPO's confidence filter uses 0.25; 0 = off). `no_answer="zero"`: samples
-    without an answer score 0 and join no cluster; `"singleton"`: each is its own cluster of
-    size 1, scoring 1/G (what EMPO's code does with empty answers). math-verify comparisons:
-    `timeout_s` each, `budget_s` for all of a step's (of this group, outside a step), run by
-    `workers` child processes; a comparison without a verdict counts as "different" (one that ran
-    out of time too: it is counted in `timeouts`).
+    sample scores 0 (EMPO's confidence filter uses 0.25; 0 = off).
+    `no_answer`: `zero` (samples without an answer score 0 and join no cluster) or `singleton`
+    (each is its own cluster of size 1, scoring 1/G: what EMPO's code does with empty answers).
+    `timeout_s`: the limit of one math-verify comparison, in seconds.
+    `budget_s`: the limit of all of a step's comparisons (of this group, outside a step), in seconds.
+    `workers`: the child processes that run the comparisons. A comparison without a verdict
+    counts as "different" (one that ran out of time too: it is counted in `timeouts`).
     """
     if not 0.0 <= min_cluster_ratio <= 1.0:
         raise ValueError(f"min_cluster_ratio must lie in [0, 1], got {min_cluster_ratio}")

@@ -33,7 +33,11 @@ def overlong_penalty_scores(lengths: Sequence[int], *, max_length: int, cache: i
 
 @reward("overlong_penalty")
 def overlong_penalty(group: Group, ctx: RewardContext, *, max_length: int | None = None, cache: int = 4096) -> list[float]:
-    """R = 0 if |y| <= L_max - L_cache; ((L_max - L_cache) - |y|) / L_cache up to L_max; -1 beyond (DAPO Eq. 13)."""
+    """R = 0 if |y| <= L_max - L_cache; ((L_max - L_cache) - |y|) / L_cache up to L_max; -1 beyond (DAPO Eq. 13).
+
+    `max_length`: L_max in tokens, normally `rollout.max_new_tokens` (required: there is no default).
+    `cache`: L_cache, the length of the ramp before L_max, in tokens, in (0, max_length].
+    """
     _check(max_length=max_length, cache=cache)
     return overlong_penalty_scores([len(s.token_ids) for s in group.samples], max_length=max_length, cache=cache)
 

@@ -157,8 +157,9 @@ def math_verify_reward(
 ) -> RewardOutput:
     """Oracle: r(y) = 1[ans(y) is equivalent to a* by math-verify]; no answer or no verdict scores 0.
 
-    `timeout_s` per comparison; `budget_s` for all comparisons of a step (when called outside a
-    step, of this group); `workers` child processes compare in parallel. A sample whose comparison
+    `timeout_s`: the limit of one comparison, in seconds.
+    `budget_s`: the limit of all comparisons of a step (when called outside a step, of this group), in seconds.
+    `workers`: the child processes that compare in parallel. A sample whose comparison
     ran out of time scores 0, like a wrong one (a slow-to-check answer must not pay), and is
     counted in `timeouts`. Diagnostics: `failed` (no verdict) and `cut_short` (no verdict because
     time ran out), per sample.

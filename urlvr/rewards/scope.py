@@ -236,9 +236,11 @@ def scope(
 
     c(y) is the average step confidence, B_s(i) the `votes_per_subgroup` samples drawn for
     sample i's subgroup; samples without an answer score 0 and do not vote. Knobs: `top_k`
-    (0: the code's sampled-token surprisal; 1, 2: the paper's top-k), `step_delimiter`,
-    `subgroup_size` (None: the per-step Pareto search), `votes_per_subgroup` (None: half the
-    group, the code's 32 of 64), `lam` (0.7, the code's), `seed`.
+    (0: the code's sampled-token surprisal; 1, 2: the paper's top-k), `step_delimiter` (the
+    text that ends a step), `subgroup_size` (None: the per-step Pareto search),
+    `votes_per_subgroup` (None: half the group, the code's 32 of 64), `lam` (the search's weight
+    of the reward rate against the vote diversity, in [0, 1]; 0.7, the code's), `seed` (of the
+    bootstrap draw, mixed with the batch's token ids).
     """
     prepared = ctx.prepared if isinstance(ctx.prepared, ScopeLabels) else prepare_scope(
         [group], [ctx], None, top_k=top_k, step_delimiter=step_delimiter, subgroup_size=subgroup_size,

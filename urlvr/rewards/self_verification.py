@@ -108,6 +108,8 @@ def self_verification(
     `prompt`: "p1", "p2" (default; the prompt of the paper's §7 runs) or a format string over
     {expr} {nums} {target} {question} {response}. `temperature` 0 = greedy verdicts (the paper
     does not state the verifier's sampling); `max_new_tokens` null = the rollout budget.
+    `numbers_field`: the prompt metadata key of the Countdown numbers ({nums}).
+    `target_field`: the prompt metadata key of the Countdown target ({target}).
     """
     texts = ctx.prepared if ctx.prepared is not None else [None] * group.size
     verdicts = [parse_verdict(t) if t is not None else None for t in texts]

@@ -93,7 +93,19 @@ def unified(
     aggregate: Literal["mean", "sum"] = "mean", tau: float | None = None, equivalence: Equivalence = "exact",
     timeout_s: float = 5.0,
 ) -> list[float] | RewardOutput:
-    """r_uni(x, y) = psi((sigma/|I|) sum_{i in I} H(q_i, pi_i))  (paper App. A.3, Eq. 26, Table 6)."""
+    """r_uni(x, y) = psi((sigma/|I|) sum_{i in I} H(q_i, pi_i))  (paper App. A.3, Eq. 26, Table 6).
+
+    `anchor`: q at token granularity, `uniform` (U_V), `onehot` (delta of the sampled token) or
+    `self` (pi_t itself); answer granularity takes `onehot`.
+    `sign`: sigma, +1 or -1.
+    `transform`: psi, `identity` or `exp`.
+    `granularity`: I, the response's `token` positions or its one `answer` (clusters of the voters).
+    `aggregate`: `mean` over I (Eq. 26) or `sum` (Table 6's RLSC row).
+    `tau`: answer granularity's temperature over the cluster shares (null: untempered; 0: the limit).
+    `equivalence`: when two answers share a cluster, `exact` (equal strings) or `math_verify`.
+    `timeout_s`: the limit of one math-verify comparison, in seconds. The module's docstring
+    gives the whole table.
+    """
     _check(anchor=anchor, sign=sign, transform=transform, granularity=granularity, aggregate=aggregate, tau=tau)
     if granularity == "answer":
         clustering = answer_clusters(ctx.voters, equivalence, timeout_s)  # out of time: "different", counted

@@ -26,6 +26,10 @@ def majority_vote(
 ) -> RewardOutput:
     """TTRL: r(y_j) = 1[ans(y_j) = maj(x)]; samples without an answer get 0 (paper Table 2).
 
+    `ties`: which answers win when several share the top count: `first` (the first one seen),
+    `all` (each of them), `none` (no winner: every sample scores 0).
+    `no_answer`: `abstain` (samples without an answer do not vote) or `vote` ("no answer" is a
+    candidate; when it wins there is no majority and every sample scores 0).
     `min_majority_ratio`: when the majority's share of the voters is below it, every sample
     scores 0 (a confidence filter; 0 = off).
     """

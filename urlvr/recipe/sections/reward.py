@@ -5,11 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, GetJsonSchemaHandler, model_validator
+from pydantic_core import core_schema
 
+from urlvr.recipe.knobs import KnobsOf, term_json_schema
 from urlvr.recipe.names import Registered, check_registered
 from urlvr.registry import registry
 from urlvr.section import Section
+
+
+REWARD_KNOBS = KnobsOf("reward")  # a term's `kwargs`: the knobs of the reward it names
 
 
 class RewardTerm(Section):
@@ -17,8 +22,9 @@ class RewardTerm(Section):
     """A registered reward (`urlvr rewards` lists them with their formulas)."""
     weight: float = 1.0
     """Weight of this term in the summed reward."""
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Keyword arguments for the reward function, checked against its signature at load time."""
+    kwargs: Annotated[dict[str, Any], REWARD_KNOBS] = Field(default_factory=dict)
+    """The reward's knobs (its keyword arguments): each reward's are listed below, read from its
+    signature, and checked at load time. The reward receives them as written."""
     alias: str | None = None
     """Name of this term in metrics (`reward/<alias>_mean`); default the reward's name. Needed
     when one reward appears twice with different kwargs."""
@@ -34,8 +40,13 @@ class RewardTerm(Section):
         check_registered("reward", self.name)
         if self.gate is not None:
             check_registered("reward", self.gate)
-        registry("reward").check_kwargs(self.name, self.kwargs)
+        REWARD_KNOBS.check(self.name, self.kwargs, "kwargs")
         return self
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> dict:
+        # one member per registered reward, its `kwargs` that reward's knobs (`urlvr.recipe.knobs`)
+        return term_json_schema(cls, handler(schema), handler)
 
     @property
     def key(self) -> str:
