@@ -64,7 +64,11 @@ def test_unknown_reward_name(tmp_path):
 
 def test_reward_kwargs_checked_against_signature(tmp_path):
     message = error_of(tmp_path, {"reward": {"terms": [{"name": "majority_vote", "kwargs": {"tie": "first"}}]}})
-    assert message == "recipe.yaml: reward.terms.0: reward 'majority_vote' takes no argument 'tie' (it takes: ties, no_answer, min_majority_ratio)"
+    assert message == ("recipe.yaml: reward.terms.0: reward 'majority_vote' takes no argument 'tie' "
+                       "(it takes: ties, no_answer, min_majority_ratio); did you mean 'ties'?")
+    message = error_of(tmp_path, {"reward": {"extractor": "regex", "extractor_kwargs": {"patern": "(\\d+)"}}})
+    assert "extractor 'regex' takes no argument 'patern' (it takes: pattern" in message
+    assert message.endswith("did you mean 'pattern'?")
 
 
 def test_out_of_range(tmp_path):

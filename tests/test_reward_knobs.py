@@ -59,7 +59,8 @@ def test_a_bad_knob_value_points_at_the_knob():
 def test_the_rewards_own_checks_still_refuse_at_load():
     assert "majority_share must lie in" in _error(CUMA, "reward.terms.0.kwargs={majority_share: 0.3}")
     assert "does not divide rollout.group_size" in _error("recipes/zoo/scope.yaml", "reward.terms.0.kwargs={subgroup_size: 3}")
-    assert "takes no argument 'majority_shar'" in _error(CUMA, "reward.terms.0.kwargs={majority_shar: 0.6}")
+    assert "takes no argument 'majority_shar' (it takes: majority_share); did you mean 'majority_share'?" in \
+        _error(CUMA, "reward.terms.0.kwargs={majority_shar: 0.6}")
 
 
 def _plain(group, ctx, *, level: int, mode: Literal["a", "b"] = "a") -> list[float]:

@@ -15,10 +15,18 @@ from __future__ import annotations
 
 import difflib
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """"; did you mean 'x'?" for the known name closest to a mistyped one, else "" (compared
+    lower-cased, so `MAJORITY_VOTE` still finds `majority_vote`)."""
+    lowered = {entry.lower(): entry for entry in known}
+    close = difflib.get_close_matches(str(name).lower(), list(lowered), n=1, cutoff=0.5)
+    return f"; did you mean {lowered[close[0]]!r}?" if close else ""
 
 
 class UnknownNameError(KeyError):
@@ -83,11 +91,7 @@ class Registry(Generic[T]):
 
     def unknown_name_message(self, name: str) -> str:
         known = sorted(self._entries)
-        # compared lower-cased so `Majority_Vote` or `PPO_CLIP` still finds its entry
-        lowered = {entry.lower(): entry for entry in known}
-        close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)
-        hint = f"; did you mean {lowered[close[0]]!r}?" if close else ""
-        return f"unknown {self.kind} {name!r}{hint} (known: {', '.join(known) or 'none'})"
+        return f"unknown {self.kind} {name!r}{did_you_mean(name, known)} (known: {', '.join(known) or 'none'})"
 
     def check_kwargs(self, name: str, kwargs: Mapping[str, Any]) -> None:
         """Load-time check that a recipe's `kwargs` fit the entry `name` (ValueError naming the

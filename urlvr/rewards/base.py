@@ -24,7 +24,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from urlvr.algorithms.token_stats import TOKEN_STATS
 from urlvr.errors import KnobError
-from urlvr.registry import Registry
+from urlvr.registry import Registry, did_you_mean
 from urlvr.rewards.knobs import derive_knob_section, knob_parameters, takes_any_knob
 from urlvr.rollout.base import Group
 
@@ -175,7 +175,8 @@ def _check_reward_kwargs(spec: RewardSpec, name: str, kwargs: Mapping[str, Any])
         for key in kwargs:
             if key not in accepted:
                 # `{votes:3}` in YAML is the key 'votes:3' with no value: say so, the name looks right
-                hint = "; YAML reads `{a:1}` as the key 'a:1', write `{a: 1}`" if ":" in str(key) else ""
+                hint = "; YAML reads `{a:1}` as the key 'a:1', write `{a: 1}`" if ":" in str(key) else \
+                    did_you_mean(key, accepted)
                 raise ValueError(f"reward {name!r} takes no argument {key!r} (it takes: {', '.join(accepted) or 'none'}){hint}")
     try:
         section.model_validate(dict(kwargs))

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from urlvr.registry import Registry
+from urlvr.registry import Registry, did_you_mean
 from urlvr.rollout.base import Sample
 
 Extractor = Callable[..., "str | None"]  # extractor(text, **recipe kwargs) -> answer or None
@@ -28,7 +28,8 @@ def _check_extractor_kwargs(fn: Extractor, name: str, kwargs: Mapping[str, Any])
     accepted = [n for n, p in list(inspect.signature(fn).parameters.items())[1:]]
     unknown = [key for key in kwargs if key not in accepted]
     if unknown:
-        raise ValueError(f"extractor {name!r} takes no argument {unknown[0]!r} (it takes: {', '.join(accepted) or 'none'})")
+        raise ValueError(f"extractor {name!r} takes no argument {unknown[0]!r} (it takes: {', '.join(accepted) or 'none'})"
+                         f"{did_you_mean(unknown[0], accepted)}")
     if hasattr(fn, "check"):
         fn.check(**kwargs)
 
