@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
@@ -250,4 +250,3 @@ class RolloutBatch:
     sampler_logprobs: torch.Tensor  # [B*G, T]  Sample.logprobs: after temperature and top-k/top-p
     prompt_length: int  # P: response token t sits at column P + t
     group_size: int
-    extra: dict = field(default_factory=dict)

@@ -158,7 +158,7 @@ def _step_metrics(parts: RunParts, rollout: Rollout, scored: Scored, update: Upd
     family, verdict = settings.reward_family
     labels, p_maj, majority_correct, oracle = step_metrics.global_label_metrics(
         scored.rewards, scored.contexts, rollout.records, oracle_named=recipe.reward.oracle is not None, family=family,
-        verdict_key=None if verdict is None else recipe.reward.terms[verdict].key)
+        verdict_key=None if verdict is None else recipe.reward.terms[verdict].metric_name)
     metrics.update(labels)
     metrics["actor/optimizer_steps_per_rollout"] = float(settings.minibatches_per_step * recipe.trainer.ppo_epochs)
     metrics.update(rollout.sampling_metrics)  # dynamic_sampling/*, already global
