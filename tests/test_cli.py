@@ -125,3 +125,41 @@ def test_list_an_unknown_kind_is_one_line_naming_the_kinds(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("urlvr: error: no registry of 'engins'; did you mean 'engines'?")
     assert f"(kinds: {', '.join(sorted(catalog()))})" in err
+
+
+def test_train_refuses_a_plugin_engine_missing_a_protocol_method_before_any_model_load(tmp_path, capsys, monkeypatch):
+    """Before the engine was checked against its protocol at registration, an engine without `offload`
+    loaded the model, sampled, and failed with an AttributeError at the first update."""
+    (tmp_path / "engine_without_offload.py").write_text(
+        "from typing import Literal\n"
+        "from urlvr.rollout.base import ROLLOUT_ENGINES\n"
+        "from urlvr.rollout.transformers_engine import TransformersEngineSection, TransformersRolloutEngine\n\n"
+        "class NoOffloadSection(TransformersEngineSection):\n"
+        "    name: Literal['no_offload'] = 'no_offload'\n\n"
+        "@ROLLOUT_ENGINES.register('no_offload')\n"
+        "class NoOffload:\n"
+        "    settings = NoOffloadSection\n"
+        "    uses_trainer_module = True\n\n"
+        "    @classmethod\n"
+        "    def from_recipe(cls, recipe, model, tokenizer, dist):\n"
+        "        return cls()\n\n"
+        "    def generate(self, prompts, group_size, sampling):\n"
+        "        raise AssertionError('sampled')\n\n"
+        "    def sync_weights(self, model):\n"
+        "        pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("urlvr.trainer.build.load_model_and_tokenizer", _no_model_load)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"plugins": ["engine_without_offload"], "rollout": {"engine": "no_offload"},
+                                    "output_dir": str(tmp_path / "run"), "trainer": {"total_steps": 1}}))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"urlvr: error: {path}: plugins.0: cannot import 'engine_without_offload': TypeError: rollout engine "
+                   "'no_offload' (engine_without_offload.NoOffload) has no method 'offload' of the RolloutEngine "
+                   "protocol (it needs: settings, uses_trainer_module, from_recipe, generate, sync_weights, offload; "
+                   "docs/writing-engines.md)")
+
+
+def _no_model_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the engine was checked")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import json
 import os
 import re
 import shlex
@@ -276,6 +277,23 @@ def test_shell_blocks_run(page, tmp_path, monkeypatch, request):
                 assert code == 0, shown
             else:
                 assert output_matches(command.expected, output), f"{shown}--- expected ---\n" + "\n".join(command.expected)
+    if page.name in AFTER_PAGE:  # what the page's run claims, checked on the files it left
+        AFTER_PAGE[page.name](tmp_path)
+
+
+def _engine_example_trained_a_real_step(folder: Path) -> None:
+    """writing-engines.md's engine trains a real step: answers end before the token cap, some group
+    has a non-zero advantage, the optimizer step has a gradient (it trained on 8 truncated tokens
+    with every advantage 0 before), and the transcript holds every sample."""
+    run = folder / "runs" / "transcript"
+    (metrics,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["response/truncation_rate"] < 0.5, metrics
+    assert metrics["reward/zero_variance_group_fraction"] < 1.0, metrics
+    assert metrics["actor/grad_norm"] > 0 and metrics["loss/policy"] != 0, metrics
+    assert len((run / "samples.jsonl").read_text().splitlines()) >= 4 * 4  # 4 prompts x 4 samples, and any greedy probe
+
+
+AFTER_PAGE = {"writing-engines.md": _engine_example_trained_a_real_step}
 
 
 # --------------------------------------------------------------------------- yaml

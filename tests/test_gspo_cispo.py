@@ -10,6 +10,7 @@ import torch
 
 from urlvr.algorithms.cispo import CISPOLoss, cispo_loss
 from urlvr.algorithms.gspo import GSPOLoss, GSPOTokenLoss, gspo_loss
+from urlvr.algorithms.losses import LOSS_AGGREGATIONS
 from urlvr.algorithms.policy_losses import POLICY_LOSSES, ppo_clip_loss
 from urlvr.recipe import RecipeError, load_recipe
 
@@ -200,3 +201,17 @@ def test_sections_registered_with_the_papers_defaults() -> None:
     assert type(load_recipe({"algorithm": {"loss": "gspo_token"}}).algorithm.loss) is GSPOTokenLoss
     with pytest.raises(RecipeError, match=r"algorithm\.loss\.clip_eps_low"):
         load_recipe({"algorithm": {"loss": {"name": "gspo", "clip_eps_low": -1}}})
+
+
+# --------------------------------------------------------------------------- aggregation
+def test_each_loss_declares_registered_aggregations_and_gets_its_own_when_none_is_written() -> None:
+    declared = {name: POLICY_LOSSES.get(name).aggregations for name in ("ppo_clip", "gspo", "gspo_token", "cispo")}
+    assert declared == {"ppo_clip": None, "gspo": ("seq-mean-token-mean",), "gspo_token": ("seq-mean-token-mean",),
+                        "cispo": ("token-mean",)}
+    for name in POLICY_LOSSES.names():
+        assert set(POLICY_LOSSES.get(name).aggregations or ()) <= set(LOSS_AGGREGATIONS.names()), name
+    picked = {name: load_recipe({"algorithm": {"loss": name}}).algorithm.loss_aggregation for name in declared}
+    assert picked == {"ppo_clip": "token-mean", "gspo": "seq-mean-token-mean", "gspo_token": "seq-mean-token-mean",
+                      "cispo": "token-mean"}
+    written = load_recipe({"algorithm": {"loss": "ppo_clip", "loss_aggregation": "seq-mean-token-sum-norm"}})
+    assert written.algorithm.loss_aggregation == "seq-mean-token-sum-norm"  # ppo_clip takes any mode

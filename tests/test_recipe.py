@@ -436,6 +436,13 @@ INERT_KNOBS = {
                                         "raise max_rounds to 3 or prompts_per_round to 3"),
     "vllm_kwarg_of_a_field": ({"rollout": {"engine": {"name": "vllm", "kwargs": {"gpu_memory_utilization": 0.5}}}},
                               "rollout.engine.kwargs: gpu_memory_utilization is set by rollout.engine.gpu_memory_utilization"),
+    "gspo_under_token_mean": ({"algorithm": {"loss": "gspo", "loss_aggregation": "token-mean"}},
+                              "algorithm: loss gspo is defined with loss_aggregation seq-mean-token-mean only; "
+                              "loss_aggregation token-mean would train another objective"),
+    "gspo_token_under_dr_grpo_norm": ({"algorithm": {"loss": "gspo_token", "loss_aggregation": "seq-mean-token-sum-norm"}},
+                                      "loss gspo_token is defined with loss_aggregation seq-mean-token-mean only"),
+    "cispo_under_seq_mean": ({"algorithm": {"loss": {"name": "cispo"}, "loss_aggregation": "seq-mean-token-mean"}},
+                             "loss cispo is defined with loss_aggregation token-mean only"),
     "vllm_kwarg_urlvr_needs": ({"rollout": {"engine": {"name": "vllm", "kwargs": {"logprobs_mode": "raw_logprobs"}}}},
                                "rollout.engine.kwargs: logprobs_mode is urlvr's"),
 }

@@ -223,7 +223,7 @@ def test_a_failing_reward_names_reward_prompt_and_sample():
 
 def test_on_error_zero_scores_the_group_zero_and_counts_it():
     groups, contexts = two_groups()
-    terms = [RewardTermSpec("test_fails_on_b", 1.0, {}, on_error="zero"), RewardTermSpec("format", 1.0, {}, key="fmt")]
+    terms = [RewardTermSpec("test_fails_on_b", 1.0, {}, on_error="zero"), RewardTermSpec("format", 1.0, {}, alias="fmt")]
     out = score_batch(groups, contexts, terms, oracle=None)
     assert out.per_term["test_fails_on_b"].tolist() == [[0.5, 0.5], [0.0, 0.0]]
     assert out.errors == {"test_fails_on_b": 0.5}

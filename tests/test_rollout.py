@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import re
+from typing import Literal
 
 import pytest
 import torch
@@ -18,7 +20,9 @@ from urlvr.rollout import (
     collate_groups,
     position_ids_from_attention_mask,
 )
+from urlvr.rollout.base import check_engine
 from urlvr.rollout.transformers_engine import filter_top_k_top_p
+from urlvr.section import VariantSection
 
 QUESTIONS = ["1+2=", "what is 12*3?", "hi"]  # different lengths, so batches are left-padded
 
@@ -85,6 +89,49 @@ def test_engine_registration_checks_the_section_name():
     with pytest.raises(TypeError, match="has a `settings` VariantSection"):
         ROLLOUT_ENGINES.register("bare")(Bare)
     assert "mine" not in ROLLOUT_ENGINES and "bare" not in ROLLOUT_ENGINES
+
+
+def test_engine_registration_checks_the_protocol_naming_the_member():
+    class CheckedSection(VariantSection):
+        name: Literal["checked"] = "checked"
+
+    class Complete:
+        settings = CheckedSection
+        uses_trainer_module = False
+
+        @classmethod
+        def from_recipe(cls, recipe, model, tokenizer, dist):
+            return cls()
+
+        def generate(self, prompts, group_size, sampling, *more):
+            return []
+
+        def sync_weights(self, model):
+            pass
+
+        def offload(self):
+            pass
+
+    NoFlag = type("NoFlag", (), {k: v for k, v in vars(Complete).items() if k != "uses_trainer_module"})
+
+    class NarrowGenerate(Complete):
+        def generate(self, prompts, sampling):
+            return []
+
+    class InstanceFromRecipe(Complete):
+        def from_recipe(self, recipe, model, tokenizer, dist):
+            return self
+
+    check_engine(Complete, "checked")  # extra optional parameters are fine
+    for engine, message in [(NoFlag, "has no attribute 'uses_trainer_module' of the RolloutEngine protocol"),
+                            (NarrowGenerate, "generate takes (self, prompts, sampling) where the trainer passes "
+                                             "(prompts, group_size, sampling)"),
+                            (InstanceFromRecipe, "from_recipe is not a classmethod")]:
+        with pytest.raises(TypeError, match=re.escape(message)):
+            ROLLOUT_ENGINES.register("checked")(engine)
+    assert "checked" not in ROLLOUT_ENGINES
+    for name in ROLLOUT_ENGINES.names():  # the built-ins follow their own protocol
+        check_engine(ROLLOUT_ENGINES.get(name), name)
 
 
 def test_groups_whole_and_in_prompt_order(tiny):

@@ -177,8 +177,8 @@ def test_timeouts_are_counted_per_term_and_for_the_oracle(fake_verifiers):
                            group_of(["2", "2.0", "SLOW", "3"], "b", label="2"))
     kwargs = {"timeout_s": 1.0, "budget_s": GENEROUS_S, "workers": 1}
     terms = [RewardTermSpec("math_verify", 1.0, kwargs),
-             RewardTermSpec("semantic_cluster", 0.0, {**kwargs, "equivalence": "exact"}, key="exact_clusters"),
-             RewardTermSpec("semantic_cluster", 0.0, kwargs, key="clusters")]
+             RewardTermSpec("semantic_cluster", 0.0, {**kwargs, "equivalence": "exact"}, alias="exact_clusters"),
+             RewardTermSpec("semantic_cluster", 0.0, kwargs, alias="clusters")]
     out = score_batch(list(groups), list(contexts), terms, oracle="math_verify")
     assert out.per_term["math_verify"][0].tolist() == [1.0, 0.0, 0.0, 0.0]  # out of time scores 0 ...
     assert out.timeouts["math_verify"] == 3  # ... and is counted: 2 samples of a, 1 of b (one comparison in a)

@@ -60,10 +60,13 @@ def cispo_loss(
 @POLICY_LOSSES.register("cispo")
 class CISPOLoss(PolicyLoss):
     """CISPO (MiniMax-M1, 2025): REINFORCE on every token with a clipped, stop-gradient importance
-    weight; logs `clip_fraction` (tokens whose weight was clipped) and `ratio_mean/min/max`."""
+    weight; logs `clip_fraction` (tokens whose weight was clipped) and `ratio_mean/min/max`.
+    Defined with `token-mean` only: MiniMax-M1's Eq. 4 normalises by 1/Σ_i |o_i| over the batch
+    (DAPO's token-level loss); a per-response mean would be another objective."""
 
     name: Literal["cispo"] = "cispo"
     ratio_knobs: ClassVar[tuple[str, ...]] = ("clip_eps_low", "clip_eps_high")
+    aggregations: ClassVar[tuple[str, ...] | None] = ("token-mean",)
     clip_eps_low: float | None = Field(None, ge=0.0, le=1.0)
     """Lower clip of the weight at 1 - clip_eps_low; null = no lower bound (MiniMax-M1: none imposed)."""
     clip_eps_high: float = Field(0.28, ge=0.0)

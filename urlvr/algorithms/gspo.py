@@ -93,10 +93,14 @@ def gspo_metrics(out: GSPOOutput, response_mask: torch.Tensor) -> dict[str, floa
 @POLICY_LOSSES.register("gspo")
 class GSPOLoss(PolicyLoss):
     """GSPO (Zheng et al. 2025): the length-normalised sequence ratio s_i, clipped per response;
-    logs `clip_fraction` (responses), `token_clip_fraction` and `ratio_mean/min/max` (of s_i)."""
+    logs `clip_fraction` (responses), `token_clip_fraction` and `ratio_mean/min/max` (of s_i).
+    Defined at the sequence level only: J = 1/G Σ_i L_i (Eq. 5; GSPO-token, Eq. 13: 1/G Σ_i
+    1/|y_i| Σ_t), which `seq-mean-token-mean` gives exactly because every token of response i
+    carries L_i; `token-mean` would weigh each response by its length, another objective."""
 
     name: Literal["gspo"] = "gspo"
     ratio_knobs: ClassVar[tuple[str, ...]] = ("clip_eps_low", "clip_eps_high")
+    aggregations: ClassVar[tuple[str, ...] | None] = ("seq-mean-token-mean",)
     clip_eps_low: float = Field(3e-4, ge=0.0, le=1.0)
     """Lower clip range of the sequence ratio: s_i clipped at 1 - clip_eps_low (paper, Sec. 5.1: 3e-4)."""
     clip_eps_high: float = Field(4e-4, ge=0.0, le=10.0)

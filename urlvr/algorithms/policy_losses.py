@@ -45,9 +45,15 @@ class PolicyLoss(VariantSection):
     four-argument call; the keyword is passed only when `stats()` is not empty.
 
     `ratio_knobs` names the fields that act through the importance ratio only (clip ranges): in an
-    on-policy recipe the ratio is exactly 1, so the recipe refuses a non-default value there."""
+    on-policy recipe the ratio is exactly 1, so the recipe refuses a non-default value there.
+
+    `aggregations` names the `algorithm.loss_aggregation` modes the loss's objective is defined
+    with (None: any, the loss is a per-token loss whatever the weighting). A recipe that names
+    another is refused at load time (under it the trainer would minimise a different objective);
+    one that names none gets the first."""
 
     ratio_knobs: ClassVar[tuple[str, ...]] = ()
+    aggregations: ClassVar[tuple[str, ...] | None] = None
 
     def stats(self) -> tuple[str, ...]:
         """Token statistics (names in `TOKEN_STATS`) the training forward computes for this loss."""
@@ -154,7 +160,10 @@ def policy_loss_metrics(out: PolicyLossOutput, mask: torch.Tensor) -> dict[str, 
 @POLICY_LOSSES.register("ppo_clip")
 class PPOClipLoss(PolicyLoss):
     """PPO's clipped surrogate (GRPO, Shao et al. 2024, Eq. 3) with DAPO's clip-higher and an
-    optional dual clip; logs `clip_fraction`, `dual_clip_fraction`, `ratio_mean/min/max`."""
+    optional dual clip; logs `clip_fraction`, `dual_clip_fraction`, `ratio_mean/min/max`.
+    Defined under every aggregation: GRPO's `seq-mean-token-mean` (Eq. 3), DAPO's `token-mean`
+    (Yu et al. 2025, Sec. 3.3) and Dr.GRPO's `seq-mean-token-sum-norm` (Liu et al. 2025, Sec. 3.1)
+    all weigh this same per-token surrogate."""
 
     name: Literal["ppo_clip"] = "ppo_clip"
     ratio_knobs: ClassVar[tuple[str, ...]] = ("clip_eps_low", "clip_eps_high", "dual_clip_c")

@@ -210,7 +210,7 @@ def probe_model(model: str, base: dict[str, Any], rewards: Sequence[str], *, num
                          origin=f"{origin or '<dict>'} (probing {model})")
     dist = init_distributed()
     settings = RunSettings.derive(recipe, dist)
-    seed_everything(recipe.seed)
+    seed_everything(settings.seed)
     hf_model, tokenizer = load_model_and_tokenizer(recipe)
     hf_model.to(dist.device).eval()
     records = load_prompt_records(recipe.data.source, recipe)[:num_prompts]
@@ -228,7 +228,7 @@ def probe_model(model: str, base: dict[str, Any], rewards: Sequence[str], *, num
 
     # the trainer's scoring and reward stage; the policy handle seeded by the recipe's seed
     scored = score_and_reward(rollout, lambda r: _score(hf_model, r.batch, settings, dist.device),
-                              policy_handle(engine, tokenizer, settings, recipe.seed), settings, tokenizer,
+                              policy_handle(engine, tokenizer, settings, settings.seed), settings, tokenizer,
                               rewarder=rewarder)
     return _measure(model, groups, records, scored, settings, skipped)
 

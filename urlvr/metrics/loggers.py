@@ -6,14 +6,9 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
 from urlvr.recipe import Recipe
-
-
-class MetricsLogger(Protocol):
-    def log(self, step: int, metrics: dict[str, float]) -> None: ...
-    def close(self) -> None: ...
 
 
 def read_jsonl(path: Path) -> list[dict]:

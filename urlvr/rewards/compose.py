@@ -41,23 +41,25 @@ class RewardTermSpec:
     name: str
     weight: float
     kwargs: Mapping[str, Any]
-    key: str | None = None  # name in metrics; default `name`
+    alias: str | None = None  # the recipe's `reward.terms[].alias`
     gate: str | None = None  # a reward whose scores multiply this term's
     on_error: str = "raise"  # "raise" | "zero"
 
     @property
-    def label(self) -> str:
-        return self.key or self.name
+    def metric_name(self) -> str:
+        """The term's name in metrics and in `BatchRewards.per_term`: its `alias`, else the reward's name
+        (as `RewardTerm.metric_name`; `label` is the ground truth's name elsewhere)."""
+        return self.alias or self.name
 
 
 @dataclass(frozen=True)
 class BatchRewards:
     total: torch.Tensor  # [B, G] the training reward (weighted sum of terms)
-    per_term: dict[str, torch.Tensor]  # term key -> [B, G] (after its gate)
+    per_term: dict[str, torch.Tensor]  # term metric_name -> [B, G] (after its gate)
     oracle: torch.Tensor | None  # [B, G], NaN rows where a prompt has no label; None if no oracle
     diagnostics: dict[str, torch.Tensor]  # "<term>/<name>" -> [B, G], NaN where a group failed
-    errors: dict[str, float] = field(default_factory=dict)  # term key (on_error=zero) -> share of groups zeroed
-    timeouts: dict[str, int] = field(default_factory=dict)  # timed term key (or "oracle") -> verifications out of time
+    errors: dict[str, float] = field(default_factory=dict)  # term metric_name (on_error=zero) -> share of groups zeroed
+    timeouts: dict[str, int] = field(default_factory=dict)  # timed term metric_name (or "oracle") -> verifications out of time
 
 
 def score_batch(
@@ -80,13 +82,13 @@ def score_batch(
             if term.gate not in gates:
                 gates[term.gate] = run_term(REWARDS.get(term.gate), {}, groups, contexts, policy, "raise")[0]
             scores = scores * gates[term.gate]
-        per_term[term.label] = scores
-        diagnostics.update({f"{term.label}/{k}": v for k, v in diag.items()})
+        per_term[term.metric_name] = scores
+        diagnostics.update({f"{term.metric_name}/{k}": v for k, v in diag.items()})
         if term.on_error == "zero":
-            errors[term.label] = failed / max(1, len(groups))
+            errors[term.metric_name] = failed / max(1, len(groups))
         if spec.is_timed(term.kwargs):
-            timeouts[term.label] = timed_out
-    total = sum(term.weight * per_term[term.label] for term in terms)
+            timeouts[term.metric_name] = timed_out
+    total = sum(term.weight * per_term[term.metric_name] for term in terms)
     oracle_scores, oracle_timeouts = _oracle_scores(groups, contexts, oracle, policy)
     if oracle is not None and REWARDS.get(oracle).is_timed({}):
         timeouts["oracle"] = oracle_timeouts

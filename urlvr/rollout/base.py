@@ -11,9 +11,10 @@ and builds itself with ``from_recipe``. A new engine is one module (docs/writing
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -110,7 +111,56 @@ class RolloutEngine(Protocol):
         ...
 
 
-ROLLOUT_ENGINES: Registry[type[RolloutEngine]] = Registry("rollout engine", check=check_variant_name)
+def protocol_members(protocol: type) -> tuple[str, ...]:
+    """The members a protocol class declares: its annotated attributes, then its public methods."""
+    methods = [name for name, value in vars(protocol).items() if not name.startswith("_")
+               and (inspect.isfunction(value) or isinstance(value, (classmethod, staticmethod)))]
+    return (*protocol.__annotations__, *methods)
+
+
+def _signature_gap(cls: type, name: str) -> str | None:
+    """Why `cls.<name>` cannot be called the way the trainer calls `RolloutEngine.<name>` (not a
+    classmethod where the protocol's is one, parameters that do not take the protocol's
+    arguments), or None when it can."""
+    declared, found = inspect.getattr_static(RolloutEngine, name), inspect.getattr_static(cls, name)
+    if isinstance(declared, classmethod) and not isinstance(found, classmethod):
+        return "is not a classmethod (the trainer calls it on the class)"
+    wanted = [p for p in inspect.signature(getattr(RolloutEngine, name)).parameters if p not in ("self", "cls")]
+    try:
+        signature = inspect.signature(getattr(cls, name))
+    except (TypeError, ValueError):  # a callable without a readable signature: nothing to compare
+        return None
+    parameters = list(signature.parameters.values())
+    if not isinstance(found, (classmethod, staticmethod)):
+        parameters = parameters[1:]  # a plain function read off the class: drop `self`
+    try:
+        signature.replace(parameters=parameters).bind(*wanted)
+    except TypeError:
+        return f"takes {signature} where the trainer passes ({', '.join(wanted)})"
+    return None
+
+
+def check_engine(cls: Any, name: str) -> None:
+    """Registration-time check of an engine class against the `RolloutEngine` protocol: its section
+    carries `name` (`check_variant_name`), and every member the trainer uses is on the class and
+    takes the protocol's arguments. Engines register when their module is imported, that is when a
+    recipe's `plugins` load, before any model is loaded or anything sampled (before this check an
+    engine without `offload` failed at the first update). TypeError naming the first missing or
+    mis-declared member; `uses_trainer_module` must be a class attribute for the same reason."""
+    check_variant_name(cls, name)
+    where = f"rollout engine {name!r} ({getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)!s})"
+    members = protocol_members(RolloutEngine)
+    for member in members:
+        if not hasattr(cls, member):
+            kind = "attribute" if member in RolloutEngine.__annotations__ else "method"
+            raise TypeError(f"{where} has no {kind} {member!r} of the RolloutEngine protocol (it needs: "
+                            f"{', '.join(members)}; docs/writing-engines.md)")
+        gap = None if member in RolloutEngine.__annotations__ else _signature_gap(cls, member)
+        if gap:
+            raise TypeError(f"{where}: {member} {gap}")
+
+
+ROLLOUT_ENGINES: Registry[type[RolloutEngine]] = Registry("rollout engine", check=check_engine)
 
 
 def hashed_seed(*keys: object, bits: int = 63) -> int:
@@ -200,4 +250,3 @@ class RolloutBatch:
     sampler_logprobs: torch.Tensor  # [B*G, T]  Sample.logprobs: after temperature and top-k/top-p
     prompt_length: int  # P: response token t sits at column P + t
     group_size: int
-    extra: dict = field(default_factory=dict)

@@ -189,7 +189,7 @@ class Actor:
                  total_optimizer_steps: int) -> None:
         import deepspeed  # heavy (about a second), loaded on demand: an actor is built
 
-        self.recipe = recipe
+        self.zero_stage = recipe.optim.deepspeed.zero_stage
         if recipe.model.gradient_checkpointing:  # not transformers' switch: it needs train mode (see the module)
             checkpoint_decoder_blocks(model)
         model.config.use_cache = False
@@ -216,15 +216,13 @@ class Actor:
         return self.engine.module.model
 
     @property
-    def zero_stage(self) -> int:
-        return self.recipe.optim.deepspeed.zero_stage
-
-    @property
     def is_lora(self) -> bool:
         return is_peft_model(self.model)
 
-    def forward(self, micro: MicroBatch, stats: tuple[str, ...],
-                raw_stats: tuple[str, ...] = (), detached_stats: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    def forward(self, micro: MicroBatch, stats: tuple[str, ...], raw_stats: tuple[str, ...] = (),
+                detached_stats: tuple[str, ...] = (), *, temperature: float) -> dict[str, torch.Tensor]:
+        """`stats` of `micro`'s response tokens on logits / `temperature` (`RunSettings.temperature`,
+        the rollout's: the distribution the samples came from), `raw_stats` also on the raw logits."""
         dropout = torch.is_grad_enabled() and bool(self.adapter_dropouts)
         for module in self.adapter_dropouts:
             module.train(dropout)
@@ -232,7 +230,7 @@ class Actor:
             return self.engine(
                 input_ids=micro.input_ids, attention_mask=micro.attention_mask,
                 position_ids=micro.position_ids, prompt_length=micro.prompt_length,
-                temperature=self.recipe.rollout.temperature, stats=stats, raw_stats=raw_stats,
+                temperature=temperature, stats=stats, raw_stats=raw_stats,
                 detached_stats=detached_stats, response_mask=micro.response_mask,
                 predict_index=micro.predict_index,
             )
@@ -241,9 +239,9 @@ class Actor:
                 module.eval()
 
     @torch.no_grad()
-    def score(self, micro: MicroBatch, stats: tuple[str, ...],
-              raw_stats: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-        return self.forward(micro, stats, raw_stats)
+    def score(self, micro: MicroBatch, stats: tuple[str, ...], raw_stats: tuple[str, ...] = (), *,
+              temperature: float) -> dict[str, torch.Tensor]:
+        return self.forward(micro, stats, raw_stats, temperature=temperature)
 
     def backward_and_step(self, loss: torch.Tensor, *, last_of_minibatch: bool) -> None:
         """Accumulate one micro-batch; the optimizer steps after the mini-batch's last one.

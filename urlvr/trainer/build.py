@@ -101,7 +101,7 @@ def warn_about_budget(recipe: Recipe, prompts: Sequence[PromptInput]) -> None:
 
 def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
     settings = RunSettings.derive(recipe, dist)  # a batch that does not fit the world size fails first
-    seed_everything(recipe.seed)
+    seed_everything(settings.seed)
     model, tokenizer = load_model_and_tokenizer(recipe)
     vocab = model.get_input_embeddings().num_embeddings
     outside = [t for t in recipe.rollout.stop_token_ids if not 0 <= t < vocab]
@@ -118,23 +118,22 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
     records = list(encoded.records)
     trainer = recipe.trainer
     stream = PromptStream(
-        records, prompts_per_step=trainer.prompts_per_step, seed=recipe.seed, shuffle=recipe.data.shuffle,
+        records, prompts_per_step=trainer.prompts_per_step, seed=settings.seed, shuffle=recipe.data.shuffle,
         epochs=None if trainer.total_steps else trainer.data_epochs, rank=dist.rank, world_size=dist.world_size,
     )
     total_steps = trainer.total_steps or stream.steps_available()
-    needs_reference = recipe.algorithm.kl_coef > 0 or recipe.dynamics.kl_to_initial_every > 0  # penalty, or KL-to-pi_0 metric
     reference = None
-    if needs_reference and recipe.model.lora is None:
+    if settings.needs_reference and recipe.model.lora is None:
         on_host = recipe.algorithm.kl_coef == 0 and recipe.dynamics.kl_reference_device == "cpu"
         reference = _frozen_reference(recipe, torch.device("cpu") if on_host else dist.device)
     actor = Actor(
         model, recipe, world_size=dist.world_size, micro_steps_per_minibatch=settings.micro_steps_per_minibatch,
-        total_optimizer_steps=total_steps * settings.minibatches_per_step * trainer.ppo_epochs,
+        total_optimizer_steps=total_steps * settings.optimizer_steps_per_rollout,
     )
     if trainer.padding_free:  # before step 1: a model whose attention ignores packing fails here, not silently
-        check_padding_free(lambda micro: actor.score(micro.to(dist.device), ("logprob",)),
+        check_padding_free(lambda micro: actor.score(micro.to(dist.device), ("logprob",), temperature=settings.temperature),
                            tolerance=1e-3 if recipe.optim.deepspeed.precision == "fp32" else 5e-2)
-    if needs_reference and recipe.model.lora is not None:
+    if settings.needs_reference and recipe.model.lora is not None:
         reference = AdapterOffReference(actor)  # no second copy: dynamics.kl_reference_device does not apply
     engine = ROLLOUT_ENGINES.get(recipe.rollout.engine.name).from_recipe(recipe, actor.model, tokenizer, dist)
     context = context_length(actor.model)

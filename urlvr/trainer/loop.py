@@ -103,8 +103,8 @@ def _generate(parts: RunParts, records, sampling) -> tuple[list[Group], list[Gro
     `group_size` of each trained (TTRL: draw more samples to vote than to train)."""
     group_size = parts.settings.group_size
     with parts.generation_context():
-        drawn = parts.engine.generate([parts.prompts[r.prompt_id] for r in records],
-                                      parts.settings.recipe.reward.vote_group_size or group_size, sampling)
+        drawn = parts.engine.generate([parts.prompts[r.prompt_id] for r in records], parts.settings.vote_group_size,
+                                      sampling)
     return drawn, [replace(g, samples=g.samples[:group_size]) for g in drawn]
 
 
@@ -158,9 +158,9 @@ def _step_metrics(parts: RunParts, rollout: Rollout, scored: Scored, update: Upd
     family, verdict = settings.reward_family
     labels, p_maj, majority_correct, oracle = step_metrics.global_label_metrics(
         scored.rewards, scored.contexts, rollout.records, oracle_named=recipe.reward.oracle is not None, family=family,
-        verdict_key=None if verdict is None else recipe.reward.terms[verdict].key)
+        verdict_key=None if verdict is None else recipe.reward.terms[verdict].metric_name)
     metrics.update(labels)
-    metrics["actor/optimizer_steps_per_rollout"] = float(settings.minibatches_per_step * recipe.trainer.ppo_epochs)
+    metrics["actor/optimizer_steps_per_rollout"] = float(settings.optimizer_steps_per_rollout)
     metrics.update(rollout.sampling_metrics)  # dynamic_sampling/*, already global
     tracked = recipe.dynamics.track_prompts
     prompt_rows = [] if tracked is None else tracking.gather_rows(tracking.rollout_rows(

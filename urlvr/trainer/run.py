@@ -241,7 +241,7 @@ def export_model(parts, out_dir: Path, is_main: bool) -> Path:
     """HF format (safetensors + tokenizer), loadable by AutoModelForCausalLM.from_pretrained. A LoRA
     run writes its adapter instead (`PeftModel.from_pretrained(base, out_dir)`), and with
     `model.lora.export_merged` the merged model in `out_dir/merged` (docs/lora.md)."""
-    actor, lora = parts.actor, parts.actor.recipe.model.lora
+    actor, lora = parts.actor, parts.settings.recipe.model.lora
     # collective under ZeRO-3: every rank gathers
     state = actor.adapter_state_dict() if lora is not None else actor.full_state_dict()
     merged = actor.full_state_dict() if lora is not None and lora.export_merged else None

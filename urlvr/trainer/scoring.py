@@ -47,7 +47,7 @@ def score_rows(parts: RunParts, batch: RolloutBatch, rows, stats: tuple[str, ...
     stats = settings.score_stats if stats is None else stats
     raw_stats = settings.raw_score_stats if raw_stats is None else raw_stats
     return scoring_pass(micro_batches_on_every_rank(parts, batch, rows),
-                        lambda micro: parts.actor.score(micro, stats, raw_stats), batch)
+                        lambda micro: parts.actor.score(micro, stats, raw_stats, temperature=settings.temperature), batch)
 
 
 def score_global_batch(parts: RunParts, batch: RolloutBatch) -> Stats:

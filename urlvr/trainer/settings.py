@@ -82,6 +82,24 @@ class RunSettings:
         return self.recipe.rollout.group_size
 
     @property
+    def vote_group_size(self) -> int:
+        """Samples drawn per prompt: `reward.vote_group_size` (TTRL: more to vote than to train), else
+        `group_size`; the first `group_size` of each are trained."""
+        return self.recipe.reward.vote_group_size or self.group_size
+
+    @property
+    def optimizer_steps_per_rollout(self) -> int:
+        """Optimizer steps each rollout batch feeds: mini-batches per step x `trainer.ppo_epochs`
+        (1 = on-policy, Table 7)."""
+        return self.minibatches_per_step * self.recipe.trainer.ppo_epochs
+
+    @property
+    def seed(self) -> int:
+        """The run's seed: the process RNGs (`seed_everything`) and the prompt stream's shuffle. Rollouts
+        and token filters draw from per-(step, prompt) seeds hashed from it (`sampling_seed`)."""
+        return self.recipe.seed
+
+    @property
     def own_rows(self) -> slice:
         """This rank's rows of each step's global batch: the whole groups of its prompts."""
         return slice(self.prompt_shard.start * self.group_size, self.prompt_shard.stop * self.group_size)
@@ -91,11 +109,21 @@ class RunSettings:
         """The rollout's temperature, which every scoring forward applies to the logits."""
         return self.recipe.rollout.temperature
 
+    @property
+    def kl_penalty(self) -> bool:
+        """Whether the loss has a KL term to pi_0 (`algorithm.kl_coef` > 0)."""
+        return self.recipe.algorithm.kl_coef > 0
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the run holds pi_0 at all: a KL penalty, or KL to pi_0 measured (`dynamics.kl_to_initial_every`)."""
+        return self.kl_penalty or self.recipe.dynamics.kl_to_initial_every > 0
+
     def measures_kl(self, step: int) -> bool:
         """Whether step `step` needs pi_0's log-probs: a KL penalty, or KL to pi_0 measured every
         `dynamics.kl_to_initial_every` steps (even without a penalty)."""
         every = self.recipe.dynamics.kl_to_initial_every
-        return self.recipe.algorithm.kl_coef > 0 or (every > 0 and step % every == 0)
+        return self.kl_penalty or (every > 0 and step % every == 0)
 
     # ------------------------------------------------------------------ token statistics
     @property
@@ -110,7 +138,7 @@ class RunSettings:
         A token filter (`algorithm.token_filter`) also needs it: it selects tokens over the whole
         mini-batch before the update. So does LoRA dropout (`model.lora.dropout > 0`): the training
         forward then is not the policy that sampled, whose log-probs the ratio must divide by."""
-        off_policy = self.minibatches_per_step * self.recipe.trainer.ppo_epochs > 1
+        off_policy = self.optimizer_steps_per_rollout > 1
         lora = self.recipe.model.lora
         return (bool(self.reward_stats) or off_policy or self.recipe.algorithm.token_filter.name != "none"
                 or (lora is not None and lora.dropout > 0))

@@ -120,7 +120,7 @@ def reward_contexts(settings: RunSettings, rollout: Rollout, lent: Stats, tokeni
 
 def reward_terms(settings: RunSettings) -> list[RewardTermSpec]:
     """The recipe's reward terms as the composer takes them."""
-    return [RewardTermSpec(t.name, t.weight, t.kwargs, t.key, t.gate, t.on_error) for t in settings.recipe.reward.terms]
+    return [RewardTermSpec(t.name, t.weight, t.kwargs, t.alias, t.gate, t.on_error) for t in settings.recipe.reward.terms]
 
 
 def policy_handle(engine: RolloutEngine, tokenizer, settings: RunSettings, seed: int,

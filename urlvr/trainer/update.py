@@ -32,7 +32,7 @@ def update_policy(parts: RunParts, rollout: Rollout, scored: Scored, reference: 
     batch = batch if rollout.truncated is None else without_rows(batch, rollout.truncated)
     old = scored.stats["logprob"] if settings.scoring_pass else None  # else each training forward's own
     inputs = RowInputs(advantages=scored.advantages, sampler_logprobs=batch.sampler_logprobs, old_logprobs=old,
-                       ref_logprobs=reference if algo.kl_coef > 0 else None)  # rows of the global batch
+                       ref_logprobs=reference if settings.kl_penalty else None)  # rows of the global batch
     logs: Logs = []  # (metrics, real tokens) per real micro-batch, (metrics, 1) per optimizer step
     forwards, trained = [], []  # every training forward; (micro, detached statistics) of the real ones
     for epoch in range(settings.recipe.trainer.ppo_epochs):
@@ -96,7 +96,8 @@ def _micro_batch_loss(parts: RunParts, micro: MicroBatch, num_sequences: int, nu
     correction, plus the KL and entropy terms the recipe turns on."""
     algo, settings = parts.settings.recipe.algorithm, parts.settings
     mask = micro.response_mask.float()  # [b, T]
-    out = parts.actor.forward(micro, settings.train_stats, detached_stats=settings.logged_train_stats)
+    out = parts.actor.forward(micro, settings.train_stats, detached_stats=settings.logged_train_stats,
+                              temperature=settings.temperature)
     micro = _old_policy(micro, out["logprob"], algo.mismatch)
     loss_stats = algo.loss.stats()  # current-policy statistics the loss reads, from this forward
     loss_out = algo.loss(out["logprob"], micro.old_logprobs, micro.advantages, mask,

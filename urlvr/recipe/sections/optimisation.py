@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -26,7 +27,9 @@ class AlgorithmSection(Section):
     ranges act on the importance ratio, exactly 1 in an on-policy recipe: there a non-default
     one is refused (unless LoRA dropout moves the ratio)."""
     loss_aggregation: Annotated[str, Registered("loss_aggregation")] = "token-mean"
-    """How per-token losses are weighted into the mini-batch loss (`seq-mean-token-sum-norm` is Dr.GRPO's)."""
+    """How per-token losses are weighted into the mini-batch loss (`seq-mean-token-sum-norm` is Dr.GRPO's).
+    A loss defined with particular modes only (`gspo`/`gspo_token`: `seq-mean-token-mean`; `cispo`:
+    `token-mean`) refuses any other, and when this is not written it gets the loss's own mode."""
     token_filter: Annotated[VariantSection, VariantOf("token_filter", default="none")] = "none"
     """Entropy control: which tokens train, chosen once per mini-batch and applied to any loss
     (`high_entropy`: top-q entropy tokens only; `clip_cov`/`kl_cov`: Cui et al.'s covariance controls)."""
@@ -65,6 +68,25 @@ class AlgorithmSection(Section):
                              f"(--set 'algorithm.mismatch={{name: token_tis, cap: {cap}}}')")
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _aggregation_of_the_loss(cls, data: Any) -> Any:
+        """An unwritten `loss_aggregation` is the loss's own (`gspo` alone under the field's default
+        token-mean would silently train another objective)."""
+        if not isinstance(data, dict) or "loss_aggregation" in data:
+            return data
+        allowed = _loss_aggregations(data.get("loss", "ppo_clip"))
+        return {**data, "loss_aggregation": allowed[0]} if allowed else data
+
+    @model_validator(mode="after")
+    def _loss_defined_with_its_aggregation(self) -> AlgorithmSection:
+        allowed = getattr(self.loss, "aggregations", None)
+        if allowed is not None and self.loss_aggregation not in allowed:
+            raise ValueError(f"loss {self.loss.name} is defined with loss_aggregation {' or '.join(allowed)} only; "
+                             f"loss_aggregation {self.loss_aggregation} would train another objective: "
+                             f"set loss_aggregation: {allowed[0]} (or drop it)")
+        return self
+
     @field_validator("kl_estimator")
     @classmethod
     def _differentiable_kl(cls, name: str) -> str:
@@ -73,6 +95,14 @@ class AlgorithmSection(Section):
                              "from the policy is zero, so it never pulls towards the reference; use k2 "
                              "(gradient of KL(π‖π_ref)) or k3 (gradient of KL(π_ref‖π))")
         return name
+
+
+def _loss_aggregations(loss: Any) -> tuple[str, ...] | None:
+    """The aggregations the loss written as `loss` declares (None: any, or not a registered loss:
+    the loss field's own validation reports that)."""
+    name = loss.get("name", "ppo_clip") if isinstance(loss, Mapping) else getattr(loss, "name", loss)
+    losses = registry("policy_loss")
+    return getattr(losses.get(name), "aggregations", None) if isinstance(name, str) and name in losses else None
 
 
 class DeepSpeedSection(Section):

@@ -49,7 +49,8 @@ class RewardTerm(Section):
         return term_json_schema(cls, handler(schema), handler)
 
     @property
-    def key(self) -> str:
+    def metric_name(self) -> str:
+        """The term's name in metrics and in `BatchRewards.per_term`: its `alias`, else the reward's name."""
         return self.alias or self.name
 
 
@@ -82,7 +83,7 @@ class RewardSection(Section):
 
     @model_validator(mode="after")
     def _terms_unique_and_extractor_kwargs_fit(self) -> RewardSection:
-        keys = [term.key for term in self.terms]
+        keys = [term.metric_name for term in self.terms]
         repeated = sorted({k for k in keys if keys.count(k) > 1})
         if repeated:
             raise ValueError(f"reward term {repeated[0]!r} appears twice; give one an `alias`")
