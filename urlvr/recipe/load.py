@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from urlvr.registry import Registry
 from urlvr.errors import RecipeError
 from urlvr.recipe.sections import Recipe
-from urlvr.recipe.variants import variant_marker
+from urlvr.recipe.variants import VariantOf, variant_container, variant_marker
 
 __all__ = ["RecipeError", "load_recipe", "read_recipe_source", "format_validation_error"]
 
@@ -209,7 +209,7 @@ def format_validation_error(err: ValidationError, origin: str, data: Any = None)
         elif problem["type"] == "union_tag_invalid":
             message = f"unknown kind {problem['input'].get('kind')!r} ({problem['ctx']['expected_tags']})"
         elif "input" in problem and problem["type"] not in ("missing", "value_error", "assertion_error",
-                                                             "variant_unknown"):
+                                                             "variant_unknown", "variant_missing"):
             message += f" (got {problem['input']!r})"
         if tag is not None and loc[tag + 1:]:
             message = f"item {'.'.join(loc[tag + 1:])}: {message}"
@@ -234,13 +234,26 @@ def _model_at(model: type[BaseModel], loc: list[str], data: Any = None) -> type[
     """Walk section classes along a pydantic error location (list indices, union tags and
     variants chosen by `name` in `data` included)."""
     candidates = [model]
+    items_of: VariantOf | None = None  # the variant marker of a list or map of variants, awaiting its item
     for part in loc:
+        if items_of is not None:
+            data = _item(data, part)
+            chosen = items_of.choices().get(items_of.chosen_name(data))
+            candidates, items_of = [chosen] if chosen else [], None
+            if not candidates:
+                return None
+            continue
         fields = [m.model_fields[part] for m in candidates if part in m.model_fields]
         data = data.get(part) if isinstance(data, dict) else None
+        old = [m.old_spellings[part] for m in candidates if part in getattr(m, "old_spellings", {})]
+        if not fields and old:  # a section's old spelling, still read (`logging.wandb`)
+            candidates = old
+            continue
         marker = variant_marker(fields[0]) if fields else None
-        if marker is not None:
-            name = data if isinstance(data, str) else data.get("name", marker.default) if isinstance(data, dict) else None
-            chosen = marker.choices().get(name)
+        if marker is not None and variant_container(fields[0].annotation) is not None:
+            items_of = marker
+        elif marker is not None:
+            chosen = marker.choices().get(marker.chosen_name(data))
             candidates = [chosen] if chosen else []
         elif fields:
             candidates = _models_in(fields[0].annotation)
@@ -250,6 +263,15 @@ def _model_at(model: type[BaseModel], loc: list[str], data: Any = None) -> type[
         if not candidates:
             return None
     return candidates[0]
+
+
+def _item(data: Any, part: str) -> Any:
+    """The item `part` (a map key or a list index) of `data`, else None."""
+    if isinstance(data, dict):
+        return data.get(part)
+    if isinstance(data, list) and part.isdigit() and int(part) < len(data):
+        return data[int(part)]
+    return None
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
