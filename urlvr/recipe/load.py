@@ -136,7 +136,7 @@ def _apply_override(data: dict[str, Any], override: str, origin: str) -> None:
                                   f"no items to index; set the whole list ({where}=[...]) instead")
             child = node.setdefault(part, {})
             if isinstance(child, str):  # a variant chosen by name only (`loss: ppo_clip`): now with knobs
-                child = node[part] = {"name": child}
+                child = node[part] = {_variant_key(parts[:depth + 1], data): child}
         if not isinstance(child, (dict, list)):
             raise RecipeError(f"{origin}: --set {override!r}: {part!r} is not a section")
         node = child
@@ -148,6 +148,13 @@ def _apply_override(data: dict[str, Any], override: str, origin: str) -> None:
         node[_list_index(node, parts[-1], key.strip(), override, origin)] = value
     else:
         node[parts[-1]] = value
+
+
+def _variant_key(loc: list[str], data: dict[str, Any]) -> str:
+    """The key that names the variant of the field at `loc` (`kind` for a data source), else `name`."""
+    model = _model_at(Recipe, loc[:-1], data)
+    marker = variant_marker(model.model_fields.get(loc[-1])) if model is not None else None
+    return marker.key if marker is not None else "name"
 
 
 def _is_index(part: str) -> bool:
