@@ -39,19 +39,31 @@ def load_recipe(
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(_credit_overrides(format_validation_error(err, origin, data), origin, overrides)) from None
+        raise RecipeError(_credit_overrides(format_validation_error(err, origin, data), origin, overrides, data)) from None
 
 
-def _credit_overrides(message: str, origin: str, overrides: Sequence[str]) -> str:
+def _credit_overrides(message: str, origin: str, overrides: Sequence[str], data: Any = None) -> str:
     """Append `(from --set ...)` to each line about a field an override set (or a field inside a
     section it replaced): the mistake is then on the command line, not in the file the line names."""
     keys = [(override.partition("=")[0].strip(), override) for override in overrides]
     lines = []
     for line in message.splitlines():
-        path = line.removeprefix(f"{origin}: ").split(": ", 1)[0]
+        path = _as_written(line.removeprefix(f"{origin}: ").split(": ", 1)[0], data)
         setters = [o for key, o in keys if path == key or path.startswith(key + ".")]
         lines.append(line + (f" (from --set {setters[-1]})" if setters else ""))
     return "\n".join(lines)
+
+
+def _as_written(path: str, data: Any) -> str:
+    """An error path as the recipe writes it: `data.source.file.path` -> `data.source.path` (an
+    error path names a data source's `kind`, which is a value in the recipe, not a section)."""
+    node, kept = data, []
+    for part in path.split("."):
+        if isinstance(node, dict) and part not in node and node.get("kind") == part:
+            continue
+        kept.append(part)
+        node = _item(node, part)
+    return ".".join(kept)
 
 
 def read_recipe_source(source: str | Path | Mapping[str, Any] | Recipe) -> tuple[str, dict[str, Any]]:
