@@ -71,7 +71,7 @@ def section_table(model: type[BaseModel], prefix: str, out: list[str], seen: set
         subs = _models(field.annotation)
         if subs:
             nested += [(f"{prefix}{name}", sub) for sub in subs]
-            if len(subs) > 1 or name in ("source",):
+            if len(subs) > 1:
                 kind = "map of name to one of" if get_origin(field.annotation) is dict else "one of"
                 rows.append(f"| `{name}` | {kind}: {', '.join(s.__name__ for s in subs)} | {_default(field)} | {_cell(field.description)} |")
             continue
