@@ -14,7 +14,6 @@ give instead the 1-based line number an editor shows.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -22,7 +21,7 @@ from pydantic import Field, field_validator, model_validator
 
 from urlvr.data import synthetic
 from urlvr.data.adapters import load_adapter_records
-from urlvr.data.readers import RawRow, open_dataset, read_file_rows
+from urlvr.data.readers import open_dataset, read_file_rows, rows_to_records
 from urlvr.data.reasoning_gym import reasoning_gym_problems
 from urlvr.data.records import DataError, PromptRecord
 from urlvr.recipe.names import Registered
@@ -122,7 +121,7 @@ def load_records_from_file(
     """Read a ``.jsonl``, ``.json`` (a list of objects, or ``{"data": [...]}``) or ``.parquet``
     file. ``label_field=None`` for unlabelled data; otherwise every row needs a label."""
     path = Path(path)
-    return _to_records(
+    return rows_to_records(
         read_file_rows(path, limit),
         source=str(path),
         id_prefix=path.stem,
@@ -178,7 +177,7 @@ def load_records_from_datasets(
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     rows = ((row, f"row {row}", item) for row, item in enumerate(dataset))
-    return _to_records(
+    return rows_to_records(
         rows,
         source=name_or_path,
         id_prefix=local.name if local.exists() else name_or_path,
@@ -302,60 +301,3 @@ class ReasoningGymSource(DataSourceSection):
     @staticmethod
     def read(tasks: list[str], size: int, seed: int, config: dict | None = None) -> list[PromptRecord]:
         return reasoning_gym_problems(tasks, size, seed, config)
-
-
-# --------------------------------------------------------------------------- rows -> records
-def _to_records(
-    rows: Iterable[RawRow],
-    *,
-    source: str,
-    id_prefix: str,
-    prompt_field: str,
-    label_field: str | None,
-    id_field: str | None,
-) -> list[PromptRecord]:
-    records: list[PromptRecord] = []
-    first_seen: dict[str, str] = {}  # prompt id -> where it first appeared
-    for row, where, item in rows:
-        here = f"{source}: {where}"
-        prompt = _field(item, prompt_field, here, "prompt")
-        if not isinstance(prompt, str):
-            raise DataError(
-                f"{here}: prompt field {prompt_field!r} must be a string, got {type(prompt).__name__}"
-            )
-        label = None
-        if label_field is not None:
-            label = _scalar_text(_field(item, label_field, here, "label"), here, "label", label_field)
-        if id_field is None:
-            prompt_id = f"{id_prefix}-{row}"
-        else:
-            prompt_id = _scalar_text(_field(item, id_field, here, "id"), here, "id", id_field)
-            if prompt_id in first_seen:
-                raise DataError(
-                    f"{here}: duplicate prompt id {prompt_id!r} (first at {first_seen[prompt_id]}); "
-                    "ids must be unique for per-prompt tracking and resume"
-                )
-            first_seen[prompt_id] = where
-        used = {prompt_field, label_field, id_field}
-        metadata = {key: value for key, value in item.items() if key not in used}
-        records.append(PromptRecord(prompt_id, prompt, label, metadata))
-    return records
-
-
-def _field(item: dict[str, Any], name: str, here: str, role: str) -> Any:
-    """``item[name]``; a missing or null value is an error that lists the fields present."""
-    value = item.get(name)
-    if value is None:
-        present = ", ".join(sorted(k for k, v in item.items() if v is not None)) or "none"
-        hint = "; set label_field: null if the data has no labels" if role == "label" else ""
-        raise DataError(f"{here}: no {role} field {name!r} (fields present: {present}){hint}")
-    return value
-
-
-def _scalar_text(value: Any, here: str, role: str, name: str) -> str:
-    # JSON numbers become text ("42", "0.5"): labels are compared as extracted answer strings.
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise DataError(
-            f"{here}: {role} field {name!r} must be a string or a number, got {type(value).__name__}"
-        )
-    return str(value)
