@@ -137,3 +137,22 @@ def test_registration_refuses_a_source_whose_read_drops_a_knob_or_a_misnamed_par
     with pytest.raises(ValueError, match="registered as 'test_other' but its section's `name` defaults to 'other'"):
         TRACKERS.register("test_other")(Misnamed)
     assert not {"test_drops", "test_anything", "mine"} & set(DATA_SOURCES.names()) and "test_other" not in TRACKERS
+
+
+def test_a_run_folder_recorded_with_the_old_tracker_spelling_compares_equal(tmp_path):
+    """A resume (or a sweep) reads the run folder's recipe.yaml in today's spelling: the
+    `logging.wandb` / `logging.tensorboard` sections an older urlvr wrote are no change."""
+    from urlvr.recipe.changes import recipe_changes
+    from urlvr.trainer.resume import resume_changes
+
+    recipe = load_recipe({"logging": {"trackers": [{"name": "tensorboard", "log_dir": "tb"}]}})
+    old = recipe.model_dump(mode="json")
+    old["logging"] = {"console": True, "completions_per_step": 4,
+                      "wandb": {"enabled": False, "project": "urlvr", "entity": None, "mode": "auto"},
+                      "tensorboard": {"enabled": True, "log_dir": "tb"}}  # as recipe.yaml held it
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    assert recipe_changes(old, recipe.model_dump(mode="json"))  # read as written, the spelling differs
+    assert resume_changes(tmp_path, recipe, step=1) == []
+    moved = load_recipe(recipe, ["logging.trackers=[]"])
+    assert [str(c) for c in resume_changes(tmp_path, moved, step=1)] == [
+        'logging.trackers: [{"name": "tensorboard", "log_dir": "tb"}] -> []']

@@ -19,9 +19,10 @@ from pydantic import BaseModel, ValidationError
 from urlvr.registry import Registry
 from urlvr.errors import RecipeError
 from urlvr.recipe.sections import Recipe
+from urlvr.recipe.sections.monitoring import tracker_spelling
 from urlvr.recipe.variants import VariantOf, variant_container, variant_marker
 
-__all__ = ["RecipeError", "load_recipe", "read_recipe_source", "format_validation_error"]
+__all__ = ["RecipeError", "load_recipe", "read_recipe_source", "format_validation_error", "current_spelling"]
 
 
 def load_recipe(
@@ -40,6 +41,20 @@ def load_recipe(
         return Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(_credit_overrides(format_validation_error(err, origin, data), origin, overrides, data)) from None
+
+
+def current_spelling(data: dict[str, Any]) -> dict[str, Any]:
+    """A recorded recipe (plain data, e.g. a run folder's `recipe.yaml` of an older urlvr) in today's
+    spelling, so that comparing it with today's resolved recipe names real changes only:
+    `logging.wandb` / `logging.tensorboard` become `logging.trackers`. Left as it is where the old
+    section does not validate (the comparison then shows it)."""
+    logging = data.get("logging")
+    if not isinstance(logging, dict):
+        return data
+    try:
+        return {**data, "logging": tracker_spelling(logging)}
+    except ValidationError:
+        return data
 
 
 def _credit_overrides(message: str, origin: str, overrides: Sequence[str], data: Any = None) -> str:

@@ -64,6 +64,18 @@ class _OldTrackerSpelling(Section):
                 for name, section in old.items() if section is not None and section.enabled]
 
 
+def tracker_spelling(logging: dict[str, Any]) -> dict[str, Any]:
+    """`logging` (plain data) with `wandb: {enabled: true, ...}` and `tensorboard: {enabled: true, ...}`
+    (the spelling before trackers were registered parts) turned into items of `trackers`; switched
+    off they add nothing (a resolved recipe of an older urlvr writes both). A ValidationError for a
+    bad old section (`project` set with wandb off)."""
+    if not {"wandb", "tensorboard"} & logging.keys():
+        return logging
+    old = _OldTrackerSpelling.model_validate({k: logging[k] for k in ("wandb", "tensorboard") if k in logging})
+    rest = {k: v for k, v in logging.items() if k not in ("wandb", "tensorboard")}
+    return {**rest, "trackers": [*rest.get("trackers", []), *old.trackers()]}
+
+
 # An experiment tracker is a registered part with its own section (`urlvr.metrics.loggers`; plugins add more).
 Tracker = Annotated[RegisteredSection, VariantOf("tracker", default=None)]
 
@@ -79,20 +91,12 @@ class LoggingSection(Section):
     `[{name: wandb, project: mine}, tensorboard]`; [] = none."""
 
     old_spellings: ClassVar[dict[str, type[Section]]] = {"wandb": WandbSection, "tensorboard": TensorBoardSection}
-    # read by `_old_tracker_spelling` (and by load-time error messages, for their known fields)
+    # the sections `tracker_spelling` still reads, by key (load-time error messages list their fields)
 
     @model_validator(mode="before")
     @classmethod
     def _old_tracker_spelling(cls, data: Any) -> Any:
-        """`wandb: {enabled: true, ...}` and `tensorboard: {enabled: true, ...}` (the spelling before
-        trackers were registered parts) still load, as items of `trackers`; switched off they add
-        nothing (a resolved recipe of an older urlvr writes both)."""
-        if not isinstance(data, dict) or not {"wandb", "tensorboard"} & data.keys():
-            return data
-        old = _OldTrackerSpelling.model_validate({k: data[k] for k in cls.old_spellings if k in data})
-        rest = {k: v for k, v in data.items() if k not in cls.old_spellings}
-        added = old.trackers()
-        return {**rest, "trackers": [*rest.get("trackers", []), *added]} if added else rest
+        return tracker_spelling(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _each_tracker_once(self) -> LoggingSection:
