@@ -314,9 +314,7 @@ def _lengths_probe(monkeypatch):
         return {n: logprob if n.endswith("logprob") else torch.zeros_like(logprob) for n in names}
 
     def probe_module_records(settings):
-        from urlvr.trainer.build import load_prompt_records
-
-        return load_prompt_records(settings.recipe.data.source, settings.recipe)
+        return settings.recipe.data.source.load()
 
     monkeypatch.setattr(probe_module, "_sample", sample)
     monkeypatch.setattr(probe_module, "_score", score)

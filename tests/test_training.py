@@ -352,11 +352,10 @@ def test_a_run_whose_responses_reach_the_context_caps_them_and_says_so(random_ti
     from urlvr.data.records import DataError
     from urlvr.data.templates import encode_prompts
     from urlvr.recipe import load_recipe
-    from urlvr.trainer.build import load_prompt_records
 
     _, model, tokenizer = random_tiny_model
     recipe = load_recipe(recipe_for(random_tiny_model, tmp_path / "run"))
-    lengths = [len(p.token_ids) for p in encode_prompts(tokenizer, load_prompt_records(recipe.data.source, recipe),
+    lengths = [len(p.token_ids) for p in encode_prompts(tokenizer, recipe.data.source.load(),
                                                         template=recipe.data.template, max_prompt_length=100).inputs]
     small = tmp_path / "small-context"
     model.save_pretrained(small)

@@ -1,6 +1,8 @@
 """Importing this module registers every built-in part (explicit imports, no magic discovery)."""
 
+import urlvr.data.loaders  # noqa: F401
 import urlvr.metrics.collapse  # noqa: F401
+import urlvr.metrics.loggers  # noqa: F401
 import urlvr.rewards.certainty  # noqa: F401
 import urlvr.rewards.co_reward  # noqa: F401
 import urlvr.rewards.countdown  # noqa: F401

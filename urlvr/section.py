@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import types
 import typing
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -66,24 +66,36 @@ class Section(BaseModel):
         return [name for name in names if getattr(self, name) != fields[name].get_default(call_default_factory=True)]
 
 
-class VariantSection(Section):
-    """Base of a registered part's own section. Subclasses declare
-    `name: Literal["<registered name>"] = "<registered name>"` and their knobs, each with a docstring."""
+class RegisteredSection(Section):
+    """Base of a registered part's own section: the field named `variant_key` carries the name the
+    part is registered under (`urlvr.recipe.variants.VariantOf` reads it to pick the section)."""
+
+    variant_key: ClassVar[str] = "name"
+
+
+class VariantSection(RegisteredSection):
+    """Base of a registered part's own section keyed by `name`. Subclasses declare
+    `name: Literal["<registered name>"] = "<registered name>"` and their knobs, each with a docstring.
+    (A family whose parts need `name` as a knob of their own keys by another field: a data source
+    by `kind`, `urlvr.data.loaders.DataSourceSection`.)"""
 
     name: str
 
 
-def variant_section(entry: Any) -> type[VariantSection]:
+def variant_section(entry: Any) -> type[RegisteredSection]:
     """The section class of a registry entry: the entry itself (a loss section) or its `settings`
     attribute (an engine class and the section of its settings)."""
-    section = entry if isinstance(entry, type) and issubclass(entry, VariantSection) else getattr(entry, "settings", None)
-    if not (isinstance(section, type) and issubclass(section, VariantSection)):
+    section = entry if isinstance(entry, type) and issubclass(entry, RegisteredSection) else getattr(entry, "settings", None)
+    if not (isinstance(section, type) and issubclass(section, RegisteredSection)):
         raise TypeError(f"{entry!r} is neither a VariantSection nor has a `settings` VariantSection")
     return section
 
 
 def check_variant_name(entry: Any, name: str) -> None:
-    """Registration-time check that a variant's section carries the name it is registered under."""
-    declared = variant_section(entry).model_fields["name"].default
+    """Registration-time check that a variant's section carries the name it is registered under
+    (in its `variant_key` field: `name`, or `kind` for a data source)."""
+    section = variant_section(entry)
+    key = section.variant_key
+    declared = section.model_fields[key].default if key in section.model_fields else None
     if declared != name:
-        raise ValueError(f"{entry!r} is registered as {name!r} but its section's `name` defaults to {declared!r}")
+        raise ValueError(f"{entry!r} is registered as {name!r} but its section's `{key}` defaults to {declared!r}")

@@ -44,7 +44,7 @@ from urlvr.rollout.base import ROLLOUT_ENGINES, context_length
 from urlvr.rollout.collate import collate_groups
 from urlvr.trainer.actor import TokenScorer
 from urlvr.trainer.batching import micro_batches, scorer_inputs
-from urlvr.trainer.build import (encode_recipe_prompts, load_model_and_tokenizer, load_prompt_records, seed_everything,
+from urlvr.trainer.build import (encode_recipe_prompts, load_model_and_tokenizer, seed_everything,
                                  warn_about_budget)
 from urlvr.trainer.settings import RunSettings
 from urlvr.trainer.stages import Rollout, policy_handle, reward_terms, score_and_reward, scoring_pass
@@ -213,7 +213,7 @@ def probe_model(model: str, base: dict[str, Any], rewards: Sequence[str], *, num
     seed_everything(settings.seed)
     hf_model, tokenizer = load_model_and_tokenizer(recipe)
     hf_model.to(dist.device).eval()
-    records = load_prompt_records(recipe.data.source, recipe)[:num_prompts]
+    records = recipe.data.source.load()[:num_prompts]
     encoded = encode_recipe_prompts(recipe, tokenizer, records, context_length(hf_model))
     records, prompts = list(encoded.records), list(encoded.inputs)
     warn_about_budget(recipe, prompts)  # the scoring pass cuts micro-batches by the budget too

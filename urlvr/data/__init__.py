@@ -4,6 +4,7 @@
 from urlvr.data.adapters import DATASET_ADAPTERS, DatasetAdapter
 from urlvr.data.loaders import (
     DATA_SOURCES,
+    DataSourceSection,
     load_records,
     load_records_from_datasets,
     load_records_from_file,
@@ -15,6 +16,7 @@ from urlvr.data.templates import EncodedPrompts, check_template, encode_prompt_t
 __all__ = [
     "DATASET_ADAPTERS",
     "DATA_SOURCES",
+    "DataSourceSection",
     "DataError",
     "DatasetAdapter",
     "EncodedPrompts",

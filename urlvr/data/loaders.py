@@ -1,9 +1,11 @@
-"""Prompt loaders: a local file, a `datasets` dataset, a named paper dataset (through its adapter)
-or a synthetic generator -> PromptRecords.
+"""Data sources: each one a registered recipe section (`data.source`, `eval.source`, `eval.held_out`)
+and the loader that turns it into PromptRecords, side by side: a local file, a `datasets` dataset, a
+named paper dataset (through its adapter), or a synthetic generator. A plugin adds a source the same
+way (docs/writing-data-sources.md): a `DataSourceSection` registered under its `kind`, with its knobs
+and a `read` whose keyword arguments are those knobs.
 
-Every loader is a registered *data source* whose keyword arguments are the fields of the
-matching recipe section (`data.source`): the trainer calls
-``load_records(**recipe.data.source.model_dump())``.
+The trainer calls ``recipe.data.source.load()``; ``load_records(kind, **options)`` reads any
+registered source by name without a recipe.
 Bad data fails here, before step 1, with a `DataError` naming the file and the row or line:
 rows count from 0 (the number that ends a default prompt id, ``<stem>-<row>``); JSONL errors
 give instead the 1-based line number an editor shows.
@@ -12,31 +14,67 @@ give instead the 1-based line number an editor shows.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from urlvr.data import synthetic
 from urlvr.data.adapters import load_adapter_records
-from urlvr.data.readers import RawRow, open_dataset, read_file_rows
+from urlvr.data.readers import open_dataset, read_file_rows, rows_to_records
 from urlvr.data.reasoning_gym import reasoning_gym_problems
 from urlvr.data.records import DataError, PromptRecord
+from urlvr.recipe.names import Registered
 from urlvr.registry import Registry
+from urlvr.section import RegisteredSection, check_variant_name
 
-DataSource = Callable[..., list[PromptRecord]]
-DATA_SOURCES: Registry[DataSource] = Registry("data source")
 
+class DataSourceSection(RegisteredSection):
+    """Base of a data source's section: `kind` is the registered name (`kind: Literal["<name>"] =
+    "<name>"`), every other field a knob with a docstring. `read(**knobs)` -- a static method whose
+    keyword arguments are exactly those knobs -- returns the prompts (a non-empty list of
+    PromptRecords; a label is metrics and oracle rewards only). Bad data raises `DataError`."""
+
+    variant_key: ClassVar[str] = "kind"  # not `name`: the `datasets` source has a knob of that name
+    kind: str
+
+    @staticmethod
+    def read(**knobs: Any) -> list[PromptRecord]:
+        raise NotImplementedError
+
+    def load(self) -> list[PromptRecord]:
+        """This source's prompts (`load_records` with this section's knobs)."""
+        return _read(type(self), self.kind, self.model_dump(exclude={"kind"}))
+
+
+def _check_source(entry: type[DataSourceSection], name: str) -> None:
+    """Registration-time: the section carries its name, and `read` takes every knob (a knob it
+    does not take would fail at the first load, or with `**` be ignored)."""
+    check_variant_name(entry, name)
+    if not (isinstance(entry, type) and issubclass(entry, DataSourceSection)):
+        raise TypeError(f"{entry!r}: a data source is a DataSourceSection")
+    params = inspect.signature(entry.read).parameters
+    untaken = sorted(set(entry.model_fields) - {"kind"} - {p for p, v in params.items() if v.kind != v.VAR_KEYWORD})
+    if untaken or any(v.kind == v.VAR_KEYWORD for v in params.values()):
+        raise ValueError(f"data source {name!r}: read() must take each knob by name, not as **kwargs "
+                         f"(missing: {', '.join(untaken) or 'none'})")
+
+
+DATA_SOURCES: Registry[type[DataSourceSection]] = Registry("data source", check=_check_source)
 
 
 def load_records(kind: str, **options: Any) -> list[PromptRecord]:
     """Load prompts from the data source registered as ``kind`` (file | datasets | adapter |
     arithmetic | countdown | reasoning_gym | a plugin's); ``options`` are that source's keyword arguments."""
-    source = DATA_SOURCES.get(kind)
+    return _read(DATA_SOURCES.get(kind), kind, options)
+
+
+def _read(source: type[DataSourceSection], kind: str, options: dict[str, Any]) -> list[PromptRecord]:
     try:
-        inspect.signature(source).bind(**options)
+        inspect.signature(source.read).bind(**options)
     except TypeError as err:
         raise DataError(f"data source {kind!r}: {err}") from None
-    records = source(**options)
+    records = source.read(**options)
     if not records:
         raise DataError(f"data source {kind!r} gave no prompts (options: {options})")
     return records
@@ -44,6 +82,34 @@ def load_records(kind: str, **options: Any) -> list[PromptRecord]:
 
 # --------------------------------------------------------------------------- files
 @DATA_SOURCES.register("file")
+class FileSource(DataSourceSection):
+    kind: Literal["file"] = "file"
+    path: Path
+    """A local .jsonl, .json or .parquet file of prompts."""
+    prompt_field: str = "prompt"
+    """Column holding the question."""
+    label_field: str | None = "answer"
+    """Column holding the ground-truth answer, or null. Labels feed metrics and oracle rewards
+    only, never the training signal unless the recipe names an oracle reward."""
+    id_field: str | None = None
+    """Column with a stable prompt id; default `<file stem>-<row>`."""
+    limit: int | None = Field(None, ge=1)
+    """Use only the first N rows."""
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: Path) -> Path:
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
+
+    @staticmethod
+    def read(path: str | Path, prompt_field: str = "prompt", label_field: str | None = "answer",
+             id_field: str | None = None, limit: int | None = None) -> list[PromptRecord]:
+        return load_records_from_file(path, prompt_field=prompt_field, label_field=label_field,
+                                      id_field=id_field, limit=limit)
+
+
 def load_records_from_file(
     path: str | Path,
     *,
@@ -55,7 +121,7 @@ def load_records_from_file(
     """Read a ``.jsonl``, ``.json`` (a list of objects, or ``{"data": [...]}``) or ``.parquet``
     file. ``label_field=None`` for unlabelled data; otherwise every row needs a label."""
     path = Path(path)
-    return _to_records(
+    return rows_to_records(
         read_file_rows(path, limit),
         source=str(path),
         id_prefix=path.stem,
@@ -65,7 +131,35 @@ def load_records_from_file(
     )
 
 
+
 # --------------------------------------------------------------------------- datasets
+@DATA_SOURCES.register("datasets")
+class DatasetsSource(DataSourceSection):
+    kind: Literal["datasets"] = "datasets"
+    name: str
+    """A `datasets` hub id (networked machines) or a local directory (save_to_disk or data files)."""
+    split: str = "train"
+    """Split to read."""
+    subset: str | None = None
+    """Dataset configuration name, if any."""
+    prompt_field: str = "prompt"
+    """Column holding the question."""
+    label_field: str | None = "answer"
+    """Column holding the ground-truth answer, or null (metrics and oracle rewards only)."""
+    id_field: str | None = None
+    """Column with a stable prompt id; default `<name>-<row>`."""
+    limit: int | None = Field(None, ge=1)
+    """Use only the first N rows."""
+
+    @staticmethod
+    def read(name: str, split: str = "train", subset: str | None = None, prompt_field: str = "prompt",
+             label_field: str | None = "answer", id_field: str | None = None,
+             limit: int | None = None) -> list[PromptRecord]:
+        """The recipe calls the dataset `name`; the loader's own argument says what it accepts."""
+        return load_records_from_datasets(name, split=split, subset=subset, prompt_field=prompt_field,
+                                          label_field=label_field, id_field=id_field, limit=limit)
+
+
 def load_records_from_datasets(
     name_or_path: str,
     *,
@@ -83,7 +177,7 @@ def load_records_from_datasets(
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     rows = ((row, f"row {row}", item) for row, item in enumerate(dataset))
-    return _to_records(
+    return rows_to_records(
         rows,
         source=name_or_path,
         id_prefix=local.name if local.exists() else name_or_path,
@@ -93,88 +187,117 @@ def load_records_from_datasets(
     )
 
 
-@DATA_SOURCES.register("datasets")
-def _datasets_source(name: str, **options: Any) -> list[PromptRecord]:
-    """The recipe calls the dataset `name`; the loader's own argument says what it accepts."""
-    return load_records_from_datasets(name, **options)
-
-
 # --------------------------------------------------------------------------- named datasets
 @DATA_SOURCES.register("adapter")
-def _adapter_source(dataset: str, **options: Any) -> list[PromptRecord]:
+class AdapterSource(DataSourceSection):
     """A paper dataset by name (dapo-17k, aime-2024, ...), read through its registered adapter."""
-    return load_adapter_records(dataset, **options)
+
+    kind: Literal["adapter"] = "adapter"
+    dataset: Annotated[str, Registered("dataset_adapter")]
+    """A paper dataset by its adapter's name (docs/datasets.md; plugins may add more). The adapter knows the hub id, split,
+    question and answer fields, answer normalisation and the paper's prompt template."""
+    path: str | None = None
+    """A local copy in the hub schema instead of the hub: a .jsonl/.json/.parquet file or a
+    `datasets` directory (offline mirrors, test fixtures); null = download the adapter's hub id."""
+    split: str | None = None
+    """Split to read; null = the adapter's (a local file has only one)."""
+    limit: int | None = Field(None, ge=1)
+    """Use only the first N rows (after the adapter's de-duplication)."""
+    sample_size: int | None = Field(None, ge=1)
+    """Draw N rows at random without replacement instead (paper §5.1's DAPO subsets, §7's 4k/1k
+    Countdown split); null = all rows."""
+    sample_seed: int = 0
+    """Seed of the shuffle that `sample_size` draws from (needs `sample_size`)."""
+    sample_offset: int = Field(0, ge=0)
+    """Skip this many rows of the shuffled order first: the same seed with non-overlapping offsets
+    gives disjoint subsets (e.g. train = offset 0, validation = offset 4000)."""
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"path not found: {path}")
+        return path
+
+    @model_validator(mode="after")
+    def _one_way_to_subset(self) -> AdapterSource:
+        if self.limit is not None and self.sample_size is not None:
+            raise ValueError("give limit or sample_size, not both")
+        if self.sample_offset and self.sample_size is None:
+            raise ValueError("sample_offset needs sample_size")
+        if self.sample_seed and self.sample_size is None:
+            raise ValueError("sample_seed seeds the draw of sample_size rows, which is null: set sample_size or drop it")
+        return self
+
+    @staticmethod
+    def read(dataset: str, path: str | None = None, split: str | None = None, limit: int | None = None,
+             sample_size: int | None = None, sample_seed: int = 0, sample_offset: int = 0) -> list[PromptRecord]:
+        return load_adapter_records(dataset, path=path, split=split, limit=limit, sample_size=sample_size,
+                                    sample_seed=sample_seed, sample_offset=sample_offset)
 
 
 # --------------------------------------------------------------------------- synthetic
 @DATA_SOURCES.register("arithmetic")
-def _arithmetic_source(num_problems: int, seed: int, min_value: int = 0, max_value: int = 99,
-                       operators: tuple[str, ...] = ("+", "-")) -> list[PromptRecord]:
-    return synthetic.arithmetic_problems(num_problems, seed, min_value=min_value, max_value=max_value, operators=operators)
+class ArithmeticSource(DataSourceSection):
+    kind: Literal["arithmetic"] = "arithmetic"
+    num_problems: int = Field(256, ge=1, le=10_000_000)
+    """How many synthetic two-operand arithmetic problems to generate."""
+    seed: int = 0
+    """Generator seed (the tiny model's warm-up used a different one: these are held out)."""
+    min_value: int = Field(0, ge=0, le=10**9)
+    """Smallest operand (inclusive)."""
+    max_value: int = Field(99, ge=0, le=10**9)
+    """Largest operand (inclusive); 9 with `min_value: 0` gives single-digit problems, the ones a
+    135M-parameter chat model answers about half the time (docs/real-models.md)."""
+    operators: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+", "-"], min_length=1)
+    """Operators drawn uniformly per problem."""
+
+    @model_validator(mode="after")
+    def _operand_range(self):
+        if self.min_value > self.max_value:
+            raise ValueError(f"min_value ({self.min_value}) > max_value ({self.max_value})")
+        return self
+
+    @staticmethod
+    def read(num_problems: int, seed: int, min_value: int = 0, max_value: int = 99,
+             operators: tuple[str, ...] = ("+", "-")) -> list[PromptRecord]:
+        return synthetic.arithmetic_problems(num_problems, seed, min_value=min_value, max_value=max_value,
+                                             operators=operators)
 
 
 @DATA_SOURCES.register("countdown")
-def _countdown_source(num_problems: int, seed: int) -> list[PromptRecord]:
-    return synthetic.countdown_problems(num_problems, seed)
+class CountdownSource(DataSourceSection):
+    kind: Literal["countdown"] = "countdown"
+    num_problems: int = Field(256, ge=1, le=10_000_000)
+    """How many synthetic Countdown problems (numbers + target) to generate."""
+    seed: int = 0
+    """Generator seed."""
+
+    @staticmethod
+    def read(num_problems: int, seed: int) -> list[PromptRecord]:
+        return synthetic.countdown_problems(num_problems, seed)
 
 
 @DATA_SOURCES.register("reasoning_gym")
-def _reasoning_gym_source(tasks: list[str], size: int, seed: int, config: dict | None = None) -> list[PromptRecord]:
-    return reasoning_gym_problems(tasks, size, seed, config)
+class ReasoningGymSource(DataSourceSection):
+    kind: Literal["reasoning_gym"] = "reasoning_gym"
+    tasks: list[str] = Field(min_length=1)
+    """reasoning-gym task names, e.g. [countdown, basic_arithmetic] (needs the `reasoning-gym`
+    extra; generated locally, no download). Score them with the `reasoning_gym` reward."""
+    size: int = Field(256, ge=1, le=10_000_000)
+    """Problems per task."""
+    seed: int = 0
+    """Generator seed (task i uses seed + i)."""
+    config: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Generator settings per task name, e.g. `{countdown: {min_numbers: 3, max_numbers: 3}}`."""
 
+    @model_validator(mode="after")
+    def _config_names_tasks(self) -> ReasoningGymSource:
+        unknown = sorted(set(self.config) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"config names tasks that are not in `tasks`: {', '.join(unknown)}")
+        return self
 
-# --------------------------------------------------------------------------- rows -> records
-def _to_records(
-    rows: Iterable[RawRow],
-    *,
-    source: str,
-    id_prefix: str,
-    prompt_field: str,
-    label_field: str | None,
-    id_field: str | None,
-) -> list[PromptRecord]:
-    records: list[PromptRecord] = []
-    first_seen: dict[str, str] = {}  # prompt id -> where it first appeared
-    for row, where, item in rows:
-        here = f"{source}: {where}"
-        prompt = _field(item, prompt_field, here, "prompt")
-        if not isinstance(prompt, str):
-            raise DataError(
-                f"{here}: prompt field {prompt_field!r} must be a string, got {type(prompt).__name__}"
-            )
-        label = None
-        if label_field is not None:
-            label = _scalar_text(_field(item, label_field, here, "label"), here, "label", label_field)
-        if id_field is None:
-            prompt_id = f"{id_prefix}-{row}"
-        else:
-            prompt_id = _scalar_text(_field(item, id_field, here, "id"), here, "id", id_field)
-            if prompt_id in first_seen:
-                raise DataError(
-                    f"{here}: duplicate prompt id {prompt_id!r} (first at {first_seen[prompt_id]}); "
-                    "ids must be unique for per-prompt tracking and resume"
-                )
-            first_seen[prompt_id] = where
-        used = {prompt_field, label_field, id_field}
-        metadata = {key: value for key, value in item.items() if key not in used}
-        records.append(PromptRecord(prompt_id, prompt, label, metadata))
-    return records
-
-
-def _field(item: dict[str, Any], name: str, here: str, role: str) -> Any:
-    """``item[name]``; a missing or null value is an error that lists the fields present."""
-    value = item.get(name)
-    if value is None:
-        present = ", ".join(sorted(k for k, v in item.items() if v is not None)) or "none"
-        hint = "; set label_field: null if the data has no labels" if role == "label" else ""
-        raise DataError(f"{here}: no {role} field {name!r} (fields present: {present}){hint}")
-    return value
-
-
-def _scalar_text(value: Any, here: str, role: str, name: str) -> str:
-    # JSON numbers become text ("42", "0.5"): labels are compared as extracted answer strings.
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise DataError(
-            f"{here}: {role} field {name!r} must be a string or a number, got {type(value).__name__}"
-        )
-    return str(value)
+    @staticmethod
+    def read(tasks: list[str], size: int, seed: int, config: dict | None = None) -> list[PromptRecord]:
+        return reasoning_gym_problems(tasks, size, seed, config)

@@ -1,5 +1,6 @@
 """Raw rows of prompt files and `datasets` datasets, shared by the generic loaders
-(`loaders.py`) and the paper-dataset adapters (`adapters.py`), which read nested fields.
+(`loaders.py`) and the paper-dataset adapters (`adapters.py`), which read nested fields; and
+`rows_to_records`, which turns the generic loaders' flat rows into PromptRecords.
 
 Failures are `DataError`s naming the file and the row or line.
 """
@@ -7,11 +8,11 @@ Failures are `DataError`s naming the file and the row or line.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from urlvr.data.records import DataError
+from urlvr.data.records import DataError, PromptRecord
 
 # A raw row, with where it came from for error messages: (row index, "row 3" / "line 4", fields).
 RawRow = tuple[int, str, dict[str, Any]]
@@ -118,3 +119,63 @@ def open_dataset(name_or_path: str, *, split: str = "train", subset: str | None 
 
 def _saved_to_disk(path: Path) -> bool:
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+# --------------------------------------------------------------------------- rows -> records
+def rows_to_records(
+    rows: Iterable[RawRow],
+    *,
+    source: str,
+    id_prefix: str,
+    prompt_field: str,
+    label_field: str | None,
+    id_field: str | None,
+) -> list[PromptRecord]:
+    """Raw rows -> PromptRecords: the prompt, label and id read from the named fields (ids
+    `<id_prefix>-<row>` by default, else unique), every other field kept as metadata. A missing
+    field, a wrong type or a repeated id is a DataError naming `source` and the row."""
+    records: list[PromptRecord] = []
+    first_seen: dict[str, str] = {}  # prompt id -> where it first appeared
+    for row, where, item in rows:
+        here = f"{source}: {where}"
+        prompt = _field(item, prompt_field, here, "prompt")
+        if not isinstance(prompt, str):
+            raise DataError(
+                f"{here}: prompt field {prompt_field!r} must be a string, got {type(prompt).__name__}"
+            )
+        label = None
+        if label_field is not None:
+            label = _scalar_text(_field(item, label_field, here, "label"), here, "label", label_field)
+        if id_field is None:
+            prompt_id = f"{id_prefix}-{row}"
+        else:
+            prompt_id = _scalar_text(_field(item, id_field, here, "id"), here, "id", id_field)
+            if prompt_id in first_seen:
+                raise DataError(
+                    f"{here}: duplicate prompt id {prompt_id!r} (first at {first_seen[prompt_id]}); "
+                    "ids must be unique for per-prompt tracking and resume"
+                )
+            first_seen[prompt_id] = where
+        used = {prompt_field, label_field, id_field}
+        metadata = {key: value for key, value in item.items() if key not in used}
+        records.append(PromptRecord(prompt_id, prompt, label, metadata))
+    return records
+
+
+def _field(item: dict[str, Any], name: str, here: str, role: str) -> Any:
+    """``item[name]``; a missing or null value is an error that lists the fields present."""
+    value = item.get(name)
+    if value is None:
+        present = ", ".join(sorted(k for k, v in item.items() if v is not None)) or "none"
+        hint = "; set label_field: null if the data has no labels" if role == "label" else ""
+        raise DataError(f"{here}: no {role} field {name!r} (fields present: {present}){hint}")
+    return value
+
+
+def _scalar_text(value: Any, here: str, role: str, name: str) -> str:
+    # JSON numbers become text ("42", "0.5"): labels are compared as extracted answer strings.
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(
+            f"{here}: {role} field {name!r} must be a string or a number, got {type(value).__name__}"
+        )
+    return str(value)

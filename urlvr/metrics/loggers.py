@@ -1,4 +1,5 @@
-"""Where per-step metrics go: metrics.jsonl (always), the console, wandb and TensorBoard (optional)."""
+"""Where per-step metrics go: metrics.jsonl (always), the console, and the recipe's experiment
+trackers (`logging.trackers`: wandb, TensorBoard or a plugin's, each a registered section)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,18 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, ClassVar, Literal, Protocol, TextIO
 
 from urlvr.recipe import Recipe
+from urlvr.registry import Registry
+from urlvr.section import VariantSection, check_variant_name
+
+
+class MetricsLogger(Protocol):
+    """What a tracker's `open` returns: it receives every step's metrics, then `close`."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+    def close(self) -> None: ...
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -64,22 +74,68 @@ class JsonlLogger:
         self.file.close()
 
 
-class WandbLogger:
-    def __init__(self, recipe: Recipe, run_dir: Path) -> None:
-        import wandb  # optional extra, loaded on demand: only when logging.wandb is on
+# --------------------------------------------------------------------------- experiment trackers
+class TrackerSection(VariantSection):
+    """Base of an experiment tracker's section (`logging.trackers`): `name` is the registered name,
+    every other field a knob with a docstring. `open(run_dir, config)` starts the tracker for a run
+    (`config`: the resolved recipe as plain data) and returns a `MetricsLogger`, which then receives
+    every step's metrics and every evaluation. A missing optional package is an ImportError there:
+    the trainer turns it into a one-line error naming the tracker."""
 
-        cfg = recipe.logging.wandb
-        mode = cfg.mode if cfg.mode != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity, mode=mode, dir=str(run_dir), name=run_dir.name,
-            config=recipe.model_dump(mode="json"), resume="allow",
-        )
+    pip_extra: ClassVar[str] = ""  # the pip extra that installs the tracker's package, named in that error
+
+    def open(self, run_dir: Path, config: dict[str, Any]) -> MetricsLogger:
+        raise NotImplementedError
+
+
+TRACKERS: Registry[type[TrackerSection]] = Registry("tracker", check=check_variant_name)
+
+
+@TRACKERS.register("wandb")
+class WandbTracker(TrackerSection):
+    """Weights & Biases (needs the `wandb` extra)."""
+
+    name: Literal["wandb"] = "wandb"
+    project: str = "urlvr"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (team)."""
+    mode: Literal["auto", "online", "offline"] = "auto"
+    """`auto` = online when WANDB_API_KEY is set, offline otherwise (into the run folder)."""
+    pip_extra: ClassVar[str] = "wandb"
+
+    def open(self, run_dir: Path, config: dict[str, Any]) -> MetricsLogger:
+        import wandb  # optional extra, loaded on demand: only when a wandb tracker is on
+
+        mode = self.mode if self.mode != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        run = wandb.init(project=self.project, entity=self.entity, mode=mode, dir=str(run_dir), name=run_dir.name,
+                         config=config, resume="allow")
+        return WandbLogger(run)
+
+
+class WandbLogger:
+    def __init__(self, run: Any) -> None:
+        self.run = run  # a started wandb run
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
 
     def close(self) -> None:
         self.run.finish()
+
+
+@TRACKERS.register("tensorboard")
+class TensorBoardTracker(TrackerSection):
+    """TensorBoard event files (needs the `tensorboard` extra): every per-step metric and every
+    evaluation as a scalar; view with `tensorboard --logdir RUN_DIR/tensorboard`."""
+
+    name: Literal["tensorboard"] = "tensorboard"
+    log_dir: str | None = None
+    """Folder of the event files; null = `<output_dir>/tensorboard`."""
+    pip_extra: ClassVar[str] = "tensorboard"
+
+    def open(self, run_dir: Path, config: dict[str, Any]) -> MetricsLogger:
+        return TensorBoardLogger(Path(self.log_dir) if self.log_dir else run_dir / "tensorboard")
 
 
 class TensorBoardLogger:
@@ -114,20 +170,17 @@ def console_line(step: int, total: int, metrics: dict[str, float]) -> str:
     return "  ".join(parts)
 
 
-def make_trackers(recipe: Recipe, run_dir: Path) -> list[Any]:
-    """The experiment trackers the recipe turns on (each with `log(step, metrics)` and `close()`);
-    they receive step metrics and evaluations alike, beside the run directory's own JSONL files."""
-    loggers: list[Any] = []
-    if recipe.logging.wandb.enabled:
+def make_trackers(recipe: Recipe, run_dir: Path) -> list[MetricsLogger]:
+    """The experiment trackers of `logging.trackers`, started (each with `log(step, metrics)` and
+    `close()`); they receive step metrics and evaluations alike, beside the run directory's own
+    JSONL files. A tracker whose package is missing is a one-line RuntimeError naming its extra."""
+    config = recipe.model_dump(mode="json")
+    loggers: list[MetricsLogger] = []
+    for tracker in recipe.logging.trackers:
         try:
-            loggers.append(WandbLogger(recipe, run_dir))
-        except ImportError:
-            raise RuntimeError("logging.wandb.enabled is true but wandb is not installed: pip install 'urlvr[wandb]'") from None
-    board = recipe.logging.tensorboard
-    if board.enabled:
-        try:
-            loggers.append(TensorBoardLogger(Path(board.log_dir) if board.log_dir else run_dir / "tensorboard"))
-        except ImportError:
-            raise RuntimeError("logging.tensorboard.enabled is true but tensorboard is not installed: "
-                               "pip install 'urlvr[tensorboard]'") from None
+            loggers.append(tracker.open(run_dir, config))
+        except ImportError as err:
+            install = f"pip install 'urlvr[{tracker.pip_extra}]'" if tracker.pip_extra else f"install {err.name or 'it'}"
+            raise RuntimeError(f"logging.trackers: {tracker.name} needs a package that is not installed "
+                               f"({err.name or err}): {install}") from None
     return loggers

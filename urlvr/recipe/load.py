@@ -19,9 +19,10 @@ from pydantic import BaseModel, ValidationError
 from urlvr.registry import Registry
 from urlvr.errors import RecipeError
 from urlvr.recipe.sections import Recipe
-from urlvr.recipe.variants import variant_marker
+from urlvr.recipe.sections.monitoring import tracker_spelling
+from urlvr.recipe.variants import VariantOf, variant_container, variant_marker
 
-__all__ = ["RecipeError", "load_recipe", "read_recipe_source", "format_validation_error"]
+__all__ = ["RecipeError", "load_recipe", "read_recipe_source", "format_validation_error", "current_spelling"]
 
 
 def load_recipe(
@@ -39,19 +40,45 @@ def load_recipe(
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(_credit_overrides(format_validation_error(err, origin, data), origin, overrides)) from None
+        raise RecipeError(_credit_overrides(format_validation_error(err, origin, data), origin, overrides, data)) from None
 
 
-def _credit_overrides(message: str, origin: str, overrides: Sequence[str]) -> str:
+def current_spelling(data: dict[str, Any]) -> dict[str, Any]:
+    """A recorded recipe (plain data, e.g. a run folder's `recipe.yaml` of an older urlvr) in today's
+    spelling, so that comparing it with today's resolved recipe names real changes only:
+    `logging.wandb` / `logging.tensorboard` become `logging.trackers`. Left as it is where the old
+    section does not validate (the comparison then shows it)."""
+    logging = data.get("logging")
+    if not isinstance(logging, dict):
+        return data
+    try:
+        return {**data, "logging": tracker_spelling(logging)}
+    except ValidationError:
+        return data
+
+
+def _credit_overrides(message: str, origin: str, overrides: Sequence[str], data: Any = None) -> str:
     """Append `(from --set ...)` to each line about a field an override set (or a field inside a
     section it replaced): the mistake is then on the command line, not in the file the line names."""
     keys = [(override.partition("=")[0].strip(), override) for override in overrides]
     lines = []
     for line in message.splitlines():
-        path = line.removeprefix(f"{origin}: ").split(": ", 1)[0]
+        path = _as_written(line.removeprefix(f"{origin}: ").split(": ", 1)[0], data)
         setters = [o for key, o in keys if path == key or path.startswith(key + ".")]
         lines.append(line + (f" (from --set {setters[-1]})" if setters else ""))
     return "\n".join(lines)
+
+
+def _as_written(path: str, data: Any) -> str:
+    """An error path as the recipe writes it: `data.source.file.path` -> `data.source.path` (an
+    error path names a data source's `kind`, which is a value in the recipe, not a section)."""
+    node, kept = data, []
+    for part in path.split("."):
+        if isinstance(node, dict) and part not in node and node.get("kind") == part:
+            continue
+        kept.append(part)
+        node = _item(node, part)
+    return ".".join(kept)
 
 
 def read_recipe_source(source: str | Path | Mapping[str, Any] | Recipe) -> tuple[str, dict[str, Any]]:
@@ -136,7 +163,7 @@ def _apply_override(data: dict[str, Any], override: str, origin: str) -> None:
                                   f"no items to index; set the whole list ({where}=[...]) instead")
             child = node.setdefault(part, {})
             if isinstance(child, str):  # a variant chosen by name only (`loss: ppo_clip`): now with knobs
-                child = node[part] = {"name": child}
+                child = node[part] = {_variant_key(parts[:depth + 1], data): child}
         if not isinstance(child, (dict, list)):
             raise RecipeError(f"{origin}: --set {override!r}: {part!r} is not a section")
         node = child
@@ -148,6 +175,13 @@ def _apply_override(data: dict[str, Any], override: str, origin: str) -> None:
         node[_list_index(node, parts[-1], key.strip(), override, origin)] = value
     else:
         node[parts[-1]] = value
+
+
+def _variant_key(loc: list[str], data: dict[str, Any]) -> str:
+    """The key that names the variant of the field at `loc` (`kind` for a data source), else `name`."""
+    model = _model_at(Recipe, loc[:-1], data)
+    marker = variant_marker(model.model_fields.get(loc[-1])) if model is not None else None
+    return marker.key if marker is not None else "name"
 
 
 def _is_index(part: str) -> bool:
@@ -209,7 +243,7 @@ def format_validation_error(err: ValidationError, origin: str, data: Any = None)
         elif problem["type"] == "union_tag_invalid":
             message = f"unknown kind {problem['input'].get('kind')!r} ({problem['ctx']['expected_tags']})"
         elif "input" in problem and problem["type"] not in ("missing", "value_error", "assertion_error",
-                                                             "variant_unknown"):
+                                                             "variant_unknown", "variant_missing"):
             message += f" (got {problem['input']!r})"
         if tag is not None and loc[tag + 1:]:
             message = f"item {'.'.join(loc[tag + 1:])}: {message}"
@@ -234,13 +268,26 @@ def _model_at(model: type[BaseModel], loc: list[str], data: Any = None) -> type[
     """Walk section classes along a pydantic error location (list indices, union tags and
     variants chosen by `name` in `data` included)."""
     candidates = [model]
+    items_of: VariantOf | None = None  # the variant marker of a list or map of variants, awaiting its item
     for part in loc:
+        if items_of is not None:
+            data = _item(data, part)
+            chosen = items_of.choices().get(items_of.chosen_name(data))
+            candidates, items_of = [chosen] if chosen else [], None
+            if not candidates:
+                return None
+            continue
         fields = [m.model_fields[part] for m in candidates if part in m.model_fields]
         data = data.get(part) if isinstance(data, dict) else None
+        old = [m.old_spellings[part] for m in candidates if part in getattr(m, "old_spellings", {})]
+        if not fields and old:  # a section's old spelling, still read (`logging.wandb`)
+            candidates = old
+            continue
         marker = variant_marker(fields[0]) if fields else None
-        if marker is not None:
-            name = data if isinstance(data, str) else data.get("name", marker.default) if isinstance(data, dict) else None
-            chosen = marker.choices().get(name)
+        if marker is not None and variant_container(fields[0].annotation) is not None:
+            items_of = marker
+        elif marker is not None:
+            chosen = marker.choices().get(marker.chosen_name(data))
             candidates = [chosen] if chosen else []
         elif fields:
             candidates = _models_in(fields[0].annotation)
@@ -250,6 +297,15 @@ def _model_at(model: type[BaseModel], loc: list[str], data: Any = None) -> type[
         if not candidates:
             return None
     return candidates[0]
+
+
+def _item(data: Any, part: str) -> Any:
+    """The item `part` (a map key or a list index) of `data`, else None."""
+    if isinstance(data, dict):
+        return data.get(part)
+    if isinstance(data, list) and part.isdigit() and int(part) < len(data):
+        return data[int(part)]
+    return None
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:

@@ -14,8 +14,8 @@ from pydantic import BaseModel
 from urlvr.recipe.sections import Recipe
 from urlvr.recipe.knobs import knobs_marker
 from urlvr.recipe.names import registered_marker
-from urlvr.section import VariantSection
-from urlvr.recipe.variants import variant_marker
+from urlvr.section import RegisteredSection
+from urlvr.recipe.variants import variant_container, variant_marker
 
 
 def _type_name(annotation) -> str:
@@ -72,17 +72,20 @@ def section_table(model: type[BaseModel], prefix: str, out: list[str], seen: set
             # is no part of urlvr's reference
             choices = {n: sub for n, sub in marker.choices().items() if sub.__module__.startswith("urlvr.")}
             nested += [(f"{prefix}{name}", sub) for sub in choices.values()]
-            rows.append(f"| `{name}` | a name or `{{name: ..., ...}}`, one of: {', '.join(f'`{n}`' for n in choices)} "
-                        f"| {_default(field)} | {_cell(field.description)} |")
+            one = f"a name or `{{{marker.key}: ..., ...}}`"
+            many = {list: f"a list, each {one}", dict: f"a map of names, each {one}"}
+            rows.append(f"| `{name}` | {many.get(variant_container(field.annotation), one)}, one of: "
+                        f"{', '.join(f'`{n}`' for n in choices)} | {_default(field)} | {_cell(field.description)} |")
             continue
         subs = _models(field.annotation)
         if subs:
             nested += [(f"{prefix}{name}", sub) for sub in subs]
-            if len(subs) > 1 or name in ("source",):
+            if len(subs) > 1:
                 kind = "map of name to one of" if get_origin(field.annotation) is dict else "one of"
                 rows.append(f"| `{name}` | {kind}: {', '.join(s.__name__ for s in subs)} | {_default(field)} | {_cell(field.description)} |")
             continue
-        meaning = field.description or ("Selects this variant." if name == "name" and issubclass(model, VariantSection) else "")
+        picks = issubclass(model, RegisteredSection) and name == model.variant_key
+        meaning = field.description or ("Selects this variant." if picks else "")
         registered = registered_marker(field)
         if registered is not None:  # the registry's names as they are now (plugins imported ones included)
             meaning += f" Registered: {', '.join(f'`{n}`' for n in registered.names())}."
@@ -90,8 +93,9 @@ def section_table(model: type[BaseModel], prefix: str, out: list[str], seen: set
     if rows:
         if title is None:
             title = f"`{prefix.rstrip('.')}` ({model.__name__})" if prefix else "Top level"
-        if issubclass(model, VariantSection):
-            title = f"`{prefix.rstrip('.')}` with `name: {model.model_fields['name'].default}` ({model.__name__})"
+        if issubclass(model, RegisteredSection):
+            key = model.variant_key
+            title = f"`{prefix.rstrip('.')}` with `{key}: {model.model_fields[key].default}` ({model.__name__})"
         out += [f"## {title}", "", "| field | type | default | meaning |", "|---|---|---|---|", *rows, ""]
     for path, choices in knob_tables:
         bare = [f"`{n}`" for n, sub in choices.items() if not sub.model_fields]

@@ -10,46 +10,68 @@ Why not a static `Union[...]`: plugins register variants after the recipe classe
 (they are imported by `recipe.plugins`, before validation), so the choices are read from the
 registry when a recipe is validated and when the JSON schema or the docs are generated. The
 schema is still the discriminated union (`oneOf` + `discriminator: name`) pydantic would write.
+
+A data source keys its variants by `kind` instead (`data: {source: {kind: file, path: ...}}`): the
+`datasets` source has a knob called `name`, and every recipe already wrote `kind`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, GetCoreSchemaHandler, GetJsonSchemaHandler
-from pydantic_core import PydanticCustomError, core_schema
+from pydantic_core import PydanticCustomError, SchemaValidator, core_schema
 
 from urlvr.registry import registry
-from urlvr.section import VariantSection, variant_section
+from urlvr.section import RegisteredSection, variant_section
 
 
 class VariantOf:
     """`Annotated[VariantSection, VariantOf("policy_loss", default="ppo_clip")]`: validates a name, a
-    mapping with a `name` key (missing = `default`) or a section into the registered variant's
-    section; errors carry the field path (`algorithm.loss.clip_eps_low`) and "did you mean"."""
+    mapping with a `name` key (missing = `default`; with `default=None` it must be given) or a
+    section into the registered variant's section; errors carry the field path
+    (`algorithm.loss.clip_eps_low`) and "did you mean". `key` names the field that picks the variant
+    (`kind` for data sources); `name_in_path` puts the chosen name into error paths, as a pydantic
+    discriminated union does (`data.source.file.path`)."""
 
-    def __init__(self, kind: str, *, default: str) -> None:
+    def __init__(self, kind: str, *, default: str | None, key: str = "name", name_in_path: bool = False) -> None:
         self.kind = kind  # a registry catalog key (`urlvr.recipe.names.RECIPE_KINDS`)
         self.default = default
+        self.key = key
+        self.name_in_path = name_in_path
 
-    def choices(self) -> dict[str, type[VariantSection]]:
+    def choices(self) -> dict[str, type[RegisteredSection]]:
         """Registered name -> section class, plugins included."""
         found = registry(self.kind)
         return {name: variant_section(found.get(name)) for name in found.names()}
 
-    def validate(self, value: Any) -> VariantSection:
-        if isinstance(value, VariantSection):
+    def chosen_name(self, value: Any) -> Any:
+        """The variant name a recipe value picks (a name, or the key of a mapping), else None."""
+        if isinstance(value, str):
+            return value
+        return value.get(self.key, self.default) if isinstance(value, Mapping) else None
+
+    def validate(self, value: Any) -> RegisteredSection:
+        if isinstance(value, RegisteredSection):
             value = value.model_dump()
         if isinstance(value, str):
-            value = {"name": value}
-        if not isinstance(value, Mapping):
-            raise PydanticCustomError("variant_type", "expected a registered name or a mapping with `name`")
-        name = value.get("name", self.default)
+            value = {self.key: value}
         found = registry(self.kind)
+        if not isinstance(value, Mapping):
+            raise PydanticCustomError("variant_type", f"expected a registered {found.kind} name or a mapping with "
+                                                      f"`{self.key}`")
+        name = value.get(self.key, self.default)
+        if name is None:
+            raise PydanticCustomError("variant_missing", f"no `{self.key}`: name the {found.kind} "
+                                                         f"(known: {', '.join(found.names())})")
         if not isinstance(name, str) or name not in found:
             raise PydanticCustomError("variant_unknown", found.unknown_name_message(str(name)))
-        return variant_section(found.get(name)).model_validate({**value, "name": name})
+        section = variant_section(found.get(name))
+        if self.name_in_path:
+            return _tagged_validator(section, self.key, name).validate_python({**value, self.key: name})
+        return section.model_validate({**value, self.key: name})
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
         # serialised by its runtime class, so every variant's own knobs round-trip
@@ -59,7 +81,18 @@ class VariantOf:
 
     def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> dict:
         variants = [handler(section.__pydantic_core_schema__) for section in self.choices().values()]
-        return {"oneOf": variants, "discriminator": {"propertyName": "name"}}
+        return {"oneOf": variants, "discriminator": {"propertyName": self.key}}
+
+
+_TAGGED: dict[tuple[type[RegisteredSection], str, str], SchemaValidator] = {}
+
+
+def _tagged_validator(section: type[RegisteredSection], key: str, name: str) -> SchemaValidator:
+    """A validator of `section` whose error locations start with `name` (a one-member tagged union)."""
+    found = (section, key, name)
+    if found not in _TAGGED:
+        _TAGGED[found] = SchemaValidator(core_schema.tagged_union_schema({name: section.__pydantic_core_schema__}, key))
+    return _TAGGED[found]
 
 
 def _dump(value: BaseModel, info: core_schema.SerializationInfo) -> dict[str, Any]:
@@ -67,8 +100,31 @@ def _dump(value: BaseModel, info: core_schema.SerializationInfo) -> dict[str, An
 
 
 def variant_marker(field: Any) -> VariantOf | None:
-    """The `VariantOf` of a pydantic field (`Annotated[..., VariantOf(...)]`), if any (docs and errors)."""
+    """The `VariantOf` of a pydantic field (`Annotated[..., VariantOf(...)]`), of its optional value
+    or of its list items or map values, if any (docs and errors)."""
     for meta in getattr(field, "metadata", ()):
         if isinstance(meta, VariantOf):
             return meta
+    return _marker_in(getattr(field, "annotation", None))
+
+
+def _marker_in(annotation: Any) -> VariantOf | None:
+    for meta in getattr(annotation, "__metadata__", ()):
+        if isinstance(meta, VariantOf):
+            return meta
+    for arg in get_args(annotation):
+        found = _marker_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def variant_container(annotation: Any) -> type | None:
+    """`list` or `dict` when a variant field holds several variants (`list[DataSource]`, `dict[str,
+    DataSource]`, optional or not), else None (one variant, optional or not)."""
+    if get_origin(annotation) in (list, dict):
+        return get_origin(annotation)
+    for arg in get_args(annotation) if get_origin(annotation) in (Union, UnionType) else ():
+        if get_origin(arg) in (list, dict):
+            return get_origin(arg)
     return None

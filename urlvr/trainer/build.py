@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from urlvr.data.loaders import load_records
 from urlvr.data.records import DataError, PromptRecord
 from urlvr.data.stream import PromptStream
 from urlvr.data.templates import EncodedPrompts, encode_prompts
@@ -76,11 +75,6 @@ def load_model_and_tokenizer(recipe: Recipe):
     return model, tokenizer
 
 
-def load_prompt_records(source, recipe: Recipe) -> list[PromptRecord]:
-    options = source.model_dump(exclude={"kind"})
-    return load_records(source.kind, **options)
-
-
 def encode_recipe_prompts(recipe: Recipe, tokenizer, records: Sequence[PromptRecord],
                           context: int | None) -> EncodedPrompts:
     """`records` encoded by the recipe's template, system prompt, suffix and long-prompt policy
@@ -109,7 +103,7 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
         raise RecipeError(f"rollout.stop_token_ids: {outside} outside the model's vocabulary (ids 0..{vocab - 1})")
     if recipe.model.lora is not None:  # base frozen, adapters trained; the reference is the base itself
         model = apply_lora(model, recipe.model.lora)
-    records = load_prompt_records(recipe.data.source, recipe)
+    records = recipe.data.source.load()
     # encode every prompt now: an over-long prompt fails before step 1, not at step 300
     encoded = encode_recipe_prompts(recipe, tokenizer, records, context_length(model))
     by_id = {p.prompt_id: p for p in encoded.inputs}
@@ -172,7 +166,7 @@ def _evaluation_shard(source, recipe: Recipe, tokenizer, dist: DistInfo, context
                       where: str = "eval.source") -> tuple[list[PromptRecord], list[PromptInput]]:
     if source is None:
         return [], []
-    records = load_prompt_records(source, recipe)
+    records = source.load()
     unlabelled = [r.prompt_id for r in records if r.label is None]
     if unlabelled:
         raise DataError(f"{where}: {len(unlabelled)} prompts have no label (first: {unlabelled[0]!r}); "

@@ -1,6 +1,6 @@
 """RunOutputs: everything a run writes as it goes, in one object.
 
-Per step: `metrics.jsonl` and the experiment trackers (wandb), `completions.jsonl`, the tracked
+Per step: `metrics.jsonl` and the experiment trackers (`logging.trackers`), `completions.jsonl`, the tracked
 prompts' rows (`prompts.jsonl`), the console line and the progress bar; per evaluation:
 `eval.jsonl` and the trackers. Only the main rank writes; on the others every call is a no-op,
 so the run loop never asks which rank it is on. On resume every per-step file is first cut back
@@ -36,7 +36,7 @@ class RunOutputs:
         self.evaluations = JsonlLogger(run_dir / "eval.jsonl") if recipe.eval.source is not None else None
         self.completions = open_for_append(run_dir / "completions.jsonl")
         self.prompts = PromptTrackWriter(run_dir / "prompts.jsonl") if recipe.dynamics.track_prompts else None
-        self.trackers = make_trackers(recipe, run_dir)  # wandb: steps and evaluations alike
+        self.trackers = make_trackers(recipe, run_dir)  # logging.trackers: steps and evaluations alike
         self.progress = _progress(recipe.logging.console, total_steps, start_step)
 
     def __enter__(self) -> RunOutputs:

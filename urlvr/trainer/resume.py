@@ -19,7 +19,7 @@ import yaml
 from urlvr.errors import RecipeError
 from urlvr.recipe import Recipe
 from urlvr.recipe.changes import FieldChange, recipe_changes
-from urlvr.recipe.load import read_yaml_mapping
+from urlvr.recipe.load import current_spelling, read_yaml_mapping
 
 _OPTIMIZER_STATE = ("the checkpoint restores the optimizer's and the LR schedule's state, and with it the old "
                     "value: the new one would not act")
@@ -44,12 +44,12 @@ _RESUME_FILE = re.compile(r"^recipe\.resume-(\d+)\.yaml$")
 
 
 def recorded_recipe(run_dir: Path, step: int) -> tuple[Path, dict[str, Any]] | None:
-    """(file, plain data) of the recipe in effect at checkpoint `step`: the latest
+    """(file, plain data in today's spelling) of the recipe in effect at checkpoint `step`: the latest
     `recipe.resume-<s>.yaml` with s <= step, else `recipe.yaml`; None for a folder without one."""
     resumed = sorted((int(m.group(1)), p) for p in run_dir.glob("recipe.resume-*.yaml")
                      if (m := _RESUME_FILE.match(p.name)) and int(m.group(1)) <= step)
     path = resumed[-1][1] if resumed else run_dir / "recipe.yaml"
-    return (path, read_yaml_mapping(path, "recorded recipe")) if path.is_file() else None
+    return (path, current_spelling(read_yaml_mapping(path, "recorded recipe"))) if path.is_file() else None
 
 
 def resume_changes(run_dir: Path, recipe: Recipe, step: int) -> list[FieldChange]:

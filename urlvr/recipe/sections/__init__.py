@@ -15,15 +15,7 @@ load time, so a typo fails before step 1.
 from __future__ import annotations
 
 from urlvr.section import Section
-from urlvr.recipe.sections.data import (
-    FileSource,
-    DatasetsSource,
-    AdapterSource,
-    ArithmeticSource,
-    CountdownSource,
-    DataSource,
-    DataSection,
-)
+from urlvr.recipe.sections.data import DataSource, DataSection
 from urlvr.recipe.sections.generation import ModelSection, RolloutSection
 from urlvr.recipe.sections.reward import RewardTerm, RewardSection
 from urlvr.recipe.sections.optimisation import (
@@ -44,11 +36,6 @@ from urlvr.recipe.sections.recipe import Recipe
 
 __all__ = [
     "Section",
-    "FileSource",
-    "DatasetsSource",
-    "AdapterSource",
-    "ArithmeticSource",
-    "CountdownSource",
     "DataSource",
     "DataSection",
     "ModelSection",

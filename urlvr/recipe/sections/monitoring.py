@@ -2,45 +2,82 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from urlvr.recipe.names import Registered
-from urlvr.section import Section
+from urlvr.recipe.variants import VariantOf
+from urlvr.section import RegisteredSection, Section
 from urlvr.recipe.sections.data import DataSource
 
 
 class WandbSection(Section):
+    """The old spelling `logging.wandb: {enabled: true, ...}`, still read: switched on, it becomes
+    the tracker `{name: wandb, ...}` of `logging.trackers`."""
+
     enabled: bool = False
-    """Log to Weights & Biases (needs the `wandb` extra)."""
+    """Log to Weights & Biases."""
     project: str = "urlvr"
-    """wandb project."""
+    """`WandbTracker.project`."""
     entity: str | None = None
-    """wandb entity (team)."""
+    """`WandbTracker.entity`."""
     mode: Literal["auto", "online", "offline"] = "auto"
-    """`auto` = online when WANDB_API_KEY is set, offline otherwise."""
+    """`WandbTracker.mode`."""
 
     @model_validator(mode="after")
     def _knobs_need_wandb(self) -> WandbSection:
         changed = self.changed("project", "entity", "mode")
         if changed and not self.enabled:
-            raise ValueError(f"{changed[0]} is set but wandb is off: add enabled: true, or drop it")
+            raise ValueError(f"{changed[0]} is set but wandb is off: add enabled: true, or drop it "
+                             "(the tracker is now written `logging.trackers: [{name: wandb, ...}]`)")
         return self
 
 
 class TensorBoardSection(Section):
+    """The old spelling `logging.tensorboard: {enabled: true, ...}`, still read: switched on, it
+    becomes the tracker `{name: tensorboard, ...}` of `logging.trackers`."""
+
     enabled: bool = False
-    """Write TensorBoard event files (needs the `tensorboard` extra); view with
-    `tensorboard --logdir RUN_DIR/tensorboard`."""
+    """Write TensorBoard event files."""
     log_dir: str | None = None
-    """Folder of the event files; null = `<output_dir>/tensorboard`."""
+    """`TensorBoardTracker.log_dir`."""
 
     @model_validator(mode="after")
     def _folder_needs_tensorboard(self) -> TensorBoardSection:
         if self.log_dir is not None and not self.enabled:
-            raise ValueError("log_dir is set but tensorboard is off: add enabled: true, or drop it")
+            raise ValueError("log_dir is set but tensorboard is off: add enabled: true, or drop it "
+                             "(the tracker is now written `logging.trackers: [{name: tensorboard, ...}]`)")
         return self
+
+
+class _OldTrackerSpelling(Section):
+    wandb: WandbSection | None = None
+    """`logging.wandb` as an older recipe writes it."""
+    tensorboard: TensorBoardSection | None = None
+    """`logging.tensorboard` as an older recipe writes it."""
+
+    def trackers(self) -> list[dict[str, Any]]:
+        """The `logging.trackers` items the switched-on old sections stand for."""
+        old = {"wandb": self.wandb, "tensorboard": self.tensorboard}
+        return [{"name": name, **section.model_dump(exclude={"enabled"})}
+                for name, section in old.items() if section is not None and section.enabled]
+
+
+def tracker_spelling(logging: dict[str, Any]) -> dict[str, Any]:
+    """`logging` (plain data) with `wandb: {enabled: true, ...}` and `tensorboard: {enabled: true, ...}`
+    (the spelling before trackers were registered parts) turned into items of `trackers`; switched
+    off they add nothing (a resolved recipe of an older urlvr writes both). A ValidationError for a
+    bad old section (`project` set with wandb off)."""
+    if not {"wandb", "tensorboard"} & logging.keys():
+        return logging
+    old = _OldTrackerSpelling.model_validate({k: logging[k] for k in ("wandb", "tensorboard") if k in logging})
+    rest = {k: v for k, v in logging.items() if k not in ("wandb", "tensorboard")}
+    return {**rest, "trackers": [*rest.get("trackers", []), *old.trackers()]}
+
+
+# An experiment tracker is a registered part with its own section (`urlvr.metrics.loggers`; plugins add more).
+Tracker = Annotated[RegisteredSection, VariantOf("tracker", default=None)]
 
 
 class LoggingSection(Section):
@@ -48,10 +85,26 @@ class LoggingSection(Section):
     """Rich progress bar and per-step line on the console."""
     completions_per_step: int = Field(4, ge=0)
     """Sample completions written to `completions.jsonl` each step (0 = none)."""
-    wandb: WandbSection = Field(default_factory=WandbSection)
-    """Weights & Biases settings."""
-    tensorboard: TensorBoardSection = Field(default_factory=TensorBoardSection)
-    """TensorBoard settings: every per-step metric and every evaluation as a scalar."""
+    trackers: list[Tracker] = Field(default_factory=list)
+    """Experiment trackers that receive every step's metrics and every evaluation, beside the run
+    folder's own `metrics.jsonl`: each a registered name or `{name: ..., knobs}`, e.g.
+    `[{name: wandb, project: mine}, tensorboard]`; [] = none."""
+
+    old_spellings: ClassVar[dict[str, type[Section]]] = {"wandb": WandbSection, "tensorboard": TensorBoardSection}
+    # the sections `tracker_spelling` still reads, by key (load-time error messages list their fields)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_tracker_spelling(cls, data: Any) -> Any:
+        return tracker_spelling(data) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _each_tracker_once(self) -> LoggingSection:
+        names = [tracker.name for tracker in self.trackers]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"trackers: {', '.join(twice)} given twice (one run, one tracker of each name)")
+        return self
 
 
 class EvalSection(Section):

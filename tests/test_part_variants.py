@@ -1,0 +1,158 @@
+"""Data sources and experiment trackers are registered parts with sections of their own, as losses
+and engines are: a plugin adds one with its own knobs, the old spellings still load, and an
+unknown name is a one-line error with "did you mean"."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import pytest
+import yaml
+
+import urlvr
+from conftest import small_run_recipe
+from urlvr.data.loaders import DATA_SOURCES, ArithmeticSource, DataSourceSection, FileSource
+from urlvr.data.records import PromptRecord
+from urlvr.metrics.loggers import TRACKERS, TensorBoardTracker, TrackerSection, WandbTracker
+from urlvr.recipe import Recipe, RecipeError, load_recipe
+
+
+def error_of(recipe: dict, *overrides: str) -> str:
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe, overrides)
+    return str(err.value)
+
+
+def test_a_plugin_source_and_a_plugin_tracker_train_through_a_recipe(random_tiny_model, tmp_path):
+    import part_plugins
+
+    part_plugins.TRACKED.clear()
+    recipe = small_run_recipe(random_tiny_model[0], tmp_path / "run", plugins=["part_plugins"],
+                              data={"source": {"kind": "test_squares", "count": 6, "start": 3}},
+                              logging={"console": False, "trackers": [{"name": "test_memory", "label": "mine"}]},
+                              trainer={"total_steps": 1})
+    result = urlvr.train(recipe)
+    (tracked,) = part_plugins.TRACKED
+    assert tracked["label"] == "mine" and tracked["closed"]  # the tracker's own knob reached it; closed at the end
+    assert tracked["run_dir"] == result.run_dir and tracked["config"]["data"]["source"]["kind"] == "test_squares"
+    assert [step for step, _ in tracked["logged"]] == [1]
+    assert {"step": 1, **tracked["logged"][0][1]} == result.metrics[0]  # what metrics.jsonl holds for the step
+    completions = [json.loads(line) for line in (result.run_dir / "completions.jsonl").read_text().splitlines()]
+    assert completions and {row["prompt_id"] for row in completions} <= {f"sq-{n}" for n in range(3, 9)}
+    saved = yaml.safe_load((result.run_dir / "recipe.yaml").read_text())
+    assert saved["data"]["source"] == {"kind": "test_squares", "count": 6, "start": 3}
+    assert saved["logging"]["trackers"] == [{"name": "test_memory", "label": "mine"}]
+    assert load_recipe(saved).data.source == load_recipe(recipe).data.source  # the run folder's recipe reloads
+
+
+def test_a_plugin_source_shows_in_the_schema_and_its_knobs_are_checked():
+    import part_plugins  # noqa: F401  (registers test_squares and test_memory)
+
+    schema = json.dumps(Recipe.model_json_schema())  # what `urlvr schema` prints
+    assert '"const": "test_squares"' in schema and '"const": "test_memory"' in schema
+    message = error_of({"plugins": ["part_plugins"], "data": {"source": {"kind": "test_squares", "cout": 3}}})
+    assert message == ("<dict>: data.source.test_squares.cout: unknown field 'cout'; did you mean 'count'? "
+                       "(known: count, kind, start)")
+    message = error_of({"plugins": ["part_plugins"], "logging": {"trackers": [{"name": "test_memory", "labl": "x"}]}})
+    assert message == ("<dict>: logging.trackers.0.labl: unknown field 'labl'; did you mean 'label'? "
+                       "(known: label, name)")
+
+
+def test_the_old_spellings_still_load():
+    source = load_recipe({"data": {"source": {"kind": "arithmetic", "num_problems": 64}}}).data.source
+    assert source == ArithmeticSource(num_problems=64)
+    assert load_recipe({"data": {"source": "countdown"}}, ["data.source.num_problems=3"]).data.source.num_problems == 3
+    old = {"logging": {"wandb": {"enabled": True, "project": "mine", "mode": "offline"},
+                       "tensorboard": {"enabled": True, "log_dir": "tb"}}}
+    assert load_recipe(old).logging.trackers == [WandbTracker(project="mine", mode="offline"),
+                                                 TensorBoardTracker(log_dir="tb")]
+    # a run folder's recipe.yaml written before trackers were variants: both off, nothing added
+    off = {"logging": {"console": True, "wandb": {"enabled": False, "project": "urlvr", "entity": None, "mode": "auto"},
+                       "tensorboard": {"enabled": False, "log_dir": None}}}
+    assert load_recipe(off).logging.trackers == []
+    new = load_recipe({"logging": {"trackers": [{"name": "wandb", "project": "mine", "mode": "offline"},
+                                                {"name": "tensorboard", "log_dir": "tb"}]}})
+    assert new == load_recipe(old)
+    assert load_recipe(yaml.safe_load(yaml.safe_dump(new.model_dump(mode="json")))) == new
+    assert error_of({"logging": {"wandb": {"enabled": True}, "trackers": ["wandb"]}}) == (
+        "<dict>: logging: trackers: wandb given twice (one run, one tracker of each name)")
+    assert error_of({"logging": {"wandb": {"enabld": True}}}) == (
+        "<dict>: logging.wandb.enabld: unknown field 'enabld'; did you mean 'enabled'? (known: enabled, entity, mode, project)")
+
+
+@pytest.mark.parametrize(("recipe", "message"), [
+    ({"data": {"source": {"kind": "arithmetc"}}},
+     "<dict>: data.source: unknown data source 'arithmetc'; did you mean 'arithmetic'? (known: adapter, arithmetic, "
+     "countdown, datasets, file, reasoning_gym)"),
+    ({"eval": {"at_end": True, "source": {"kind": "countdown"}, "held_out": {"more": {"kind": "fil", "path": "x"}}}},
+     "<dict>: eval.held_out.more: unknown data source 'fil'; did you mean 'file'? (known: adapter, arithmetic, "
+     "countdown, datasets, file, reasoning_gym)"),
+    ({"data": {"source": {"num_problems": 3}}},
+     "<dict>: data.source: no `kind`: name the data source (known: adapter, arithmetic, countdown, datasets, file, "
+     "reasoning_gym)"),
+    ({"logging": {"trackers": ["tensorbord"]}},
+     "<dict>: logging.trackers.0: unknown tracker 'tensorbord'; did you mean 'tensorboard'? (known: tensorboard, wandb)"),
+    ({"logging": {"trackers": [{"project": "mine"}]}},
+     "<dict>: logging.trackers.0: no `name`: name the tracker (known: tensorboard, wandb)"),
+])
+def test_an_unknown_or_missing_name_is_one_line_with_the_known_ones(recipe, message):
+    # a plugin imported earlier in this session (a test's, a docs page's) adds to the known ones
+    error = error_of(recipe)
+    head, known = message.removesuffix(")").split(" (known: ")
+    assert error.startswith(head + " (known: ") and error.endswith(")") and "\n" not in error, error
+    assert set(known.split(", ")) <= set(error.removeprefix(head + " (known: ")[:-1].split(", ")), error
+
+
+def test_registration_refuses_a_source_whose_read_drops_a_knob_or_a_misnamed_part():
+    class DropsAKnob(DataSourceSection):
+        kind: Literal["test_drops"] = "test_drops"
+        count: int = 1
+        """How many."""
+        colour: str = "red"
+        """Never read."""
+
+        @staticmethod
+        def read(count: int) -> list[PromptRecord]:
+            return []
+
+    class TakesAnything(DataSourceSection):
+        kind: Literal["test_anything"] = "test_anything"
+        count: int = 1
+        """How many."""
+
+        @staticmethod
+        def read(**knobs) -> list[PromptRecord]:
+            return []
+
+    class Misnamed(TrackerSection):
+        name: Literal["other"] = "other"
+
+    with pytest.raises(ValueError, match=r"data source 'test_drops': read\(\) must take each knob by name.*missing: colour"):
+        DATA_SOURCES.register("test_drops")(DropsAKnob)
+    with pytest.raises(ValueError, match=r"data source 'test_anything': read\(\) must take each knob by name"):
+        DATA_SOURCES.register("test_anything")(TakesAnything)
+    with pytest.raises(ValueError, match="registered as 'mine' but its section's `kind` defaults to 'file'"):
+        DATA_SOURCES.register("mine")(FileSource)
+    with pytest.raises(ValueError, match="registered as 'test_other' but its section's `name` defaults to 'other'"):
+        TRACKERS.register("test_other")(Misnamed)
+    assert not {"test_drops", "test_anything", "mine"} & set(DATA_SOURCES.names()) and "test_other" not in TRACKERS
+
+
+def test_a_run_folder_recorded_with_the_old_tracker_spelling_compares_equal(tmp_path):
+    """A resume (or a sweep) reads the run folder's recipe.yaml in today's spelling: the
+    `logging.wandb` / `logging.tensorboard` sections an older urlvr wrote are no change."""
+    from urlvr.recipe.changes import recipe_changes
+    from urlvr.trainer.resume import resume_changes
+
+    recipe = load_recipe({"logging": {"trackers": [{"name": "tensorboard", "log_dir": "tb"}]}})
+    old = recipe.model_dump(mode="json")
+    old["logging"] = {"console": True, "completions_per_step": 4,
+                      "wandb": {"enabled": False, "project": "urlvr", "entity": None, "mode": "auto"},
+                      "tensorboard": {"enabled": True, "log_dir": "tb"}}  # as recipe.yaml held it
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    assert recipe_changes(old, recipe.model_dump(mode="json"))  # read as written, the spelling differs
+    assert resume_changes(tmp_path, recipe, step=1) == []
+    moved = load_recipe(recipe, ["logging.trackers=[]"])
+    assert [str(c) for c in resume_changes(tmp_path, moved, step=1)] == [
+        'logging.trackers: [{"name": "tensorboard", "log_dir": "tb"}] -> []']
