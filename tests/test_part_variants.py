@@ -156,3 +156,11 @@ def test_a_run_folder_recorded_with_the_old_tracker_spelling_compares_equal(tmp_
     moved = load_recipe(recipe, ["logging.trackers=[]"])
     assert [str(c) for c in resume_changes(tmp_path, moved, step=1)] == [
         'logging.trackers: [{"name": "tensorboard", "log_dir": "tb"}] -> []']
+
+
+@pytest.mark.parametrize("trackers", [None, "tensorboard", {"name": "tensorboard"}])
+def test_old_tracker_spelling_beside_trackers_that_are_not_a_list_is_the_lists_error(trackers):
+    # the old `wandb: {enabled: true}` was merged by unpacking `trackers`: null raised a TypeError
+    # (exit 1), a name became one tracker per letter, a mapping one per key
+    error = error_of({"logging": {"wandb": {"enabled": True}, "trackers": trackers}})
+    assert error.startswith("<dict>: logging.trackers: Input should be a valid list") and "\n" not in error, error

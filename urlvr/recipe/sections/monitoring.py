@@ -73,7 +73,10 @@ def tracker_spelling(logging: dict[str, Any]) -> dict[str, Any]:
         return logging
     old = _OldTrackerSpelling.model_validate({k: logging[k] for k in ("wandb", "tensorboard") if k in logging})
     rest = {k: v for k, v in logging.items() if k not in ("wandb", "tensorboard")}
-    return {**rest, "trackers": [*rest.get("trackers", []), *old.trackers()]}
+    given = rest.get("trackers", [])
+    if not isinstance(given, (list, tuple)):  # null, a name, a mapping: left for the field's own "a valid list" error
+        return {**rest, "trackers": given}
+    return {**rest, "trackers": [*given, *old.trackers()]}
 
 
 # An experiment tracker is a registered part with its own section (`urlvr.metrics.loggers`; plugins add more).
