@@ -13,7 +13,7 @@ import yaml
 import urlvr
 from conftest import small_run_recipe
 from urlvr.data.loaders import DATA_SOURCES, ArithmeticSource, DataSourceSection, FileSource
-from urlvr.data.records import PromptRecord
+from urlvr.data.records import DataError, PromptRecord
 from urlvr.metrics.loggers import TRACKERS, TensorBoardTracker, TrackerSection, WandbTracker
 from urlvr.recipe import Recipe, RecipeError, load_recipe
 
@@ -164,3 +164,38 @@ def test_old_tracker_spelling_beside_trackers_that_are_not_a_list_is_the_lists_e
     # (exit 1), a name became one tracker per letter, a mapping one per key
     error = error_of({"logging": {"wandb": {"enabled": True}, "trackers": trackers}})
     assert error.startswith("<dict>: logging.trackers: Input should be a valid list") and "\n" not in error, error
+
+
+def _plugin_source(kind: str, read):
+    section = type(f"Source_{kind}", (DataSourceSection,), {
+        "__annotations__": {"kind": Literal[kind], "count": int}, "kind": kind, "count": 2,
+        "__doc__": "A test source.", "read": staticmethod(read)})
+    return DATA_SOURCES.register(kind)(section)
+
+
+def _raises(count: int):
+    raise KeyError("q")
+
+
+@pytest.mark.parametrize(("read", "message"), [
+    (_raises, "data source 'test_bad_{n}': read failed: KeyError: 'q'"),
+    (lambda count: [{"prompt_id": "a", "prompt": "x"}], "data source 'test_bad_{n}': read() item 0 is a dict, not a "
+                                                       "urlvr.data.records.PromptRecord"),
+    (lambda count: 3, "data source 'test_bad_{n}': read() returned a int, not a list of PromptRecords"),
+    (lambda count: [PromptRecord("same", "x"), PromptRecord("b", "y"), PromptRecord("same", "z")],
+     "data source 'test_bad_{n}': duplicate prompt id 'same' (items 0 and 2); ids must be unique for per-prompt "
+     "tracking and resume"),
+    (lambda count: None, "data source 'test_bad_{n}' gave no prompts (options: {{'count': 2}})"),
+])
+def test_a_plugin_sources_bad_read_is_a_data_error_naming_it(read, message):
+    # before: a KeyError or AttributeError (exit 1, no source named), duplicate ids trained silently
+    n = len(DATA_SOURCES.names())
+    source = _plugin_source(f"test_bad_{n}", read)
+    with pytest.raises(DataError) as err:
+        source().load()
+    assert str(err.value) == message.format(n=n)
+
+
+def test_a_plugin_source_may_yield_its_records():
+    source = _plugin_source("test_yields", lambda count: (PromptRecord(f"q{i}", "x") for i in range(count)))
+    assert [r.prompt_id for r in source(count=3).load()] == ["q0", "q1", "q2"]

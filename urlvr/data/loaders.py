@@ -74,9 +74,37 @@ def _read(source: type[DataSourceSection], kind: str, options: dict[str, Any]) -
         inspect.signature(source.read).bind(**options)
     except TypeError as err:
         raise DataError(f"data source {kind!r}: {err}") from None
-    records = source.read(**options)
+    try:
+        records = source.read(**options)
+    except DataError:
+        raise
+    except Exception as err:  # a plugin's bug or a missing file: one line naming the source, not a bare KeyError
+        raise DataError(f"data source {kind!r}: read failed: {type(err).__name__}: {err}") from err
+    return checked_records(records, kind, options)
+
+
+def checked_records(records: Any, kind: str, options: dict[str, Any]) -> list[PromptRecord]:
+    """`records` as a list, checked as the trainer needs it: non-empty, every item a PromptRecord,
+    each `prompt_id` once (per-prompt tracking, evaluation and resume key on it). DataError naming
+    the source and the first bad item (its index) otherwise."""
+    if records is None or isinstance(records, (str, bytes, dict)):
+        records = [] if records is None else [records]
+    try:
+        records = list(records)
+    except TypeError:
+        raise DataError(f"data source {kind!r}: read() returned a {type(records).__name__}, "
+                        "not a list of PromptRecords") from None
     if not records:
         raise DataError(f"data source {kind!r} gave no prompts (options: {options})")
+    first: dict[str, int] = {}
+    for i, record in enumerate(records):
+        if not isinstance(record, PromptRecord):
+            raise DataError(f"data source {kind!r}: read() item {i} is a {type(record).__name__}, not a "
+                            "urlvr.data.records.PromptRecord")
+        if record.prompt_id in first:
+            raise DataError(f"data source {kind!r}: duplicate prompt id {record.prompt_id!r} (items "
+                            f"{first[record.prompt_id]} and {i}); ids must be unique for per-prompt tracking and resume")
+        first[record.prompt_id] = i
     return records
 
 
