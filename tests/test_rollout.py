@@ -122,11 +122,23 @@ def test_engine_registration_checks_the_protocol_naming_the_member():
         def from_recipe(self, recipe, model, tokenizer, dist):
             return self
 
+    class OffloadNone(Complete):  # accepted before: hasattr() is true of None, and its signature was not read
+        offload = None
+
+    class GenerateText(Complete):
+        generate = "sample"
+
+    class FlagNone(Complete):  # would read as "samples from a copy": no ZeRO-3 gather around generate
+        uses_trainer_module = None
+
     check_engine(Complete, "checked")  # extra optional parameters are fine
     for engine, message in [(NoFlag, "has no attribute 'uses_trainer_module' of the RolloutEngine protocol"),
                             (NarrowGenerate, "generate takes (self, prompts, sampling) where the trainer passes "
                                              "(prompts, group_size, sampling)"),
-                            (InstanceFromRecipe, "from_recipe is not a classmethod")]:
+                            (InstanceFromRecipe, "from_recipe is not a classmethod"),
+                            (OffloadNone, "offload is a NoneType, not a method (the trainer calls it)"),
+                            (GenerateText, "generate is a str, not a method (the trainer calls it)"),
+                            (FlagNone, "uses_trainer_module is None, not True or False")]:
         with pytest.raises(TypeError, match=re.escape(message)):
             ROLLOUT_ENGINES.register("checked")(engine)
     assert "checked" not in ROLLOUT_ENGINES

@@ -155,6 +155,13 @@ def check_engine(cls: Any, name: str) -> None:
             kind = "attribute" if member in RolloutEngine.__annotations__ else "method"
             raise TypeError(f"{where} has no {kind} {member!r} of the RolloutEngine protocol (it needs: "
                             f"{', '.join(members)}; docs/writing-engines.md)")
+        flag = inspect.getattr_static(cls, member)
+        if member == "uses_trainer_module" and not isinstance(flag, (bool, property)):
+            # None would read as "a copy of its own": ZeRO-3 would then sample from ungathered shards
+            raise TypeError(f"{where}: uses_trainer_module is {flag!r}, not True or False")
+        if member not in RolloutEngine.__annotations__ and not callable(getattr(cls, member)):
+            raise TypeError(f"{where}: {member} is a {type(getattr(cls, member)).__name__}, not a method "
+                            "(the trainer calls it)")
         gap = None if member in RolloutEngine.__annotations__ else _signature_gap(cls, member)
         if gap:
             raise TypeError(f"{where}: {member} {gap}")
