@@ -143,3 +143,24 @@ def test_a_knob_the_function_does_not_take_is_refused_even_by_a_lax_declared_sec
     spec = RewardSpec("plain", _plain, False, "", declared_knobs=_LaxKnobs)
     with pytest.raises(ValueError, match="reward 'plain' takes no argument 'loudness' \\(it takes: level\\)"):
         _check_reward_kwargs(spec, "plain", {"loudness": 2})
+
+
+@pytest.mark.parametrize(("term", "knob"), [
+    ({"name": "majority_vote", "kwargs": {"min_majority_ratio": 2.0}}, "min_majority_ratio"),
+    ({"name": "majority_vote", "kwargs": {"min_majority_ratio": -1.0}}, "min_majority_ratio"),
+    ({"name": "semantic_cluster", "kwargs": {"min_cluster_ratio": float("nan")}}, "min_cluster_ratio"),
+    ({"name": "unified", "kwargs": {"granularity": "answer", "tau": float("nan")}}, "tau"),
+    ({"name": "unified", "kwargs": {"granularity": "answer", "equivalence": "math_verify", "timeout_s": 0.0}}, "timeout_s"),
+    ({"name": "co_reward", "kwargs": {"rephrased_samples": 0}}, "rephrased_samples"),
+    ({"name": "co_reward", "kwargs": {"max_new_tokens": -5}}, "max_new_tokens"),
+    ({"name": "self_verification", "kwargs": {"max_new_tokens": 0}}, "max_new_tokens"),
+    ({"name": "self_verification", "kwargs": {"temperature": -1.0}}, "temperature"),
+])
+def test_a_knob_out_of_its_range_is_refused_at_load_naming_it(term, knob):
+    # before: loaded, then failed at step 1 after the model load (min_majority_ratio 2.0), trained on
+    # NaN rewards (tau nan) or silently meant another value (rephrased_samples 0 = the group size)
+    with pytest.raises(RecipeError) as err:
+        load_recipe({"reward": {"terms": [term]}})
+    message = str(err.value)
+    assert message.startswith(f"<dict>: reward.terms.0.kwargs.{knob}: reward '{term['name']}': argument '{knob}'=")
+    assert "\n" not in message, message

@@ -14,6 +14,9 @@ cross-referencing); ties and missing answers follow `majority_vote`'s defaults.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
+
+from pydantic import Field
 
 from urlvr.algorithms.voting import majority_answers
 from urlvr.rewards.base import PolicyHandle, RewardContext, RewardOutput, reward
@@ -55,8 +58,9 @@ def _rephrase_and_answer(
 
 @reward("co_reward", prepare=_rephrase_and_answer, family="verdict")
 def co_reward(
-    group: Group, ctx: RewardContext, *, rephrase_field: str | None = "rephrased", rephrased_samples: int | None = None,
-    max_new_tokens: int | None = None, include_original: bool = True,
+    group: Group, ctx: RewardContext, *, rephrase_field: str | None = "rephrased",
+    rephrased_samples: Annotated[int | None, Field(ge=1)] = None, max_new_tokens: Annotated[int | None, Field(ge=1)] = None,
+    include_original: bool = True,
 ) -> RewardOutput:
     """Co-Reward: r(y) = 1[ans(y) = maj(x)] + 1[ans(y) = maj(rephrase(x))]  (paper Table 2).
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 from urlvr.rewards.base import RewardContext, RewardOutput, reward
 from urlvr.rewards.math_verify import (
@@ -68,7 +70,7 @@ def _verifies(*, equivalence: Equivalence = "math_verify", **_: object) -> bool:
 @reward("semantic_cluster", prepare=_cluster_step, family="certainty", timed=_verifies)
 def semantic_cluster(
     group: Group, ctx: RewardContext, *, equivalence: Equivalence = "math_verify",
-    min_cluster_ratio: float = 0.0, no_answer: Literal["zero", "singleton"] = "zero",
+    min_cluster_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0, no_answer: Literal["zero", "singleton"] = "zero",
     timeout_s: float = DEFAULT_TIMEOUT_S, budget_s: float = DEFAULT_BUDGET_S, workers: int = DEFAULT_WORKERS,
 ) -> RewardOutput:
     """EMPO: r(y) = |C(y)| / G, C(y) = the semantic cluster of ans(y)  (paper Table 2, Eq. 37).

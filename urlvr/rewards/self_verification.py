@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import string
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from urlvr.rewards.base import PolicyHandle, RewardContext, RewardOutput, reward
 from urlvr.rewards.extractors import last_boxed_content, normalize_answer
@@ -100,8 +102,8 @@ def _ask_policy(
 
 @reward("self_verification", prepare=_ask_policy, family="verdict")
 def self_verification(
-    group: Group, ctx: RewardContext, *, prompt: str = "p2", max_new_tokens: int | None = 512,
-    temperature: float = 0.0, numbers_field: str = "numbers", target_field: str = "target",
+    group: Group, ctx: RewardContext, *, prompt: str = "p2", max_new_tokens: Annotated[int | None, Field(ge=1)] = 512,
+    temperature: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0, numbers_field: str = "numbers", target_field: str = "target",
 ) -> RewardOutput:
     """Self-verification: r(y) = 1[policy's verdict on ans(y) under prompt P1/P2 is \\boxed{True}] (§7, App. C.1).
 

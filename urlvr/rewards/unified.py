@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
 from urlvr.rewards.base import RewardContext, RewardOutput, reward
 from urlvr.rewards.certainty import masked_token_mean, masked_token_sum
@@ -90,8 +91,8 @@ def _verifies(*, granularity: str = "token", equivalence: str = "exact", **_) ->
 def unified(
     group: Group, ctx: RewardContext, *, anchor: Anchor = "onehot", sign: Literal[1, -1] = -1,
     transform: Literal["identity", "exp"] = "identity", granularity: Literal["token", "answer"] = "token",
-    aggregate: Literal["mean", "sum"] = "mean", tau: float | None = None, equivalence: Equivalence = "exact",
-    timeout_s: float = 5.0,
+    aggregate: Literal["mean", "sum"] = "mean", tau: Annotated[float | None, Field(ge=0.0, allow_inf_nan=False)] = None,
+    equivalence: Equivalence = "exact", timeout_s: Annotated[float, Field(gt=0.0)] = 5.0,
 ) -> list[float] | RewardOutput:
     """r_uni(x, y) = psi((sigma/|I|) sum_{i in I} H(q_i, pi_i))  (paper App. A.3, Eq. 26, Table 6).
 

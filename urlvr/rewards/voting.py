@@ -14,6 +14,10 @@ Ties and missing answers are explicit choices, not accidents of `Counter`:
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import Field
+
 from urlvr.algorithms.voting import NoAnswer, Ties, majority_answer, majority_answers  # noqa: F401  (majority_answer: its old home)
 from urlvr.rewards.base import RewardContext, RewardOutput, reward
 from urlvr.rollout.base import Group
@@ -22,7 +26,7 @@ from urlvr.rollout.base import Group
 @reward("majority_vote", family="verdict")
 def majority_vote(
     group: Group, ctx: RewardContext, *, ties: Ties = "first", no_answer: NoAnswer = "abstain",
-    min_majority_ratio: float = 0.0,
+    min_majority_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0,
 ) -> RewardOutput:
     """TTRL: r(y_j) = 1[ans(y_j) = maj(x)]; samples without an answer get 0 (paper Table 2).
 
