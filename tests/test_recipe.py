@@ -1,5 +1,6 @@
 """Recipe validation: defaults = Table 7, and every error names the file and the field path."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -506,3 +507,24 @@ def test_vllm_cpu_kv_cache_size_refused_where_it_does_nothing():
         check_kv_cache_size(sized, False, None)
     with pytest.raises(RecipeError, match=r"cpu_kv_cache_gib \(4\) differs from VLLM_CPU_KVCACHE_SPACE=8"):
         check_kv_cache_size(sized, True, "8")
+
+
+@pytest.mark.parametrize(("terms", "oracle", "message"), [
+    ([{"name": "majority_vote", "alias": "ground_truth"}], "ground_truth",
+     "reward term 'majority_vote' would be logged as reward/ground_truth_mean, which is the oracle's (ground_truth)"),
+    ([{"name": "majority_vote", "alias": "proxy"}], None,
+     "reward term 'majority_vote' would be logged as reward/proxy_mean, which is the summed proxy reward"),
+    ([{"name": "ground_truth"}], "math_verify",
+     "reward term 'ground_truth' would be logged as reward/ground_truth_mean, which is the oracle's (math_verify)"),
+    ([{"name": "majority_vote", "alias": ""}], "ground_truth", "reward.terms.0.alias: String should have at least 1 character"),
+])
+def test_a_term_whose_metric_would_overwrite_the_runs_own_is_refused(terms, oracle, message):
+    # before: one `reward/<name>_mean` overwrote the other in metrics.jsonl (an alias `ground_truth` replaced
+    # the oracle's mean with the proxy term's), and an empty alias silently fell back to the reward's name
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe({"reward": {"terms": terms, "oracle": oracle}})
+
+
+def test_the_oracles_own_reward_as_a_term_keeps_its_name():
+    # the supervised baseline: the same scores under the same name (recipes/paper/sweeps/rise-and-fall.yaml)
+    assert load_recipe({"reward": {"terms": [{"name": "ground_truth"}]}}).reward.terms[0].metric_name == "ground_truth"

@@ -25,9 +25,10 @@ class RewardTerm(Section):
     kwargs: Annotated[dict[str, Any], REWARD_KNOBS] = Field(default_factory=dict)
     """The reward's knobs (its keyword arguments): each reward's are listed below, read from its
     signature, and checked at load time. The reward receives them as written."""
-    alias: str | None = None
+    alias: str | None = Field(None, min_length=1)
     """Name of this term in metrics (`reward/<alias>_mean`); default the reward's name. Needed
-    when one reward appears twice with different kwargs."""
+    when one reward appears twice with different kwargs. Not `proxy`, nor `ground_truth` beside
+    an oracle (the run's own `reward/proxy_mean` and `reward/ground_truth_mean`)."""
     gate: Annotated[str, Registered("reward", validate=False)] | None = None
     """A registered reward whose per-sample score multiplies this term's, e.g. `format` (1 when an
     answer was extracted) to zero a certainty reward on answerless samples; null = ungated."""
@@ -89,6 +90,13 @@ class RewardSection(Section):
             raise ValueError(f"reward term {repeated[0]!r} appears twice; give one an `alias`")
         if "oracle" in keys and self.oracle is not None:  # reward/oracle_timeouts is the oracle's
             raise ValueError("a reward term named 'oracle' would share metrics with `reward.oracle`; give it another `alias`")
+        for term in self.terms:  # reward/<metric_name>_mean must not overwrite the run's own means
+            oracle_itself = term.name == self.oracle and not term.kwargs and term.gate is None  # the same scores
+            if term.metric_name == "proxy" or (term.metric_name == "ground_truth" and self.oracle is not None
+                                               and not oracle_itself):
+                whose = "the summed proxy reward" if term.metric_name == "proxy" else f"the oracle's ({self.oracle})"
+                raise ValueError(f"reward term {term.name!r} would be logged as reward/{term.metric_name}_mean, "
+                                 f"which is {whose}: give it another `alias`")
         registry("extractor").check_kwargs(self.extractor, dict(self.extractor_kwargs))
         return self
 
