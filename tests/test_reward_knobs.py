@@ -164,3 +164,15 @@ def test_a_knob_out_of_its_range_is_refused_at_load_naming_it(term, knob):
     message = str(err.value)
     assert message.startswith(f"<dict>: reward.terms.0.kwargs.{knob}: reward '{term['name']}': argument '{knob}'=")
     assert "\n" not in message, message
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"pattern": "a(b)", "normalize": "false"}, "extractor 'regex': argument 'normalize'='false' is invalid (Input should be a valid boolean)"),
+    ({"pattern": "a(b)", "group": True}, "extractor 'regex': argument 'group'=True is invalid (Input should be a valid integer)"),
+    ({"pattern": 3}, "extractor 'regex': argument 'pattern'=3 is invalid (Input should be a valid string)"),
+])
+def test_extractor_knobs_are_typed_as_reward_knobs_are(kwargs, message):
+    # before: `normalize: "false"` loaded and acted as true (a non-empty string), `group: true` as group 1
+    with pytest.raises(RecipeError) as err:
+        load_recipe({"reward": {"extractor": "regex", "extractor_kwargs": kwargs}})
+    assert str(err.value) == f"<dict>: reward: {message}"

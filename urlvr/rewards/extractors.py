@@ -16,6 +16,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
+from pydantic import TypeAdapter, ValidationError
+
 from urlvr.registry import Registry, did_you_mean
 from urlvr.rollout.base import Sample
 
@@ -30,8 +32,27 @@ def _check_extractor_kwargs(fn: Extractor, name: str, kwargs: Mapping[str, Any])
     if unknown:
         raise ValueError(f"extractor {name!r} takes no argument {unknown[0]!r} (it takes: {', '.join(accepted) or 'none'})"
                          f"{did_you_mean(unknown[0], accepted)}")
+    for key, value in kwargs.items():  # each value as its annotation says, strictly: `normalize: "false"` is not True
+        _check_knob_type(fn, name, key, value)
     if hasattr(fn, "check"):
         fn.check(**kwargs)
+
+
+def _check_knob_type(fn: Extractor, name: str, key: str, value: Any) -> None:
+    """ValueError naming the knob when `value` does not fit the annotation of `fn`'s parameter `key`
+    in pydantic's strict mode (no "yes" for a bool, no "3" for an int); an unannotated parameter,
+    or one whose annotation does not resolve, takes anything."""
+    try:
+        annotation = inspect.signature(fn, eval_str=True).parameters[key].annotation
+        adapter = TypeAdapter(annotation)
+    except Exception:  # unresolvable or not a type pydantic checks: the extractor's own business
+        return
+    if annotation is inspect.Parameter.empty:
+        return
+    try:
+        adapter.validate_python(value, strict=True)
+    except ValidationError as err:
+        raise ValueError(f"extractor {name!r}: argument {key!r}={value!r} is invalid ({err.errors()[0]['msg']})") from None
 
 
 EXTRACTORS: Registry[Extractor] = Registry("extractor", check_kwargs=_check_extractor_kwargs)
