@@ -111,6 +111,8 @@ def checked_records(records: Any, kind: str, options: dict[str, Any]) -> list[Pr
 # --------------------------------------------------------------------------- files
 @DATA_SOURCES.register("file")
 class FileSource(DataSourceSection):
+    """A local .jsonl, .json or .parquet file of prompts, one row each."""
+
     kind: Literal["file"] = "file"
     path: Path
     """A local .jsonl, .json or .parquet file of prompts."""
@@ -163,6 +165,8 @@ def load_records_from_file(
 # --------------------------------------------------------------------------- datasets
 @DATA_SOURCES.register("datasets")
 class DatasetsSource(DataSourceSection):
+    """A dataset from the Hugging Face hub (or a local folder) through `datasets.load_dataset`."""
+
     kind: Literal["datasets"] = "datasets"
     name: str
     """A `datasets` hub id (networked machines) or a local directory (save_to_disk or data files)."""
@@ -267,6 +271,8 @@ class AdapterSource(DataSourceSection):
 # --------------------------------------------------------------------------- synthetic
 @DATA_SOURCES.register("arithmetic")
 class ArithmeticSource(DataSourceSection):
+    """Synthetic two-operand arithmetic problems with their answers (the quickstart's)."""
+
     kind: Literal["arithmetic"] = "arithmetic"
     num_problems: int = Field(256, ge=1, le=10_000_000)
     """How many synthetic two-operand arithmetic problems to generate."""
@@ -295,6 +301,8 @@ class ArithmeticSource(DataSourceSection):
 
 @DATA_SOURCES.register("countdown")
 class CountdownSource(DataSourceSection):
+    """Synthetic Countdown problems: reach a target with the given numbers."""
+
     kind: Literal["countdown"] = "countdown"
     num_problems: int = Field(256, ge=1, le=10_000_000)
     """How many synthetic Countdown problems (numbers + target) to generate."""
@@ -308,6 +316,8 @@ class CountdownSource(DataSourceSection):
 
 @DATA_SOURCES.register("reasoning_gym")
 class ReasoningGymSource(DataSourceSection):
+    """Procedurally generated reasoning-gym tasks, scored by each task's own checker."""
+
     kind: Literal["reasoning_gym"] = "reasoning_gym"
     tasks: list[str] = Field(min_length=1)
     """reasoning-gym task names, e.g. [countdown, basic_arithmetic] (needs the `reasoning-gym`
