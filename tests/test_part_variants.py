@@ -199,3 +199,37 @@ def test_a_plugin_sources_bad_read_is_a_data_error_naming_it(read, message):
 def test_a_plugin_source_may_yield_its_records():
     source = _plugin_source("test_yields", lambda count: (PromptRecord(f"q{i}", "x") for i in range(count)))
     assert [r.prompt_id for r in source(count=3).load()] == ["q0", "q1", "q2"]
+
+
+def test_registration_refuses_a_tracker_without_its_own_open():
+    # before: accepted, and the run failed at its start (NotImplementedError) or later
+    class NoOpen(TrackerSection):
+        name: Literal["test_no_open"] = "test_no_open"
+
+    class NotASection:
+        name = "test_plain"
+
+        def open(self, run_dir, config):
+            return None
+
+    for name, entry in [("test_no_open", NoOpen), ("test_plain", NotASection)]:
+        with pytest.raises(TypeError, match=f"tracker '{name}': .* must subclass urlvr.metrics.loggers.TrackerSection "
+                                            r"and define open\(run_dir, config\)"):
+            TRACKERS.register(name)(entry)
+    assert not {"test_no_open", "test_plain"} & set(TRACKERS.names())
+
+
+def test_a_tracker_whose_open_returns_no_logger_is_refused_when_it_starts(tmp_path):
+    from urlvr.metrics.loggers import make_trackers
+
+    @TRACKERS.register("test_returns_none")
+    class ReturnsNone(TrackerSection):
+        name: Literal["test_returns_none"] = "test_returns_none"
+
+        def open(self, run_dir, config):
+            return None  # before: accepted, then an AttributeError at the end of step 1
+
+    recipe = load_recipe({"logging": {"trackers": ["test_returns_none"]}})
+    with pytest.raises(TypeError, match=r"logging.trackers: test_returns_none's open\(\) returned NoneType, not a "
+                                        r"MetricsLogger"):
+        make_trackers(recipe, tmp_path)

@@ -88,7 +88,19 @@ class TrackerSection(VariantSection):
         raise NotImplementedError
 
 
-TRACKERS: Registry[type[TrackerSection]] = Registry("tracker", check=check_variant_name)
+def _check_tracker(entry: Any, name: str) -> None:
+    """Registration-time: a TrackerSection subclass with its own `open` (without one the run would
+    fail at its start with NotImplementedError), carrying its name (`check_variant_name`)."""
+    needs = (f"tracker {name!r}: {entry!r} must subclass urlvr.metrics.loggers.TrackerSection and define "
+             "open(run_dir, config) (docs/writing-trackers.md)")
+    if not (isinstance(entry, type) and issubclass(entry, TrackerSection)):
+        raise TypeError(needs)
+    check_variant_name(entry, name)
+    if entry.open is TrackerSection.open:
+        raise TypeError(needs)
+
+
+TRACKERS: Registry[type[TrackerSection]] = Registry("tracker", check=_check_tracker)
 
 
 @TRACKERS.register("wandb")
@@ -178,9 +190,13 @@ def make_trackers(recipe: Recipe, run_dir: Path) -> list[MetricsLogger]:
     loggers: list[MetricsLogger] = []
     for tracker in recipe.logging.trackers:
         try:
-            loggers.append(tracker.open(run_dir, config))
+            opened = tracker.open(run_dir, config)
         except ImportError as err:
             install = f"pip install 'urlvr[{tracker.pip_extra}]'" if tracker.pip_extra else f"install {err.name or 'it'}"
             raise RuntimeError(f"logging.trackers: {tracker.name} needs a package that is not installed "
                                f"({err.name or err}): {install}") from None
+        if not all(callable(getattr(opened, method, None)) for method in ("log", "close")):  # else: at the first step's end
+            raise TypeError(f"logging.trackers: {tracker.name}'s open() returned {type(opened).__name__}, not a "
+                            "MetricsLogger (an object with log(step, metrics) and close())")
+        loggers.append(opened)
     return loggers
