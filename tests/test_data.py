@@ -290,7 +290,8 @@ def test_synthetic_sources_pass_count_and_seed(monkeypatch):
     assert load_records("arithmetic", num_problems=5, seed=3) == [PromptRecord("a-0", "1+2", "3")]
     assert load_records("countdown", num_problems=2, seed=1) == [PromptRecord("c-0", "24?", "24")]
     assert load_records("arithmetic", num_problems=1, seed=0, max_value=9, operators=["+"])
-    assert calls == [("arithmetic", 5, 3, {"min_value": 0, "max_value": 99, "operators": ("+", "-")}),
+    # load_records reads through the source's section, as a recipe does: its defaults, as the section dumps them
+    assert calls == [("arithmetic", 5, 3, {"min_value": 0, "max_value": 99, "operators": ["+", "-"]}),
                      ("countdown", 2, 1), ("arithmetic", 1, 0, {"min_value": 0, "max_value": 9, "operators": ["+"]})]
 
 
@@ -575,3 +576,19 @@ def test_stream_with_fewer_prompts_than_a_batch_repeats_from_the_next_epochs():
 def test_stream_rejects_bad_settings(records, kwargs, message):
     with pytest.raises(ValueError, match=message):
         PromptStream(records, prompts_per_step=4, seed=0, **kwargs)
+
+
+def test_load_records_checks_each_knob_as_the_recipe_does():
+    # before: the knobs reached read() unchecked: a float count was a TypeError from inside the
+    # generator, a negative max_value a ValueError there (a plugin's read got whatever was passed)
+    for options, message in [
+        ({"num_problems": 2.5}, "data source 'arithmetic': num_problems: Input should be a valid integer, got a number "
+                                "with a fractional part"),
+        ({"num_problems": 3, "max_value": -5}, "data source 'arithmetic': max_value: Input should be greater than or "
+                                               "equal to 0"),
+    ]:
+        with pytest.raises(DataError) as err:
+            load_records("arithmetic", **options)
+        assert str(err.value) == message
+    with pytest.raises(DataError, match="data source 'file': path: Field required"):
+        load_records("file")

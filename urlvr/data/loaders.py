@@ -17,7 +17,7 @@ import inspect
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from urlvr.data import synthetic
 from urlvr.data.adapters import load_adapter_records
@@ -65,8 +65,20 @@ DATA_SOURCES: Registry[type[DataSourceSection]] = Registry("data source", check=
 
 def load_records(kind: str, **options: Any) -> list[PromptRecord]:
     """Load prompts from the data source registered as ``kind`` (file | datasets | adapter |
-    arithmetic | countdown | reasoning_gym | a plugin's); ``options`` are that source's keyword arguments."""
-    return _read(DATA_SOURCES.get(kind), kind, options)
+    arithmetic | countdown | reasoning_gym | a plugin's); ``options`` are that source's knobs, validated
+    by its section as a recipe's are (bounds, types, defaults), so `num_problems="3"` is a DataError
+    naming the knob, not a TypeError from inside `read`."""
+    source = DATA_SOURCES.get(kind)
+    unknown = [key for key in options if key not in source.model_fields or key == source.variant_key]
+    if unknown:
+        raise DataError(f"data source {kind!r}: got an unexpected keyword argument {unknown[0]!r}")
+    try:
+        section = source.model_validate({**options, source.variant_key: kind})
+    except ValidationError as err:
+        problem = err.errors()[0]
+        where = ".".join(map(str, problem["loc"])) or "options"
+        raise DataError(f"data source {kind!r}: {where}: {problem['msg']}") from None
+    return section.load()
 
 
 def _read(source: type[DataSourceSection], kind: str, options: dict[str, Any]) -> list[PromptRecord]:
