@@ -233,3 +233,11 @@ def test_a_tracker_whose_open_returns_no_logger_is_refused_when_it_starts(tmp_pa
     with pytest.raises(TypeError, match=r"logging.trackers: test_returns_none's open\(\) returned NoneType, not a "
                                         r"MetricsLogger"):
         make_trackers(recipe, tmp_path)
+
+
+@pytest.mark.parametrize("tracker", [{"name": "tensorboard", "log_dir": ""}, {"name": "wandb", "project": ""}])
+def test_an_empty_tracker_folder_or_project_is_refused(tracker):
+    # before: an empty log_dir silently meant the default folder; an empty project was left to wandb
+    knob = next(k for k in tracker if k != "name")
+    assert error_of({"logging": {"trackers": [tracker]}}).startswith(
+        f"<dict>: logging.trackers.0.{knob}: String should have at least 1 character")

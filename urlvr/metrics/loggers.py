@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, TextIO
 
+from pydantic import Field
+
 from urlvr.recipe import Recipe
 from urlvr.registry import Registry
 from urlvr.section import VariantSection, check_variant_name
@@ -108,7 +110,7 @@ class WandbTracker(TrackerSection):
     """Weights & Biases (needs the `wandb` extra)."""
 
     name: Literal["wandb"] = "wandb"
-    project: str = "urlvr"
+    project: str = Field("urlvr", min_length=1)
     """wandb project."""
     entity: str | None = None
     """wandb entity (team)."""
@@ -142,7 +144,7 @@ class TensorBoardTracker(TrackerSection):
     evaluation as a scalar; view with `tensorboard --logdir RUN_DIR/tensorboard`."""
 
     name: Literal["tensorboard"] = "tensorboard"
-    log_dir: str | None = None
+    log_dir: str | None = Field(None, min_length=1)
     """Folder of the event files; null = `<output_dir>/tensorboard`."""
     pip_extra: ClassVar[str] = "tensorboard"
 
