@@ -125,6 +125,15 @@ def test_registration_refuses_a_source_whose_read_drops_a_knob_or_a_misnamed_par
         def read(**knobs) -> list[PromptRecord]:
             return []
 
+    class NeedsMore(DataSourceSection):
+        kind: Literal["test_needs_more"] = "test_needs_more"
+        count: int = 1
+        """How many."""
+
+        @staticmethod
+        def read(count: int, colour: str) -> list[PromptRecord]:
+            return []
+
     class Misnamed(TrackerSection):
         name: Literal["other"] = "other"
 
@@ -132,6 +141,8 @@ def test_registration_refuses_a_source_whose_read_drops_a_knob_or_a_misnamed_par
         DATA_SOURCES.register("test_drops")(DropsAKnob)
     with pytest.raises(ValueError, match=r"data source 'test_anything': read\(\) must take each knob by name"):
         DATA_SOURCES.register("test_anything")(TakesAnything)
+    with pytest.raises(ValueError, match=r"data source 'test_needs_more': read\(\) requires colour, which is no knob"):
+        DATA_SOURCES.register("test_needs_more")(NeedsMore)
     with pytest.raises(ValueError, match="registered as 'mine' but its section's `kind` defaults to 'file'"):
         DATA_SOURCES.register("mine")(FileSource)
     with pytest.raises(ValueError, match="registered as 'test_other' but its section's `name` defaults to 'other'"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -27,6 +28,12 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     lowered = {entry.lower(): entry for entry in known}
     close = difflib.get_close_matches(str(name).lower(), list(lowered), n=1, cutoff=0.5)
     return f"; did you mean {lowered[close[0]]!r}?" if close else ""
+
+
+def repeated(names: Iterable[str]) -> list[str]:
+    """The names that occur more than once in `names`, sorted (a recipe's terms, trackers, a
+    command's models: each must be given once)."""
+    return sorted(name for name, count in Counter(names).items() if count > 1)
 
 
 class UnknownNameError(KeyError):

@@ -6,12 +6,11 @@ parts (imported before), show up with no change here.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import re
 from typing import Any
 
-from urlvr.registry import Registry, catalog
+from urlvr.registry import Registry, catalog, did_you_mean
 
 
 def summary(entry: Any) -> str:
@@ -45,9 +44,7 @@ def kinds_matching(query: str) -> list[str]:
     if matches:
         return matches
     words = sorted({*found, *(w + "s" for reg in found.values() for w in reg.kind.split())})
-    close = difflib.get_close_matches(key, words, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"no registry of {query!r}{hint} (kinds: {', '.join(sorted(found))})")
+    raise ValueError(f"no registry of {query!r}{did_you_mean(key, words)} (kinds: {', '.join(sorted(found))})")
 
 
 def entry_lines(found: Registry[Any]) -> list[str]:

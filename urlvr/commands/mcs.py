@@ -29,6 +29,7 @@ from urlvr.metrics.loggers import read_jsonl
 from urlvr.models.resolve import checked_model_path
 from urlvr.progress import format_seconds
 from urlvr.recipe import load_recipe
+from urlvr.registry import repeated
 from urlvr.trainer.run import train
 
 # the diagnostic: §6.3's aggressive settings, stop at collapse; everything else is the base recipe's
@@ -101,7 +102,7 @@ def run_mcs(models: Sequence[str], base: dict[str, Any], out_dir: Path, *, max_s
     Every model path is checked before anything is deleted or run (RecipeError naming it), and
     the tables are rewritten after each model, so a run that fails later keeps the finished rows."""
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
-    twice = sorted({model for model in models if list(models).count(model) > 1})
+    twice = repeated(models)
     if twice:  # the same recipe and seed twice is the same run twice: an hour lost, no new row
         raise RecipeError(f"urlvr mcs: {', '.join(twice)} listed more than once; name each model once")
     out_dir = Path(out_dir)

@@ -38,6 +38,7 @@ from urlvr.metrics.plots import plot_runs
 from urlvr.recipe import Recipe, RecipeError, load_recipe
 from urlvr.recipe.changes import FieldChange, format_changes, recipe_changes
 from urlvr.recipe.load import read_yaml_mapping
+from urlvr.registry import repeated
 from urlvr.trainer.checkpoint import checkpoint_step, latest_checkpoint
 from urlvr.trainer.resume import recorded_recipe
 from urlvr.trainer.run import train
@@ -81,10 +82,9 @@ class Sweep:
             fields = [f"{key}={format_value(value)}" for _, values in combo for key, value in values.items()]
             run_dir = self.out_dir / name
             points.append(SweepPoint(name, (*self.shared, *fields, f"output_dir={run_dir}"), run_dir))
-        names = [p.name for p in points]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise RecipeError(f"sweep: two grid points share the run directory name {repeated[0]!r}; label them apart")
+        twice = repeated(p.name for p in points)
+        if twice:
+            raise RecipeError(f"sweep: two grid points share the run directory name {twice[0]!r}; label them apart")
         return points
 
 

@@ -58,6 +58,10 @@ def _check_source(entry: type[DataSourceSection], name: str) -> None:
     if untaken or any(v.kind == v.VAR_KEYWORD for v in params.values()):
         raise ValueError(f"data source {name!r}: read() must take each knob by name, not as **kwargs "
                          f"(missing: {', '.join(untaken) or 'none'})")
+    unfed = sorted(p for p, v in params.items() if p not in entry.model_fields and v.default is v.empty
+                   and v.kind != v.VAR_POSITIONAL)
+    if unfed:  # checked here once, so each load needs no signature check of its own
+        raise ValueError(f"data source {name!r}: read() requires {', '.join(unfed)}, which is no knob of its section")
 
 
 DATA_SOURCES: Registry[type[DataSourceSection]] = Registry("data source", check=_check_source)
@@ -82,10 +86,7 @@ def load_records(kind: str, **options: Any) -> list[PromptRecord]:
 
 
 def _read(source: type[DataSourceSection], kind: str, options: dict[str, Any]) -> list[PromptRecord]:
-    try:
-        inspect.signature(source.read).bind(**options)
-    except TypeError as err:
-        raise DataError(f"data source {kind!r}: {err}") from None
+    # `options` are the section's knobs, each of which `read` takes (checked at registration)
     try:
         records = source.read(**options)
     except DataError:

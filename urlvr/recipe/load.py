@@ -6,7 +6,6 @@ field path, one readable line per problem, so the CLI can print it without a tra
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import re
 from collections.abc import Mapping, Sequence
@@ -16,7 +15,7 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from urlvr.registry import Registry
+from urlvr.registry import Registry, did_you_mean
 from urlvr.errors import RecipeError
 from urlvr.recipe.sections import Recipe
 from urlvr.recipe.sections.monitoring import tracker_spelling
@@ -240,8 +239,6 @@ def format_validation_error(err: ValidationError, origin: str, data: Any = None)
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = _unknown_field_message(loc, data)
-        elif problem["type"] == "union_tag_invalid":
-            message = f"unknown kind {problem['input'].get('kind')!r} ({problem['ctx']['expected_tags']})"
         elif "input" in problem and problem["type"] not in ("missing", "value_error", "assertion_error",
                                                              "variant_unknown", "variant_missing"):
             message += f" (got {problem['input']!r})"
@@ -259,9 +256,7 @@ _UNION_MEMBER = re.compile(r"^[a-z-]+\[.*\]$|^(int|float|str|bool|none)$")
 def _unknown_field_message(loc: list[str], data: Any) -> str:
     model = _model_at(Recipe, loc[:-1], data)
     known = sorted(model.model_fields) if model else []
-    close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown field {loc[-1]!r}{hint} (known: {', '.join(known)})"
+    return f"unknown field {loc[-1]!r}{did_you_mean(loc[-1], known)} (known: {', '.join(known)})"
 
 
 def _model_at(model: type[BaseModel], loc: list[str], data: Any = None) -> type[BaseModel] | None:

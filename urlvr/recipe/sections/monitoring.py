@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from urlvr.recipe.names import Registered
 from urlvr.recipe.variants import VariantOf
+from urlvr.registry import repeated
 from urlvr.section import RegisteredSection, Section
 from urlvr.recipe.sections.data import DataSource
 
@@ -103,8 +104,7 @@ class LoggingSection(Section):
 
     @model_validator(mode="after")
     def _each_tracker_once(self) -> LoggingSection:
-        names = [tracker.name for tracker in self.trackers]
-        twice = sorted({name for name in names if names.count(name) > 1})
+        twice = repeated(tracker.name for tracker in self.trackers)
         if twice:
             raise ValueError(f"trackers: {', '.join(twice)} given twice (one run, one tracker of each name)")
         return self

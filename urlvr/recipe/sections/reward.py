@@ -10,7 +10,7 @@ from pydantic_core import core_schema
 
 from urlvr.recipe.knobs import KnobsOf, term_json_schema
 from urlvr.recipe.names import Registered, check_registered
-from urlvr.registry import registry
+from urlvr.registry import registry, repeated
 from urlvr.section import Section
 
 
@@ -85,9 +85,9 @@ class RewardSection(Section):
     @model_validator(mode="after")
     def _terms_unique_and_extractor_kwargs_fit(self) -> RewardSection:
         keys = [term.metric_name for term in self.terms]
-        repeated = sorted({k for k in keys if keys.count(k) > 1})
-        if repeated:
-            raise ValueError(f"reward term {repeated[0]!r} appears twice; give one an `alias`")
+        twice = repeated(keys)
+        if twice:
+            raise ValueError(f"reward term {twice[0]!r} appears twice; give one an `alias`")
         if "oracle" in keys and self.oracle is not None:  # reward/oracle_timeouts is the oracle's
             raise ValueError("a reward term named 'oracle' would share metrics with `reward.oracle`; give it another `alias`")
         for term in self.terms:  # reward/<metric_name>_mean must not overwrite the run's own means
