@@ -1,4 +1,4 @@
-"""`urlvr` command line: train, validate, schema, list, rewards, plot, sweep, probe, mcs.
+"""`urlvr` command line: train, validate, serve, schema, list, rewards, plot, sweep, probe, mcs.
 
 Errors a user can fix (bad recipe, missing file, bad data) print as one line naming the file and
 field, exit code 2; `--debug` shows the traceback instead.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ import yaml
 from urlvr.commands.listing import listing
 from urlvr.commands.mcs import format_table, run_mcs
 from urlvr.commands.probe import print_table, run_probe
+from urlvr.commands.serve import run_server
+from urlvr.rollout.server_engine import KEY_VARIABLE
 from urlvr.commands.sweep import launch_lines, load_sweep, run_sweep, validate_points
 from urlvr.data.loaders import DataError
 from urlvr.metrics.plots import plot_runs
@@ -50,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest complete checkpoint")
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # torchrun-style launchers
     recipe_command("validate", "check a recipe and print it resolved")
+    serve = recipe_command("serve", "run a generation server for trainers with rollout.engine: server (docs/async.md)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; another needs "
+                       "URLVR_SERVER_KEY)")
+    serve.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0 = any free one)")
+    serve.add_argument("--threads", type=_positive_int, help="CPU threads for the server (torch.set_num_threads)")
+    serve.add_argument("--exit-with-clients", action="store_true", help=argparse.SUPPRESS)  # a server urlvr started
+    serve.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     sub.add_parser("schema", help="print the recipe's JSON schema")
     listed = sub.add_parser("list", help="list every registered part (rewards, losses, engines, ...), or those of one kind")
     listed.add_argument("kind", nargs="?", metavar="KIND", help="a kind: its registry key (policy_loss) or a word of it, "
@@ -185,6 +195,12 @@ def _run(args: argparse.Namespace) -> int:
                           labels=False if args.label_free else None, overwrite=args.overwrite)
         print(format_table(results))
         print(f"urlvr: wrote {Path(args.out) / 'mcs.csv'} and {Path(args.out) / 'mcs.json'}")
+        return 0
+    if args.command == "serve":
+        _quiet_libraries()
+        run_server(args.recipe, host=args.host, port=args.port, key=os.environ.get(KEY_VARIABLE),
+                   overrides=args.overrides, threads=args.threads, exit_with_clients=args.exit_with_clients,
+                   parent_pid=args.parent_pid)
         return 0
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":

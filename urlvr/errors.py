@@ -16,3 +16,9 @@ class KnobError(ValueError):
     def __init__(self, message: str, *, knob: str) -> None:
         super().__init__(message)
         self.knob = knob
+
+
+class GenerationServerError(RuntimeError):
+    """The generation server (`rollout.engine: server`) did not come up, died, hung past its
+    timeout, or served a policy version the trainer did not expect; the message says which, with
+    the timeout and the server's log file."""

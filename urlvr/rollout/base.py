@@ -69,6 +69,8 @@ class Group:
 
     prompt: PromptInput
     samples: tuple[Sample, ...]
+    policy_version: int | None = None  # the version of the policy that sampled every sample (a server's
+    # engine tags it: trainer/producer.py); None = the trainer's current policy (a colocated engine)
 
     @property
     def size(self) -> int:

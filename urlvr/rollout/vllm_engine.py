@@ -31,7 +31,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -147,8 +147,9 @@ class VLLMRolloutEngine:
     uses_trainer_module = False
 
     def __init__(self, llm: Any, tokenizer, *, dtype: torch.dtype, max_model_len: int,
-                 sync_bucket_bytes: int, sleep: bool) -> None:
+                 sync_bucket_bytes: int, sleep: bool, in_process: bool = True) -> None:
         self.llm = llm
+        self.in_process = in_process  # the workers share this process (uni, external_launcher): tensors pass by reference
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.max_model_len = max_model_len
@@ -168,6 +169,8 @@ class VLLMRolloutEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{options.cpu_kv_cache_gib:g}")
         if torch.distributed.is_initialized():
             executor = "external_launcher"  # one engine per rank, inside the launched process
+        elif options.kwargs.get("tensor_parallel_size", 1) > 1:  # a generation server spanning devices
+            executor = "mp"
         else:
             executor = "uni"
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: sync passes tensors
@@ -208,7 +211,7 @@ class VLLMRolloutEngine:
         if dist.is_main:
             print(f"urlvr: vLLM ready after {format_seconds(time.monotonic() - started)}", file=sys.stderr, flush=True)
         engine = cls(llm, tokenizer, dtype=dtype, max_model_len=max_model_len,
-                     sync_bucket_bytes=options.sync_bucket_mb * 2**20, sleep=sleep)
+                     sync_bucket_bytes=options.sync_bucket_mb * 2**20, sleep=sleep, in_process=executor != "mp")
         engine.sync_weights(model)  # the actor may differ from the files (dtype casts, a resume)
         return engine
 
@@ -244,9 +247,18 @@ class VLLMRolloutEngine:
         """Load ``model``'s current weights into the engine, bucket by bucket, then drop the
         prefix cache (its KV entries were computed by the old weights). Collective under
         ZeRO-3: every rank calls it after the same optimizer step."""
+        self.load_weights(iter_weights(model, bucket_bytes=self.sync_bucket_bytes, dtype=self.dtype))
+
+    def load_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """Load ``(checkpoint name, tensor)`` pairs (a generation server receives them from the
+        trainer: rollout/server.py), then drop the prefix cache. With workers in other processes
+        (a server's tensor parallelism) each bucket of consecutive layers is sent as a list."""
         self._wake()
-        weights = iter_weights(model, bucket_bytes=self.sync_bucket_bytes, dtype=self.dtype)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        if self.in_process:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        else:  # a generator cannot cross a process boundary; unverified on GPU (docs/async.md)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights),
+                                                              "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 
     def offload(self) -> None:

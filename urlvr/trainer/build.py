@@ -24,6 +24,7 @@ from urlvr.recipe import Recipe
 from urlvr.rollout.base import ROLLOUT_ENGINES, PromptInput, RolloutEngine, context_length
 from urlvr.trainer.actor import Actor, AdapterOffReference, TokenScorer
 from urlvr.trainer.batching import budget_warning, check_padding_free
+from urlvr.trainer.producer import RolloutProducer
 from urlvr.trainer.settings import RunSettings
 from urlvr.dist import DistInfo
 from urlvr.errors import RecipeError
@@ -44,6 +45,7 @@ class RunParts:
     eval_records: list[PromptRecord]  # this rank's shard of the evaluation prompts
     eval_prompts: list[PromptInput]
     held_out: dict[str, tuple[list[PromptRecord], list[PromptInput]]] = field(default_factory=dict)  # eval.held_out shards
+    producer: RolloutProducer | None = None  # each step's rollout, now or ahead (trainer.max_staleness); built last
 
     def generation_context(self) -> contextlib.AbstractContextManager:
         """Wrap every ``engine.generate``: an engine sampling from the trainer's own module needs
@@ -141,12 +143,14 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
     if recipe.mode == "test_time" and len(records) > 128 and dist.is_main:
         print(f"urlvr: warning: test-time training on {len(records)} prompts; the paper finds it safe up to ~128 (§5.2)",
               flush=True)
-    return RunParts(
+    parts = RunParts(
         tokenizer=tokenizer, actor=actor, reference=reference, engine=engine,
         records={r.prompt_id: r for r in records}, prompts=by_id, stream=stream,
         total_steps=total_steps, settings=settings,
         eval_records=eval_records, eval_prompts=eval_prompts, held_out=held_out,
     )
+    parts.producer = RolloutProducer(engine, stream, by_id, settings, parts.generation_context, total_steps, dist)
+    return parts
 
 
 def capped_responses_note(prompts, max_new_tokens: int, context: int | None) -> str | None:

@@ -38,6 +38,7 @@ from urlvr.dist import all_gather_objects, barrier
 from urlvr.errors import RecipeError
 
 COMPLETE_MARKER = "COMPLETE"
+IN_FLIGHT_FILE = "inflight.pt"  # the rollouts in flight at the save (trainer.max_staleness > 0)
 DEEPSPEED_TAG = "deepspeed"
 UNIVERSAL_TAG = "universal"  # the same state, resharded for any world size (DeepSpeed's universal checkpoint)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -86,9 +87,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, engine, trainer_state: dict[str, Any], *, rank: int,
-                    keep_last: int, keep_steps: Collection[int] = ()) -> Path:
+                    keep_last: int, keep_steps: Collection[int] = (), rollouts: list[dict] | None = None) -> Path:
     """Write checkpoint `step` atomically on every rank; returns its final path. Older ones beyond
-    `keep_last` are pruned, except those of `keep_steps` (the best checkpoint)."""
+    `keep_last` are pruned, except those of `keep_steps` (the best checkpoint). `rollouts`: the
+    rollouts in flight (trainer/producer.py), global, written by rank 0 to `inflight.pt`."""
     root = checkpoint_root(run_dir)
     final = checkpoint_dir(run_dir, step)
     tmp = root / f".tmp-step-{step:06d}"
@@ -102,6 +104,8 @@ def save_checkpoint(run_dir: Path, step: int, engine, trainer_state: dict[str, A
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     if rank == 0:
         _write_json(tmp / "trainer_state.json", trainer_state)
+        if rollouts:
+            torch.save(rollouts, tmp / IN_FLIGHT_FILE)
     barrier()
     if rank == 0:
         (tmp / COMPLETE_MARKER).write_text(f"step {step}\n")
@@ -134,6 +138,12 @@ def load_checkpoint(path: Path, engine, *, rank: int, universal: bool = False) -
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def load_rollouts(path: Path) -> list[dict]:
+    """The rollouts that were in flight when checkpoint `path` was written ([] when none were)."""
+    stored = path / IN_FLIGHT_FILE
+    return torch.load(stored, weights_only=False) if stored.is_file() else []
 
 
 def agreed_latest_checkpoint(run_dir: Path) -> Path:

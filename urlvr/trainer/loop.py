@@ -56,7 +56,7 @@ def grpo_step(parts: RunParts, dist: DistInfo, step: int) -> tuple[dict[str, flo
         parts.engine.offload()  # a vLLM engine frees the device for the actor (sleep mode)
         update = update_policy(parts, rollout, scored, reference, masked, step)
     with timer("weight_sync"):  # the next rollout (and any evaluation) samples the updated policy
-        parts.engine.sync_weights(parts.actor.model)
+        parts.producer.sync(parts.actor.model, version=step)
     with timer("metrics"):
         metrics, prompt_rows = _step_metrics(parts, rollout, scored, update, reference, timer, step)
     metrics["time/step"] = time.perf_counter() - step_start
@@ -78,9 +78,10 @@ def sample_rollout(parts: RunParts, dist: DistInfo, step: int) -> Rollout:
             recipe.trainer.prompts_per_step, settings.prompts_per_round, dist)
         records, drawn, groups = sampled.records, sampled.drawn, sampled.groups
         rewards, sampling_metrics = sampled.rewards, sampled.metrics
-    else:
-        records = parts.stream.next_batch()
-        drawn, groups = _generate(parts, records, settings.train_sampling(step, len(records)))
+    else:  # sampled now, or asked for up to trainer.max_staleness steps ahead (trainer/producer.py)
+        produced = parts.producer.rollout(step)
+        records, drawn, sampling_metrics = produced.records, produced.drawn, produced.metrics
+        groups = _trained(parts, drawn)
     every_group = all_gather_objects(groups)
     batch = _to_device(collate_groups(every_group, pad_token_id=parts.tokenizer.pad_token_id), dist.device)
     truncated = _truncated_rows(every_group, batch) if recipe.algorithm.mask_truncated else None  # [B*G] bool
@@ -101,11 +102,15 @@ def with_advantages(parts: RunParts, scored: Scored, device: torch.device) -> Sc
 def _generate(parts: RunParts, records, sampling) -> tuple[list[Group], list[Group]]:
     """(voting groups, trained groups) of `records`: `vote_group_size` samples drawn, the first
     `group_size` of each trained (TTRL: draw more samples to vote than to train)."""
-    group_size = parts.settings.group_size
     with parts.generation_context():
         drawn = parts.engine.generate([parts.prompts[r.prompt_id] for r in records], parts.settings.vote_group_size,
                                       sampling)
-    return drawn, [replace(g, samples=g.samples[:group_size]) for g in drawn]
+    return drawn, _trained(parts, drawn)
+
+
+def _trained(parts: RunParts, drawn: list[Group]) -> list[Group]:
+    """The trained groups: the first `group_size` samples of each voting group."""
+    return [replace(g, samples=g.samples[:parts.settings.group_size]) for g in drawn]
 
 
 def _sample_round(parts: RunParts, dist: DistInfo, step: int, records, round_index: int) -> Round:

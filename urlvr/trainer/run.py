@@ -77,6 +77,13 @@ class Trainer:
         barrier()
         checkpoint.check_shared_run_dir(run_dir, is_main=dist.is_main)  # several nodes: one shared folder
         parts = build_run(recipe, dist)
+        try:
+            return self._fit_parts(parts, dist, resume_from)
+        finally:  # a generation server urlvr started stops with the run (rollout.engine: server)
+            getattr(parts.engine, "close", lambda: None)()
+
+    def _fit_parts(self, parts, dist, resume_from: Path | None) -> RunResult:
+        recipe, run_dir = self.recipe, self.run_dir
         start_step, state = self._restore(parts, dist, resume_from)
         # every rank judges collapse from the same (rank-reduced) metrics, so all stop together
         self.monitor = CollapseMonitor(recipe.collapse, state.get("collapse"))
@@ -166,8 +173,9 @@ class Trainer:
                                                zero_stage=self.recipe.optim.deepspeed.zero_stage)
         state = checkpoint.load_checkpoint(resume_from, parts.actor.engine, rank=dist.rank, universal=universal)
         parts.actor.restart_lr_schedule()  # the recipe's schedule (perhaps extended) from the next step on
-        parts.engine.sync_weights(parts.actor.model)
+        parts.producer.sync(parts.actor.model, version=state["step"])
         parts.stream.load_state_dict(state["stream"])
+        parts.producer.load_state_dict(checkpoint.load_rollouts(resume_from))
         self.last_saved = state["step"]
         return state["step"], state
 
@@ -231,10 +239,13 @@ class Trainer:
         self.last_saved = step
         self.monitor.record_checkpoint(step)
         best = self.monitor.best_checkpoint_step()
+        in_flight = parts.producer.state_dict()  # waits for the rollouts in flight (max_staleness > 0)
         state = {"step": step, "stream": parts.stream.state_dict(), "time": time.time(),
-                 "collapse": self.monitor.state_dict(), "world_size": dist.world_size}
+                 "collapse": self.monitor.state_dict(), "world_size": dist.world_size, "in_flight_steps":
+                 [entry["step"] for entry in in_flight]}
         checkpoint.save_checkpoint(self.run_dir, step, parts.actor.engine, state, rank=dist.rank,
-                                   keep_last=self.recipe.trainer.keep_last, keep_steps=() if best is None else (best,))
+                                   keep_last=self.recipe.trainer.keep_last, keep_steps=() if best is None else (best,),
+                                   rollouts=in_flight)
 
 
 def export_model(parts, out_dir: Path, is_main: bool) -> Path:

@@ -238,6 +238,13 @@ class TrainerSection(Section):
     budget (docs/benchmarks.md), but 1.5-3x slower on the quickstart's tiny model with budgets of
     1,024-4,096, where attention over the packed row dominates. Checked on the model at start-up:
     a model whose attention ignores the packing is refused. The loss is unchanged."""
+    max_staleness: int = Field(0, ge=0)
+    """Bounded staleness k: with an engine that samples apart from the trainer (`rollout.engine:
+    server`), up to k rollouts are in flight while the trainer trains, so step t+1's rollout is
+    sampled while step t trains. A sample is trained on at most k policy versions after the one
+    that produced it (logged as `async/staleness_mean`/`_max`); its sampler log-probs are the
+    behaviour policy, which `algorithm.mismatch` corrects as usual. 0 = the on-policy algorithm of
+    the paper (Table 7), bit-identical to the synchronous run (docs/async.md)."""
     save_every: int = Field(50, ge=0)
     """Checkpoint every K steps (and at the end); 0 = only at the end."""
     keep_last: int = Field(2, ge=1)

@@ -117,6 +117,18 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _staleness_needs_an_engine_apart(self) -> Recipe:
+        k = self.trainer.max_staleness
+        if k and not getattr(type(self.rollout.engine), "overlaps_training", False):
+            raise ValueError(f"trainer.max_staleness {k} needs an engine that samples apart from the trainer (rollout."
+                             f"engine: server); {self.rollout.engine.name} samples between updates, so nothing would "
+                             "overlap: use the server engine or set max_staleness: 0")
+        if k and self.rollout.dynamic_sampling.name != "none":
+            raise ValueError(f"trainer.max_staleness {k} with rollout.dynamic_sampling is not supported yet (its refill "
+                             "rounds depend on the rewards of the step's own rollout): set one of them off")
+        return self
+
+    @model_validator(mode="after")
     def _micro_batch_fits(self) -> Recipe:
         samples = self.trainer.prompts_per_minibatch * self.rollout.group_size
         if self.trainer.micro_batch_size > samples and self.trainer.max_tokens_per_micro_batch is None:

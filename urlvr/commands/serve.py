@@ -1,0 +1,84 @@
+"""`urlvr serve RECIPE`: run a generation server for a trainer with `rollout.engine: server`.
+
+The server runs the recipe's `rollout.engine.backend` (or, for a recipe with a colocated engine,
+that engine) on this process's devices, and answers trainers until stopped (rollout/server.py).
+A trainer starts one itself by default; start one yourself to put it on other devices or another
+node (`rollout.engine.address`, docs/async.md). The key that trainers must present is read from
+URLVR_SERVER_KEY; a server bound beyond this machine (`--host 0.0.0.0`) refuses to start without one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Listener
+from pathlib import Path
+
+import torch
+import torch.distributed as td
+
+from urlvr.dist import DistInfo
+from urlvr.errors import RecipeError
+from urlvr.recipe import load_recipe
+from urlvr.rollout.base import ROLLOUT_ENGINES
+from urlvr.rollout.server import ServerState, serve
+from urlvr.rollout.server_engine import KEY_VARIABLE, LOCAL_KEY
+from urlvr.trainer.build import load_model_and_tokenizer
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def run_server(recipe_path: str | Path, *, host: str, port: int, key: str | None, overrides: list[str] | None = None,
+               threads: int | None = None, exit_with_clients: bool = False, parent_pid: int | None = None) -> None:
+    """Load the model, build the backend engine, listen on host:port until stopped."""
+    if not key:
+        if host not in _LOOPBACK:
+            raise RecipeError(f"--host {host}: a server reachable from other machines needs a key: set {KEY_VARIABLE}")
+        key = LOCAL_KEY
+    if threads is not None:
+        torch.set_num_threads(threads)
+    recipe = load_recipe(recipe_path, overrides)
+    engine = recipe.rollout.engine
+    backend = getattr(engine, "backend", engine)  # a server recipe names its backend; a colocated one is its own
+    options = engine if backend is not engine else None
+    if options is not None and options.tensor_parallel_size > 1:
+        backend = backend.model_copy(update={"kwargs": {**backend.kwargs,
+                                                        "tensor_parallel_size": options.tensor_parallel_size}})
+    started = time.monotonic()
+    say(f"urlvr serve: loading {recipe.model.path} for the {backend.name} backend")
+    model, tokenizer = load_model_and_tokenizer(recipe)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+    backend_engine = ROLLOUT_ENGINES.get(backend.name).from_recipe(
+        recipe.model_copy(update={"rollout": recipe.rollout.model_copy(update={"engine": backend})}), model,
+        tokenizer, DistInfo(rank=0, world_size=1, local_rank=0, device=device))
+    load = getattr(backend_engine, "load_weights", None) or (lambda weights: copy_into(model, weights))
+    store = td.TCPStore(host, 0, None, True, timeout=_seconds(options.request_timeout_s if options else 900),
+                        wait_for_workers=False)
+    state = ServerState(backend_engine, load, store, sync_timeout_s=options.request_timeout_s if options else 900.0)
+    with Listener((host, port), authkey=key.encode()) as listener:
+        say(f"urlvr serve: ready on {host}:{listener.address[1]} after {time.monotonic() - started:.0f} s "
+            f"(weights channel on port {store.port})")
+        serve(listener, state, exit_with_clients=exit_with_clients, parent_pid=parent_pid, log=say)
+
+
+def copy_into(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Copy `(checkpoint name, tensor)` pairs into `model`'s parameters of those names (a tied
+    weight arrives under each of its names and is copied each time). KeyError naming a name the
+    model does not have: the two sides load different models."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, tensor in weights:
+            if name not in params:
+                raise KeyError(f"the trainer sent {name!r}, which the server's model does not have (another model?)")
+            params[name].copy_(tensor)
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _seconds(value: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=value)

@@ -1,0 +1,154 @@
+"""The generation server: a rollout engine in a process (and on devices) of its own.
+
+`urlvr serve RECIPE` runs it (commands/serve.py loads the model and builds the backend engine,
+`rollout.engine.backend`: vllm or transformers); `rollout.engine: server` in a trainer starts
+one or attaches to one (rollout/server_engine.py). The trainer ranks each open a connection
+(``multiprocessing.connection``, HMAC-authenticated with a shared key) and send:
+
+- ``generate``: whole groups of one rank's prompts, with the policy version the trainer expects
+  them to be sampled by. The server answers each request in order with the groups, tagged with
+  the version it served. A request for a newer version than the server holds waits for that
+  sync (another rank may send before rank 0 has synced); one for an older version is an error,
+  never silently sampled by another policy.
+- ``channel``: rank 0 opens the weight channel (rollout/weight_channel.py, gloo).
+- ``sync``: a version number and the layout of the broadcast that follows; the server receives
+  the weights into the backend, then serves that version.
+
+One request at a time, in arrival order: a sync that arrives during a generation waits for it,
+which is what bounds the staleness to the trainer's `max_staleness`. Each reply says how long
+the server sat idle before the request came (`async/server_idle_s`).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, Listener, wait
+
+import torch
+import torch.distributed as td
+
+from urlvr.rollout.base import RolloutEngine
+from urlvr.rollout.weight_channel import SERVER, WeightChannel
+
+PROTOCOL = 1  # bumped when a message changes shape: a trainer and a server of other versions refuse each other
+
+
+@dataclass
+class ServerState:
+    """What the server holds between requests."""
+
+    backend: RolloutEngine
+    load_weights: Callable[[Iterator[tuple[str, torch.Tensor]]], None]
+    store: td.TCPStore
+    version: int = -1  # no sync yet: every generate waits for the first one (version 0 = the trainer's start)
+    channel: WeightChannel | None = None
+    deferred: list[tuple[Connection, tuple]] = field(default_factory=list)
+    idle_since: float = field(default_factory=time.monotonic)
+    sync_timeout_s: float = 600.0
+
+
+def serve(listener: Listener, state: ServerState, *, exit_with_clients: bool, parent_pid: int | None = None,
+          log: Callable[[str], None] = print) -> None:
+    """Answer requests until told to stop: when `exit_with_clients`, once every connection that
+    was opened has closed (the trainer ended, or died: a kill -9 closes its sockets) or the
+    parent process is gone."""
+    accepted: queue.Queue[Connection] = queue.Queue()
+    threading.Thread(target=_accept_forever, args=(listener, accepted), daemon=True).start()
+    connections: list[Connection] = []
+    ever_connected = False
+    while True:
+        while not accepted.empty():
+            connections.append(accepted.get())
+            ever_connected = True
+        if exit_with_clients and ((ever_connected and not connections) or _orphaned(parent_pid)):
+            log("urlvr serve: the trainer is gone; stopping")
+            return
+        for conn in wait(connections, timeout=0.2):
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                connections.remove(conn)
+                state.deferred = [(c, m) for c, m in state.deferred if c is not conn]
+                continue
+            if message[0] == "stop":
+                log("urlvr serve: stopped by the trainer")
+                return
+            _handle(conn, message, state, log)
+        _run_deferred(state, log)
+
+
+def _accept_forever(listener: Listener, accepted: queue.Queue) -> None:
+    while True:
+        try:
+            accepted.put(listener.accept())
+        except (OSError, EOFError):  # a client that failed the key exchange, or the listener closed
+            continue
+
+
+def _orphaned(parent_pid: int | None) -> bool:
+    return parent_pid is not None and os.getppid() != parent_pid
+
+
+def _handle(conn: Connection, message: tuple, state: ServerState, log: Callable[[str], None]) -> None:
+    kind = message[0]
+    try:
+        if kind == "hello":
+            _, protocol = message
+            conn.send(("hello", {"protocol": PROTOCOL, "version": state.version, "store_port": state.store.port,
+                                 "pid": os.getpid()}))
+        elif kind == "channel":
+            _, session = message
+            state.channel = WeightChannel(state.store, session, SERVER, state.sync_timeout_s)
+        elif kind == "sync":
+            _, version, layout = message
+            if state.channel is None:
+                raise RuntimeError("a sync before the weight channel was opened")
+            started = time.monotonic()
+            state.load_weights(state.channel.receive(layout))
+            state.version = version
+            log(f"urlvr serve: serving policy version {version} (sync {time.monotonic() - started:.1f} s)")
+            state.idle_since = time.monotonic()
+        elif kind == "generate":
+            if message[-1] > state.version:  # its sync is still to come (from rank 0): answer it then
+                state.deferred.append((conn, message))
+            else:
+                _generate(conn, message, state)
+        else:
+            raise ValueError(f"unknown request {kind!r}")
+    except Exception as err:  # the trainer gets the reason; the server stays up for the next request
+        log(f"urlvr serve: {kind} failed: {type(err).__name__}: {err}\n{traceback.format_exc()}")
+        _reply(conn, ("error", message[1] if kind == "generate" else kind, f"{type(err).__name__}: {err}"))
+
+
+def _generate(conn: Connection, message: tuple, state: ServerState) -> None:
+    _, request_id, prompts, group_size, sampling, version = message
+    if version != state.version:
+        _reply(conn, ("error", request_id, f"the request wants policy version {version}, the server serves "
+                                           f"{state.version}: a weight sync the trainer did not expect"))
+        return
+    idle = time.monotonic() - state.idle_since
+    started = time.monotonic()
+    groups = state.backend.generate(prompts, group_size, sampling)
+    _reply(conn, ("groups", request_id, groups, state.version, idle, time.monotonic() - started))
+    state.idle_since = time.monotonic()
+
+
+def _run_deferred(state: ServerState, log: Callable[[str], None]) -> None:
+    ready = [(c, m) for c, m in state.deferred if m[-1] <= state.version]
+    state.deferred = [(c, m) for c, m in state.deferred if m[-1] > state.version]
+    for conn, message in ready:
+        _handle(conn, message, state, log)
+
+
+def _reply(conn: Connection, message: tuple) -> None:
+    try:
+        conn.send(message)
+    except OSError:  # the trainer went away mid-request: nothing to answer
+        print("urlvr serve: a trainer connection closed before its answer", file=sys.stderr)
