@@ -10,6 +10,7 @@ URLVR_SERVER_KEY; a server bound beyond this machine (`--host 0.0.0.0`) refuses 
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -60,7 +61,7 @@ def run_server(recipe_path: str | Path, *, host: str, port: int, key: str | None
     state = ServerState(backend_engine, load, store, sync_timeout_s=options.request_timeout_s if options else 900.0)
     with Listener((host, port), authkey=key.encode()) as listener:
         say(f"urlvr serve: ready on {host}:{listener.address[1]} after {time.monotonic() - started:.0f} s "
-            f"(weights channel on port {store.port})")
+            f"(weights channel on port {store.port}, pid {os.getpid()})")
         serve(listener, state, exit_with_clients=exit_with_clients, parent_pid=parent_pid, log=say)
 
 

@@ -27,10 +27,12 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
@@ -267,7 +269,8 @@ def launch_server(recipe, folder: Path) -> tuple[subprocess.Popen, str, str, Pat
     recipe_path, log_path = folder / "recipe.yaml", folder / "server.log"
     recipe_path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     port, key = _free_port(), secrets.token_hex(16)
-    env = {**os.environ, KEY_VARIABLE: key}
+    # the server imports what the trainer can (the recipe's plugins among them)
+    env = {**os.environ, KEY_VARIABLE: key, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # not a trainer rank
         env.pop(name, None)
     if options.devices is not None:
@@ -292,11 +295,11 @@ def connect(address: str, key: str, timeout_s: float, process: subprocess.Popen 
     started, said = time.monotonic(), 0.0
     while True:
         try:
-            connection = Client((host, port), authkey=key.encode())
+            connection = _client((host, port), key, timeout_s, address)
             break
-        except (ConnectionRefusedError, FileNotFoundError, OSError) as err:
-            if isinstance(err, Exception) and "digest" in str(err).lower():
-                raise GenerationServerError(f"the generation server at {address} refused the key ({KEY_VARIABLE})") from None
+        except AuthenticationError:
+            raise GenerationServerError(f"the generation server at {address} refused the key ({KEY_VARIABLE})") from None
+        except OSError:
             waited = time.monotonic() - started
             if process is not None and process.poll() is not None:
                 raise GenerationServerError(f"the generation server exited (code {process.returncode}) before it "
@@ -319,6 +322,29 @@ def connect(address: str, key: str, timeout_s: float, process: subprocess.Popen 
         raise GenerationServerError(f"the generation server at {address} speaks protocol {hello.get('protocol')}, "
                                     f"this urlvr {PROTOCOL}: run the same urlvr on both sides")
     return connection, hello
+
+
+def _client(host_port: tuple[str, int], key: str, timeout_s: float, address: str) -> Connection:
+    """`multiprocessing.connection.Client` with a bound on the key exchange, which has none of its
+    own: a process that accepts connections but never answers (not a urlvr server, or a hung one)
+    would block the run forever. The exchange runs in a thread the wait gives up on."""
+    outcome: list = []
+
+    def attempt() -> None:
+        try:
+            outcome.append(Client(host_port, authkey=key.encode()))
+        except BaseException as err:  # handed to the caller as it is
+            outcome.append(err)
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        raise GenerationServerError(f"{address} accepted the connection but did not complete urlvr's handshake within "
+                                    f"{format_seconds(timeout_s)}: is it a urlvr server, and is it responsive?")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
 
 
 def server_log_hint(log_path: Path | None, lines: int = 5) -> str:

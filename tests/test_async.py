@@ -1,0 +1,345 @@
+"""Generation apart from training (`rollout.engine: server`, `trainer.max_staleness`), on CPU with
+the transformers backend in a `urlvr serve` subprocess (the vLLM backend: tests/test_vllm.py).
+
+What is proven here:
+- k = 0 through the server trains bit-identically to the colocated engine (metrics and weights);
+- k = 1 overlaps: staleness 1 from step 2 on, never more; a kill -9 mid-run and `--resume` train
+  exactly the prompts and samples of the uninterrupted run, none lost or repeated;
+- after every sync the server's greedy output equals the trainer's, a LoRA model's too (merged),
+  and changes from the base model's (a sync that never reaches the server is the failure);
+- a server that never comes up, dies, hangs, or serves another version is a GenerationServerError
+  within its timeout, and the server does not outlive a killed trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import small_run_recipe
+from urlvr.dist import DistInfo
+from urlvr.errors import GenerationServerError
+from urlvr.recipe import load_recipe
+from urlvr.rollout.base import PromptInput, SamplingParams
+from urlvr.rollout.server_engine import ServerRolloutEngine
+from urlvr.rollout.transformers_engine import TransformersRolloutEngine
+from urlvr.trainer.run import train
+
+TESTS = Path(__file__).resolve().parent
+VOLATILE = ("time/", "async/", "perf/tokens_per_second")
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def async_recipe(model_path: Path, out: Path, *, engine: str | dict = "server", steps: int = 4, **trainer) -> dict:
+    if engine == "server":
+        engine = {"name": "server", "backend": "transformers", "startup_timeout_s": 300, "request_timeout_s": 300}
+    return small_run_recipe(
+        model_path, out, plugins=["reward_plugins"],
+        reward={"terms": [{"name": "test_short_response"}], "oracle": "ground_truth"},
+        rollout={"engine": engine, "group_size": 4, "max_new_tokens": 12, "stop_token_ids": [3, 4, 5, 6, 7]},
+        trainer={"total_steps": steps, "prompts_per_step": 4, "prompts_per_minibatch": 4, "micro_batch_size": 8,
+                 "save_every": 0, **trainer},
+        logging={"console": False, "completions_per_step": 16},
+    )
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith(VOLATILE)} for row in rows]
+
+
+def trained_prompts(run_dir: Path) -> list[tuple[int, str, str]]:
+    return sorted((row["step"], row["prompt_id"], row["response"])
+                  for row in map(json.loads, (run_dir / "completions.jsonl").read_text().splitlines()))
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def colocated_run(random_tiny_model, tmp_path_factory):
+    path, _, _ = random_tiny_model
+    out = tmp_path_factory.mktemp("async") / "colocated"
+    train(async_recipe(path, out, engine="transformers"))
+    return out
+
+
+def test_staleness_0_through_the_server_trains_bit_identically_to_the_colocated_engine(
+        random_tiny_model, colocated_run, tmp_path):
+    path, _, _ = random_tiny_model
+    train(async_recipe(path, tmp_path / "server"))
+    server, colocated = metric_rows(tmp_path / "server"), metric_rows(colocated_run)
+    assert server == colocated
+    assert any(row["actor/grad_norm"] > 0 for row in server)  # the comparison covers real updates
+    assert trained_prompts(tmp_path / "server") == trained_prompts(colocated_run)
+    for name, tensor in final_weights(colocated_run).items():
+        assert torch.equal(final_weights(tmp_path / "server")[name], tensor), name
+    logged = [json.loads(line) for line in (tmp_path / "server" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["async/staleness_max"] == 0 for row in logged)
+
+
+def test_staleness_1_overlaps_and_never_trains_an_older_sample(random_tiny_model, colocated_run, tmp_path):
+    path, _, _ = random_tiny_model
+    train(async_recipe(path, tmp_path / "k1", max_staleness=1))
+    logged = [json.loads(line) for line in (tmp_path / "k1" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["async/staleness_max"] for row in logged] == [0, 1, 1, 1]
+    assert [row["async/staleness_mean"] for row in logged] == [0, 1, 1, 1]
+    assert [row["async/in_flight"] for row in logged] == [1, 1, 1, 0]  # the last step asks for nothing ahead
+    # step 1 samples the same policy either way; the later steps sample an older one than on-policy
+    k1, k0 = trained_prompts(tmp_path / "k1"), trained_prompts(colocated_run)
+    assert [r for r in k1 if r[0] == 1] == [r for r in k0 if r[0] == 1]
+    assert [r[:2] for r in k1] == [r[:2] for r in k0]  # the same prompts, step by step
+    assert [r for r in k1 if r[0] > 1] != [r for r in k0 if r[0] > 1]
+    log = (tmp_path / "k1" / "server" / "server.log").read_text()
+    assert [f"serving policy version {v}" in log for v in range(5)] == [True] * 5
+
+
+def _run_cli(recipe: dict, folder: Path, *extra: str) -> subprocess.Popen:
+    recipe_file = folder / f"recipe-{len(list(folder.glob('recipe-*')))}.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}  # this process's own world
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    return subprocess.Popen([sys.executable, "-m", "urlvr.cli", "train", str(recipe_file), *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _server_pid(run_dir: Path) -> int:
+    log = (run_dir / "server" / "server.log").read_text()
+    return int(log.rsplit("pid ", 1)[1].split(")")[0])
+
+
+def _gone(pid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:
+            os.waitpid(pid, os.WNOHANG)  # reap it if it was ours
+        except ChildProcessError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def test_a_kill_9_with_rollouts_in_flight_then_resume_trains_exactly_the_uninterrupted_run(random_tiny_model,
+                                                                                             tmp_path):
+    path, _, _ = random_tiny_model
+    whole = async_recipe(path, tmp_path / "whole", steps=6, max_staleness=2, save_every=2)
+    train(whole)
+    killed = async_recipe(path, tmp_path / "killed", steps=6, max_staleness=2, save_every=2)
+    trainer = _run_cli(killed, tmp_path)
+    checkpoint = tmp_path / "killed" / "checkpoints" / "step-000002" / "COMPLETE"
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists() and trainer.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert trainer.poll() is None, trainer.stdout.read().decode()[-3000:]
+    os.killpg(trainer.pid, signal.SIGKILL)  # the trainer's session; the server has its own
+    trainer.wait()
+    assert _gone(_server_pid(tmp_path / "killed"), within_s=60), "the server outlived the killed trainer"
+    state = json.loads((checkpoint.parent / "trainer_state.json").read_text())
+    assert state["in_flight_steps"] == [3, 4]  # what the resume must train without sampling again
+    resumed = _run_cli(killed, tmp_path, "--resume", str(tmp_path / "killed"))
+    output = resumed.communicate(timeout=600)[0].decode()
+    assert resumed.returncode == 0, output[-3000:]
+    assert metric_rows(tmp_path / "killed") == metric_rows(tmp_path / "whole")
+    assert trained_prompts(tmp_path / "killed") == trained_prompts(tmp_path / "whole")
+    assert len({(step, prompt) for step, prompt, _ in trained_prompts(tmp_path / "whole")}) == 6 * 4
+    for name, tensor in final_weights(tmp_path / "whole").items():
+        assert torch.equal(final_weights(tmp_path / "killed")[name], tensor), name
+
+
+def test_resuming_on_the_colocated_engine_samples_the_stored_prompts_again_on_policy(random_tiny_model, tmp_path):
+    path, _, _ = random_tiny_model
+    mid = async_recipe(path, tmp_path / "mid", steps=4, max_staleness=2, save_every=2)
+    process = _run_cli(mid, tmp_path)
+    checkpoint = tmp_path / "mid" / "checkpoints" / "step-000002" / "COMPLETE"
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    stored = torch.load(checkpoint.parent / "inflight.pt", weights_only=False)
+    assert [entry["step"] for entry in stored] == [3, 4]
+    colocated = {**mid, "rollout": {**mid["rollout"], "engine": "transformers"},
+                 "trainer": {**mid["trainer"], "max_staleness": 0}}
+    train(colocated, resume=tmp_path / "mid")
+    trained = trained_prompts(tmp_path / "mid")
+    for entry in stored:  # the stored prompts, in their steps, none lost or repeated
+        assert sorted(prompt for step, prompt, _ in trained if step == entry["step"]) == \
+            sorted(r.prompt_id for r in entry["records"] for _ in range(4))  # 4 samples each
+    # sampled again by the resumed policy: not the stored (stale) responses
+    stale = sorted(s.text for entry in stored for g in entry["drawn"] for s in g.samples)
+    assert sorted(response for step, _, response in trained if step > 2) != stale
+
+
+# --------------------------------------------------------------------------- the engine on its own
+def _engine_recipe(model_path: Path, out: Path, **engine) -> object:
+    options = {"name": "server", "backend": "transformers", "startup_timeout_s": 120, "request_timeout_s": 120,
+               **engine}
+    return load_recipe(small_run_recipe(model_path, out, rollout={"engine": options, "group_size": 2,
+                                                                    "max_new_tokens": 8}))
+
+
+@pytest.fixture
+def served(random_tiny_model, tmp_path):
+    """(engine, the trainer's model copy, tokenizer) with a running server; closed after the test."""
+    path, model, tokenizer = random_tiny_model
+    trainer_model = type(model)(model.config)
+    trainer_model.load_state_dict(model.state_dict())
+    engine = ServerRolloutEngine.from_recipe(_engine_recipe(path, tmp_path / "run", request_timeout_s=20),
+                                             trainer_model, tokenizer, CPU)
+    yield engine, trainer_model, tokenizer
+    engine.close()
+
+
+def _prompts(tokenizer, count: int = 3) -> list[PromptInput]:
+    texts = [f"{i} + {i + 1} = " for i in range(count)]
+    return [PromptInput(f"p{i}", text, tuple(tokenizer(text)["input_ids"])) for i, text in enumerate(texts)]
+
+
+GREEDY = SamplingParams(max_new_tokens=10, greedy=True)
+
+
+def _greedy_tokens(groups) -> list[tuple[int, ...]]:
+    return [s.token_ids for g in groups for s in g.samples]
+
+
+def test_after_every_sync_the_server_greedy_output_equals_the_trainers(served):
+    engine, model, tokenizer = served
+    prompts, local = _prompts(tokenizer), TransformersRolloutEngine(model, tokenizer)
+    before = _greedy_tokens(engine.generate(prompts, 1, GREEDY))
+    assert before == _greedy_tokens(local.generate(prompts, 1, GREEDY))
+    for version in (1, 2):
+        torch.manual_seed(version)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.5)
+        engine.push_weights(model, version)
+        groups = engine.generate(prompts, 1, GREEDY)
+        assert {g.policy_version for g in groups} == {version}
+        assert _greedy_tokens(groups) == _greedy_tokens(local.generate(prompts, 1, GREEDY))
+    assert _greedy_tokens(groups) != before  # the weights moved far enough to change the answers
+
+
+def test_a_lora_model_is_served_merged_and_its_samples_change_after_the_first_sync(served):
+    from peft import LoraConfig, get_peft_model
+
+    engine, model, tokenizer = served
+    prompts = _prompts(tokenizer)
+    base = _greedy_tokens(engine.generate(prompts, 1, GREEDY))
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 1.0)
+    engine.push_weights(lora, 1)
+    served_lora = _greedy_tokens(engine.generate(prompts, 1, GREEDY))
+    assert served_lora == _greedy_tokens(TransformersRolloutEngine(lora, tokenizer).generate(prompts, 1, GREEDY))
+    assert served_lora != base
+
+
+def test_a_request_for_an_older_version_than_the_server_serves_is_an_error(served):
+    engine, model, tokenizer = served
+    engine.push_weights(model, 3)
+    with pytest.raises(GenerationServerError, match="wants policy version 2, the server serves 3"):
+        engine.collect(engine.submit(_prompts(tokenizer), 1, GREEDY, version=2))
+    assert engine.generate(_prompts(tokenizer), 1, GREEDY)  # the server stays up for the next request
+
+
+def test_a_server_that_dies_is_reported_at_once_with_its_log(served):
+    engine, _, tokenizer = served
+    engine.process.kill()
+    started = time.monotonic()
+    with pytest.raises(GenerationServerError, match="exited|closed the connection") as caught:
+        engine.generate(_prompts(tokenizer), 1, GREEDY)
+    assert time.monotonic() - started < 15
+    assert "server.log" in str(caught.value)
+
+
+def test_a_hung_server_is_an_error_after_request_timeout_s(random_tiny_model, tmp_path):
+    path, model, tokenizer = random_tiny_model
+    engine = ServerRolloutEngine.from_recipe(_engine_recipe(path, tmp_path / "run", request_timeout_s=3),
+                                             model, tokenizer, CPU)
+    try:
+        os.kill(engine.process.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(GenerationServerError, match=r"did not answer request 0 within 3 s.*request_timeout_s"):
+            engine.generate(_prompts(tokenizer), 1, GREEDY)
+        assert time.monotonic() - started < 30
+    finally:
+        os.kill(engine.process.pid, signal.SIGCONT)
+        engine.close()
+
+
+def test_a_server_that_never_comes_up_is_an_error_naming_its_log(random_tiny_model, tmp_path):
+    path, model, tokenizer = random_tiny_model
+    recipe = _engine_recipe(path, tmp_path / "run")
+    broken = recipe.model_copy(update={"model": recipe.model.model_copy(update={"path": str(tmp_path / "nowhere")})})
+    with pytest.raises(GenerationServerError, match=r"exited \(code \d+\) before it answered.*server.log"):
+        ServerRolloutEngine.from_recipe(broken, model, tokenizer, CPU)
+
+
+def test_attaching_to_something_that_never_answers_the_handshake_is_bounded(random_tiny_model, tmp_path):
+    path, model, tokenizer = random_tiny_model
+    with socket.socket() as mute:  # accepts connections, says nothing
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        port = mute.getsockname()[1]
+        accepted = []
+        threading.Thread(target=lambda: accepted.append(mute.accept()), daemon=True).start()
+        recipe = _engine_recipe(path, tmp_path / "run", address=f"127.0.0.1:{port}", startup_timeout_s=2)
+        started = time.monotonic()
+        with pytest.raises(GenerationServerError, match="did not complete urlvr's handshake within 2 s"):
+            ServerRolloutEngine.from_recipe(recipe, model, tokenizer, CPU)
+        assert time.monotonic() - started < 20
+
+
+def test_nothing_listening_at_the_address_is_an_error_within_startup_timeout_s(random_tiny_model, tmp_path):
+    path, model, tokenizer = random_tiny_model
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # free once closed: nothing listens there
+    recipe = _engine_recipe(path, tmp_path / "run", address=f"127.0.0.1:{port}", startup_timeout_s=2)
+    with pytest.raises(GenerationServerError, match=f"no generation server answered at 127.0.0.1:{port} within 2 s"):
+        ServerRolloutEngine.from_recipe(recipe, model, tokenizer, CPU)
+
+
+# --------------------------------------------------------------------------- the recipe
+@pytest.mark.parametrize(("change", "message"), [
+    ({"trainer": {"max_staleness": 1}}, "needs an engine that samples apart from the trainer"),
+    ({"trainer": {"max_staleness": 1, "total_steps": 4},
+      "rollout": {"engine": {"name": "server", "backend": "transformers"},
+                  "dynamic_sampling": {"name": "zero_variance"}}}, "with rollout.dynamic_sampling is not supported"),
+    ({"rollout": {"engine": {"name": "server", "backend": "server"}}}, "a server cannot run another server"),
+    ({"rollout": {"engine": {"name": "server", "backend": "transformers", "tensor_parallel_size": 2}}},
+     "has no tensor parallelism"),
+    ({"rollout": {"engine": {"name": "server", "backend": {"name": "vllm", "kwargs": {"tensor_parallel_size": 2}}}}},
+     "set rollout.engine.tensor_parallel_size instead"),
+    ({"rollout": {"engine": {"name": "server", "address": "10.0.0.5"}}}, "is not host:port"),
+    ({"trainer": {"max_staleness": -1}}, "greater than or equal to 0"),
+])
+def test_the_recipe_refuses_what_would_not_act_or_cannot_work(change, message, tmp_path):
+    recipe = small_run_recipe(Path("urlvr/tiny"), tmp_path)
+    for section, values in change.items():
+        recipe[section] = {**recipe[section], **values}
+    with pytest.raises(Exception, match=message):
+        load_recipe(recipe)
