@@ -329,12 +329,16 @@ def test_nothing_listening_at_the_address_is_an_error_within_startup_timeout_s(r
     ({"trainer": {"max_staleness": 1, "total_steps": 4},
       "rollout": {"engine": {"name": "server", "backend": "transformers"},
                   "dynamic_sampling": {"name": "zero_variance"}}}, "with rollout.dynamic_sampling is not supported"),
-    ({"rollout": {"engine": {"name": "server", "backend": "server"}}}, "a server cannot run another server"),
+    ({"rollout": {"engine": {"name": "server", "backend": "server"}}}, "server cannot be used here: the server runs a colocated engine"),
     ({"rollout": {"engine": {"name": "server", "backend": "transformers", "tensor_parallel_size": 2}}},
      "has no tensor parallelism"),
     ({"rollout": {"engine": {"name": "server", "backend": {"name": "vllm", "kwargs": {"tensor_parallel_size": 2}}}}},
      "set rollout.engine.tensor_parallel_size instead"),
     ({"rollout": {"engine": {"name": "server", "address": "10.0.0.5"}}}, "is not host:port"),
+    ({"rollout": {"engine": {"name": "server", "backend": {"name": "vllm", "sync_bucket_mb": 8}}}},
+     "backend.sync_bucket_mb does nothing in a server"),
+    ({"rollout": {"engine": {"name": "server", "backend": {"name": "vllm", "sleep": False}}}},
+     "backend.sleep does nothing in a server"),
     ({"trainer": {"max_staleness": -1}}, "greater than or equal to 0"),
 ])
 def test_the_recipe_refuses_what_would_not_act_or_cannot_work(change, message, tmp_path):
@@ -343,3 +347,52 @@ def test_the_recipe_refuses_what_would_not_act_or_cannot_work(change, message, t
         recipe[section] = {**recipe[section], **values}
     with pytest.raises(Exception, match=message):
         load_recipe(recipe)
+
+
+# --------------------------------------------------------------------------- two trainer ranks
+@pytest.mark.slow
+def test_two_ranks_share_one_server_and_train_like_one_rank(random_tiny_model, tmp_path):
+    """torchrun, 2 gloo ranks, ZeRO-3 (each weight bucket gathered on both ranks, sent by rank 0);
+    each rank sends its own prompts. Equal to one rank within the float tolerance of
+    tests/test_distributed.py (ZeRO-3 sums gradients in another order)."""
+    from test_distributed import METRIC_ATOL, METRIC_RTOL, WEIGHT_ATOL, launch
+
+    path, _, _ = random_tiny_model
+    recipe = async_recipe(path, tmp_path / "two", steps=3, max_staleness=1)
+    recipe["optim"] = {"lr": 1e-3, "adam_eps": 1e-2, "deepspeed": {"zero_stage": 3}}
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(recipe))
+    launch("torchrun", ["train", str(tmp_path / "two.yaml")], tmp_path, "two")
+    one = {**recipe, "output_dir": str(tmp_path / "one")}
+    train(one)
+    two_rows, one_rows = metric_rows(tmp_path / "two"), metric_rows(tmp_path / "one")
+    assert [r["step"] for r in two_rows] == [1, 2, 3]
+    for two_row, one_row in zip(two_rows, one_rows):
+        for key, value in one_row.items():
+            if key.startswith(("perf/", "rollout/logprob_mismatch", "rollout/mismatch_kl")):
+                continue
+            assert two_row[key] == pytest.approx(value, rel=METRIC_RTOL, abs=METRIC_ATOL), key
+    two_samples = trained_prompts(tmp_path / "two")  # completions.jsonl holds the main rank's groups
+    assert len(two_samples) == 3 * 2 * 4 and set(two_samples) <= set(trained_prompts(tmp_path / "one"))
+    logged = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["async/staleness_max"] for row in logged] == [0, 1, 1]
+    two_weights, one_weights = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
+    for name, tensor in one_weights.items():
+        torch.testing.assert_close(two_weights[name], tensor, atol=WEIGHT_ATOL, rtol=0)
+
+
+def test_an_engine_whose_section_overlaps_training_needs_the_overlap_members_at_registration():
+    from urlvr.rollout.base import check_engine
+    from urlvr.rollout.server_engine import ServerEngineSection
+
+    class Half(TransformersRolloutEngine):  # the protocol, but says it samples apart, without submit/collect
+        settings = ServerEngineSection
+
+    with pytest.raises(TypeError, match="has no method 'submit' of the OverlappingRolloutEngine protocol"):
+        check_engine(Half, "server")
+
+    class WrongCollect(ServerRolloutEngine):
+        def collect(self):
+            return None
+
+    with pytest.raises(TypeError, match="collect takes"):
+        check_engine(WrongCollect, "server")

@@ -51,8 +51,10 @@ def run_server(recipe_path: str | Path, *, host: str, port: int, key: str | None
     say(f"urlvr serve: loading {recipe.model.path} for the {backend.name} backend")
     model, tokenizer = load_model_and_tokenizer(recipe)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    model.to(device)
-    backend_engine = ROLLOUT_ENGINES.get(backend.name).from_recipe(
+    backend_class = ROLLOUT_ENGINES.get(backend.name)
+    if backend_class.uses_trainer_module:  # it samples from this module; one with its own copy (vLLM) leaves it on the host
+        model.to(device)
+    backend_engine = backend_class.from_recipe(
         recipe.model_copy(update={"rollout": recipe.rollout.model_copy(update={"engine": backend})}), model,
         tokenizer, DistInfo(rank=0, world_size=1, local_rank=0, device=device))
     load = getattr(backend_engine, "load_weights", None) or (lambda weights: copy_into(model, weights))

@@ -17,7 +17,7 @@ A data source keys its variants by `kind` instead (`data: {source: {kind: file, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
 
@@ -36,16 +36,20 @@ class VariantOf:
     (`kind` for data sources); `name_in_path` puts the chosen name into error paths, as a pydantic
     discriminated union does (`data.source.file.path`)."""
 
-    def __init__(self, kind: str, *, default: str | None, key: str = "name", name_in_path: bool = False) -> None:
+    def __init__(self, kind: str, *, default: str | None, key: str = "name", name_in_path: bool = False,
+                 where: Callable[[type[RegisteredSection]], bool] | None = None, why: str = "") -> None:
         self.kind = kind  # a registry catalog key (`urlvr.recipe.names.RECIPE_KINDS`)
         self.default = default
         self.key = key
         self.name_in_path = name_in_path
+        self.where = where  # only the variants whose section passes (a server's backend: no other server)
+        self.why = why  # said when a registered variant that fails `where` is named
 
     def choices(self) -> dict[str, type[RegisteredSection]]:
-        """Registered name -> section class, plugins included."""
+        """Registered name -> section class, plugins included (those `where` admits)."""
         found = registry(self.kind)
-        return {name: variant_section(found.get(name)) for name in found.names()}
+        sections = {name: variant_section(found.get(name)) for name in found.names()}
+        return {name: section for name, section in sections.items() if self.where is None or self.where(section)}
 
     def chosen_name(self, value: Any) -> Any:
         """The variant name a recipe value picks (a name, or the key of a mapping), else None."""
@@ -69,6 +73,9 @@ class VariantOf:
         if not isinstance(name, str) or name not in found:
             raise PydanticCustomError("variant_unknown", found.unknown_name_message(str(name)))
         section = variant_section(found.get(name))
+        if self.where is not None and not self.where(section):
+            raise PydanticCustomError("variant_excluded", f"{name} cannot be used here: {self.why} (one of: "
+                                                          f"{', '.join(self.choices())})")
         if self.name_in_path:
             return _tagged_validator(section, self.key, name).validate_python({**value, self.key: name})
         return section.model_validate({**value, self.key: name})

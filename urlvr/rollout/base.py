@@ -113,6 +113,37 @@ class RolloutEngine(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Served:
+    """One request's answer from an engine that samples apart from the trainer: the groups (each
+    tagged with the `policy_version` that sampled it) and the times, in seconds."""
+
+    groups: list[Group]
+    version: int
+    waited_s: float  # how long `collect` blocked the trainer
+    server_idle_s: float  # how long the engine sat idle before the request reached it
+    generate_s: float  # its generation time
+
+
+@runtime_checkable
+class OverlappingRolloutEngine(RolloutEngine, Protocol):
+    """An engine that samples apart from the trainer (its section sets the class attribute
+    ``overlaps_training = True``), so that ``trainer.max_staleness`` can keep rollouts in flight
+    while the trainer trains (trainer/producer.py; docs/async.md). On top of the protocol:"""
+
+    def submit(self, prompts: Sequence[PromptInput], group_size: int, sampling: SamplingParams, version: int) -> int:
+        """Ask for ``generate``'s groups, sampled by policy ``version``; return a ticket at once."""
+        ...
+
+    def collect(self, ticket: int) -> Served:
+        """Wait for a ticket's groups; an error when they were sampled by another version."""
+        ...
+
+    def push_weights(self, model: torch.nn.Module, version: int) -> None:
+        """Make the engine sample ``model``'s weights as policy ``version`` (collective, like ``sync_weights``)."""
+        ...
+
+
 def protocol_members(protocol: type) -> tuple[str, ...]:
     """The members a protocol class declares: its annotated attributes, then its public methods."""
     methods = [name for name, value in vars(protocol).items() if not name.startswith("_")
@@ -120,14 +151,14 @@ def protocol_members(protocol: type) -> tuple[str, ...]:
     return (*protocol.__annotations__, *methods)
 
 
-def _signature_gap(cls: type, name: str) -> str | None:
+def _signature_gap(cls: type, name: str, protocol: type = RolloutEngine) -> str | None:
     """Why `cls.<name>` cannot be called the way the trainer calls `RolloutEngine.<name>` (not a
     classmethod where the protocol's is one, parameters that do not take the protocol's
     arguments), or None when it can."""
-    declared, found = inspect.getattr_static(RolloutEngine, name), inspect.getattr_static(cls, name)
+    declared, found = inspect.getattr_static(protocol, name), inspect.getattr_static(cls, name)
     if isinstance(declared, classmethod) and not isinstance(found, classmethod):
         return "is not a classmethod (the trainer calls it on the class)"
-    wanted = [p for p in inspect.signature(getattr(RolloutEngine, name)).parameters if p not in ("self", "cls")]
+    wanted = [p for p in inspect.signature(getattr(protocol, name)).parameters if p not in ("self", "cls")]
     try:
         signature = inspect.signature(getattr(cls, name))
     except (TypeError, ValueError):  # a callable without a readable signature: nothing to compare
@@ -151,11 +182,15 @@ def check_engine(cls: Any, name: str) -> None:
     mis-declared member; `uses_trainer_module` must be a class attribute for the same reason."""
     check_variant_name(cls, name)
     where = f"rollout engine {name!r} ({getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)!s})"
-    members = protocol_members(RolloutEngine)
+    # an engine whose section says it samples apart from the trainer also needs the overlap members
+    overlaps = getattr(getattr(cls, "settings", None), "overlaps_training", False)
+    members = protocol_members(RolloutEngine) + (protocol_members(OverlappingRolloutEngine) if overlaps else ())
     for member in members:
+        protocol = RolloutEngine if hasattr(RolloutEngine, member) or member in RolloutEngine.__annotations__ \
+            else OverlappingRolloutEngine
         if not hasattr(cls, member):
             kind = "attribute" if member in RolloutEngine.__annotations__ else "method"
-            raise TypeError(f"{where} has no {kind} {member!r} of the RolloutEngine protocol (it needs: "
+            raise TypeError(f"{where} has no {kind} {member!r} of the {protocol.__name__} protocol (it needs: "
                             f"{', '.join(members)}; docs/writing-engines.md)")
         flag = inspect.getattr_static(cls, member)
         if member == "uses_trainer_module" and not isinstance(flag, (bool, property)):
@@ -164,7 +199,7 @@ def check_engine(cls: Any, name: str) -> None:
         if member not in RolloutEngine.__annotations__ and not callable(getattr(cls, member)):
             raise TypeError(f"{where}: {member} is a {type(getattr(cls, member)).__name__}, not a method "
                             "(the trainer calls it)")
-        gap = None if member in RolloutEngine.__annotations__ else _signature_gap(cls, member)
+        gap = None if member in RolloutEngine.__annotations__ else _signature_gap(cls, member, protocol)
         if gap:
             raise TypeError(f"{where}: {member} {gap}")
 

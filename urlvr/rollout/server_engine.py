@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection
 from pathlib import Path
@@ -46,7 +46,7 @@ from urlvr.dist import DistInfo, all_gather_objects
 from urlvr.errors import GenerationServerError
 from urlvr.progress import format_seconds
 from urlvr.recipe.variants import VariantOf
-from urlvr.rollout.base import ROLLOUT_ENGINES, Group, PromptInput, SamplingParams, check_generate_request
+from urlvr.rollout.base import ROLLOUT_ENGINES, Group, PromptInput, SamplingParams, Served, check_generate_request
 from urlvr.rollout.server import PROTOCOL
 from urlvr.rollout.weight_channel import TRAINER, TensorSpec, WeightChannel
 from urlvr.rollout.weight_sync import iter_weights, parameter_buckets
@@ -57,11 +57,24 @@ LOCAL_KEY = "urlvr-local"  # the key of a server on this machine's loopback star
 _POLL_S = 0.5  # how often a wait looks at the server process while it waits for an answer
 
 
+# backend knobs that only act beside a trainer on the same device -> what takes their place in a server
+_COLOCATED_ONLY = {
+    "sync_bucket_mb": "weights arrive in the buckets of rollout.engine.sync_bucket_mb",
+    "sleep": "the server never gives its devices to a trainer, so it never sleeps",
+}
+
+
+def _colocated(section: type[VariantSection]) -> bool:
+    """An engine a server can run: one that samples where it is built (not another server)."""
+    return not getattr(section, "overlaps_training", False)
+
+
 class ServerEngineSection(VariantSection):
     """`rollout.engine: server`: a generation server on devices of its own (docs/async.md)."""
 
     name: Literal["server"] = "server"
-    backend: Annotated[VariantSection, VariantOf("rollout_engine", default="vllm")] = "vllm"
+    backend: Annotated[VariantSection, VariantOf("rollout_engine", default="vllm", where=_colocated,
+                                                 why="the server runs a colocated engine")] = "vllm"
     """The engine the server runs, with its own knobs (`{name: vllm, gpu_memory_utilization: 0.9}`
     or `transformers`)."""
     address: str | None = None
@@ -96,10 +109,9 @@ class ServerEngineSection(VariantSection):
 
     @model_validator(mode="after")
     def _backend_fits(self) -> ServerEngineSection:
-        if self.backend.name == "server":
-            raise ValueError("backend: a server cannot run another server; name the engine it runs (vllm, transformers)")
-        if getattr(self.backend, "overlaps_training", False):
-            raise ValueError(f"backend: {self.backend.name} is itself a remote engine; name a colocated one")
+        inert = [knob for knob in _COLOCATED_ONLY if knob in type(self.backend).model_fields and self.backend.changed(knob)]
+        if inert:
+            raise ValueError(f"backend.{inert[0]} does nothing in a server ({_COLOCATED_ONLY[inert[0]]}): drop it")
         kwargs = getattr(self.backend, "kwargs", None)
         if self.tensor_parallel_size > 1 and kwargs is None:
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size}: the {self.backend.name} backend has "
@@ -107,17 +119,6 @@ class ServerEngineSection(VariantSection):
         if kwargs and "tensor_parallel_size" in kwargs:
             raise ValueError("backend.kwargs.tensor_parallel_size: set rollout.engine.tensor_parallel_size instead")
         return self
-
-
-@dataclass(frozen=True)
-class Served:
-    """One request's answer: the groups (each tagged with `policy_version`) and the times."""
-
-    groups: list[Group]
-    version: int
-    waited_s: float  # how long `collect` blocked the trainer
-    server_idle_s: float  # how long the server sat idle before the request reached it
-    generate_s: float  # the server's generation time
 
 
 @ROLLOUT_ENGINES.register("server")

@@ -69,7 +69,9 @@ class RolloutSection(Section):
     engine: Annotated[VariantSection, VariantOf("rollout_engine", default="transformers")] = "transformers"
     """Rollout engine: a registered name, or a mapping `{name: ..., <its own knobs>}` (each engine's
     section is listed below: `transformers` samples with the trainer's own module, `vllm` with a
-    colocated vLLM engine, docs/vllm.md; docs/writing-engines.md adds one)."""
+    colocated vLLM engine, docs/vllm.md; `server` with either in a process and on devices of its
+    own, overlapping with training under `trainer.max_staleness`, docs/async.md;
+    docs/writing-engines.md adds one)."""
     group_size: int = Field(8, ge=1, le=1024)
     """Samples per prompt, N (Table 7: 8). At least 2: every advantage is relative to the group,
     so a group of one sample gets advantage 0 and trains nothing (and no vote has a rival)."""
