@@ -149,6 +149,10 @@ class ServerRolloutEngine:
         options: ServerEngineSection = recipe.rollout.engine
         process = log_path = None
         if options.address is None:
+            if int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)) < dist.world_size:
+                raise GenerationServerError("rollout.engine: a server urlvr starts listens on one node's loopback, and "
+                                            "this run spans several nodes: start `urlvr serve` yourself and set "
+                                            "rollout.engine.address (docs/async.md)")
             launched = launch_server(recipe, Path(recipe.output_dir) / "server") if dist.is_main else None
             process, address, key, log_path = launched if launched else (None, None, None, None)
             address, key = all_gather_objects([(address, key)])[0]  # rank 0's server, for every rank
