@@ -1,7 +1,8 @@
 """TTRL-Guard's per-step math (urlvr/algorithms/ttrl_guard.py) against an independent float64
 reference written from docs/rewards.md's description of the paper's method (arXiv 2605.19444,
 §3.2-3.4, as its public code implements it): multi-step scenarios with flips, ties, prompts nobody
-answers, a group of one, all-equal answers and extra voters. Not wired into the trainer yet."""
+answers, a group of one, all-equal answers and extra voters; then the wiring into the step
+(`algorithm.advantage_shaping: ttrl_guard`) and its exact resume."""
 
 from __future__ import annotations
 
@@ -196,3 +197,71 @@ def test_mps_stays_on_for_exactly_mps_steady_calm_visits():
         h = mps_update(h, 0.0, s)
         states.append(h.mps_active)
     assert states == [True, True, False, False]
+
+
+# --------------------------------------------------------------------------- wired into the step
+def test_the_step_applies_guard_step_to_the_estimators_advantages_of_the_global_batch():
+    """`with_advantages` hands TTRL-Guard the prompt ids, each group's voters and trained answers and
+    the estimator's float64 advantages, keeps the returned histories, and draws from the step's seed."""
+    from types import SimpleNamespace
+
+    from urlvr.algorithms.advantages import ADVANTAGE_ESTIMATORS
+    from urlvr.recipe import load_recipe
+    from urlvr.trainer.loop import with_advantages
+    from urlvr.dist import DistInfo
+    from urlvr.trainer.settings import RunSettings
+    from urlvr.trainer.stages import Scored
+
+    recipe = load_recipe({"model": {"path": "urlvr/tiny"}, "mode": "test_time",
+                          "eval": {"source": {"kind": "arithmetic", "num_problems": 4}},
+                          "rollout": {"group_size": 4}, "reward": {"vote_group_size": 6},
+                          "algorithm": {"advantage_shaping": "ttrl_guard"}})
+    settings = RunSettings.derive(recipe, DistInfo(0, 1, 0, torch.device("cpu")))
+    parts = SimpleNamespace(settings=settings, advantage_state={})
+    reference = {}
+    visits = [(["1", "1", "2", "3", "1", "1"], [1.0, 1.0, 0.0, -1.0]), (["2", "2", "2", "1", None, "2"], [1.0, 0.0, 0.5, 1.0])]
+    for step, (voters, rewards) in enumerate(visits, start=1):
+        contexts = [SimpleNamespace(voters=tuple(voters), answers=tuple(voters[:4])),
+                    SimpleNamespace(voters=("7",) * 6, answers=("7",) * 4)]
+        total = torch.tensor([rewards, [1.0, 1.0, 1.0, 0.0]])
+        scored = Scored(stats={}, contexts=contexts, rewards=SimpleNamespace(total=total))
+        rollout = SimpleNamespace(records=[SimpleNamespace(prompt_id="x"), SimpleNamespace(prompt_id="y")])
+        out = with_advantages(parts, scored, torch.device("cpu"), rollout, step)
+        expected = guard_step(reference, ["x", "y"], [voters, ("7",) * 6], [voters[:4], ("7",) * 4],
+                              ADVANTAGE_ESTIMATORS.get("grpo")(total.double(), eps=1e-6),
+                              random.Random(settings.shaping_seed(step)))
+        reference = expected.histories
+        assert torch.equal(out.advantages, expected.advantages.float().flatten())
+        assert out.advantage_metrics["ttrl_guard/flip_rate_mean"] == sum(expected.flip_rates) / 2
+    assert out.advantage_metrics["ttrl_guard/flip_rate_mean"] == 0.5  # x flipped 1 -> 2, y held 7
+    assert tuple(parts.advantage_state["x"]["majorities"]) == ("1", "2")
+
+
+def test_a_run_that_revisits_no_prompt_is_refused(tmp_path):
+    from conftest import small_run_recipe
+    from urlvr.errors import RecipeError
+    from urlvr.trainer.run import train
+
+    recipe = small_run_recipe("urlvr/tiny", tmp_path / "run", algorithm={"advantage_shaping": "ttrl_guard"})
+    with pytest.raises(RecipeError, match="visits none twice"):
+        train(recipe)
+
+
+def test_ttrl_guard_resumes_exactly_its_state_is_in_the_checkpoint(tmp_path):
+    import json
+
+    from urlvr.recipe import load_recipe
+    from urlvr.trainer.run import train
+
+    def recipe(out, steps):
+        return load_recipe("recipes/zoo/ttrl-guard.yaml", [f"output_dir={out}", f"trainer.total_steps={steps}",
+                                                           "trainer.save_every=2"])
+    whole = train(recipe(tmp_path / "whole", 4))
+    train(recipe(tmp_path / "split", 2))
+    state = json.loads((tmp_path / "split" / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    assert len(state["advantage_shaping"]) == 4  # one history per prompt
+    resumed = train(recipe(tmp_path / "split", 4), resume=tmp_path / "split")
+    volatile = ("time/", "perf/tokens_per_second")
+    clean = lambda rows: [{k: v for k, v in r.items() if not k.startswith(volatile)} for r in rows]  # noqa: E731
+    assert clean(resumed.metrics) == clean(whole.metrics[2:])
+    assert any(m["ttrl_guard/flip_rate_mean"] > 0 for m in whole.metrics)  # the guard acted

@@ -22,6 +22,7 @@ import urlvr.rollout.transformers_engine  # noqa: F401
 import urlvr.rollout.vllm_engine  # noqa: F401  (imports vLLM only when an engine is built)
 import urlvr.rollout.server_engine  # noqa: F401
 import urlvr.algorithms.advantages  # noqa: F401
+import urlvr.algorithms.advantage_shaping  # noqa: F401
 import urlvr.algorithms.losses  # noqa: F401
 import urlvr.algorithms.policy_losses  # noqa: F401
 import urlvr.algorithms.gspo  # noqa: F401

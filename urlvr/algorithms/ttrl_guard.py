@@ -8,9 +8,9 @@ w_i the FRS weight, m_i ∈ {0, 1} the RCSU keep flag, b_i the MPS bonus of the 
 Every term reads the prompt's history across steps: its flip rate FR_t = 1[maj_t ≠ maj_{t-1}]
 compares the majority answer with the one of the prompt's previous visit (the paper's test-time
 setting revisits every prompt every step). So the caller keeps one `PromptHistory` per prompt id
-from step to step -- plain frozen data, meant to be saved with a checkpoint -- and calls
-`guard_step` after the advantage estimator. NOT WIRED INTO THE TRAINER: urlvr's step has no
-checkpointed per-prompt store and no post-estimator hook yet (docs/rewards.md, "TTRL-Guard").
+from step to step -- plain frozen data, saved with every checkpoint -- and calls `guard_step`
+after the advantage estimator: the trainer does, through `algorithm.advantage_shaping:
+ttrl_guard` (algorithms/advantage_shaping.py, trainer/loop.py `with_advantages`).
 
 The formulas follow the public code's `TTRLGuard.step` / `compute_guard_advantage` /
 `apply_mps_bonus_to_advantage` (the paper's equations could not be read from this session). Our

@@ -14,7 +14,7 @@ from urlvr.registry import Registry, registry
 RECIPE_KINDS = (
     "reward", "extractor", "rollout_engine", "group_filter", "advantage_estimator", "policy_loss", "token_filter",
     "mismatch_correction", "loss_aggregation", "kl_estimator", "collapse_detector", "token_statistic",
-    "dataset_adapter", "data_source", "tracker",
+    "dataset_adapter", "data_source", "tracker", "advantage_shaper",
 )
 
 

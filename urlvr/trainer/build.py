@@ -46,6 +46,7 @@ class RunParts:
     eval_prompts: list[PromptInput]
     held_out: dict[str, tuple[list[PromptRecord], list[PromptInput]]] = field(default_factory=dict)  # eval.held_out shards
     producer: RolloutProducer | None = None  # each step's rollout, now or ahead (trainer.max_staleness); built last
+    advantage_state: dict = field(default_factory=dict)  # algorithm.advantage_shaping's per-prompt state (checkpointed)
 
     def generation_context(self) -> contextlib.AbstractContextManager:
         """Wrap every ``engine.generate``: an engine sampling from the trainer's own module needs
@@ -118,6 +119,11 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
         epochs=None if trainer.total_steps else trainer.data_epochs, rank=dist.rank, world_size=dist.world_size,
     )
     total_steps = trainer.total_steps or stream.steps_available()
+    shaping = recipe.algorithm.advantage_shaping
+    if getattr(shaping, "needs_revisits", False) and total_steps * trainer.prompts_per_step <= len(records):
+        raise RecipeError(f"algorithm.advantage_shaping: {shaping.name} reads each prompt's earlier visits, and this run "
+                          f"visits none twice ({total_steps} steps x {trainer.prompts_per_step} prompts over "
+                          f"{len(records)} prompts): it would do nothing; use test-time training or more steps")
     reference = None
     if settings.needs_reference and recipe.model.lora is None:
         on_host = recipe.algorithm.kl_coef == 0 and recipe.dynamics.kl_reference_device == "cpu"

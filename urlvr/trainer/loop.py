@@ -19,6 +19,7 @@ Where it departs from the papers it follows, on purpose (docs/step.md):
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import replace
 
@@ -51,7 +52,7 @@ def grpo_step(parts: RunParts, dist: DistInfo, step: int) -> tuple[dict[str, flo
     scored = score_and_reward(rollout, lambda r: score_global_batch(parts, r.batch) if settings.scoring_pass else {},
                               _policy(parts, step, rollout.first_prompt), settings, parts.tokenizer, timer)
     with timer("advantage"):
-        scored = with_advantages(parts, scored, dist.device)
+        scored = with_advantages(parts, scored, dist.device, rollout, step)
     with timer("update"):
         parts.engine.offload()  # a vLLM engine frees the device for the actor (sleep mode)
         update = update_policy(parts, rollout, scored, reference, masked, step)
@@ -89,13 +90,23 @@ def sample_rollout(parts: RunParts, dist: DistInfo, step: int) -> Rollout:
                    sampling_metrics, truncated)
 
 
-def with_advantages(parts: RunParts, scored: Scored, device: torch.device) -> Scored:
+def with_advantages(parts: RunParts, scored: Scored, device: torch.device, rollout: Rollout, step: int) -> Scored:
     """`scored` with the advantages of the global batch `[B*G]`: each rank's groups `[B, G]` by
-    the recipe's estimator, one per sample (broadcast over its tokens by the loss), gathered."""
+    the recipe's estimator, one per sample (broadcast over its tokens by the loss), gathered;
+    then `algorithm.advantage_shaping`, over the whole global batch, the same on every rank."""
     algo = parts.settings.recipe.algorithm
     estimator = ADVANTAGE_ESTIMATORS.get(algo.advantage)
-    advantages = all_gather_rows(estimator(scored.rewards.total.double(), eps=algo.advantage_eps).float().flatten())
-    return replace(scored, advantages=advantages.to(device))
+    local = estimator(scored.rewards.total.double(), eps=algo.advantage_eps)  # [B, G] float64
+    shape = getattr(algo.advantage_shaping, "shape", None)  # `none` has nothing to do
+    if shape is None:
+        return replace(scored, advantages=all_gather_rows(local.float().flatten()).to(device))
+    group_size = local.shape[1]
+    shaped, parts.advantage_state, metrics = shape(
+        parts.advantage_state, all_gather_objects([r.prompt_id for r in rollout.records]),
+        all_gather_objects([list(ctx.voters) for ctx in scored.contexts]),
+        all_gather_objects([list(ctx.answers) for ctx in scored.contexts]),
+        all_gather_rows(local.flatten()).view(-1, group_size), random.Random(parts.settings.shaping_seed(step)))
+    return replace(scored, advantages=shaped.float().flatten().to(device), advantage_metrics=metrics)
 
 
 # --------------------------------------------------------------------------- rollout helpers
@@ -167,6 +178,7 @@ def _step_metrics(parts: RunParts, rollout: Rollout, scored: Scored, update: Upd
     metrics.update(labels)
     metrics["actor/optimizer_steps_per_rollout"] = float(settings.optimizer_steps_per_rollout)
     metrics.update(rollout.sampling_metrics)  # dynamic_sampling/*, already global
+    metrics.update(scored.advantage_metrics)  # algorithm.advantage_shaping's, already global
     tracked = recipe.dynamics.track_prompts
     prompt_rows = [] if tracked is None else tracking.gather_rows(tracking.rollout_rows(
         step, rollout.records, [ctx.voters for ctx in scored.contexts], p_maj, majority_correct,

@@ -175,6 +175,7 @@ class Trainer:
         parts.actor.restart_lr_schedule()  # the recipe's schedule (perhaps extended) from the next step on
         parts.producer.sync(parts.actor.model, version=state["step"])
         parts.stream.load_state_dict(state["stream"])
+        parts.advantage_state = state.get("advantage_shaping", {})
         parts.producer.load_state_dict(checkpoint.load_rollouts(resume_from))
         self.last_saved = state["step"]
         return state["step"], state
@@ -241,6 +242,7 @@ class Trainer:
         best = self.monitor.best_checkpoint_step()
         in_flight = parts.producer.state_dict()  # waits for the rollouts in flight (max_staleness > 0)
         state = {"step": step, "stream": parts.stream.state_dict(), "time": time.time(),
+                 "advantage_shaping": parts.advantage_state,
                  "collapse": self.monitor.state_dict(), "world_size": dist.world_size, "in_flight_steps":
                  [entry["step"] for entry in in_flight]}
         checkpoint.save_checkpoint(self.run_dir, step, parts.actor.engine, state, rank=dist.rank,

@@ -180,6 +180,10 @@ class RunSettings:
         `step`'s global batch in `epoch`: the same on 1 rank or 8, and resume-exact."""
         return hashed_seed(self.recipe.seed, step, epoch, first_row)
 
+    def shaping_seed(self, step: int) -> int:
+        """The seed of `algorithm.advantage_shaping`'s draws at `step` (resume-exact, any world size)."""
+        return hashed_seed(self.recipe.seed, step, "advantage_shaping")
+
     def first_prompt_index(self) -> int:
         """Global index of this rank's first prompt (ranks hold contiguous slices)."""
         return self.prompt_shard.start

@@ -64,6 +64,7 @@ class Scored:
     contexts: list[RewardContext]
     rewards: BatchRewards
     advantages: torch.Tensor | None = None
+    advantage_metrics: dict[str, float] = field(default_factory=dict)  # algorithm.advantage_shaping's, global
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,11 @@ class AlgorithmSection(Section):
     advantage_eps: float = Field(1e-6, gt=0.0, le=1.0)
     """Added to the group std before dividing (`grpo`; an estimator without a std, `dr_grpo` or
     `rloo`, refuses a non-default value)."""
+    advantage_shaping: Annotated[VariantSection, VariantOf("advantage_shaper", default="none")] = "none"
+    """What acts on the advantages after the estimator, with per-prompt state across steps (saved
+    with checkpoints): `none`, or `ttrl_guard` (TTRL-Guard, arXiv 2605.19444: flip-rate scaling,
+    minority bonus, risky-update skipping; its knobs below; docs/rewards.md). Logs its metrics
+    under `ttrl_guard/`."""
     loss: Annotated[VariantSection, VariantOf("policy_loss", default="ppo_clip")] = "ppo_clip"
     """Policy loss: a registered name, or a mapping `{name: ..., <its own knobs>}` (each loss's
     section is listed below; `ppo_clip` is PPO's clipped surrogate with clip-higher and dual clip,

@@ -1,0 +1,93 @@
+"""Advantage shaping (`algorithm.advantage_shaping`): what acts on the global batch's advantages
+after the estimator, with state carried across steps per prompt (saved with every checkpoint).
+
+A shaper sees the whole global batch, the same on every rank: the prompt ids, each group's
+voting answers and trained samples' answers, and the estimator's advantages `[B, G]` (float64).
+It returns the shaped advantages, its new per-prompt state and metrics. Its random draws come
+from a generator seeded by (recipe seed, step), so a resumed run draws what the uninterrupted
+one did. Variants: `none` (the default: nothing changes) and `ttrl_guard` (TTRL-Guard, arXiv
+2605.19444; algorithms/ttrl_guard.py).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from urlvr.algorithms.ttrl_guard import GuardSettings, PromptHistory, guard_step
+from urlvr.registry import Registry
+from urlvr.section import VariantSection, check_variant_name
+
+ADVANTAGE_SHAPERS: Registry[type[VariantSection]] = Registry("advantage shaper", check=check_variant_name)
+
+State = dict[str, Any]  # per-prompt state by prompt id, JSON-able (it goes into trainer_state.json)
+
+
+@ADVANTAGE_SHAPERS.register("none")
+class NoShaping(VariantSection):
+    """Advantages as the estimator gives them (Table 7)."""
+
+    name: Literal["none"] = "none"
+
+
+@ADVANTAGE_SHAPERS.register("ttrl_guard")
+class TTRLGuardShaping(VariantSection):
+    """TTRL-Guard (Lin et al. 2026, arXiv 2605.19444, §3.2-3.4): A' = A·w·m + b(ans)·(mean|A·w·m| + 1e-6)
+    per prompt, from its majority's flips across visits (docs/rewards.md, "TTRL-Guard"). Defaults
+    are the public code's. Meant for test-time training, where every prompt is revisited; a run
+    that visits no prompt twice is refused (every part would be inert)."""
+
+    name: Literal["ttrl_guard"] = "ttrl_guard"
+    needs_revisits: ClassVar[bool] = True  # every part reads a prompt's earlier visits
+    tau_fr: float = Field(0.3, ge=0.0, le=1.0)
+    """Flip rate above which a prompt counts as flipping."""
+    tau_mr: float = Field(0.6, ge=0.0, le=1.0)
+    """Majority ratio above which FRS's contradiction and steady-state terms fire."""
+    lambda1: float = Field(0.5, ge=0.0, le=1.0)
+    """FRS: w = 1 - lambda1 · FR."""
+    lambda2: float = Field(0.3, ge=0.0, le=1.0)
+    """FRS: the extra factor (1 - lambda2) when MR > tau_mr and FR > tau_fr."""
+    beta_max: float = Field(0.3, ge=0.0, le=1.0)
+    """MPS: the largest minority bonus, paid when FR >= tau_fr."""
+    mps_min_votes_denom: int = Field(4, ge=1)
+    """MPS: a minority answer needs at least max(1, G // this) votes."""
+    mps_steady: int = Field(3, ge=1)
+    """MPS stays on until this many consecutive visits without a flip."""
+    window: int = Field(5, ge=1)
+    """W: visits needed before RCSU and FRS's steady-state term, and the window of the mean MR."""
+    theta_mr: float = Field(0.7, ge=0.0, le=1.0)
+    """RCSU: a windowed MR above this (after a flip) marks a prompt high-risk."""
+    p_skip: float = Field(0.7, ge=0.0, le=1.0)
+    """RCSU: probability that a high-risk prompt's update is skipped."""
+    max_skip_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    """RCSU: at most max(1, floor(B · this)) prompts skipped per step."""
+    frs: bool = True
+    """Flip-rate reward scaling on (the authors' own scripts switch it off)."""
+    mps: bool = True
+    """Minority-preserving bonus on."""
+    rcsu: bool = True
+    """Risk-conditioned sparse updating on."""
+
+    def shape(self, state: State, prompt_ids: Sequence[str], voters: Sequence[Sequence[str | None]],
+              answers: Sequence[Sequence[str | None]], advantages: torch.Tensor,
+              rng: random.Random) -> tuple[torch.Tensor, State, dict[str, float]]:
+        """(advantages `[B, G]` float64, the new state, `ttrl_guard/*` metrics) of one step."""
+        settings = GuardSettings(**self.model_dump(exclude={"name"}))
+        histories = {pid: _history(saved) for pid, saved in state.items()}
+        step = guard_step(histories, prompt_ids, voters, answers, advantages, rng, settings)
+        count = max(len(prompt_ids), 1)
+        metrics = {"ttrl_guard/flip_rate_mean": sum(step.flip_rates) / count,
+                   "ttrl_guard/frs_weight_mean": sum(step.weights) / count,
+                   "ttrl_guard/skipped_fraction": sum(not kept for kept in step.kept) / count,
+                   "ttrl_guard/bonus_prompt_fraction": sum(bool(bonus) for bonus in step.bonus) / count}
+        return step.advantages, {pid: asdict(history) for pid, history in step.histories.items()}, metrics
+
+
+def _history(saved: dict[str, Any]) -> PromptHistory:
+    """A `PromptHistory` from its JSON form (tuples come back as lists)."""
+    return PromptHistory(**{key: tuple(value) if isinstance(value, list) else value for key, value in saved.items()})
