@@ -64,7 +64,10 @@ def run_server(recipe_path: str | Path, *, host: str, port: int, key: str | None
     with Listener((host, port), authkey=key.encode()) as listener:
         say(f"urlvr serve: ready on {host}:{listener.address[1]} after {time.monotonic() - started:.0f} s "
             f"(weights channel on port {store.port}, pid {os.getpid()})")
-        serve(listener, state, exit_with_clients=exit_with_clients, parent_pid=parent_pid, log=say)
+        try:
+            serve(listener, state, exit_with_clients=exit_with_clients, parent_pid=parent_pid, log=say)
+        except KeyboardInterrupt:  # Ctrl-C ends a server the user started: nothing to resume
+            say("urlvr serve: interrupted; stopped")
 
 
 def copy_into(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:

@@ -215,9 +215,10 @@ class ServerRolloutEngine:
         else:
             layout = [[TensorSpec(name, tuple(getattr(p, "ds_shape", p.shape)), dtype) for name, p in bucket]
                       for bucket in parameter_buckets(model, bucket_bytes)]
-            self._send(("sync", version, layout))
             try:
-                self.channel.send(layout, weights)
+                self.channel.finish()  # the previous version's broadcast: the server has taken it
+                self._send(("sync", version, layout))
+                self.channel.send(layout, weights)  # sent in the background while the server may still generate
             except RuntimeError as err:  # gloo's timeout or a closed peer
                 raise GenerationServerError(f"the weight sync to the generation server failed (version {version}, "
                                             f"timeout {format_seconds(self.options.request_timeout_s)}): {err}"
@@ -225,7 +226,8 @@ class ServerRolloutEngine:
         self.version = version
 
     def close(self) -> None:
-        """Stop a server urlvr started (a server the user started keeps running)."""
+        """Stop a server urlvr started (a server the user started keeps running). A broadcast still
+        in flight is given up: the run is over."""
         if self.process is not None:
             try:
                 self.connection.send(("stop",))

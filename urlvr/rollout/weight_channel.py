@@ -52,10 +52,15 @@ class WeightChannel:
         timeout = datetime.timedelta(seconds=timeout_s)
         self.group = td.ProcessGroupGloo(td.PrefixStore(f"urlvr-weights/{session}", store), member, 2, timeout)
         self.member = member
+        self._in_flight: list[tuple[td.Work, torch.Tensor]] = []  # broadcasts sent, not yet confirmed
 
     def send(self, layout: Layout, tensors: Iterator[tuple[str, torch.Tensor]]) -> int:
-        """Broadcast `tensors` (in `layout` order) bucket by bucket; returns the bytes sent.
-        ValueError when a tensor does not match its place in the layout (a bug, never silent)."""
+        """Start broadcasting `tensors` (in `layout` order) bucket by bucket; returns the bytes.
+        Returns once every bucket is packed and handed to gloo, which sends in the background
+        while the server may still be generating: the trainer goes on training, and `finish`
+        (called by the next `send`) waits for the server to have taken them. ValueError when a
+        tensor does not match its place in the layout (a bug, never silent)."""
+        self.finish()
         sent = 0
         for bucket in layout:
             received = []
@@ -66,16 +71,23 @@ class WeightChannel:
                                      f"says {spec.name} {spec.shape} {spec.dtype}")
                 received.append(tensor)
             for flat in _flat_buffers(bucket, received):
-                self._broadcast(flat)
+                self._in_flight.append((self._start_broadcast(flat), flat))  # the buffer lives until confirmed
                 sent += flat.numel() * flat.element_size()
         return sent
+
+    def finish(self) -> None:
+        """Wait until the server has received every broadcast started so far. RuntimeError
+        (gloo's) when it did not within the channel's timeout, or went away."""
+        in_flight, self._in_flight = self._in_flight, []
+        for work, _ in in_flight:
+            work.wait()
 
     def receive(self, layout: Layout) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield `(name, tensor)` in layout order as each bucket arrives (fresh CPU tensors)."""
         for bucket in layout:
             flats = [torch.empty(sum(_numel(s) for s in specs), dtype=dtype) for dtype, specs in _by_dtype(bucket)]
             for flat in flats:
-                self._broadcast(flat)
+                self._start_broadcast(flat).wait()
             views: dict[str, torch.Tensor] = {}
             for flat, (_, specs) in zip(flats, _by_dtype(bucket)):
                 offset = 0
@@ -84,10 +96,10 @@ class WeightChannel:
                     offset += _numel(spec)
             yield from ((spec.name, views[spec.name]) for spec in bucket)
 
-    def _broadcast(self, flat: torch.Tensor) -> None:
+    def _start_broadcast(self, flat: torch.Tensor) -> td.Work:
         options = td.BroadcastOptions()
         options.rootRank = TRAINER
-        self.group.broadcast([flat], options).wait()
+        return self.group.broadcast([flat], options)
 
 
 def _numel(spec: TensorSpec) -> int:
