@@ -116,7 +116,7 @@ class Served:
     groups: list[Group]
     version: int
     waited_s: float  # how long `collect` blocked the trainer
-    server_idle_s: float  # how long the server sat idle before the request reached it
+    server_idle_s: float  # how long the server sat idle (waiting for weights or this request) since its last generation
     generate_s: float  # the server's generation time
 
 
