@@ -323,6 +323,56 @@ def test_nothing_listening_at_the_address_is_an_error_within_startup_timeout_s(r
         ServerRolloutEngine.from_recipe(recipe, model, tokenizer, CPU)
 
 
+class _Clock:
+    """A monotonic clock the test moves by hand: the server's idle time is read off it, never raced."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Connection:
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    def send(self, message: tuple) -> None:
+        self.sent.append(message)
+
+
+def test_server_idle_counts_the_wait_for_weights_and_not_the_weight_load(monkeypatch):
+    """`async/server_idle_s` is the time since the server's last generation ended, less the time
+    it spent loading weights: with k = 0 the server waits out the whole update, and that wait
+    (before the sync arrives) is idleness the metric must show, not hide behind the sync."""
+    from urlvr.rollout import server
+
+    clock = _Clock()
+    monkeypatch.setattr(server.time, "monotonic", clock)
+
+    class Backend:
+        def generate(self, prompts, group_size, sampling):
+            clock.now += 1.0  # generation takes 1 s
+            return []
+
+    class Channel:
+        def receive(self, layout):
+            clock.now += 0.5  # the weights take 0.5 s to arrive and load
+            return iter(())
+
+    state = server.ServerState(Backend(), lambda weights: list(weights), store=None, version=0, channel=Channel(),
+                               idle_since=0.0)
+    conn = _Connection()
+    clock.now = 2.0  # the trainer's first request comes 2 s after the server is ready
+    server._handle(conn, ("generate", 0, [], 1, GREEDY, 0), state, log=lambda line: None)
+    clock.now = 7.0  # the trainer trains for 4 s, then syncs (to 7.5 s)
+    server._handle(conn, ("sync", 1, []), state, log=lambda line: None)
+    clock.now = 8.0  # and asks for the next rollout 0.5 s after the sync
+    server._handle(conn, ("generate", 1, [], 1, GREEDY, 1), state, log=lambda line: None)
+    idle = [message[4] for message in conn.sent]
+    assert idle == [2.0, 4.0 + 0.5]
+
+
 # --------------------------------------------------------------------------- the recipe
 @pytest.mark.parametrize(("change", "message"), [
     ({"trainer": {"max_staleness": 1}}, "needs an engine that samples apart from the trainer"),

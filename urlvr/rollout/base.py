@@ -121,7 +121,7 @@ class Served:
     groups: list[Group]
     version: int
     waited_s: float  # how long `collect` blocked the trainer
-    server_idle_s: float  # how long the engine sat idle before the request reached it
+    server_idle_s: float  # how long the engine sat idle (waiting for weights or this request) since its last generation
     generate_s: float  # its generation time
 
 

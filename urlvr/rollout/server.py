@@ -16,7 +16,9 @@ one or attaches to one (rollout/server_engine.py). The trainer ranks each open a
 
 One request at a time, in arrival order: a sync that arrives during a generation waits for it,
 which is what bounds the staleness to the trainer's `max_staleness`. Each reply says how long
-the server sat idle before the request came (`async/server_idle_s`).
+the server sat idle before the request came (`async/server_idle_s`): the time since its last
+generation ended, less the time it spent loading weights. Waiting for a sync is idleness too:
+with k = 0 the server waits out every update, with k = 1 whatever of it outlasts a generation.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class ServerState:
     version: int = -1  # no sync yet: every generate waits for the first one (version 0 = the trainer's start)
     channel: WeightChannel | None = None
     deferred: list[tuple[Connection, tuple]] = field(default_factory=list)
+    # when the last generation ended (at first: when the server was ready), moved on by each weight load's
+    # duration, so that `now - idle_since` is the time spent waiting, for the weights or for a request
     idle_since: float = field(default_factory=time.monotonic)
     sync_timeout_s: float = 600.0
 
@@ -113,8 +117,9 @@ def _handle(conn: Connection, message: tuple, state: ServerState, log: Callable[
             started = time.monotonic()
             state.load_weights(state.channel.receive(layout))
             state.version = version
-            log(f"urlvr serve: serving policy version {version} (sync {time.monotonic() - started:.1f} s)")
-            state.idle_since = time.monotonic()
+            loading = time.monotonic() - started
+            log(f"urlvr serve: serving policy version {version} (sync {loading:.1f} s)")
+            state.idle_since += loading  # busy, not idle; the wait before the sync stays counted
         elif kind == "generate":
             if message[-1] > state.version:  # its sync is still to come (from rank 0): answer it then
                 state.deferred.append((conn, message))
