@@ -80,7 +80,7 @@ MISMATCH_MEAN_TOL, MISMATCH_MAX_TOL = 1e-4, 1e-3
 def _recipe(out: Path, *, engine: dict | None = None, address: str | None = None, steps: int = 3,
             **trainer) -> dict:
     if engine is None:
-        engine = {"name": "server", "backend": {"name": "vllm", "sync_bucket_mb": 1}, "request_timeout_s": 600,
+        engine = {"name": "server", "backend": "vllm", "sync_bucket_mb": 1, "request_timeout_s": 600,
                   # a server to attach to is up already: a dead one fails fast
                   **({"address": address, "startup_timeout_s": 60} if address else {"startup_timeout_s": 900})}
     return small_run_recipe(
