@@ -373,6 +373,23 @@ def test_server_idle_counts_the_wait_for_weights_and_not_the_weight_load(monkeyp
     assert idle == [2.0, 4.0 + 0.5]
 
 
+def test_the_servers_own_error_line_leads_the_log_hint_when_shutdown_lines_follow_it(tmp_path):
+    from urlvr.rollout.server_engine import server_log_hint
+
+    log = tmp_path / "server.log"
+    cause = "urlvr: Exception: Call to collective_rpc method failed: 'list' object has no attribute 'dtype'"
+    shutdown = [f"(EngineCore pid=7) INFO [multiproc_executor.py:479] [shutdown] line {i}" for i in range(6)]
+    log.write_text("\n".join(["urlvr: note: a note, not an error", cause, "(run with --debug for the traceback)",
+                               *shutdown]) + "\n")
+    hint = server_log_hint(log)
+    assert hint.startswith("; it stopped with Exception: Call to collective_rpc method failed")
+    assert hint.endswith("\n  ".join(shutdown[-5:]))  # the tail as before
+    log.write_text("\n".join(["urlvr serve: ready", cause, "(run with --debug for the traceback)"]) + "\n")
+    assert server_log_hint(log).startswith(f"; its log ({log}) ends:")  # in the tail already: said once
+    log.write_text("\n".join(["urlvr: note: a note, not an error", *shutdown]) + "\n")
+    assert server_log_hint(log).startswith(f"; its log ({log}) ends:")
+
+
 # --------------------------------------------------------------------------- the recipe
 @pytest.mark.parametrize(("change", "message"), [
     ({"trainer": {"max_staleness": 1}}, "needs an engine that samples apart from the trainer"),

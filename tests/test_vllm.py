@@ -178,7 +178,9 @@ def test_lora_run_syncs_merged_weights_after_every_step(run, tmp_path):
         model={"path": TINY, "lora": {"rank": 8, "alpha": 16}}, dynamics={"kl_to_initial_every": 1},
         reward={"terms": [{"name": "self_certainty"}]}))  # varies within every group: the adapters move
     lora = build_run(recipe, dist)  # built with the transformers engine, then handed the vLLM one
-    lora.engine = parts.engine  # one vLLM engine per process: lend the run's, give it back after
+    # one vLLM engine per process: lend the run's, give it back after; the step samples and syncs
+    # through the producer, which holds the engine it was built with: lend it there too
+    lora.engine = lora.producer.engine = parts.engine
     prompts = _prompts(lora)
     base = {k: v.clone() for k, v in lora.actor.model.state_dict().items() if "lora_" not in k}
     try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -358,12 +359,20 @@ def _client(host_port: tuple[str, int], key: str, timeout_s: float, address: str
     return outcome[0]
 
 
+_SERVER_ERROR = re.compile(r"urlvr: (error|\w*(Error|Exception)): ")  # `urlvr serve`'s last word when it fails (cli.py)
+
+
 def server_log_hint(log_path: Path | None, lines: int = 5) -> str:
-    """`; its log (path) ends: ...` with the last lines of a started server's log, else ''."""
+    """`; its log (path) ends: ...` with the last lines of a started server's log, else ''. The
+    server's own error line comes first when the tail has moved past it (vLLM logs its shutdown
+    after urlvr's error: the tail alone would hide the cause)."""
     if log_path is None or not log_path.is_file():
         return ""
-    tail = log_path.read_text(errors="replace").strip().splitlines()[-lines:]
-    return f"; its log ({log_path}) ends:\n  " + "\n  ".join(tail) if tail else f"; its log: {log_path}"
+    text = log_path.read_text(errors="replace").strip().splitlines()
+    tail = text[-lines:]
+    said = next((line for line in reversed(text) if _SERVER_ERROR.match(line)), None)
+    cause = f"; it stopped with {said.removeprefix('urlvr: ')}" if said is not None and said not in tail else ""
+    return cause + (f"; its log ({log_path}) ends:\n  " + "\n  ".join(tail) if tail else f"; its log: {log_path}")
 
 
 def _attach_key(address: str) -> str:

