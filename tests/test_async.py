@@ -323,6 +323,34 @@ def test_nothing_listening_at_the_address_is_an_error_within_startup_timeout_s(r
         ServerRolloutEngine.from_recipe(recipe, model, tokenizer, CPU)
 
 
+def _slow_server(model_path: Path, out: Path, model, tokenizer, *, request_timeout_s: float = 120,
+                 **backend) -> ServerRolloutEngine:
+    """A server whose backend is tests/engine_plugins.py's `test_slow` (`delay_s`, `text_bytes`)."""
+    engine = {"name": "server", "backend": {"name": "test_slow", **backend}, "startup_timeout_s": 120,
+              "request_timeout_s": request_timeout_s}
+    recipe = load_recipe(small_run_recipe(model_path, out, plugins=["engine_plugins"],
+                                          rollout={"engine": engine, "group_size": 2, "max_new_tokens": 8}))
+    return ServerRolloutEngine.from_recipe(recipe, model, tokenizer, CPU)
+
+
+def test_a_sync_completes_while_an_answer_larger_than_the_socket_buffers_waits_to_be_read(random_tiny_model,
+                                                                                           tmp_path):
+    """k >= 1: the server answers the next step's request (a real step's groups are megabytes)
+    while the trainer is in the weight broadcast. A trainer that reads answers only when it
+    collects them leaves the server blocked on sending, and the broadcast waits for that server:
+    a deadlock until request_timeout_s, at every step of every real run."""
+    path, model, tokenizer = random_tiny_model
+    engine = _slow_server(path, tmp_path / "run", model, tokenizer, text_bytes=6_000_000)  # 24 MB of groups
+    try:
+        ticket = engine.submit(_prompts(tokenizer, 2), 2, GREEDY, version=0)
+        engine.push_weights(model, 1)
+        served = engine.collect(ticket)
+        assert [len(s.text) >= 6_000_000 for g in served.groups for s in g.samples] == [True] * 4
+        assert {g.policy_version for g in engine.generate(_prompts(tokenizer, 2), 1, GREEDY)} == {1}
+    finally:
+        engine.close()
+
+
 # --------------------------------------------------------------------------- the recipe
 @pytest.mark.parametrize(("change", "message"), [
     ({"trainer": {"max_staleness": 1}}, "needs an engine that samples apart from the trainer"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import queue
 import secrets
 import socket
 import subprocess
@@ -135,6 +136,11 @@ class ServerRolloutEngine:
         self.process, self.log_path = process, log_path
         self.version = -1  # the last version pushed (0 = the trainer's start)
         self._next_id, self._answers, self._requested = 0, {}, {}  # tickets: answers kept, (version, count) asked
+        # every answer is read as soon as it arrives, whatever the trainer is doing: a server blocked on
+        # sending an answer larger than the socket buffers (a step's groups: megabytes) while the trainer
+        # waits in the weight broadcast for that server would be a deadlock
+        self._inbox: queue.Queue[tuple] = queue.Queue()
+        threading.Thread(target=_read_forever, args=(connection, self._inbox), daemon=True).start()
         self.channel = None
         if dist.is_main:
             session = secrets.token_hex(8)
@@ -244,15 +250,17 @@ class ServerRolloutEngine:
         timeout, started = self.options.request_timeout_s, time.monotonic()
         while True:
             try:
-                if self.connection.poll(_POLL_S):
-                    answer = self.connection.recv()
-                    if answer[0] == "error" and not isinstance(answer[1], int):  # a failed sync or channel
-                        raise GenerationServerError(f"the generation server failed a {answer[1]}: {answer[2]}"
-                                                    f"{self._log_hint()}")
-                    return answer
-            except (EOFError, OSError) as err:
+                answer = self._inbox.get(timeout=_POLL_S)
+            except queue.Empty:
+                answer = None
+            if answer is not None and answer[0] == _CLOSED:
+                self._inbox.put(answer)  # every later wait fails the same way
                 raise GenerationServerError(f"the generation server closed the connection while the trainer waited for "
-                                            f"{what} ({type(err).__name__}){self._log_hint()}") from None
+                                            f"{what} ({answer[1]}){self._log_hint()}")
+            if answer is not None and answer[0] == "error" and not isinstance(answer[1], int):  # a failed sync or channel
+                raise GenerationServerError(f"the generation server failed a {answer[1]}: {answer[2]}{self._log_hint()}")
+            if answer is not None:
+                return answer
             if self.process is not None and self.process.poll() is not None:
                 raise GenerationServerError(f"the generation server exited (code {self.process.returncode}) while the "
                                             f"trainer waited for {what}{self._log_hint()}")
@@ -263,6 +271,19 @@ class ServerRolloutEngine:
 
     def _log_hint(self) -> str:
         return server_log_hint(self.log_path)
+
+
+_CLOSED = "closed"  # what the reader puts in the inbox when the connection ends
+
+
+def _read_forever(connection: Connection, inbox: queue.Queue) -> None:
+    """Move the server's answers into `inbox` as they arrive, until the connection ends."""
+    while True:
+        try:
+            inbox.put(connection.recv())
+        except (EOFError, OSError) as err:
+            inbox.put((_CLOSED, type(err).__name__))
+            return
 
 
 # --------------------------------------------------------------------------- starting and reaching a server
