@@ -30,7 +30,7 @@ import yaml
 
 from conftest import small_run_recipe
 from urlvr.dist import DistInfo
-from urlvr.errors import GenerationServerError
+from urlvr.errors import GenerationServerError, RecipeError
 from urlvr.recipe import load_recipe
 from urlvr.rollout.base import PromptInput, SamplingParams
 from urlvr.rollout.server_engine import ServerRolloutEngine
@@ -349,6 +349,67 @@ def test_a_sync_completes_while_an_answer_larger_than_the_socket_buffers_waits_t
         assert {g.policy_version for g in engine.generate(_prompts(tokenizer, 2), 1, GREEDY)} == {1}
     finally:
         engine.close()
+
+
+# --------------------------------------------------------------------------- a server the user started
+@pytest.fixture
+def user_server(random_tiny_model, tmp_path):
+    """(address, key) of `urlvr serve` started as a user would (its own key, any free port);
+    stopped after the test."""
+    path, _, _ = random_tiny_model
+    recipe = small_run_recipe(path, tmp_path / "served", rollout={"engine": {"name": "server", "backend": "transformers"}})
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(recipe))
+    key, log = "user-key", tmp_path / "serve.log"
+    env = {**os.environ, "URLVR_SERVER_KEY": key}
+    with open(log, "wb") as sink:
+        server = subprocess.Popen([sys.executable, "-m", "urlvr.cli", "serve", str(tmp_path / "serve.yaml"), "--port",
+                                   "0"], env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while "ready on" not in log.read_text() and server.poll() is None:
+            time.sleep(0.2)
+        assert server.poll() is None, log.read_text()
+        port = log.read_text().split("ready on 127.0.0.1:", 1)[1].split()[0]
+        yield f"127.0.0.1:{port}", key
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _attach(model_path: Path, out: Path, address: str, model, tokenizer, **engine) -> ServerRolloutEngine:
+    return ServerRolloutEngine.from_recipe(_engine_recipe(model_path, out, address=address, **engine), model,
+                                           tokenizer, CPU)
+
+
+def test_a_wrong_key_or_a_silent_connection_does_not_lock_the_next_trainer_out(user_server, random_tiny_model,
+                                                                                 tmp_path, monkeypatch):
+    """The key exchange of one client (a wrong key, or a port scanner that connects and says
+    nothing) must not stop or block the server's acceptance of the next trainer."""
+    address, key = user_server
+    path, model, tokenizer = random_tiny_model
+    monkeypatch.setenv("URLVR_SERVER_KEY", "not-the-key")
+    with pytest.raises(GenerationServerError, match="refused the key"):
+        _attach(path, tmp_path / "wrong", address, model, tokenizer)
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))):  # connects, says nothing, stays open
+        monkeypatch.setenv("URLVR_SERVER_KEY", key)
+        engine = _attach(path, tmp_path / "right", address, model, tokenizer, startup_timeout_s=60)
+        assert {g.policy_version for g in engine.generate(_prompts(tokenizer), 1, GREEDY)} == {0}
+        engine.close()
+
+
+@pytest.mark.parametrize(("port", "message"), [(70000, "--port 70000: a port is 0-65535"),
+                                               ("busy", r"cannot listen on 127.0.0.1:\d+ \(Address already in use\)")])
+def test_urlvr_serve_refuses_a_bad_or_busy_address_before_loading_the_model(port, message, tmp_path):
+    from urlvr.commands.serve import run_server
+
+    recipe = small_run_recipe(tmp_path / "no-model-here", tmp_path / "run", rollout={"engine": {"name": "server"}})
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(recipe))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1] if port == "busy" else port
+        with pytest.raises(RecipeError, match=message):  # the address, not the missing model: it fails first
+            run_server(tmp_path / "serve.yaml", host="127.0.0.1", port=port, key=None)
 
 
 # --------------------------------------------------------------------------- the recipe

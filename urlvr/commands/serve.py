@@ -10,6 +10,7 @@ URLVR_SERVER_KEY; a server bound beyond this machine (`--host 0.0.0.0`) refuses 
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import sys
 import time
@@ -40,7 +41,8 @@ def run_server(recipe_path: str | Path, *, host: str, port: int, key: str | None
         key = LOCAL_KEY
     if threads is not None:
         torch.set_num_threads(threads)
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = load_recipe(recipe_path, overrides or ())
+    listener = listen(host, port)  # a bad or busy address fails now, not after minutes of model loading
     engine = recipe.rollout.engine
     backend = getattr(engine, "backend", engine)  # a server recipe names its backend; a colocated one is its own
     options = engine if backend is not engine else None
@@ -61,10 +63,25 @@ def run_server(recipe_path: str | Path, *, host: str, port: int, key: str | None
     store = td.TCPStore(host, 0, None, True, timeout=_seconds(options.request_timeout_s if options else 900),
                         wait_for_workers=False)
     state = ServerState(backend_engine, load, store, sync_timeout_s=options.request_timeout_s if options else 900.0)
-    with Listener((host, port), authkey=key.encode()) as listener:
+    with listener:
         say(f"urlvr serve: ready on {host}:{listener.address[1]} after {time.monotonic() - started:.0f} s "
             f"(weights channel on port {store.port}, pid {os.getpid()})")
-        serve(listener, state, exit_with_clients=exit_with_clients, parent_pid=parent_pid, log=say)
+        serve(listener, state, key=key.encode(), exit_with_clients=exit_with_clients, parent_pid=parent_pid, log=say)
+
+
+def listen(host: str, port: int) -> Listener:
+    """A listener on host:port (the key exchange runs per connection: rollout/server.py).
+    RecipeError naming the address when it cannot be had (a port in use, out of range, an
+    unknown host)."""
+    if not 0 <= port < 65536:
+        raise RecipeError(f"--port {port}: a port is 0-65535 (0 = any free one)")
+    try:
+        return Listener((host, port))
+    except OSError as err:
+        reason = err.strerror or str(err)
+        hint = ": another server runs there? pick another --port, or 0 for any free one" if \
+            err.errno == errno.EADDRINUSE else ""
+        raise RecipeError(f"serve: cannot listen on {host}:{port} ({reason}){hint}") from None
 
 
 def copy_into(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import os
 import queue
+import socket
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, Listener, wait
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge, wait
 
 import torch
 import torch.distributed as td
@@ -38,6 +40,7 @@ from urlvr.rollout.base import RolloutEngine
 from urlvr.rollout.weight_channel import SERVER, WeightChannel
 
 PROTOCOL = 1  # bumped when a message changes shape: a trainer and a server of other versions refuse each other
+HANDSHAKE_TIMEOUT_S = 120.0  # a connection that has not completed the key exchange by then is dropped
 
 
 @dataclass
@@ -54,13 +57,14 @@ class ServerState:
     sync_timeout_s: float = 600.0
 
 
-def serve(listener: Listener, state: ServerState, *, exit_with_clients: bool, parent_pid: int | None = None,
-          log: Callable[[str], None] = print) -> None:
+def serve(listener: Listener, state: ServerState, *, key: bytes, exit_with_clients: bool,
+          parent_pid: int | None = None, log: Callable[[str], None] = print) -> None:
     """Answer requests until told to stop: when `exit_with_clients`, once every connection that
     was opened has closed (the trainer ended, or died: a kill -9 closes its sockets) or the
-    parent process is gone."""
+    parent process is gone. `listener` has no authkey of its own: each connection proves `key`
+    in a thread of its own (`_admit`)."""
     accepted: queue.Queue[Connection] = queue.Queue()
-    threading.Thread(target=_accept_forever, args=(listener, accepted), daemon=True).start()
+    threading.Thread(target=_accept_forever, args=(listener, key, accepted, log), daemon=True).start()
     connections: list[Connection] = []
     ever_connected = False
     while True:
@@ -84,12 +88,38 @@ def serve(listener: Listener, state: ServerState, *, exit_with_clients: bool, pa
         _run_deferred(state, log)
 
 
-def _accept_forever(listener: Listener, accepted: queue.Queue) -> None:
+def _accept_forever(listener: Listener, key: bytes, accepted: queue.Queue, log: Callable[[str], None]) -> None:
+    """Accept connections and hand each to its own key exchange: a client with a wrong key, or
+    one that connects and says nothing (a port scanner, a health check), must not stop or block
+    the acceptance of the next trainer (Listener(authkey=...) runs the exchange inside accept)."""
     while True:
         try:
-            accepted.put(listener.accept())
-        except (OSError, EOFError):  # a client that failed the key exchange, or the listener closed
+            conn = listener.accept()
+        except OSError:  # a connection reset before it was accepted
             continue
+        threading.Thread(target=_admit, args=(conn, key, listener.last_accepted, accepted, log), daemon=True).start()
+
+
+def _admit(conn: Connection, key: bytes, peer, accepted: queue.Queue, log: Callable[[str], None]) -> None:
+    """`conn` into `accepted` once it proved the key (both ways, as `Listener` would), within
+    HANDSHAKE_TIMEOUT_S; else it is closed and the refusal logged."""
+    guard = socket.socket(fileno=os.dup(conn.fileno()))  # to end a blocked read from the timer thread
+    done = threading.Event()
+    timer = threading.Timer(HANDSHAKE_TIMEOUT_S, lambda: done.is_set() or guard.shutdown(socket.SHUT_RDWR))
+    timer.start()
+    try:
+        deliver_challenge(conn, key)
+        answer_challenge(conn, key)
+        done.set()
+    except (AuthenticationError, OSError, EOFError) as err:
+        reason = "a wrong key" if isinstance(err, AuthenticationError) else f"no key exchange ({type(err).__name__})"
+        log(f"urlvr serve: refused a connection from {peer}: {reason}")
+        conn.close()
+        return
+    finally:
+        timer.cancel()
+        guard.close()
+    accepted.put(conn)
 
 
 def _orphaned(parent_pid: int | None) -> bool:
