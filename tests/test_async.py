@@ -397,6 +397,66 @@ def test_a_wrong_key_or_a_silent_connection_does_not_lock_the_next_trainer_out(u
         engine.close()
 
 
+def test_a_second_run_cannot_take_the_weights_of_a_server_another_run_holds(user_server, random_tiny_model,
+                                                                            tmp_path, monkeypatch):
+    """Two runs on one server would push the same version numbers with different weights: one
+    run's requests would be sampled by the other's policy, silently. The second is refused at
+    once; when the first leaves, the next run takes the server over."""
+    address, key = user_server
+    path, model, tokenizer = random_tiny_model
+    monkeypatch.setenv("URLVR_SERVER_KEY", key)
+    first = _attach(path, tmp_path / "first", address, model, tokenizer)
+    with pytest.raises(GenerationServerError, match="refused this trainer: another training run holds this server"):
+        _attach(path, tmp_path / "second", address, model, tokenizer)
+    assert {g.policy_version for g in first.generate(_prompts(tokenizer), 1, GREEDY)} == {0}  # undisturbed
+    first.close()  # the first run ends
+    after = _attach(path, tmp_path / "after", address, model, tokenizer)
+    assert {g.policy_version for g in after.generate(_prompts(tokenizer), 1, GREEDY)} == {0}
+    after.close()
+
+
+def test_a_run_that_starts_on_a_server_a_finished_run_left_at_a_later_version_is_served(user_server,
+                                                                                       random_tiny_model, tmp_path,
+                                                                                       monkeypatch):
+    """A run left the server at version 5; the next run's rank 1 may ask for version 0 before
+    its rank 0 has pushed it: the request waits for that push (not an error about version 5)."""
+    address, key = user_server
+    path, model, tokenizer = random_tiny_model
+    monkeypatch.setenv("URLVR_SERVER_KEY", key)
+    finished = _attach(path, tmp_path / "finished", address, model, tokenizer)
+    finished.push_weights(model, 5)
+    finished.close()
+    rank1 = ServerRolloutEngine.from_recipe(_engine_recipe(path, tmp_path / "new", address=address), model, tokenizer,
+                                            DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu")))
+    ticket = rank1.submit(_prompts(tokenizer), 1, GREEDY, version=0)
+    rank0 = _attach(path, tmp_path / "new", address, model, tokenizer)  # pushes version 0
+    assert rank1.collect(ticket).version == 0
+    rank0.close()
+    rank1.close()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"intermediate_size": 96}, r"model.layers.0.mlp.gate_proj.weight is \[96, 64\] in the trainer, \[128, 64\] in the server"),
+    ({"num_hidden_layers": 3}, "it sends 'model.layers.2.self_attn.q_proj.weight', which the server's model does not have"),
+])
+def test_a_trainer_whose_model_does_not_fit_the_servers_is_one_clear_error_at_once(change, message, user_server,
+                                                                                   random_tiny_model, tmp_path,
+                                                                                   monkeypatch):
+    """A server started for another model: the first sync names the first weight that does not
+    fit, before any weight moves (a load that fails half-way would leave the trainer in the
+    broadcast until request_timeout_s)."""
+    address, key = user_server
+    path, model, tokenizer = random_tiny_model
+    other = type(model)(model.config.__class__(**{**model.config.to_dict(), **change}))
+    monkeypatch.setenv("URLVR_SERVER_KEY", key)
+    with pytest.raises(GenerationServerError, match=f"failed a weight sync: the trainer's model does not fit this "
+                                                     f"server's \\(.*\\): {message}"):
+        _attach(path, tmp_path / "other", address, other, tokenizer, request_timeout_s=60)
+    attached = _attach(path, tmp_path / "same", address, model, tokenizer)  # the server is free for the right model
+    assert {g.policy_version for g in attached.generate(_prompts(tokenizer), 1, GREEDY)} == {0}
+    attached.close()
+
+
 @pytest.mark.parametrize(("port", "message"), [(70000, "--port 70000: a port is 0-65535"),
                                                ("busy", r"cannot listen on 127.0.0.1:\d+ \(Address already in use\)")])
 def test_urlvr_serve_refuses_a_bad_or_busy_address_before_loading_the_model(port, message, tmp_path):

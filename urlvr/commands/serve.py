@@ -52,6 +52,7 @@ def run_server(recipe_path: str | Path, *, host: str, port: int, key: str | None
     started = time.monotonic()
     say(f"urlvr serve: loading {recipe.model.path} for the {backend.name} backend")
     model, tokenizer = load_model_and_tokenizer(recipe)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}  # what a sync must fill
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     backend_class = ROLLOUT_ENGINES.get(backend.name)
     if backend_class.uses_trainer_module:  # it samples from this module; one with its own copy (vLLM) leaves it on the host
@@ -62,7 +63,8 @@ def run_server(recipe_path: str | Path, *, host: str, port: int, key: str | None
     load = getattr(backend_engine, "load_weights", None) or (lambda weights: copy_into(model, weights))
     store = td.TCPStore(host, 0, None, True, timeout=_seconds(options.request_timeout_s if options else 900),
                         wait_for_workers=False)
-    state = ServerState(backend_engine, load, store, sync_timeout_s=options.request_timeout_s if options else 900.0)
+    state = ServerState(backend_engine, load, store, sync_timeout_s=options.request_timeout_s if options else 900.0,
+                        shapes=shapes, model=str(recipe.model.path))
     with listener:
         say(f"urlvr serve: ready on {host}:{listener.address[1]} after {time.monotonic() - started:.0f} s "
             f"(weights channel on port {store.port}, pid {os.getpid()})")

@@ -37,9 +37,9 @@ import torch
 import torch.distributed as td
 
 from urlvr.rollout.base import RolloutEngine
-from urlvr.rollout.weight_channel import SERVER, WeightChannel
+from urlvr.rollout.weight_channel import SERVER, TensorSpec, WeightChannel
 
-PROTOCOL = 1  # bumped when a message changes shape: a trainer and a server of other versions refuse each other
+PROTOCOL = 2  # bumped when a message changes shape: a trainer and a server of other versions refuse each other
 HANDSHAKE_TIMEOUT_S = 120.0  # a connection that has not completed the key exchange by then is dropped
 
 
@@ -52,6 +52,9 @@ class ServerState:
     store: td.TCPStore
     version: int = -1  # no sync yet: every generate waits for the first one (version 0 = the trainer's start)
     channel: WeightChannel | None = None
+    owner: Connection | None = None  # the connection (trainer rank 0) whose weights the server serves
+    shapes: dict[str, tuple[int, ...]] | None = None  # every parameter name of the served model -> its shape
+    model: str = "?"  # what the server loaded (for messages)
     deferred: list[tuple[Connection, tuple]] = field(default_factory=list)
     idle_since: float = field(default_factory=time.monotonic)
     sync_timeout_s: float = 600.0
@@ -74,12 +77,16 @@ def serve(listener: Listener, state: ServerState, *, key: bytes, exit_with_clien
         if exit_with_clients and ((ever_connected and not connections) or _orphaned(parent_pid)):
             log("urlvr serve: the trainer is gone; stopping")
             return
-        for conn in wait(connections, timeout=0.2):
+        ready = wait(connections, timeout=0.2)
+        for conn in sorted(ready, key=connections.index):  # a dead trainer's end before its successor's start
             try:
                 message = conn.recv()
             except (EOFError, OSError):
                 connections.remove(conn)
                 state.deferred = [(c, m) for c, m in state.deferred if c is not conn]
+                if conn is state.owner:  # its policy is nobody's now: the next trainer pushes its own first
+                    state.owner, state.channel, state.version = None, None, -1
+                    log("urlvr serve: the trainer that owned the weights left; waiting for the next one's")
                 continue
             if message[0] == "stop":
                 log("urlvr serve: stopped by the trainer")
@@ -135,13 +142,22 @@ def _handle(conn: Connection, message: tuple, state: ServerState, log: Callable[
                                  "pid": os.getpid()}))
         elif kind == "channel":
             _, session = message
+            if state.owner is not None and state.owner is not conn:
+                raise Refused("another training run holds this server's weights (one run per server: the policy "
+                              "versions of two runs would mix); stop that run, or start another server")
+            _reply(conn, ("channel", "open"))  # before the group forms: a refusal is an answer, not a timeout
             state.channel = WeightChannel(state.store, session, SERVER, state.sync_timeout_s)
+            state.owner = conn
         elif kind == "sync":
             _, version, layout = message
-            if state.channel is None:
-                raise RuntimeError("a sync before the weight channel was opened")
-            started = time.monotonic()
-            state.load_weights(state.channel.receive(layout))
+            if state.channel is None or conn is not state.owner:
+                raise Refused("a weight sync from a connection that does not hold the weight channel")
+            mismatch = layout_mismatch(layout, state.shapes)
+            if mismatch:
+                raise Refused(f"the trainer's model does not fit this server's ({state.model}): {mismatch}")
+            _reply(conn, ("sync", "ready"))  # the trainer broadcasts only into a load that can take it
+            started, state.version = time.monotonic(), -1  # a half-loaded policy is nobody's: serve none until done
+            _load(state, layout)
             state.version = version
             log(f"urlvr serve: serving policy version {version} (sync {time.monotonic() - started:.1f} s)")
             state.idle_since = time.monotonic()
@@ -152,9 +168,45 @@ def _handle(conn: Connection, message: tuple, state: ServerState, log: Callable[
                 _generate(conn, message, state)
         else:
             raise ValueError(f"unknown request {kind!r}")
+    except Refused as err:
+        log(f"urlvr serve: refused a {kind}: {err}")
+        _reply(conn, ("error", message[1] if kind == "generate" else kind, str(err)))
     except Exception as err:  # the trainer gets the reason; the server stays up for the next request
         log(f"urlvr serve: {kind} failed: {type(err).__name__}: {err}\n{traceback.format_exc()}")
         _reply(conn, ("error", message[1] if kind == "generate" else kind, f"{type(err).__name__}: {err}"))
+
+
+class Refused(Exception):
+    """A request the server declines on purpose: its message goes to the trainer as it is."""
+
+
+def layout_mismatch(layout: list[list[TensorSpec]], shapes: dict[str, tuple[int, ...]] | None) -> str | None:
+    """What keeps a sync of `layout` from loading into a model whose parameters have `shapes`
+    (every name, tied names included, as `weight_sync` sends them), or None when it fits."""
+    if shapes is None:
+        return None
+    sent = {spec.name: tuple(spec.shape) for bucket in layout for spec in bucket}
+    for name, shape in sent.items():
+        if name not in shapes:
+            return f"it sends {name!r}, which the server's model does not have"
+        if tuple(shapes[name]) != shape:
+            return f"{name} is {list(shape)} in the trainer, {list(shapes[name])} in the server"
+    missing = [name for name in shapes if name not in sent]
+    if missing:
+        return f"it sends no {missing[0]!r} ({len(missing)} of the server's weights would stay as they are)"
+    return None
+
+
+def _load(state: ServerState, layout: list[list[TensorSpec]]) -> None:
+    """Receive a sync into the backend. A load that fails part-way still takes the rest of the
+    broadcast, so that the trainer's send completes and it hears the reason (not a timeout)."""
+    received = state.channel.receive(layout)
+    try:
+        state.load_weights(received)
+    except Exception:
+        for _ in received:
+            pass
+        raise
 
 
 def _generate(conn: Connection, message: tuple, state: ServerState) -> None:

@@ -145,6 +145,7 @@ class ServerRolloutEngine:
         if dist.is_main:
             session = secrets.token_hex(8)
             self._send(("channel", session))
+            self._await("channel", "the weight channel")  # the server's consent, before the group forms
             store = td.TCPStore(host, store_port, None, False, _timedelta(options.startup_timeout_s))
             self.channel = WeightChannel(store, session, TRAINER, options.request_timeout_s)
         if process is not None:
@@ -166,9 +167,15 @@ class ServerRolloutEngine:
             address, key = options.address, _attach_key(options.address)
         connection, hello = connect(address, key, options.startup_timeout_s, process, log_path)
         host = address.rsplit(":", 1)[0]
-        engine = cls(connection, dist, options, store_port=hello["store_port"], host=host, process=process,
-                     log_path=log_path)
-        engine.push_weights(model, version=0)  # the server samples the trainer's weights, whatever it loaded
+        try:
+            engine = cls(connection, dist, options, store_port=hello["store_port"], host=host, process=process,
+                         log_path=log_path)
+            engine.push_weights(model, version=0)  # the server samples the trainer's weights, whatever it loaded
+        except BaseException:  # a refused or failed start leaves the server free (and stops one urlvr started)
+            _hang_up(connection)
+            if process is not None:
+                _stop(process)
+            raise
         return engine
 
     # ------------------------------------------------------------------ the protocol
@@ -222,6 +229,7 @@ class ServerRolloutEngine:
             layout = [[TensorSpec(name, tuple(getattr(p, "ds_shape", p.shape)), dtype) for name, p in bucket]
                       for bucket in parameter_buckets(model, bucket_bytes)]
             self._send(("sync", version, layout))
+            self._await("sync", f"the weight sync of version {version}")  # it checked the layout against its model
             try:
                 self.channel.send(layout, weights)
             except RuntimeError as err:  # gloo's timeout or a closed peer
@@ -231,12 +239,15 @@ class ServerRolloutEngine:
         self.version = version
 
     def close(self) -> None:
-        """Stop a server urlvr started (a server the user started keeps running)."""
+        """Stop a server urlvr started (a server the user started keeps running, free for the next
+        run). Idempotent."""
         if self.process is not None:
             try:
                 self.connection.send(("stop",))
             except OSError:
                 pass
+        _hang_up(self.connection)
+        if self.process is not None:
             _stop(self.process)
 
     # ------------------------------------------------------------------ the connection
@@ -258,7 +269,8 @@ class ServerRolloutEngine:
                 raise GenerationServerError(f"the generation server closed the connection while the trainer waited for "
                                             f"{what} ({answer[1]}){self._log_hint()}")
             if answer is not None and answer[0] == "error" and not isinstance(answer[1], int):  # a failed sync or channel
-                raise GenerationServerError(f"the generation server failed a {answer[1]}: {answer[2]}{self._log_hint()}")
+                failed = {"channel": "refused this trainer", "sync": "failed a weight sync"}.get(answer[1], answer[1])
+                raise GenerationServerError(f"the generation server {failed}: {answer[2]}{self._log_hint()}")
             if answer is not None:
                 return answer
             if self.process is not None and self.process.poll() is not None:
@@ -269,11 +281,33 @@ class ServerRolloutEngine:
                                             f"{format_seconds(timeout)} (rollout.engine.request_timeout_s): hung or "
                                             f"overloaded{self._log_hint()}")
 
+    def _await(self, kind: str, what: str) -> None:
+        """Wait for the server's go-ahead (`(kind, ...)`), keeping the groups that arrive meanwhile."""
+        while True:
+            answer = self._receive(what)
+            if answer[0] == kind:
+                return
+            self._answers[answer[1]] = answer
+
     def _log_hint(self) -> str:
         return server_log_hint(self.log_path)
 
 
 _CLOSED = "closed"  # what the reader puts in the inbox when the connection ends
+
+
+def _hang_up(connection: Connection) -> None:
+    """End the connection for both sides now. A plain close() would not: the reader thread's
+    blocked recv keeps the socket open, and a server the user started would still count this run
+    as the one that holds its weights."""
+    if connection.closed:
+        return
+    try:
+        with socket.socket(fileno=os.dup(connection.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already reset by the server
+        pass
+    connection.close()
 
 
 def _read_forever(connection: Connection, inbox: queue.Queue) -> None:
