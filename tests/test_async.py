@@ -166,6 +166,24 @@ def test_a_kill_9_with_rollouts_in_flight_then_resume_trains_exactly_the_uninter
         assert torch.equal(final_weights(tmp_path / "killed")[name], tensor), name
 
 
+def test_a_server_urlvr_started_ends_within_seconds_of_a_killed_trainer_even_mid_generation(random_tiny_model,
+                                                                                             tmp_path):
+    """The server notices a closed connection only between requests; a generation of minutes
+    would hold its devices while a resumed run starts its new server on them."""
+    path, _, _ = random_tiny_model
+    recipe = async_recipe(path, tmp_path / "run", steps=2, max_staleness=1)
+    recipe["plugins"] = ["reward_plugins", "engine_plugins"]
+    recipe["rollout"]["engine"]["backend"] = {"name": "test_slow", "delay_s": 3600}
+    trainer = _run_cli(recipe, tmp_path)
+    log = tmp_path / "run" / "server" / "server.log"
+    while trainer.poll() is None and not (log.exists() and "test_slow: generating" in log.read_text()):
+        time.sleep(0.1)
+    assert trainer.poll() is None, trainer.stdout.read().decode()[-3000:]
+    os.killpg(trainer.pid, signal.SIGKILL)
+    trainer.wait()
+    assert _gone(_server_pid(tmp_path / "run"), within_s=60), "the server outlived the killed trainer"
+
+
 def test_resuming_on_the_colocated_engine_samples_the_stored_prompts_again_on_policy(random_tiny_model, tmp_path):
     path, _, _ = random_tiny_model
     mid = async_recipe(path, tmp_path / "mid", steps=4, max_staleness=2, save_every=2)

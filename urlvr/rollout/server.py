@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -68,6 +69,8 @@ def serve(listener: Listener, state: ServerState, *, key: bytes, exit_with_clien
     in a thread of its own (`_admit`)."""
     accepted: queue.Queue[Connection] = queue.Queue()
     threading.Thread(target=_accept_forever, args=(listener, key, accepted, log), daemon=True).start()
+    if exit_with_clients and parent_pid is not None:
+        threading.Thread(target=_exit_when_orphaned, args=(parent_pid, log), daemon=True).start()
     connections: list[Connection] = []
     ever_connected = False
     while True:
@@ -127,6 +130,19 @@ def _admit(conn: Connection, key: bytes, peer, accepted: queue.Queue, log: Calla
         timer.cancel()
         guard.close()
     accepted.put(conn)
+
+
+def _exit_when_orphaned(parent_pid: int, log: Callable[[str], None]) -> None:
+    """End this server within a second of its trainer's death, whatever it is doing: the main loop
+    only notices between requests, and a long generation (minutes) would hold the devices a
+    resumed run's new server needs. A server urlvr started leads a session of its own
+    (`launch_server`): its children (vLLM's engine processes) go with it."""
+    while not _orphaned(parent_pid):
+        time.sleep(0.5)
+    log("urlvr serve: the trainer is gone; stopping now")
+    if os.getsid(0) == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(1)
 
 
 def _orphaned(parent_pid: int | None) -> bool:
