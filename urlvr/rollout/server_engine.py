@@ -233,8 +233,10 @@ class ServerRolloutEngine:
             try:
                 self.channel.send(layout, weights)
             except RuntimeError as err:  # gloo's timeout or a closed peer
+                exited = self.process is not None and self.process.poll() is not None
+                reason = f"the server exited (code {self.process.returncode})" if exited else str(err).split(". ")[0]
                 raise GenerationServerError(f"the weight sync to the generation server failed (version {version}, "
-                                            f"timeout {format_seconds(self.options.request_timeout_s)}): {err}"
+                                            f"timeout {format_seconds(self.options.request_timeout_s)}): {reason}"
                                             f"{self._log_hint()}") from None
         self.version = version
 
