@@ -30,7 +30,7 @@ import yaml
 
 from conftest import small_run_recipe
 from urlvr.dist import DistInfo
-from urlvr.errors import GenerationServerError
+from urlvr.errors import GenerationServerError, RecipeError
 from urlvr.recipe import load_recipe
 from urlvr.rollout.base import PromptInput, SamplingParams
 from urlvr.rollout.server_engine import ServerRolloutEngine
@@ -164,6 +164,24 @@ def test_a_kill_9_with_rollouts_in_flight_then_resume_trains_exactly_the_uninter
     assert len({(step, prompt) for step, prompt, _ in trained_prompts(tmp_path / "whole")}) == 6 * 4
     for name, tensor in final_weights(tmp_path / "whole").items():
         assert torch.equal(final_weights(tmp_path / "killed")[name], tensor), name
+
+
+def test_a_server_urlvr_started_ends_within_seconds_of_a_killed_trainer_even_mid_generation(random_tiny_model,
+                                                                                             tmp_path):
+    """The server notices a closed connection only between requests; a generation of minutes
+    would hold its devices while a resumed run starts its new server on them."""
+    path, _, _ = random_tiny_model
+    recipe = async_recipe(path, tmp_path / "run", steps=2, max_staleness=1)
+    recipe["plugins"] = ["reward_plugins", "engine_plugins"]
+    recipe["rollout"]["engine"]["backend"] = {"name": "test_slow", "delay_s": 3600}
+    trainer = _run_cli(recipe, tmp_path)
+    log = tmp_path / "run" / "server" / "server.log"
+    while trainer.poll() is None and not (log.exists() and "test_slow: generating" in log.read_text()):
+        time.sleep(0.1)
+    assert trainer.poll() is None, trainer.stdout.read().decode()[-3000:]
+    os.killpg(trainer.pid, signal.SIGKILL)
+    trainer.wait()
+    assert _gone(_server_pid(tmp_path / "run"), within_s=60), "the server outlived the killed trainer"
 
 
 def test_resuming_on_the_colocated_engine_samples_the_stored_prompts_again_on_policy(random_tiny_model, tmp_path):
@@ -360,13 +378,13 @@ def test_server_idle_counts_the_wait_for_weights_and_not_the_weight_load(monkeyp
             clock.now += 0.5  # the weights take 0.5 s to arrive and load
             return iter(())
 
-    state = server.ServerState(Backend(), lambda weights: list(weights), store=None, version=0, channel=Channel(),
-                               idle_since=0.0)
     conn = _Connection()
+    state = server.ServerState(Backend(), lambda weights: list(weights), store=None, version=0, channel=Channel(),
+                               idle_since=0.0, owner=conn)
     clock.now = 2.0  # the trainer's first request comes 2 s after the server is ready
     server._handle(conn, ("generate", 0, [], 1, GREEDY, 0), state, log=lambda line: None)
     clock.now = 7.0  # the trainer trains for 4 s, then syncs (to 7.5 s)
-    server._handle(conn, ("sync", 1, []), state, log=lambda line: None)
+    server._handle(conn, ("sync", 1, [], False), state, log=lambda line: None)
     clock.now = 8.0  # and asks for the next rollout 0.5 s after the sync
     server._handle(conn, ("generate", 1, [], 1, GREEDY, 1), state, log=lambda line: None)
     idle = [message[4] for message in conn.sent]
@@ -388,6 +406,155 @@ def test_the_servers_own_error_line_leads_the_log_hint_when_shutdown_lines_follo
     assert server_log_hint(log).startswith(f"; its log ({log}) ends:")  # in the tail already: said once
     log.write_text("\n".join(["urlvr: note: a note, not an error", *shutdown]) + "\n")
     assert server_log_hint(log).startswith(f"; its log ({log}) ends:")
+
+
+def _slow_server(model_path: Path, out: Path, model, tokenizer, *, request_timeout_s: float = 120,
+                 **backend) -> ServerRolloutEngine:
+    """A server whose backend is tests/engine_plugins.py's `test_slow` (`delay_s`, `text_bytes`)."""
+    engine = {"name": "server", "backend": {"name": "test_slow", **backend}, "startup_timeout_s": 120,
+              "request_timeout_s": request_timeout_s}
+    recipe = load_recipe(small_run_recipe(model_path, out, plugins=["engine_plugins"],
+                                          rollout={"engine": engine, "group_size": 2, "max_new_tokens": 8}))
+    return ServerRolloutEngine.from_recipe(recipe, model, tokenizer, CPU)
+
+
+def test_a_sync_completes_while_an_answer_larger_than_the_socket_buffers_waits_to_be_read(random_tiny_model,
+                                                                                           tmp_path):
+    """k >= 1: the server answers the next step's request (a real step's groups are megabytes)
+    while the trainer is in the weight broadcast. A trainer that reads answers only when it
+    collects them leaves the server blocked on sending, and the broadcast waits for that server:
+    a deadlock until request_timeout_s, at every step of every real run."""
+    path, model, tokenizer = random_tiny_model
+    engine = _slow_server(path, tmp_path / "run", model, tokenizer, text_bytes=6_000_000)  # 24 MB of groups
+    try:
+        ticket = engine.submit(_prompts(tokenizer, 2), 2, GREEDY, version=0)
+        engine.push_weights(model, 1)
+        served = engine.collect(ticket)
+        assert [len(s.text) >= 6_000_000 for g in served.groups for s in g.samples] == [True] * 4
+        assert {g.policy_version for g in engine.generate(_prompts(tokenizer, 2), 1, GREEDY)} == {1}
+    finally:
+        engine.close()
+
+
+# --------------------------------------------------------------------------- a server the user started
+@pytest.fixture
+def user_server(random_tiny_model, tmp_path):
+    """(address, key) of `urlvr serve` started as a user would (its own key, any free port);
+    stopped after the test."""
+    path, _, _ = random_tiny_model
+    recipe = small_run_recipe(path, tmp_path / "served", rollout={"engine": {"name": "server", "backend": "transformers"}})
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(recipe))
+    key, log = "user-key", tmp_path / "serve.log"
+    env = {**os.environ, "URLVR_SERVER_KEY": key}
+    with open(log, "wb") as sink:
+        server = subprocess.Popen([sys.executable, "-m", "urlvr.cli", "serve", str(tmp_path / "serve.yaml"), "--port",
+                                   "0"], env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while "ready on" not in log.read_text() and server.poll() is None:
+            time.sleep(0.2)
+        assert server.poll() is None, log.read_text()
+        port = log.read_text().split("ready on 127.0.0.1:", 1)[1].split()[0]
+        yield f"127.0.0.1:{port}", key
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _attach(model_path: Path, out: Path, address: str, model, tokenizer, **engine) -> ServerRolloutEngine:
+    return ServerRolloutEngine.from_recipe(_engine_recipe(model_path, out, address=address, **engine), model,
+                                           tokenizer, CPU)
+
+
+def test_a_wrong_key_or_a_silent_connection_does_not_lock_the_next_trainer_out(user_server, random_tiny_model,
+                                                                                 tmp_path, monkeypatch):
+    """The key exchange of one client (a wrong key, or a port scanner that connects and says
+    nothing) must not stop or block the server's acceptance of the next trainer."""
+    address, key = user_server
+    path, model, tokenizer = random_tiny_model
+    monkeypatch.setenv("URLVR_SERVER_KEY", "not-the-key")
+    with pytest.raises(GenerationServerError, match="refused the key"):
+        _attach(path, tmp_path / "wrong", address, model, tokenizer)
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))):  # connects, says nothing, stays open
+        monkeypatch.setenv("URLVR_SERVER_KEY", key)
+        engine = _attach(path, tmp_path / "right", address, model, tokenizer, startup_timeout_s=60)
+        assert {g.policy_version for g in engine.generate(_prompts(tokenizer), 1, GREEDY)} == {0}
+        engine.close()
+
+
+def test_a_second_run_cannot_take_the_weights_of_a_server_another_run_holds(user_server, random_tiny_model,
+                                                                            tmp_path, monkeypatch):
+    """Two runs on one server would push the same version numbers with different weights: one
+    run's requests would be sampled by the other's policy, silently. The second is refused at
+    once; when the first leaves, the next run takes the server over."""
+    address, key = user_server
+    path, model, tokenizer = random_tiny_model
+    monkeypatch.setenv("URLVR_SERVER_KEY", key)
+    first = _attach(path, tmp_path / "first", address, model, tokenizer)
+    with pytest.raises(GenerationServerError, match="refused this trainer: another training run holds this server"):
+        _attach(path, tmp_path / "second", address, model, tokenizer)
+    assert {g.policy_version for g in first.generate(_prompts(tokenizer), 1, GREEDY)} == {0}  # undisturbed
+    first.close()  # the first run ends
+    after = _attach(path, tmp_path / "after", address, model, tokenizer)
+    assert {g.policy_version for g in after.generate(_prompts(tokenizer), 1, GREEDY)} == {0}
+    after.close()
+
+
+def test_a_run_that_starts_on_a_server_a_finished_run_left_at_a_later_version_is_served(user_server,
+                                                                                       random_tiny_model, tmp_path,
+                                                                                       monkeypatch):
+    """A run left the server at version 5; the next run's rank 1 may ask for version 0 before
+    its rank 0 has pushed it: the request waits for that push (not an error about version 5)."""
+    address, key = user_server
+    path, model, tokenizer = random_tiny_model
+    monkeypatch.setenv("URLVR_SERVER_KEY", key)
+    finished = _attach(path, tmp_path / "finished", address, model, tokenizer)
+    finished.push_weights(model, 5)
+    finished.close()
+    rank1 = ServerRolloutEngine.from_recipe(_engine_recipe(path, tmp_path / "new", address=address), model, tokenizer,
+                                            DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu")))
+    ticket = rank1.submit(_prompts(tokenizer), 1, GREEDY, version=0)
+    rank0 = _attach(path, tmp_path / "new", address, model, tokenizer)  # pushes version 0
+    assert rank1.collect(ticket).version == 0
+    rank0.close()
+    rank1.close()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"intermediate_size": 96}, r"model.layers.0.mlp.gate_proj.weight is \[96, 64\] in the trainer, \[128, 64\] in the server"),
+    ({"num_hidden_layers": 3}, "it sends 'model.layers.2.self_attn.q_proj.weight', which the server's model does not have"),
+])
+def test_a_trainer_whose_model_does_not_fit_the_servers_is_one_clear_error_at_once(change, message, user_server,
+                                                                                   random_tiny_model, tmp_path,
+                                                                                   monkeypatch):
+    """A server started for another model: the first sync names the first weight that does not
+    fit, before any weight moves (a load that fails half-way would leave the trainer in the
+    broadcast until request_timeout_s)."""
+    address, key = user_server
+    path, model, tokenizer = random_tiny_model
+    other = type(model)(model.config.__class__(**{**model.config.to_dict(), **change}))
+    monkeypatch.setenv("URLVR_SERVER_KEY", key)
+    with pytest.raises(GenerationServerError, match=f"failed a weight sync: the trainer's model does not fit this "
+                                                     f"server's \\(.*\\): {message}"):
+        _attach(path, tmp_path / "other", address, other, tokenizer, request_timeout_s=60)
+    attached = _attach(path, tmp_path / "same", address, model, tokenizer)  # the server is free for the right model
+    assert {g.policy_version for g in attached.generate(_prompts(tokenizer), 1, GREEDY)} == {0}
+    attached.close()
+
+
+@pytest.mark.parametrize(("port", "message"), [(70000, "--port 70000: a port is 0-65535"),
+                                               ("busy", r"cannot listen on 127.0.0.1:\d+ \(Address already in use\)")])
+def test_urlvr_serve_refuses_a_bad_or_busy_address_before_loading_the_model(port, message, tmp_path):
+    from urlvr.commands.serve import run_server
+
+    recipe = small_run_recipe(tmp_path / "no-model-here", tmp_path / "run", rollout={"engine": {"name": "server"}})
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(recipe))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1] if port == "busy" else port
+        with pytest.raises(RecipeError, match=message):  # the address, not the missing model: it fails first
+            run_server(tmp_path / "serve.yaml", host="127.0.0.1", port=port, key=None)
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -463,46 +630,6 @@ def test_an_engine_whose_section_overlaps_training_needs_the_overlap_members_at_
 
     with pytest.raises(TypeError, match="collect takes"):
         check_engine(WrongCollect, "server")
-
-
-def test_a_wrong_key_or_a_mute_client_holds_up_no_one_else(random_tiny_model, tmp_path):
-    """A client with the wrong key used to kill the server's accept thread (every later trainer then
-    timed out on the handshake), and one that connected and said nothing blocked all others."""
-    from multiprocessing import AuthenticationError
-    from multiprocessing.connection import Client
-
-    from urlvr.rollout.server_engine import _stop, connect, launch_server
-
-    path, _, _ = random_tiny_model
-    process, address, key, log = launch_server(_engine_recipe(path, tmp_path / "run"), tmp_path / "server")
-    try:
-        host, port = address.rsplit(":", 1)
-        first, _ = connect(address, key, 120, process, log)  # up and answering (kept: a server urlvr
-        # started stops when its last trainer connection closes)
-        with socket.create_connection((host, int(port))):  # connects, never answers the challenge
-            with pytest.raises(AuthenticationError):
-                Client((host, int(port)), authkey=b"not the key")
-            connection, hello = connect(address, key, 20, process, log)
-            assert hello["backend"] == "transformers"
-            connection.close()
-        assert "refused a connection (AuthenticationError" in log.read_text()
-        first.close()
-    finally:
-        _stop(process)
-
-
-def test_a_trainer_model_the_server_did_not_load_is_one_clear_error_not_a_hang(served, random_tiny_model):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    engine, model, tokenizer = served
-    config = LlamaConfig(**{**model.config.to_dict(), "intermediate_size": 96})
-    other = LlamaForCausalLM(config)
-    engine.push_weights(other, 1)
-    started = time.monotonic()
-    with pytest.raises(GenerationServerError, match=r"failed a sync: ValueError: the trainer sends model\.layers\.0\."
-                                                    r"mlp\.\w+_proj\.weight of shape \[\d+, \d+\], the server's model"):
-        engine.generate(_prompts(tokenizer), 1, GREEDY)
-    assert time.monotonic() - started < 15
 
 
 def test_the_server_generation_time_is_logged_so_the_overlap_can_be_read(random_tiny_model, tmp_path):

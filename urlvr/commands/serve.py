@@ -10,6 +10,7 @@ URLVR_SERVER_KEY; a server bound beyond this machine (`--host 0.0.0.0`) refuses 
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import sys
 import time
@@ -38,7 +39,8 @@ def run_server(recipe_path: str | Path, *, host: str, port: int, key: str | None
         if host not in _LOOPBACK:
             raise RecipeError(f"--host {host}: a server reachable from other machines needs a key: set {KEY_VARIABLE}")
         key = LOCAL_KEY
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = load_recipe(recipe_path, overrides or ())
+    listener = listen(host, port)  # a bad or busy address fails now, not after minutes of model loading
     engine = recipe.rollout.engine
     backend = getattr(engine, "backend", engine)  # a server recipe names its backend; a colocated one is its own
     options = engine if backend is not engine else None
@@ -54,6 +56,7 @@ def run_server(recipe_path: str | Path, *, host: str, port: int, key: str | None
     started = time.monotonic()
     say(f"urlvr serve: loading {recipe.model.path} for the {backend.name} backend")
     model, tokenizer = load_model_and_tokenizer(recipe)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}  # what a sync must fill
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     backend_class = ROLLOUT_ENGINES.get(backend.name)
     if backend_class.uses_trainer_module:  # it samples from this module; one with its own copy (vLLM) leaves it on the host
@@ -65,28 +68,30 @@ def run_server(recipe_path: str | Path, *, host: str, port: int, key: str | None
     store = td.TCPStore(host, 0, None, True, timeout=_seconds(options.request_timeout_s if options else 900),
                         wait_for_workers=False)
     state = ServerState(backend_engine, load, store, sync_timeout_s=options.request_timeout_s if options else 900.0,
-                        check_layout=lambda layout: check_layout(model, layout, recipe.model.path),
-                        backend_name=backend.name)
-    with Listener((host, port)) as listener:  # each connection proves the key in its own thread (rollout/server.py)
+                        shapes=shapes, model=str(recipe.model.path), backend_name=backend.name)
+    with listener:
         say(f"urlvr serve: ready on {host}:{listener.address[1]} after {time.monotonic() - started:.0f} s "
             f"(weights channel on port {store.port}, pid {os.getpid()})")
         try:
-            serve(listener, key.encode(), state, exit_with_clients=exit_with_clients, parent_pid=parent_pid, log=say)
+            serve(listener, state, key=key.encode(), exit_with_clients=exit_with_clients, parent_pid=parent_pid,
+                  log=say)
         except KeyboardInterrupt:  # Ctrl-C ends a server the user started: nothing to resume
             say("urlvr serve: interrupted; stopped")
 
 
-def check_layout(model: torch.nn.Module, layout: list, model_path: str) -> None:
-    """ValueError naming the first tensor of a sync's layout that the server's model lacks or holds
-    in another shape: the trainer trains another model than the one this server loaded."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    for spec in (spec for bucket in layout for spec in bucket):
-        if spec.name not in params:
-            raise ValueError(f"the trainer sends {spec.name}, which the server's model ({model_path}) does not have: "
-                             "the two sides load different models")
-        if tuple(params[spec.name].shape) != spec.shape:
-            raise ValueError(f"the trainer sends {spec.name} of shape {list(spec.shape)}, the server's model "
-                             f"({model_path}) holds {list(params[spec.name].shape)}: the two sides load different models")
+def listen(host: str, port: int) -> Listener:
+    """A listener on host:port (the key exchange runs per connection: rollout/server.py).
+    RecipeError naming the address when it cannot be had (a port in use, out of range, an
+    unknown host)."""
+    if not 0 <= port < 65536:
+        raise RecipeError(f"--port {port}: a port is 0-65535 (0 = any free one)")
+    try:
+        return Listener((host, port))
+    except OSError as err:
+        reason = err.strerror or str(err)
+        hint = ": another server runs there? pick another --port, or 0 for any free one" if \
+            err.errno == errno.EADDRINUSE else ""
+        raise RecipeError(f"serve: cannot listen on {host}:{port} ({reason}){hint}") from None
 
 
 def copy_into(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:

@@ -19,27 +19,36 @@ which is what bounds the staleness to the trainer's `max_staleness`. Each reply 
 the server sat idle before the request came (`async/server_idle_s`): the time since its last
 generation ended, less the time it spent loading weights. Waiting for a sync is idleness too:
 with k = 0 the server waits out every update, with k = 1 whatever of it outlasts a generation.
+
+A sync's layout (names, shapes, dtypes) is checked against the served model before any weight
+moves. The trainer waits for that go-ahead on its first sync only (the layout of a run never
+changes); later syncs are broadcast in the background while the server may still be generating,
+and a later refusal still takes the broadcast, so the trainer hears why instead of timing out.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import signal
+import socket
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge, wait
 
 import torch
 import torch.distributed as td
 
 from urlvr.rollout.base import RolloutEngine
-from urlvr.rollout.weight_channel import SERVER, WeightChannel
+from urlvr.rollout.weight_channel import SERVER, TensorSpec, WeightChannel
 
-PROTOCOL = 1  # bumped when a message changes shape: a trainer and a server of other versions refuse each other
+PROTOCOL = 2  # bumped when a message changes shape: a trainer and a server of other versions refuse each other
+HANDSHAKE_TIMEOUT_S = 120.0  # a connection that has not completed the key exchange by then is dropped
 
 
 @dataclass
@@ -51,24 +60,27 @@ class ServerState:
     store: td.TCPStore
     version: int = -1  # no sync yet: every generate waits for the first one (version 0 = the trainer's start)
     channel: WeightChannel | None = None
+    owner: Connection | None = None  # the connection (trainer rank 0) whose weights the server serves
+    shapes: dict[str, tuple[int, ...]] | None = None  # every parameter name of the served model -> its shape
+    model: str = "?"  # what the server loaded (for messages)
+    backend_name: str = ""  # the backend it runs (told to every trainer that connects)
     deferred: list[tuple[Connection, tuple]] = field(default_factory=list)
     # when the last generation ended (at first: when the server was ready), moved on by each weight load's
     # duration, so that `now - idle_since` is the time spent waiting, for the weights or for a request
     idle_since: float = field(default_factory=time.monotonic)
     sync_timeout_s: float = 600.0
-    check_layout: Callable[[list], None] | None = None  # ValueError when a sync's layout does not fit the model
-    backend_name: str = ""
 
 
-def serve(listener: Listener, key: bytes, state: ServerState, *, exit_with_clients: bool,
+def serve(listener: Listener, state: ServerState, *, key: bytes, exit_with_clients: bool,
           parent_pid: int | None = None, log: Callable[[str], None] = print) -> None:
     """Answer requests until told to stop: when `exit_with_clients`, once every connection that
     was opened has closed (the trainer ended, or died: a kill -9 closes its sockets) or the
-    parent process is gone. `listener` takes no key itself: each connection proves `key` in a
-    thread of its own, so a client with the wrong key, or one that never answers, holds up
-    nobody else."""
+    parent process is gone. `listener` has no authkey of its own: each connection proves `key`
+    in a thread of its own (`_admit`)."""
     accepted: queue.Queue[Connection] = queue.Queue()
     threading.Thread(target=_accept_forever, args=(listener, key, accepted, log), daemon=True).start()
+    if exit_with_clients and parent_pid is not None:
+        threading.Thread(target=_exit_when_orphaned, args=(parent_pid, log), daemon=True).start()
     connections: list[Connection] = []
     ever_connected = False
     while True:
@@ -78,12 +90,16 @@ def serve(listener: Listener, key: bytes, state: ServerState, *, exit_with_clien
         if exit_with_clients and ((ever_connected and not connections) or _orphaned(parent_pid)):
             log("urlvr serve: the trainer is gone; stopping")
             return
-        for conn in wait(connections, timeout=0.2):
+        ready = wait(connections, timeout=0.2)
+        for conn in sorted(ready, key=connections.index):  # a dead trainer's end before its successor's start
             try:
                 message = conn.recv()
             except (EOFError, OSError):
                 connections.remove(conn)
                 state.deferred = [(c, m) for c, m in state.deferred if c is not conn]
+                if conn is state.owner:  # its policy is nobody's now: the next trainer pushes its own first
+                    state.owner, state.channel, state.version = None, None, -1
+                    log("urlvr serve: the trainer that owned the weights left; waiting for the next one's")
                 continue
             if message[0] == "stop":
                 log("urlvr serve: stopped by the trainer")
@@ -93,25 +109,50 @@ def serve(listener: Listener, key: bytes, state: ServerState, *, exit_with_clien
 
 
 def _accept_forever(listener: Listener, key: bytes, accepted: queue.Queue, log: Callable[[str], None]) -> None:
+    """Accept connections and hand each to its own key exchange: a client with a wrong key, or
+    one that connects and says nothing (a port scanner, a health check), must not stop or block
+    the acceptance of the next trainer (Listener(authkey=...) runs the exchange inside accept)."""
     while True:
         try:
             conn = listener.accept()
         except OSError:  # a connection reset before it was accepted
             continue
-        threading.Thread(target=_admit, args=(conn, key, accepted, log), daemon=True).start()
+        threading.Thread(target=_admit, args=(conn, key, listener.last_accepted, accepted, log), daemon=True).start()
 
 
-def _admit(conn: Connection, key: bytes, accepted: queue.Queue, log: Callable[[str], None]) -> None:
-    """The key exchange of `multiprocessing.connection` (the server's half of `Listener.accept`),
-    then the connection joins the served ones; a wrong key or a broken peer is refused and logged."""
+def _admit(conn: Connection, key: bytes, peer, accepted: queue.Queue, log: Callable[[str], None]) -> None:
+    """`conn` into `accepted` once it proved the key (both ways, as `Listener` would), within
+    HANDSHAKE_TIMEOUT_S; else it is closed and the refusal logged."""
+    guard = socket.socket(fileno=os.dup(conn.fileno()))  # to end a blocked read from the timer thread
+    done = threading.Event()
+    timer = threading.Timer(HANDSHAKE_TIMEOUT_S, lambda: done.is_set() or guard.shutdown(socket.SHUT_RDWR))
+    timer.start()
     try:
         deliver_challenge(conn, key)
         answer_challenge(conn, key)
-    except Exception as err:  # AuthenticationError, EOFError, OSError: this connection only
-        log(f"urlvr serve: refused a connection ({type(err).__name__}: {err})")
+        done.set()
+    except (AuthenticationError, OSError, EOFError) as err:
+        reason = "a wrong key" if isinstance(err, AuthenticationError) else f"no key exchange ({type(err).__name__})"
+        log(f"urlvr serve: refused a connection from {peer}: {reason}")
         conn.close()
         return
+    finally:
+        timer.cancel()
+        guard.close()
     accepted.put(conn)
+
+
+def _exit_when_orphaned(parent_pid: int, log: Callable[[str], None]) -> None:
+    """End this server within a second of its trainer's death, whatever it is doing: the main loop
+    only notices between requests, and a long generation (minutes) would hold the devices a
+    resumed run's new server needs. A server urlvr started leads a session of its own
+    (`launch_server`): its children (vLLM's engine processes) go with it."""
+    while not _orphaned(parent_pid):
+        time.sleep(0.5)
+    log("urlvr serve: the trainer is gone; stopping now")
+    if os.getsid(0) == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(1)
 
 
 def _orphaned(parent_pid: int | None) -> bool:
@@ -127,21 +168,26 @@ def _handle(conn: Connection, message: tuple, state: ServerState, log: Callable[
                                  "pid": os.getpid(), "backend": state.backend_name}))
         elif kind == "channel":
             _, session = message
+            if state.owner is not None and state.owner is not conn:
+                raise Refused("another training run holds this server's weights (one run per server: the policy "
+                              "versions of two runs would mix); stop that run, or start another server")
+            _reply(conn, ("channel", "open"))  # before the group forms: a refusal is an answer, not a timeout
             state.channel = WeightChannel(state.store, session, SERVER, state.sync_timeout_s)
+            state.owner = conn
         elif kind == "sync":
-            _, version, layout = message
-            if state.channel is None:
-                raise RuntimeError("a sync before the weight channel was opened")
-            started = time.monotonic()
-            received = state.channel.receive(layout)
-            try:
-                if state.check_layout is not None:
-                    state.check_layout(layout)
-                state.load_weights(received)
-            except Exception:
-                for _ in received:  # take the rest of the broadcast, so the trainer's send completes and it hears why
-                    pass
-                raise
+            _, version, layout, confirm = message
+            if state.channel is None or conn is not state.owner:
+                raise Refused("a weight sync from a connection that does not hold the weight channel")
+            mismatch = layout_mismatch(layout, state.shapes)
+            if mismatch:
+                if not confirm:  # the trainer is already broadcasting: take it, then say why
+                    for _ in state.channel.receive(layout):
+                        pass
+                raise Refused(f"the trainer's model does not fit this server's ({state.model}): {mismatch}")
+            if confirm:
+                _reply(conn, ("sync", "ready"))  # the trainer broadcasts only into a load that can take it
+            started, state.version = time.monotonic(), -1  # a half-loaded policy is nobody's: serve none until done
+            _load(state, layout)
             state.version = version
             loading = time.monotonic() - started
             log(f"urlvr serve: serving policy version {version} (sync {loading:.1f} s)")
@@ -153,9 +199,45 @@ def _handle(conn: Connection, message: tuple, state: ServerState, log: Callable[
                 _generate(conn, message, state)
         else:
             raise ValueError(f"unknown request {kind!r}")
+    except Refused as err:
+        log(f"urlvr serve: refused a {kind}: {err}")
+        _reply(conn, ("error", message[1] if kind == "generate" else kind, str(err)))
     except Exception as err:  # the trainer gets the reason; the server stays up for the next request
         log(f"urlvr serve: {kind} failed: {type(err).__name__}: {err}\n{traceback.format_exc()}")
         _reply(conn, ("error", message[1] if kind == "generate" else kind, f"{type(err).__name__}: {err}"))
+
+
+class Refused(Exception):
+    """A request the server declines on purpose: its message goes to the trainer as it is."""
+
+
+def layout_mismatch(layout: list[list[TensorSpec]], shapes: dict[str, tuple[int, ...]] | None) -> str | None:
+    """What keeps a sync of `layout` from loading into a model whose parameters have `shapes`
+    (every name, tied names included, as `weight_sync` sends them), or None when it fits."""
+    if shapes is None:
+        return None
+    sent = {spec.name: tuple(spec.shape) for bucket in layout for spec in bucket}
+    for name, shape in sent.items():
+        if name not in shapes:
+            return f"it sends {name!r}, which the server's model does not have"
+        if tuple(shapes[name]) != shape:
+            return f"{name} is {list(shape)} in the trainer, {list(shapes[name])} in the server"
+    missing = [name for name in shapes if name not in sent]
+    if missing:
+        return f"it sends no {missing[0]!r} ({len(missing)} of the server's weights would stay as they are)"
+    return None
+
+
+def _load(state: ServerState, layout: list[list[TensorSpec]]) -> None:
+    """Receive a sync into the backend. A load that fails part-way still takes the rest of the
+    broadcast, so that the trainer's send completes and it hears the reason (not a timeout)."""
+    received = state.channel.receive(layout)
+    try:
+        state.load_weights(received)
+    except Exception:
+        for _ in received:
+            pass
+        raise
 
 
 def _generate(conn: Connection, message: tuple, state: ServerState) -> None:

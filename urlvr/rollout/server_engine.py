@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import queue
 import re
 import secrets
 import socket
@@ -136,10 +137,17 @@ class ServerRolloutEngine:
         self.process, self.log_path = process, log_path
         self.version = -1  # the last version pushed (0 = the trainer's start)
         self._next_id, self._answers, self._requested = 0, {}, {}  # tickets: answers kept, (version, count) asked
+        self._confirmed_layout = None  # the sync layout the server accepted (checked once per run)
+        # every answer is read as soon as it arrives, whatever the trainer is doing: a server blocked on
+        # sending an answer larger than the socket buffers (a step's groups: megabytes) while the trainer
+        # waits in the weight broadcast for that server would be a deadlock
+        self._inbox: queue.Queue[tuple] = queue.Queue()
+        threading.Thread(target=_read_forever, args=(connection, self._inbox), daemon=True).start()
         self.channel = None
         if dist.is_main:
             session = secrets.token_hex(8)
             self._send(("channel", session))
+            self._await("channel", "the weight channel")  # the server's consent, before the group forms
             store = td.TCPStore(host, store_port, None, False, _timedelta(options.startup_timeout_s))
             self.channel = WeightChannel(store, session, TRAINER, options.request_timeout_s)
         if process is not None:
@@ -161,13 +169,20 @@ class ServerRolloutEngine:
             address, key = options.address, _attach_key(options.address)
         connection, hello = connect(address, key, options.startup_timeout_s, process, log_path)
         if options.changed("backend") and hello.get("backend") and hello["backend"] != options.backend.name:
+            _hang_up(connection)
             raise GenerationServerError(f"the generation server at {address} runs the {hello['backend']} backend, the "
                                         f"recipe names {options.backend.name} (rollout.engine.backend): attach to the "
                                         "server it names, or drop the field")
         host = address.rsplit(":", 1)[0]
-        engine = cls(connection, dist, options, store_port=hello["store_port"], host=host, process=process,
-                     log_path=log_path)
-        engine.push_weights(model, version=0)  # the server samples the trainer's weights, whatever it loaded
+        try:
+            engine = cls(connection, dist, options, store_port=hello["store_port"], host=host, process=process,
+                         log_path=log_path)
+            engine.push_weights(model, version=0)  # the server samples the trainer's weights, whatever it loaded
+        except BaseException:  # a refused or failed start leaves the server free (and stops one urlvr started)
+            _hang_up(connection)
+            if process is not None:
+                _stop(process)
+            raise
         return engine
 
     # ------------------------------------------------------------------ the protocol
@@ -220,24 +235,35 @@ class ServerRolloutEngine:
         else:
             layout = [[TensorSpec(name, tuple(getattr(p, "ds_shape", p.shape)), dtype) for name, p in bucket]
                       for bucket in parameter_buckets(model, bucket_bytes)]
+            # the server checks the layout against its model before any weight moves; the trainer waits for
+            # that go-ahead once (a run's layout never changes): later syncs are broadcast in the background
+            # while the server may still be generating, so the trainer never waits for a generation here
+            confirm = layout != self._confirmed_layout
             try:
                 self.channel.finish()  # the previous version's broadcast: the server has taken it
-                self._send(("sync", version, layout))
-                self.channel.send(layout, weights)  # sent in the background while the server may still generate
+                self._send(("sync", version, layout, confirm))
+                if confirm:
+                    self._await("sync", f"the weight sync of version {version}")
+                    self._confirmed_layout = layout
+                self.channel.send(layout, weights)
             except RuntimeError as err:  # gloo's timeout or a closed peer
+                exited = self.process is not None and self.process.poll() is not None
+                reason = f"the server exited (code {self.process.returncode})" if exited else str(err).split(". ")[0]
                 raise GenerationServerError(f"the weight sync to the generation server failed (version {version}, "
-                                            f"timeout {format_seconds(self.options.request_timeout_s)}): {err}"
+                                            f"timeout {format_seconds(self.options.request_timeout_s)}): {reason}"
                                             f"{self._log_hint()}") from None
         self.version = version
 
     def close(self) -> None:
-        """Stop a server urlvr started (a server the user started keeps running). A broadcast still
-        in flight is given up: the run is over."""
+        """Stop a server urlvr started (a server the user started keeps running, free for the next
+        run). Idempotent."""
         if self.process is not None:
             try:
                 self.connection.send(("stop",))
             except OSError:
                 pass
+        _hang_up(self.connection)
+        if self.process is not None:
             _stop(self.process)
 
     # ------------------------------------------------------------------ the connection
@@ -251,15 +277,18 @@ class ServerRolloutEngine:
         timeout, started = self.options.request_timeout_s, time.monotonic()
         while True:
             try:
-                if self.connection.poll(_POLL_S):
-                    answer = self.connection.recv()
-                    if answer[0] == "error" and not isinstance(answer[1], int):  # a failed sync or channel
-                        raise GenerationServerError(f"the generation server failed a {answer[1]}: {answer[2]}"
-                                                    f"{self._log_hint()}")
-                    return answer
-            except (EOFError, OSError) as err:
+                answer = self._inbox.get(timeout=_POLL_S)
+            except queue.Empty:
+                answer = None
+            if answer is not None and answer[0] == _CLOSED:
+                self._inbox.put(answer)  # every later wait fails the same way
                 raise GenerationServerError(f"the generation server closed the connection while the trainer waited for "
-                                            f"{what} ({type(err).__name__}){self._log_hint()}") from None
+                                            f"{what} ({answer[1]}){self._log_hint()}")
+            if answer is not None and answer[0] == "error" and not isinstance(answer[1], int):  # a failed sync or channel
+                failed = {"channel": "refused this trainer", "sync": "failed a weight sync"}.get(answer[1], answer[1])
+                raise GenerationServerError(f"the generation server {failed}: {answer[2]}{self._log_hint()}")
+            if answer is not None:
+                return answer
             if self.process is not None and self.process.poll() is not None:
                 raise GenerationServerError(f"the generation server exited (code {self.process.returncode}) while the "
                                             f"trainer waited for {what}{self._log_hint()}")
@@ -268,8 +297,43 @@ class ServerRolloutEngine:
                                             f"{format_seconds(timeout)} (rollout.engine.request_timeout_s): hung or "
                                             f"overloaded{self._log_hint()}")
 
+    def _await(self, kind: str, what: str) -> None:
+        """Wait for the server's go-ahead (`(kind, ...)`), keeping the groups that arrive meanwhile."""
+        while True:
+            answer = self._receive(what)
+            if answer[0] == kind:
+                return
+            self._answers[answer[1]] = answer
+
     def _log_hint(self) -> str:
         return server_log_hint(self.log_path)
+
+
+_CLOSED = "closed"  # what the reader puts in the inbox when the connection ends
+
+
+def _hang_up(connection: Connection) -> None:
+    """End the connection for both sides now. A plain close() would not: the reader thread's
+    blocked recv keeps the socket open, and a server the user started would still count this run
+    as the one that holds its weights."""
+    if connection.closed:
+        return
+    try:
+        with socket.socket(fileno=os.dup(connection.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already reset by the server
+        pass
+    connection.close()
+
+
+def _read_forever(connection: Connection, inbox: queue.Queue) -> None:
+    """Move the server's answers into `inbox` as they arrive, until the connection ends."""
+    while True:
+        try:
+            inbox.put(connection.recv())
+        except (EOFError, OSError) as err:
+            inbox.put((_CLOSED, type(err).__name__))
+            return
 
 
 # --------------------------------------------------------------------------- starting and reaching a server
