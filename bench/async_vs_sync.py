@@ -72,8 +72,7 @@ def engine_section(config: str, args: argparse.Namespace) -> dict:
     backend = colocated_engine(args)
     if config == "sync":
         return backend
-    if backend["name"] == "vllm":
-        backend["sleep"] = False  # nothing else trains on the server's device share: never offload
+    # the server never sleeps (nothing else trains on its devices): its backend's `sleep` is refused there
     return {"name": "server", "backend": backend, "threads": args.threads,
             "startup_timeout_s": args.timeout, "request_timeout_s": args.timeout}
 
