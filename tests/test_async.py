@@ -637,3 +637,18 @@ def test_the_server_generation_time_is_logged_so_the_overlap_can_be_read(random_
     train(async_recipe(path, tmp_path / "k1", steps=2, max_staleness=1))
     logged = [json.loads(line) for line in (tmp_path / "k1" / "metrics.jsonl").read_text().splitlines()]
     assert all(row["async/server_generate_s"] > 0 for row in logged)
+
+
+def test_the_server_sees_a_finished_run_hang_up_without_taking_its_messages():
+    """A run that ended (its engine closed) is no rival of the next run, even when the next run's
+    request is read before the old connection's end: the server peeks at the old socket."""
+    from multiprocessing import Pipe
+
+    from urlvr.rollout.server import _hung_up
+
+    server_end, trainer_end = Pipe()
+    assert not _hung_up(server_end)  # open, nothing sent
+    trainer_end.send(("generate", 0))
+    assert not _hung_up(server_end) and server_end.recv() == ("generate", 0)  # the message is still there
+    trainer_end.close()
+    assert _hung_up(server_end)

@@ -123,7 +123,7 @@ def attached(vllm_server, tmp_path):
     model, tokenizer = load_model_and_tokenizer(recipe)
     engine = ServerRolloutEngine.from_recipe(recipe, model, tokenizer, CPU)  # pushes version 0
     yield engine, model, tokenizer
-    engine.connection.close()  # an attached engine leaves the server running
+    engine.close()  # hangs up; an attached engine leaves the server running, free for the next trainer
 
 
 def _prompts(tokenizer) -> list[PromptInput]:

@@ -168,6 +168,9 @@ def _handle(conn: Connection, message: tuple, state: ServerState, log: Callable[
                                  "pid": os.getpid(), "backend": state.backend_name}))
         elif kind == "channel":
             _, session = message
+            if state.owner is not None and state.owner is not conn and _hung_up(state.owner):
+                # the owner's end arrived after its successor's request: a finished run, not a rival
+                state.owner, state.channel, state.version = None, None, -1
             if state.owner is not None and state.owner is not conn:
                 raise Refused("another training run holds this server's weights (one run per server: the policy "
                               "versions of two runs would mix); stop that run, or start another server")
@@ -205,6 +208,17 @@ def _handle(conn: Connection, message: tuple, state: ServerState, log: Callable[
     except Exception as err:  # the trainer gets the reason; the server stays up for the next request
         log(f"urlvr serve: {kind} failed: {type(err).__name__}: {err}\n{traceback.format_exc()}")
         _reply(conn, ("error", message[1] if kind == "generate" else kind, f"{type(err).__name__}: {err}"))
+
+
+def _hung_up(conn: Connection) -> bool:
+    """Whether the peer of `conn` has closed it, read without taking a message off it (a peek)."""
+    try:
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:  # open, nothing to read
+        return False
+    except OSError:  # reset or already closed
+        return True
 
 
 class Refused(Exception):
