@@ -34,6 +34,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,10 +290,17 @@ def test_staleness_1_through_the_vllm_server_samples_each_version_with_its_synce
     assert logged[0]["rollout/logprob_mismatch_mean"] < MISMATCH_MEAN_TOL
     assert logged[0]["rollout/logprob_mismatch_max"] < MISMATCH_MAX_TOL
     assert all(row["rollout/logprob_mismatch_mean"] > MISMATCH_MEAN_TOL for row in logged[1:])
-    with open(vllm_server.log, "rb") as log:
-        log.seek(log_start)
-        lines = log.read().decode(errors="replace")
-    assert [f"serving policy version {v} " in lines for v in range(5)] == [True] * 4 + [False]
+    # the last push goes out as the run ends: the server logs it once loaded, a moment after `train` returns
+    deadline, expected = time.monotonic() + 120, [True] * 4 + [False]
+    while True:
+        with open(vllm_server.log, "rb") as log:
+            log.seek(log_start)
+            lines = log.read().decode(errors="replace")
+        seen = [f"serving policy version {v} " in lines for v in range(5)]
+        if seen == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert seen == expected, lines[-2000:]
 
 
 def _run_cli(recipe: dict, folder: Path) -> subprocess.CompletedProcess:

@@ -56,6 +56,7 @@ from urlvr.section import VariantSection
 
 KEY_VARIABLE = "URLVR_SERVER_KEY"  # the shared secret of a server the user started (attach mode)
 LOCAL_KEY = "urlvr-local"  # the key of a server on this machine's loopback started without one
+_CLOSE_WAIT_S = 30.0  # the most a closing run waits for its last weights to reach the server
 _POLL_S = 0.5  # how often a wait looks at the server process while it waits for an answer
 
 
@@ -256,7 +257,13 @@ class ServerRolloutEngine:
 
     def close(self) -> None:
         """Stop a server urlvr started (a server the user started keeps running, free for the next
-        run). Idempotent."""
+        run). Idempotent. The last weights go out first: a user's server takes them whole (not a
+        broadcast cut off by the hang-up), within the channel's timeout."""
+        if self.channel is not None and not self.connection.closed:
+            try:
+                self.channel.finish(timeout_s=_CLOSE_WAIT_S)
+            except RuntimeError:  # the server is gone or hung: nothing more to hand it
+                pass
         if self.process is not None:
             try:
                 self.connection.send(("stop",))

@@ -75,12 +75,13 @@ class WeightChannel:
                 sent += flat.numel() * flat.element_size()
         return sent
 
-    def finish(self) -> None:
+    def finish(self, timeout_s: float | None = None) -> None:
         """Wait until the server has received every broadcast started so far. RuntimeError
-        (gloo's) when it did not within the channel's timeout, or went away."""
+        (gloo's) when it did not within `timeout_s` (default: the channel's timeout), or went away."""
         in_flight, self._in_flight = self._in_flight, []
+        bound = datetime.timedelta(0) if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         for work, _ in in_flight:
-            work.wait()
+            work.wait(bound)
 
     def receive(self, layout: Layout) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield `(name, tensor)` in layout order as each bucket arrives (fresh CPU tensors)."""
