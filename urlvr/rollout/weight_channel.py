@@ -16,7 +16,7 @@ yet (docs/async.md says what is verified where).
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +33,6 @@ class TensorSpec:
 
 
 Layout = list[list[TensorSpec]]  # buckets of tensors, in the order they are broadcast
-
-
-def bucket_layout(weights: Iterable[list[tuple[str, tuple[int, ...], torch.dtype]]]) -> Layout:
-    """The layout of a sync: one list of `TensorSpec` per bucket."""
-    return [[TensorSpec(name, tuple(shape), dtype) for name, shape, dtype in bucket] for bucket in weights]
 
 
 class WeightChannel:

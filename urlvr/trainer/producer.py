@@ -2,7 +2,7 @@
 `trainer.max_staleness` steps ahead from an engine that samples apart from the trainer.
 
 Policy versions count weight syncs: version v is the policy after v GRPO steps (version 0 the
-starting weights), so step t trains policy t-1 and pushes version t when its update is done.
+starting weights), so step t updates policy t-1 into policy t and pushes version t when done.
 With staleness k, the request for step s is sent at the start of step s-k, when the engine
 serves version s-k-1: a sample trained at step s is at most k versions old, and exactly k in
 the steady state. k = 0 asks for step s at step s, the on-policy algorithm; every request's
