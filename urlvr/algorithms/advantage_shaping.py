@@ -5,8 +5,10 @@ A shaper sees the whole global batch, the same on every rank: the prompt ids, ea
 voting answers and trained samples' answers, and the estimator's advantages `[B, G]` (float64).
 It returns the shaped advantages, its new per-prompt state and metrics. Its random draws come
 from a generator seeded by (recipe seed, step), so a resumed run draws what the uninterrupted
-one did. Variants: `none` (the default: nothing changes) and `ttrl_guard` (TTRL-Guard, arXiv
-2605.19444; algorithms/ttrl_guard.py).
+one did; `estimate` is the recipe's estimator (`algorithm.advantage`, its eps bound) on rewards
+`[num_groups, G]` float64. Variants: `none` (the default: nothing changes), `ttrl_guard`
+(TTRL-Guard, arXiv 2605.19444; algorithms/ttrl_guard.py) and `restrain` (RESTRAIN, arXiv
+2510.02172; algorithms/restrain.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
+from urlvr.algorithms.restrain import Estimate, RestrainSettings, restrain_group
 from urlvr.algorithms.ttrl_guard import GuardSettings, PromptHistory, guard_step
 from urlvr.registry import Registry
 from urlvr.section import VariantSection, check_variant_name
@@ -75,7 +78,7 @@ class TTRLGuardShaping(VariantSection):
 
     def shape(self, state: State, prompt_ids: Sequence[str], voters: Sequence[Sequence[str | None]],
               answers: Sequence[Sequence[str | None]], advantages: torch.Tensor,
-              rng: random.Random) -> tuple[torch.Tensor, State, dict[str, float]]:
+              rng: random.Random, *, estimate: Estimate) -> tuple[torch.Tensor, State, dict[str, float]]:
         """(advantages `[B, G]` float64, the new state, `ttrl_guard/*` metrics) of one step."""
         settings = GuardSettings(**self.model_dump(exclude={"name"}))
         histories = {pid: _history(saved) for pid, saved in state.items()}
@@ -86,6 +89,53 @@ class TTRLGuardShaping(VariantSection):
                    "ttrl_guard/skipped_fraction": sum(not kept for kept in step.kept) / count,
                    "ttrl_guard/bonus_prompt_fraction": sum(bool(bonus) for bonus in step.bonus) / count}
         return step.advantages, {pid: asdict(history) for pid, history in step.histories.items()}, metrics
+
+
+@ADVANTAGE_SHAPERS.register("restrain")
+class RestrainShaping(VariantSection):
+    """RESTRAIN (Yu et al. 2025, arXiv 2510.02172, §3): A_i = u_x · Σ_j w_j A_ij, or -delta · u_x where
+    M(x) < kappa·n, w_j = g(f_j) / Σ_l g(f_l), g(f) = exp(-(f - center)² / (2 sigma²)), u_x = g(c_ref/n)
+    (docs/rewards.md, "RESTRAIN"). Replaces the estimator's advantages from the group's answers:
+    the reward (majority_vote) is then only logged. The paper's defaults were not readable: these are ours."""
+
+    name: Literal["restrain"] = "restrain"
+    sigma: float = Field(0.3, gt=0.0)
+    """g's bandwidth: small tends to the majority vote alone, large to every answer alike (ours: 0.3)."""
+    center: float = Field(1.0, ge=0.0, le=1.0)
+    """g's centre k: 1 makes g rise with the vote share, as the paper's "monotonic" g (ours: 1.0)."""
+    kappa: float = Field(0.3, ge=0.0, le=1.0)
+    """Low consensus: majority count M(x) < kappa · voting samples; the paper's count threshold kappa,
+    here a share so that it carries over between group sizes (ours: 0.3; 0 switches the penalty off)."""
+    delta: float = Field(0.5, ge=0.0)
+    """The negative offset of every advantage of a low-consensus prompt (ours: 0.5)."""
+    prompt_weighting: bool = True
+    """u_x from the starting model: before step 1, the engine draws the voting samples once for every
+    training prompt (one extra generation pass over the data, with a progress line)."""
+
+    def settings(self) -> RestrainSettings:
+        return RestrainSettings(sigma=self.sigma, center=self.center, kappa=self.kappa, delta=self.delta)
+
+    @property
+    def wants_reference_answers(self) -> bool:
+        """u_x needs the starting model's answers to every training prompt, drawn before step 1."""
+        return self.prompt_weighting
+
+    def shape(self, state: State, prompt_ids: Sequence[str], voters: Sequence[Sequence[str | None]],
+              answers: Sequence[Sequence[str | None]], advantages: torch.Tensor,
+              rng: random.Random, *, estimate: Estimate) -> tuple[torch.Tensor, State, dict[str, float]]:
+        """(advantages `[B, G]` float64, the state unchanged, `restrain/*` metrics) of one step. The
+        state holds each prompt's `reference_share` (c_ref / n), drawn before step 1."""
+        settings = self.settings()
+        groups = []
+        for pid, votes, trained in zip(prompt_ids, voters, answers):
+            share = state[pid]["reference_share"] if self.prompt_weighting else None
+            groups.append(restrain_group(votes, trained, estimate, settings, share))
+        shaped = torch.tensor([g.advantages for g in groups], dtype=torch.float64).view_as(advantages)
+        count = max(len(groups), 1)
+        metrics = {"restrain/penalized_fraction": sum(g.penalized for g in groups) / count,
+                   "restrain/prompt_weight_mean": sum(g.prompt_weight for g in groups) / count,
+                   "restrain/candidates_mean": sum(g.candidates for g in groups) / count}
+        return shaped, state, metrics
 
 
 def _history(saved: dict[str, Any]) -> PromptHistory:

@@ -105,7 +105,8 @@ def with_advantages(parts: RunParts, scored: Scored, device: torch.device, rollo
         parts.advantage_state, all_gather_objects([r.prompt_id for r in rollout.records]),
         all_gather_objects([list(ctx.voters) for ctx in scored.contexts]),
         all_gather_objects([list(ctx.answers) for ctx in scored.contexts]),
-        all_gather_rows(local.flatten()).view(-1, group_size), random.Random(parts.settings.shaping_seed(step)))
+        all_gather_rows(local.flatten()).view(-1, group_size), random.Random(parts.settings.shaping_seed(step)),
+        estimate=lambda rewards: estimator(rewards, eps=algo.advantage_eps))
     return replace(scored, advantages=shaped.float().flatten().to(device), advantage_metrics=metrics)
 
 

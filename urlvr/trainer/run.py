@@ -24,6 +24,7 @@ from urlvr.trainer.build import build_run
 from urlvr.trainer.greedy_probe import greedy_rows
 from urlvr.trainer.loop import grpo_step
 from urlvr.trainer.outputs import RunOutputs
+from urlvr.trainer.reference_answers import check_restored, reference_shares
 from urlvr.trainer.resume import record_resume, resume_changes
 
 
@@ -99,6 +100,7 @@ class Trainer:
                 out.say(f"urlvr: resuming from step {start_step} ({resume_from})")
                 if dist.is_main:
                     self._record_changes(start_step, out)
+            self._reference_answers(parts, dist, start_step, out)
             if start_step == 0:  # the starting point: evaluation and greedy probe before any update
                 if recipe.eval.at_start:
                     self._evaluate(parts, 0, out, result)
@@ -179,6 +181,17 @@ class Trainer:
         parts.producer.load_state_dict(checkpoint.load_rollouts(resume_from))
         self.last_saved = state["step"]
         return state["step"], state
+
+    def _reference_answers(self, parts, dist, start_step: int, out: RunOutputs) -> None:
+        """The starting model's answers, for a shaping that weighs prompts by them: drawn before step 1
+        of a new run, restored with the checkpoint otherwise (trainer/reference_answers.py)."""
+        shaping = self.recipe.algorithm.advantage_shaping
+        if not getattr(shaping, "wants_reference_answers", False):
+            return
+        if start_step == 0:
+            parts.advantage_state = reference_shares(parts, dist, out.say)
+        else:
+            check_restored(parts.advantage_state, (r.prompt_id for r in parts.stream.records), shaping.name)
 
     def _checkpoint_to_resume(self, rank: int) -> Path | None:
         run_dir = self.run_dir

@@ -186,6 +186,19 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _restrain_replaces_the_vote(self) -> Recipe:
+        if self.algorithm.advantage_shaping.name != "restrain":
+            return self
+        names = [term.name for term in self.reward.terms]
+        if names != ["majority_vote"]:
+            raise ValueError(f"algorithm.advantage_shaping restrain makes every advantage from the group's answers, in "
+                             f"place of the reward's: reward.terms {names} would only be logged; use majority_vote alone")
+        if self.rollout.dynamic_sampling.name != "none":
+            raise ValueError("algorithm.advantage_shaping restrain penalises groups the majority vote scores alike "
+                             "(no two answers agree: the vote often scores all alike), and rollout.dynamic_sampling drops such groups first: drop one of them")
+        return self
+
+    @model_validator(mode="after")
     def _ratio_knobs_need_a_ratio(self) -> Recipe:
         trainer, lora, loss = self.trainer, self.model.lora, self.algorithm.loss
         on_policy = trainer.prompts_per_step == trainer.prompts_per_minibatch and trainer.ppo_epochs == 1
