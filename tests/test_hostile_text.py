@@ -132,11 +132,8 @@ def test_hostile_text_never_raises_in_the_zoo_rewards(name):
     answers = [make_extractor("boxed")(t) for t in texts]
     ctx = RewardContext.for_group(answers, mask, extract_answer=lambda s: None, token_stats=stats,
                                   tokenizer=type("T", (), {"decode": staticmethod(lambda ids, **_: HOSTILE[name][:50])})())
-    import importlib.util
-
-    runs = [("evol_rl", {"embedding": "tfidf"}), ("scope", {"top_k": 2}), ("scope", {})]
-    if importlib.util.find_spec("wordllama") is not None:  # the default embedder, where installed
-        runs.append(("evol_rl", {}))
+    # evol_rl's default embedder (wordllama) comes with the dev extra
+    runs = [("evol_rl", {"embedding": "tfidf"}), ("evol_rl", {}), ("scope", {"top_k": 2}), ("scope", {})]
     for reward, kwargs in runs:
         out = call_reward(REWARDS.get(reward), group, ctx, kwargs)
         assert len(out.scores) == 3

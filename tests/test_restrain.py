@@ -128,3 +128,14 @@ def test_combinations_that_would_do_nothing_are_refused(tmp_path, override, mess
 
     with pytest.raises((RecipeError, ValueError), match=message):
         _zoo(tmp_path / "run", override)
+
+
+def test_a_prompt_without_a_drawn_reference_share_is_named():
+    import random
+
+    from urlvr.algorithms.advantage_shaping import RestrainShaping
+    from urlvr.algorithms.advantages import grpo_advantages
+
+    with pytest.raises(RuntimeError, match="no starting-model answers were drawn for prompt 'q7'"):
+        RestrainShaping().shape({}, ["q7"], [["1", "1"]], [["1", "1"]], torch.zeros(1, 2, dtype=torch.float64),
+                                random.Random(0), estimate=grpo_advantages)

@@ -29,10 +29,6 @@ from urlvr.algorithms.restrain import RestrainSettings, label_weights, reference
 EPS = 1e-6
 TOL = dict(rel_tol=1e-12, abs_tol=1e-12)
 
-# urlvr at eb79afa: kappa 0 with no answer among the voters raises in label_weights (max() of no
-# exponents) instead of giving every sample 0; strict, so that the fix turns these into failures to unmark.
-NO_CANDIDATE_BUG = pytest.mark.xfail(strict=True, raises=ValueError,
-                                     reason="eb79afa: label_weights([]) raises with kappa 0 and all-None voters")
 
 
 # --------------------------------------------------------------------------- reference
@@ -182,7 +178,7 @@ def test_four_way_tie():
     assert want.penalized and want.advantages == [-0.5] * 4
 
 
-@pytest.mark.parametrize("kappa", [pytest.param(0.0, marks=NO_CANDIDATE_BUG), 0.3, 1.0])
+@pytest.mark.parametrize("kappa", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("size", [1, 2, 5])
 def test_no_answers(kappa, size):
     want = check([None] * size, [None] * size, kappa=kappa, delta=0.75)
@@ -194,7 +190,7 @@ def test_no_answers(kappa, size):
 
 @pytest.mark.parametrize("answer,kappa", [
     ("a", 0.0), ("a", 0.3), ("a", 1.0),
-    pytest.param(None, 0.0, marks=NO_CANDIDATE_BUG), (None, 0.3), (None, 1.0),
+    (None, 0.0), (None, 0.3), (None, 1.0),
 ])
 def test_single_sample(answer, kappa):
     check([answer], [answer], kappa=kappa)
@@ -323,7 +319,7 @@ def test_randomised_sweep():
 # --------------------------------------------------------------------------- the batch shaper
 @pytest.mark.parametrize("prompt_weighting", [True, False])
 @pytest.mark.parametrize("seed,kappa", [(0, 0.375), (1, 0.375), (2, 0.375), (3, 0.0), (4, 0.0),
-                                        pytest.param(5, 0.0, marks=NO_CANDIDATE_BUG)])
+                                        (5, 0.0)])
 def test_batch_shaper_rows(prompt_weighting, seed, kappa):
     """Row by row the per-group reference; the metrics their definitions. Seed 5 with kappa 0 has a prompt
     whose voters all lack an answer: its row must be zeros."""

@@ -128,6 +128,8 @@ class RestrainShaping(VariantSection):
         settings = self.settings()
         groups = []
         for pid, votes, trained in zip(prompt_ids, voters, answers):
+            if self.prompt_weighting and pid not in state:  # drawn before step 1 for every training prompt
+                raise RuntimeError(f"restrain: no starting-model answers were drawn for prompt {pid!r}")
             share = state[pid]["reference_share"] if self.prompt_weighting else None
             groups.append(restrain_group(votes, trained, estimate, settings, share))
         shaped = torch.tensor([g.advantages for g in groups], dtype=torch.float64).view_as(advantages)

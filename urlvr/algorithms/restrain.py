@@ -58,6 +58,8 @@ def label_weights(shares: Sequence[float], settings: RestrainSettings) -> list[f
     """w_j = g(f_j) / Σ_l g(f_l) over the candidates' vote shares, as a softmax of the exponents:
     a small sigma underflows every g(f) to 0, and the ratio it stands for is still defined."""
     exponents = [-((f - settings.center) ** 2) / (2.0 * settings.sigma ** 2) for f in shares]
+    if not exponents:  # no answer at all (with kappa 0, not penalised): no pseudo-label
+        return []
     top = max(exponents)
     scaled = [math.exp(e - top) for e in exponents]
     total = sum(scaled)
