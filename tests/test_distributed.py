@@ -16,7 +16,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from safetensors.torch import load_file
 
 import urlvr
 from conftest import small_run_recipe
+from urlvr.dist import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -79,17 +79,11 @@ def recipe_for(model_path: Path, out: Path, zero_stage: int, *, group_size: int 
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(launcher: str, args: list[str], work: Path, name: str, timeout: float = 300) -> Path:
     """Run `urlvr <args>` on two ranks in a clean environment; returns the log (checked for exit 0).
     `launcher`: torchrun, deepspeed, accelerate, `nodes` (two torchrun invocations, --nnodes 2,
     one process each: two "nodes" on this machine) or `none` (one process, no launcher)."""
-    port = str(_free_port())
+    port = str(free_port())
     if launcher == "torchrun":
         cmds = [[str(VENV_BIN / "torchrun"), "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
                  "--master_port", port, "-m", "urlvr.cli", *args]]

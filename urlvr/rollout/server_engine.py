@@ -44,7 +44,7 @@ import torch.distributed as td
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from urlvr.dist import DistInfo, all_gather_objects
+from urlvr.dist import DistInfo, all_gather_objects, free_port
 from urlvr.errors import GenerationServerError
 from urlvr.progress import format_seconds
 from urlvr.recipe.variants import VariantOf
@@ -149,7 +149,7 @@ class ServerRolloutEngine:
             session = secrets.token_hex(8)
             self._send(("channel", session))
             self._await("channel", "the weight channel")  # the server's consent, before the group forms
-            store = td.TCPStore(host, store_port, None, False, _timedelta(options.startup_timeout_s))
+            store = td.TCPStore(host, store_port, None, False, datetime.timedelta(seconds=options.startup_timeout_s))
             self.channel = WeightChannel(store, session, TRAINER, options.request_timeout_s)
         if process is not None:
             weakref.finalize(self, _stop, process)
@@ -351,7 +351,7 @@ def launch_server(recipe, folder: Path) -> tuple[subprocess.Popen, str, str, Pat
     folder.mkdir(parents=True, exist_ok=True)
     recipe_path, log_path = folder / "recipe.yaml", folder / "server.log"
     recipe_path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-    port, key = _free_port(), secrets.token_hex(16)
+    port, key = free_port(), secrets.token_hex(16)
     # the server imports what the trainer can (the recipe's plugins among them)
     env = {**os.environ, KEY_VARIABLE: key, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # not a trainer rank
@@ -461,16 +461,6 @@ def _split_address(address: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise GenerationServerError(f"rollout.engine.address {address!r} is not host:port")
     return host, int(port)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _timedelta(seconds: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=seconds)
 
 
 def _stop(process: subprocess.Popen) -> None:
