@@ -330,13 +330,18 @@ def test_a_finished_run_frees_its_folder_while_the_trainer_lives(random_tiny_mod
     lock_run_dir(tmp_path / "run").close()  # refused while `trainer` is alive before
 
 
-def test_resuming_a_finished_run_changes_nothing(random_tiny_model, tmp_path, capsys):
+def test_resuming_a_finished_run_changes_nothing(random_tiny_model, tmp_path, capsys, monkeypatch):
     recipe = recipe_for(random_tiny_model, tmp_path / "run")
     urlvr.train(recipe)
     def files() -> dict[str, int]:  # the lock file is the one the resume opens, and it holds nothing
         return {str(p): p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".urlvr.lock"}
 
     before = files()
+    import urlvr.trainer.run as run_module
+
+    def no_model(*_):  # a finished run is known from its checkpoint: no model loads, no generation server starts
+        raise AssertionError("build_run called for a finished run")
+    monkeypatch.setattr(run_module, "build_run", no_model)
     result = urlvr.train(recipe, resume=tmp_path / "run")
     assert result.metrics == []
     after = files()

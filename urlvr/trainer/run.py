@@ -77,6 +77,11 @@ class Trainer:
         resume_from = self._checkpoint_to_resume(dist.rank)
         barrier()
         checkpoint.check_shared_run_dir(run_dir, is_main=dist.is_main)  # several nodes: one shared folder
+        total = recipe.trainer.total_steps  # None: counted from the data, once it is loaded
+        if resume_from is not None and total is not None and checkpoint.checkpoint_step(resume_from) >= total:
+            # known before the model loads, and before a generation server starts (rollout.engine: server)
+            _say_finished(dist, checkpoint.checkpoint_step(resume_from), total)
+            return RunResult(run_dir=run_dir)
         parts = build_run(recipe, dist)
         try:
             return self._fit_parts(parts, dist, resume_from)
@@ -90,9 +95,7 @@ class Trainer:
         self.monitor = CollapseMonitor(recipe.collapse, state.get("collapse"))
         result, started = RunResult(run_dir=run_dir), time.time()
         if start_step >= parts.total_steps:  # a finished run: nothing in its folder changes
-            if dist.is_main:
-                print(f"urlvr: the run is already at step {start_step} of {parts.total_steps}: nothing to train (raise "
-                      f"trainer.total_steps, e.g. --set trainer.total_steps={start_step + 10}, to continue)", file=sys.stderr)
+            _say_finished(dist, start_step, parts.total_steps)
             return result
         with RunOutputs(recipe, run_dir, main=dist.is_main, total_steps=parts.total_steps, start_step=start_step,
                         resume=self.resume) as out:
@@ -261,6 +264,12 @@ class Trainer:
         checkpoint.save_checkpoint(self.run_dir, step, parts.actor.engine, state, rank=dist.rank,
                                    keep_last=self.recipe.trainer.keep_last, keep_steps=() if best is None else (best,),
                                    rollouts=in_flight)
+
+
+def _say_finished(dist, step: int, total_steps: int) -> None:
+    if dist.is_main:
+        print(f"urlvr: the run is already at step {step} of {total_steps}: nothing to train (raise "
+              f"trainer.total_steps, e.g. --set trainer.total_steps={step + 10}, to continue)", file=sys.stderr)
 
 
 def export_model(parts, out_dir: Path, is_main: bool) -> Path:
