@@ -79,3 +79,5 @@ def test_dapo_recipe_runs_two_cpu_steps(tmp_path, monkeypatch):
     for m in result.metrics:
         assert m["actor/optimizer_steps_per_rollout"] == 2.0
         assert 1.0 <= m["dynamic_sampling/rounds"] <= 3.0 and "reward/overlong_penalty_mean" in m
+    # the penalty acts: its ramp (tokens 5..8) lies within the 8-token budget (it scored 0 throughout before)
+    assert any(m["reward/overlong_penalty_mean"] < 0 for m in result.metrics)

@@ -56,6 +56,26 @@ def test_overlong_penalty_as_a_reward_term():
     check_reward_kwargs("overlong_penalty", {"max_length": 8, "cache": 8})
 
 
+@pytest.mark.parametrize("max_new_tokens, kwargs, inert", [
+    (24, {"max_length": 64, "cache": 16}, True),   # responses <= 24 tokens, the ramp starts after 48
+    (48, {"max_length": 64, "cache": 16}, True),   # exactly at the ramp's start: 0 for every length
+    (49, {"max_length": 64, "cache": 16}, False),  # one token into the ramp
+    (24, {"max_length": 24, "cache": 8}, False),   # the documented form, max_length = max_new_tokens
+])
+def test_an_overlong_penalty_no_response_can_reach_is_refused_at_load(max_new_tokens, kwargs, inert):
+    from urlvr.recipe import load_recipe
+
+    recipe = {"model": {"path": "urlvr/tiny"}, "rollout": {"max_new_tokens": max_new_tokens},
+              "reward": {"terms": [{"name": "majority_vote"}, {"name": "overlong_penalty", "kwargs": kwargs}]}}
+    if inert:
+        with pytest.raises(ValueError, match=r"overlong_penalty: responses stop at rollout.max_new_tokens .* does nothing"):
+            load_recipe(recipe)
+        scores = overlong_penalty_scores(list(range(1, max_new_tokens + 1)), **kwargs)
+        assert set(scores) == {0.0}  # the refusal's reason: every possible length scores 0
+    else:
+        load_recipe(recipe)
+
+
 def test_without_truncated_zeroes_exactly_the_truncated_rows():
     from urlvr.rollout.collate import collate_groups
     from urlvr.trainer.loop import _truncated_rows

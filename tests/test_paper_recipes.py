@@ -136,6 +136,9 @@ def cpu_overrides(name: str, out: Path, directory: Path = PAPER) -> list[str]:
             "eval.max_new_tokens=4", "eval.every_steps=0", "dynamics.kl_to_initial_every=0"]
     if r.reward.vote_group_size:
         sets.append("reward.vote_group_size=4")
+    for index, term in enumerate(r.reward.terms):
+        if term.name == "overlong_penalty":  # its ramp within the 8 tokens (beyond them it is inert: refused)
+            sets.append(f"reward.terms.{index}.kwargs={{max_length: 8, cache: 4}}")
     sources = {"eval.source": r.eval.source, **{f"eval.held_out.{k}": v for k, v in r.eval.held_out.items()}}
     if "source" in r.data.model_fields_set and r.mode == "train":
         sources["data.source"] = r.data.source

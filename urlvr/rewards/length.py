@@ -51,4 +51,14 @@ def _check(*, max_length: int | None = None, cache: int = 4096, **_: Any) -> Non
         raise ValueError(f"overlong_penalty: cache must lie in (0, max_length={max_length}], got {cache}")
 
 
+def check_rollout(*, max_new_tokens: int, max_length: int | None = None, cache: int = 4096, **_: Any) -> None:
+    """Load-time: a response is at most `rollout.max_new_tokens` long; if that is within the ramp's
+    start (max_length - cache), every response scores 0 and the reward does nothing."""
+    if max_length is not None and max_new_tokens <= max_length - cache:
+        raise ValueError(f"overlong_penalty: responses stop at rollout.max_new_tokens ({max_new_tokens}), within "
+                         f"max_length - cache ({max_length} - {cache} = {max_length - cache}): every response scores "
+                         f"0, so the reward does nothing; set max_length to rollout.max_new_tokens and cache below it")
+
+
 overlong_penalty.check = _check  # type: ignore[attr-defined]
+overlong_penalty.check_rollout = check_rollout  # type: ignore[attr-defined]

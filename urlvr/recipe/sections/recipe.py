@@ -76,14 +76,20 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _reward_kwargs_fit_the_group(self) -> Recipe:
-        """A reward's optional `check_group(group_size=, vote_group_size=, **kwargs)` refuses, at
-        load time, knobs that cannot work or would do nothing with this recipe's group (scope's
-        subgroup_size must divide it; evol_rl's novelty needs 3 samples), not at step 1."""
+        """A reward's optional `check_group(group_size=, vote_group_size=, **kwargs)` and
+        `check_rollout(max_new_tokens=, **kwargs)` refuse, at load time, knobs that cannot work or
+        would do nothing with this recipe's group or response budget (scope's subgroup_size must
+        divide the group; evol_rl's novelty needs 3 samples; overlong_penalty's ramp must start
+        below rollout.max_new_tokens), not at step 1."""
         rewards = registry("reward")
         for term in self.reward.terms:
-            check = getattr(rewards.get(term.name).fn, "check_group", None)
+            fn = rewards.get(term.name).fn
+            check = getattr(fn, "check_group", None)
             if check is not None:
                 check(group_size=self.rollout.group_size, vote_group_size=self.reward.vote_group_size, **term.kwargs)
+            check = getattr(fn, "check_rollout", None)
+            if check is not None:
+                check(max_new_tokens=self.rollout.max_new_tokens, **term.kwargs)
         return self
 
     @model_validator(mode="after")
