@@ -364,3 +364,14 @@ def test_zoo_recipe_runs_two_steps_on_the_tiny_model(name, tmp_path, monkeypatch
     assert any(m["reward/zero_variance_group_fraction"] < 1.0 and m["actor/grad_norm"] > 0 for m in result.metrics)
     rows = [json.loads(line) for line in (result.run_dir / "completions.jsonl").read_text().splitlines()]
     assert rows
+
+
+def test_scope_labels_an_empty_batch_and_the_probe_scores_it_by_default():
+    """A rank with no group this round, and the probe's dry run of every batch phase, hand scope an
+    empty batch: it labelled nothing by raising IndexError, so `urlvr probe` left it out."""
+    from urlvr.commands.probe import default_rewards
+    from urlvr.rewards.scope import prepare_scope
+
+    assert prepare_scope([], [], None) == []
+    names, skipped = default_rewards({})
+    assert {"scope", "cuma", "evol_rl"} <= set(names) and "scope" not in skipped

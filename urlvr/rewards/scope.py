@@ -189,7 +189,10 @@ def _seed(seed: int, groups: Sequence[Group]) -> int:
 def prepare_scope(groups: Sequence[Group], contexts: Sequence[RewardContext], policy: Any, *, top_k: TopK = 0,
                   step_delimiter: str = "\n\n", subgroup_size: int | None = None,
                   votes_per_subgroup: int | None = None, lam: float = 0.7, seed: int = 0) -> list[ScopeLabels]:
-    """The batch phase: confidences, then the subgroup size (searched or fixed) and its labels."""
+    """The batch phase: confidences, then the subgroup size (searched or fixed) and its labels.
+    An empty batch (a rank with no group this round) has nothing to label."""
+    if not groups:
+        return []
     texts_of: dict[int, str] = {}
     weights = [_confidences(g, c, top_k, step_delimiter, texts_of) for g, c in zip(groups, contexts, strict=True)]
     rng = random.Random(_seed(seed, groups))
