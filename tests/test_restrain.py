@@ -139,3 +139,21 @@ def test_a_prompt_without_a_drawn_reference_share_is_named():
     with pytest.raises(RuntimeError, match="no starting-model answers were drawn for prompt 'q7'"):
         RestrainShaping().shape({}, ["q7"], [["1", "1"]], [["1", "1"]], torch.zeros(1, 2, dtype=torch.float64),
                                 random.Random(0), estimate=grpo_advantages)
+
+
+@pytest.mark.parametrize("sigma", [1e-170, 1e-300])
+def test_a_sigma_whose_square_underflows_gives_the_small_sigma_limit(sigma):
+    """sigma² underflows to 0 below ~1e-162: g and the label weights must take their limit (the
+    shares nearest the centre share the weight, g = 0 elsewhere), as sigma 1e-3 does, not divide by 0."""
+    from urlvr.algorithms.advantages import grpo_advantages
+    from urlvr.algorithms.restrain import label_weights, shaping
+
+    tiny, small = (RestrainSettings(sigma=s, center=1.0, kappa=0.3, delta=0.5) for s in (sigma, 1e-3))
+    voters = ["1", "1", "2", "3", None]  # f = 2/5, 1/5, 1/5: "1" nearest the centre 1
+    for share in (None, 0.5, 1.0):
+        got = restrain_group(voters, voters[:4], grpo_advantages, tiny, share)
+        assert got == restrain_group(voters, voters[:4], grpo_advantages, small, share)
+    assert shaping(1.0, tiny) == 1.0 and shaping(0.5, tiny) == 0.0
+    assert label_weights([0.4, 0.2, 0.2], tiny) == [1.0, 0.0, 0.0]
+    assert label_weights([0.4, 0.2, 0.4], tiny) == [0.5, 0.0, 0.5]  # a tie at the nearest share splits it
+    assert label_weights([0.4, 0.2], RestrainSettings(sigma=sigma, center=0.0, kappa=0.3, delta=0.5)) == [0.0, 1.0]
