@@ -122,6 +122,7 @@ def test_without_prompt_weighting_nothing_is_drawn_before_step_1(tmp_path, capfd
     ("rollout.dynamic_sampling=zero_variance", "rollout.dynamic_sampling drops such groups"),
     ("algorithm.advantage_shaping.sigma=0", "greater than 0"),
     ("algorithm.advantage_shaping.kappa=1.5", "less than or equal to 1"),
+    ("algorithm.advantage_shaping.delta=.inf", "algorithm.advantage_shaping.delta: Input should be a finite number"),
 ])
 def test_combinations_that_would_do_nothing_are_refused(tmp_path, override, message):
     from urlvr.errors import RecipeError
