@@ -158,3 +158,33 @@ def test_a_sigma_whose_square_underflows_gives_the_small_sigma_limit(sigma):
     assert label_weights([0.4, 0.2, 0.2], tiny) == [1.0, 0.0, 0.0]
     assert label_weights([0.4, 0.2, 0.4], tiny) == [0.5, 0.0, 0.5]  # a tie at the nearest share splits it
     assert label_weights([0.4, 0.2], RestrainSettings(sigma=sigma, center=0.0, kappa=0.3, delta=0.5)) == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("old, new, refused", [
+    ("restrain", "ttrl_guard", True),  # ttrl_guard read {"reference_share": ...} as a history: TypeError at step 3
+    ("ttrl_guard", "restrain", True),
+    ("none", "restrain", False),  # nothing to misread (restrain's own check names the missing shares)
+    ("restrain", "none", False),
+    ("none", "ttrl_guard", False),
+])
+def test_a_resume_never_hands_one_shapings_state_to_another(tmp_path, old, new, refused):
+    """trainer_state.json's `advantage_shaping` holds the old shaping's per-prompt state: a resume
+    that switches to another shaping (not `none`) is refused before anything loads, naming the field."""
+    import yaml
+
+    from urlvr.errors import RecipeError
+    from urlvr.recipe import load_recipe
+    from urlvr.trainer.resume import resume_changes
+
+    def recipe(name):
+        return load_recipe({"model": {"path": "urlvr/tiny"}, "mode": "test_time",
+                            "eval": {"source": {"kind": "arithmetic", "num_problems": 4}},
+                            "trainer": {"total_steps": 4, "prompts_per_step": 4, "prompts_per_minibatch": 4},
+                            "algorithm": {"advantage_shaping": name}})
+
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe(old).model_dump(mode="json")))
+    if refused:
+        with pytest.raises(RecipeError, match=f'algorithm.advantage_shaping.name: "{old}" -> "{new}" .*per-prompt state'):
+            resume_changes(tmp_path, recipe(new), 2)
+    else:
+        assert [str(c) for c in resume_changes(tmp_path, recipe(new), 2)][0].startswith("algorithm.advantage_shaping.name")
