@@ -188,3 +188,41 @@ def test_a_resume_never_hands_one_shapings_state_to_another(tmp_path, old, new, 
             resume_changes(tmp_path, recipe(new), 2)
     else:
         assert [str(c) for c in resume_changes(tmp_path, recipe(new), 2)][0].startswith("algorithm.advantage_shaping.name")
+
+
+@pytest.mark.parametrize("rank, prompts", [(0, 5), (1, 4)])
+def test_the_prompt_weight_pass_holds_one_generation_context_in_a_steps_batches(monkeypatch, rank, prompts):
+    """9 prompts over 2 ranks: 5 and 4 each. Under ZeRO-3 a generation context is a collective (the
+    parameters are gathered), so a context per batch made 2 on one rank and 1 on the other: gloo's
+    collective mismatch (SIGABRT) before step 1. One context holds the whole pass, and its batches
+    are a step's prompts on one rank (prompts_per_step 4 / 2 ranks), not a whole step's on each."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import urlvr.trainer.reference_answers as reference_answers
+    from urlvr.dist import DistInfo
+    from urlvr.recipe import load_recipe
+    from urlvr.rollout.base import Sample
+    from urlvr.trainer.settings import RunSettings
+
+    recipe = load_recipe(ZOO, ["data.source.num_problems=9"])
+    dist = DistInfo(rank, 2, rank, torch.device("cpu"))
+    settings = RunSettings.derive(recipe, dist)
+    contexts, batches = [], []
+
+    @contextlib.contextmanager
+    def context():
+        contexts.append(len(batches))
+        yield
+
+    def generate(prompts, n, sampling):
+        batches.append(len(prompts))
+        return [SimpleNamespace(samples=[Sample((5,), (0.0,), "\\boxed{1}", "stop")] * n) for _ in prompts]
+
+    records = [SimpleNamespace(prompt_id=f"p{i}") for i in range(9)]
+    parts = SimpleNamespace(settings=settings, stream=SimpleNamespace(records=records), generation_context=context,
+                            prompts={r.prompt_id: r.prompt_id for r in records}, engine=SimpleNamespace(generate=generate))
+    monkeypatch.setattr(reference_answers, "all_gather_objects", lambda mine: mine)
+    shares = reference_answers.reference_shares(parts, dist, lambda *lines: None)
+    assert len(contexts) == 1 and sum(batches) == prompts and max(batches) == 2
+    assert len(shares) == prompts and all(s == {"reference_share": 1.0} for s in shares.values())
