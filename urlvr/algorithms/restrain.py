@@ -91,7 +91,9 @@ def restrain_group(voters: Sequence[str | None], answers: Sequence[str | None], 
     majority = max(counts.values(), default=0)
     weight = 1.0 if reference_share is None else shaping(reference_share, settings)
     size = len(answers)
-    if n and majority < settings.kappa * n:  # low consensus: rewards zeroed, A - delta
+    # low consensus: rewards zeroed, A - delta. M / n < kappa, not M < kappa · n: the product rounds
+    # (0.28 · 25 = 7.000000000000001 penalised M = 7 = kappa · n); the quotient and kappa round alike
+    if n and majority / n < settings.kappa:
         return RestrainGroup((-settings.delta * weight,) * size, True, weight, len(counts))
     labels = list(counts)
     weights = label_weights([counts[a] / n for a in labels], settings)
