@@ -123,6 +123,11 @@ def test_without_prompt_weighting_nothing_is_drawn_before_step_1(tmp_path, capfd
     ("algorithm.advantage_shaping.sigma=0", "greater than 0"),
     ("algorithm.advantage_shaping.kappa=1.5", "less than or equal to 1"),
     ("algorithm.advantage_shaping.delta=.inf", "algorithm.advantage_shaping.delta: Input should be a finite number"),
+    # the vote's own knobs shape only its reward, which RESTRAIN replaces: they were accepted and did nothing
+    ("reward.terms=[{name: majority_vote, kwargs: {min_majority_ratio: 0.5}}]", r"reward.terms.0.kwargs would shape"),
+    ("reward.terms=[{name: majority_vote, kwargs: {no_answer: vote, ties: all}}]", r"reward.terms.0.kwargs would shape"),
+    ("reward.terms.0.weight=2", r"reward.terms.0.weight would shape only the logged reward"),
+    ("reward.terms=[{name: majority_vote, weight: 0, gate: format}]", r"reward.terms.0.weight and reward.terms.0.gate"),
 ])
 def test_combinations_that_would_do_nothing_are_refused(tmp_path, override, message):
     from urlvr.errors import RecipeError
