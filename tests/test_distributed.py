@@ -472,3 +472,25 @@ def test_node_local_run_directories_fail_clearly(tmp_path, monkeypatch):
     with pytest.raises(urlvr.RecipeError, match=r"ranks \[1\] cannot see the files rank 0 writes"):
         checkpoint.check_shared_run_dir(tmp_path, is_main=True)
     assert not list(tmp_path.glob(".rank-check-*"))  # the probe is cleaned up
+
+
+def test_restrain_draws_the_prompt_weights_on_uneven_shards_under_zero3_like_one_process(work):
+    """RESTRAIN's pass before step 1 (recipes/zoo/restrain.yaml) with 9 prompts on 2 ranks (5 and 4)
+    under ZeRO-3, where generation gathers the parameters (a collective): the ranks drew 2 and 1
+    batches, each in a context of its own, and gloo aborted on the mismatch. Now: the reference
+    shares of one process, by global prompt index, and its metrics."""
+    zoo = yaml.safe_load((TESTS.parent / "recipes" / "zoo" / "restrain.yaml").read_text())
+    zoo["data"]["source"]["num_problems"] = 9
+    single = urlvr.train({**zoo, "output_dir": str(work / "restrain-single")}).run_dir
+    zoo["optim"]["deepspeed"]["zero_stage"] = 3
+    path = work / "restrain.yaml"
+    path.write_text(yaml.safe_dump({**zoo, "output_dir": str(work / "restrain")}))
+    log = launch("torchrun", ["train", str(path)], work, "restrain")
+    assert "prompt weights: 5/5 prompts drawn" in log.read_text()
+
+    def shares(run_dir: Path) -> dict:
+        state = run_dir / "checkpoints" / f"step-{2:06d}" / "trainer_state.json"
+        return json.loads(state.read_text())["advantage_shaping"]
+
+    assert len(shares(single)) == 9 and shares(work / "restrain") == shares(single)
+    assert_metrics_close(read_metrics(single), read_metrics(work / "restrain"), "restrain, ZeRO-3 on 2 ranks vs one process")

@@ -122,6 +122,12 @@ def test_without_prompt_weighting_nothing_is_drawn_before_step_1(tmp_path, capfd
     ("rollout.dynamic_sampling=zero_variance", "rollout.dynamic_sampling drops such groups"),
     ("algorithm.advantage_shaping.sigma=0", "greater than 0"),
     ("algorithm.advantage_shaping.kappa=1.5", "less than or equal to 1"),
+    ("algorithm.advantage_shaping.delta=.inf", "algorithm.advantage_shaping.delta: Input should be a finite number"),
+    # the vote's own knobs shape only its reward, which RESTRAIN replaces: they were accepted and did nothing
+    ("reward.terms=[{name: majority_vote, kwargs: {min_majority_ratio: 0.5}}]", r"reward.terms.0.kwargs would shape"),
+    ("reward.terms=[{name: majority_vote, kwargs: {no_answer: vote, ties: all}}]", r"reward.terms.0.kwargs would shape"),
+    ("reward.terms.0.weight=2", r"reward.terms.0.weight would shape only the logged reward"),
+    ("reward.terms=[{name: majority_vote, weight: 0, gate: format}]", r"reward.terms.0.weight and reward.terms.0.gate"),
 ])
 def test_combinations_that_would_do_nothing_are_refused(tmp_path, override, message):
     from urlvr.errors import RecipeError
@@ -139,3 +145,89 @@ def test_a_prompt_without_a_drawn_reference_share_is_named():
     with pytest.raises(RuntimeError, match="no starting-model answers were drawn for prompt 'q7'"):
         RestrainShaping().shape({}, ["q7"], [["1", "1"]], [["1", "1"]], torch.zeros(1, 2, dtype=torch.float64),
                                 random.Random(0), estimate=grpo_advantages)
+
+
+@pytest.mark.parametrize("sigma", [1e-170, 1e-300])
+def test_a_sigma_whose_square_underflows_gives_the_small_sigma_limit(sigma):
+    """sigma² underflows to 0 below ~1e-162: g and the label weights must take their limit (the
+    shares nearest the centre share the weight, g = 0 elsewhere), as sigma 1e-3 does, not divide by 0."""
+    from urlvr.algorithms.advantages import grpo_advantages
+    from urlvr.algorithms.restrain import label_weights, shaping
+
+    tiny, small = (RestrainSettings(sigma=s, center=1.0, kappa=0.3, delta=0.5) for s in (sigma, 1e-3))
+    voters = ["1", "1", "2", "3", None]  # f = 2/5, 1/5, 1/5: "1" nearest the centre 1
+    for share in (None, 0.5, 1.0):
+        got = restrain_group(voters, voters[:4], grpo_advantages, tiny, share)
+        assert got == restrain_group(voters, voters[:4], grpo_advantages, small, share)
+    assert shaping(1.0, tiny) == 1.0 and shaping(0.5, tiny) == 0.0
+    assert label_weights([0.4, 0.2, 0.2], tiny) == [1.0, 0.0, 0.0]
+    assert label_weights([0.4, 0.2, 0.4], tiny) == [0.5, 0.0, 0.5]  # a tie at the nearest share splits it
+    assert label_weights([0.4, 0.2], RestrainSettings(sigma=sigma, center=0.0, kappa=0.3, delta=0.5)) == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("old, new, refused", [
+    ("restrain", "ttrl_guard", True),  # ttrl_guard read {"reference_share": ...} as a history: TypeError at step 3
+    ("ttrl_guard", "restrain", True),
+    ("none", "restrain", False),  # nothing to misread (restrain's own check names the missing shares)
+    ("restrain", "none", False),
+    ("none", "ttrl_guard", False),
+])
+def test_a_resume_never_hands_one_shapings_state_to_another(tmp_path, old, new, refused):
+    """trainer_state.json's `advantage_shaping` holds the old shaping's per-prompt state: a resume
+    that switches to another shaping (not `none`) is refused before anything loads, naming the field."""
+    import yaml
+
+    from urlvr.errors import RecipeError
+    from urlvr.recipe import load_recipe
+    from urlvr.trainer.resume import resume_changes
+
+    def recipe(name):
+        return load_recipe({"model": {"path": "urlvr/tiny"}, "mode": "test_time",
+                            "eval": {"source": {"kind": "arithmetic", "num_problems": 4}},
+                            "trainer": {"total_steps": 4, "prompts_per_step": 4, "prompts_per_minibatch": 4},
+                            "algorithm": {"advantage_shaping": name}})
+
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe(old).model_dump(mode="json")))
+    if refused:
+        with pytest.raises(RecipeError, match=f'algorithm.advantage_shaping.name: "{old}" -> "{new}" .*per-prompt state'):
+            resume_changes(tmp_path, recipe(new), 2)
+    else:
+        assert [str(c) for c in resume_changes(tmp_path, recipe(new), 2)][0].startswith("algorithm.advantage_shaping.name")
+
+
+@pytest.mark.parametrize("rank, prompts", [(0, 5), (1, 4)])
+def test_the_prompt_weight_pass_holds_one_generation_context_in_a_steps_batches(monkeypatch, rank, prompts):
+    """9 prompts over 2 ranks: 5 and 4 each. Under ZeRO-3 a generation context is a collective (the
+    parameters are gathered), so a context per batch made 2 on one rank and 1 on the other: gloo's
+    collective mismatch (SIGABRT) before step 1. One context holds the whole pass, and its batches
+    are a step's prompts on one rank (prompts_per_step 4 / 2 ranks), not a whole step's on each."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import urlvr.trainer.reference_answers as reference_answers
+    from urlvr.dist import DistInfo
+    from urlvr.recipe import load_recipe
+    from urlvr.rollout.base import Sample
+    from urlvr.trainer.settings import RunSettings
+
+    recipe = load_recipe(ZOO, ["data.source.num_problems=9"])
+    dist = DistInfo(rank, 2, rank, torch.device("cpu"))
+    settings = RunSettings.derive(recipe, dist)
+    contexts, batches = [], []
+
+    @contextlib.contextmanager
+    def context():
+        contexts.append(len(batches))
+        yield
+
+    def generate(prompts, n, sampling):
+        batches.append(len(prompts))
+        return [SimpleNamespace(samples=[Sample((5,), (0.0,), "\\boxed{1}", "stop")] * n) for _ in prompts]
+
+    records = [SimpleNamespace(prompt_id=f"p{i}") for i in range(9)]
+    parts = SimpleNamespace(settings=settings, stream=SimpleNamespace(records=records), generation_context=context,
+                            prompts={r.prompt_id: r.prompt_id for r in records}, engine=SimpleNamespace(generate=generate))
+    monkeypatch.setattr(reference_answers, "all_gather_objects", lambda mine: mine)
+    shares = reference_answers.reference_shares(parts, dist, lambda *lines: None)
+    assert len(contexts) == 1 and sum(batches) == prompts and max(batches) == 2
+    assert len(shares) == prompts and all(s == {"reference_share": 1.0} for s in shares.values())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Sequence
 
 import pytest
@@ -90,7 +91,7 @@ def ref_restrain(voters: Sequence[str | None], answers: Sequence[str | None], *,
     u = 1.0 if share is None else ref_g(share, sigma, center)
     labels = list(counts)
     weights = ref_weights([counts[a] / n for a in labels], sigma, center)
-    if n > 0 and majority < kappa * n:
+    if n > 0 and Fraction(majority, n) < Fraction(repr(kappa)):  # exact: kappa is the decimal the user wrote
         return Expected([-delta * u] * len(answers), True, u, len(labels), weights)
     total = [0.0] * len(answers)
     for label, w in zip(labels, weights):
@@ -231,6 +232,11 @@ def test_some_none():
     (["a", "a", "a", "a"], 1.0, False),  # M 4 == 1.0·4
     (["a", "a", "a", None], 1.0, True),
     (["a", None, None, None], 0.25, False),  # M 1 == 0.25·4, None counts in n
+    # kappa · n rounds above the integer in float64 (0.28 · 25 = 7.000000000000001): M == kappa · n still holds
+    (["a"] * 7 + [str(i) for i in range(18)], 0.28, False),
+    (["a"] * 14 + [str(i) for i in range(11)], 0.56, False),
+    (["a"] * 7 + [str(i) for i in range(93)], 0.07, False),
+    (["a"] * 6 + [str(i) for i in range(19)], 0.28, True),  # M 6 < 7
 ])
 def test_kappa_boundary(voters, kappa, penalized):
     want = check(voters, voters, kappa=kappa)

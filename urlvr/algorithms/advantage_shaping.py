@@ -106,8 +106,9 @@ class RestrainShaping(VariantSection):
     kappa: float = Field(0.3, ge=0.0, le=1.0)
     """Low consensus: majority count M(x) < kappa · voting samples; the paper's count threshold kappa,
     here a share so that it carries over between group sizes (ours: 0.3; 0 switches the penalty off)."""
-    delta: float = Field(0.5, ge=0.0)
-    """The negative offset of every advantage of a low-consensus prompt (ours: 0.5)."""
+    delta: float = Field(0.5, ge=0.0, allow_inf_nan=False)
+    """The negative offset of every advantage of a low-consensus prompt (ours: 0.5; finite: .inf would
+    make the whole loss NaN)."""
     prompt_weighting: bool = True
     """u_x from the starting model: before step 1, the engine draws the voting samples once for every
     training prompt (one extra generation pass over the data, with a progress line)."""

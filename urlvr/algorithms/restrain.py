@@ -51,16 +51,27 @@ class RestrainGroup:
 
 def shaping(share: float, settings: RestrainSettings) -> float:
     """g(f) = exp(-(f - center)² / (2 sigma²)) of a vote share f in [0, 1]."""
-    return math.exp(-((share - settings.center) ** 2) / (2.0 * settings.sigma ** 2))
+    return math.exp(_exponent(share, settings))
+
+
+def _exponent(share: float, settings: RestrainSettings) -> float:
+    """-(f - center)² / (2 sigma²), as -((f - center) / sigma)² / 2: sigma² underflows to 0 below
+    sigma ~1e-162 (a division by zero), while the quotient only overflows to inf (g = 0), its limit."""
+    z = (share - settings.center) / settings.sigma
+    return -0.5 * z * z
 
 
 def label_weights(shares: Sequence[float], settings: RestrainSettings) -> list[float]:
     """w_j = g(f_j) / Σ_l g(f_l) over the candidates' vote shares, as a softmax of the exponents:
     a small sigma underflows every g(f) to 0, and the ratio it stands for is still defined."""
-    exponents = [-((f - settings.center) ** 2) / (2.0 * settings.sigma ** 2) for f in shares]
+    exponents = [_exponent(f, settings) for f in shares]
     if not exponents:  # no answer at all (with kappa 0, not penalised): no pseudo-label
         return []
     top = max(exponents)
+    if top == -math.inf:  # a sigma so small that every exponent overflows: the ratio's limit, the
+        # shares nearest the centre share the weight (e - top would be -inf - -inf = nan)
+        nearest = min(abs(f - settings.center) for f in shares)
+        exponents, top = [0.0 if abs(f - settings.center) == nearest else -math.inf for f in shares], 0.0
     scaled = [math.exp(e - top) for e in exponents]
     total = sum(scaled)
     return [s / total for s in scaled]
@@ -80,7 +91,9 @@ def restrain_group(voters: Sequence[str | None], answers: Sequence[str | None], 
     majority = max(counts.values(), default=0)
     weight = 1.0 if reference_share is None else shaping(reference_share, settings)
     size = len(answers)
-    if n and majority < settings.kappa * n:  # low consensus: rewards zeroed, A - delta
+    # low consensus: rewards zeroed, A - delta. M / n < kappa, not M < kappa · n: the product rounds
+    # (0.28 · 25 = 7.000000000000001 penalised M = 7 = kappa · n); the quotient and kappa round alike
+    if n and majority / n < settings.kappa:
         return RestrainGroup((-settings.delta * weight,) * size, True, weight, len(counts))
     labels = list(counts)
     weights = label_weights([counts[a] / n for a in labels], settings)

@@ -40,6 +40,12 @@ FIXED_BY_CHECKPOINT: dict[str, str] = {
                                   "(one group, or decayed and not decayed)",
 }
 
+# a shaping's per-prompt state (trainer_state.json's `advantage_shaping`) is read by the shaping that
+# resumes: another one (`none` aside, which keeps none) would read it as its own
+_SHAPING = "algorithm.advantage_shaping.name"
+_SHAPING_STATE = ("the checkpoint holds the old shaping's per-prompt state (trainer_state.json's advantage_shaping), "
+                  "which the new one would read as its own")
+
 _RESUME_FILE = re.compile(r"^recipe\.resume-(\d+)\.yaml$")
 
 
@@ -64,6 +70,7 @@ def resume_changes(run_dir: Path, recipe: Recipe, step: int) -> list[FieldChange
     # a field the recorded recipe lacks was added to urlvr since: its default is what ran
     fixed = [(c, reason) for c in changes for key, reason in FIXED_BY_CHECKPOINT.items()
              if (c.path == key or c.path.startswith(key + ".")) and not c.added]
+    fixed += [(c, _SHAPING_STATE) for c in changes if c.path == _SHAPING and not c.added and "none" not in (c.old, c.new)]
     if fixed:
         lines = "\n".join(f"  {change} ({reason})" for change, reason in fixed)
         raise RecipeError(f"{run_dir}: --resume cannot change what the step-{step} checkpoint fixes (recorded in "

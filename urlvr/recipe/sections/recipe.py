@@ -199,6 +199,11 @@ class Recipe(Section):
         if names != ["majority_vote"]:
             raise ValueError(f"algorithm.advantage_shaping restrain makes every advantage from the group's answers, in "
                              f"place of the reward's: reward.terms {names} would only be logged; use majority_vote alone")
+        idle = [f"reward.terms.0.{knob}" for knob in self.reward.terms[0].changed("weight", "gate", "kwargs")]
+        if idle:  # they shape the vote's reward only (ties, min_majority_ratio, ...): RESTRAIN never reads it
+            raise ValueError(f"algorithm.advantage_shaping restrain makes every advantage from the group's answers, in "
+                             f"place of the vote's reward: {' and '.join(idle)} would shape only the logged reward; "
+                             "drop them (RESTRAIN's own knobs are under algorithm.advantage_shaping)")
         if self.rollout.dynamic_sampling.name != "none":
             raise ValueError("algorithm.advantage_shaping restrain penalises groups the majority vote scores alike "
                              "(no two answers agree: the vote often scores all alike), and rollout.dynamic_sampling drops such groups first: drop one of them")
