@@ -65,8 +65,8 @@ def run_server(recipe_path: str | Path, *, host: str, port: int, key: str | None
         recipe.model_copy(update={"rollout": recipe.rollout.model_copy(update={"engine": backend})}), model,
         tokenizer, DistInfo(rank=0, world_size=1, local_rank=0, device=device))
     load = getattr(backend_engine, "load_weights", None) or (lambda weights: copy_into(model, weights))
-    store = td.TCPStore(host, 0, None, True, timeout=datetime.timedelta(seconds=options.request_timeout_s if options else 900),
-                        wait_for_workers=False)
+    timeout = datetime.timedelta(seconds=options.request_timeout_s if options else 900)
+    store = td.TCPStore(host, 0, None, True, timeout=timeout, wait_for_workers=False)
     state = ServerState(backend_engine, load, store, sync_timeout_s=options.request_timeout_s if options else 900.0,
                         shapes=shapes, model=str(recipe.model.path), backend_name=backend.name)
     with listener:

@@ -205,8 +205,9 @@ class Recipe(Section):
                              f"place of the vote's reward: {' and '.join(idle)} would shape only the logged reward; "
                              "drop them (RESTRAIN's own knobs are under algorithm.advantage_shaping)")
         if self.rollout.dynamic_sampling.name != "none":
-            raise ValueError("algorithm.advantage_shaping restrain penalises groups the majority vote scores alike "
-                             "(no two answers agree: the vote often scores all alike), and rollout.dynamic_sampling drops such groups first: drop one of them")
+            raise ValueError("algorithm.advantage_shaping restrain penalises low-consensus groups, which the majority "
+                             "vote often scores all alike, and rollout.dynamic_sampling drops such groups first: drop "
+                             "one of them")
         return self
 
     @model_validator(mode="after")
