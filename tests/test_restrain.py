@@ -104,8 +104,12 @@ def test_a_checkpoint_without_prompt_weights_is_refused_on_resume(tmp_path):
     from urlvr.trainer.run import train
 
     train(_zoo(tmp_path / "run", "algorithm.advantage_shaping.prompt_weighting=false", "trainer.save_every=2"))
+    files = lambda: {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.name != ".urlvr.lock"}  # noqa: E731
+    before = files()
     with pytest.raises(RecipeError, match="no starting-model answers for 8 prompts"):
         train(_zoo(tmp_path / "run", "trainer.total_steps=4"), resume=tmp_path / "run")
+    # refused before the resume is recorded: a retry compares against the recipe that trained, not the refused one
+    assert files() == before and not list((tmp_path / "run").glob("recipe.resume-*.yaml"))
 
 
 def test_without_prompt_weighting_nothing_is_drawn_before_step_1(tmp_path, capfd):

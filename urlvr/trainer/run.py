@@ -91,6 +91,10 @@ class Trainer:
     def _fit_parts(self, parts, dist, resume_from: Path | None) -> RunResult:
         recipe, run_dir = self.recipe, self.run_dir
         start_step, state = self._restore(parts, dist, resume_from)
+        shaping = recipe.algorithm.advantage_shaping
+        if resume_from is not None and getattr(shaping, "wants_reference_answers", False):
+            # refused before the resume is recorded or any output opens: a refused resume leaves the folder as it was
+            check_restored(parts.advantage_state, (r.prompt_id for r in parts.stream.records), shaping.name)
         # every rank judges collapse from the same (rank-reduced) metrics, so all stop together
         self.monitor = CollapseMonitor(recipe.collapse, state.get("collapse"))
         result, started = RunResult(run_dir=run_dir), time.time()
@@ -103,8 +107,9 @@ class Trainer:
                 out.say(f"urlvr: resuming from step {start_step} ({resume_from})")
                 if dist.is_main:
                     self._record_changes(start_step, out)
-            self._reference_answers(parts, dist, start_step, out)
             if start_step == 0:  # the starting point: evaluation and greedy probe before any update
+                if getattr(shaping, "wants_reference_answers", False):
+                    parts.advantage_state = reference_shares(parts, dist, out.say)  # trainer/reference_answers.py
                 if recipe.eval.at_start:
                     self._evaluate(parts, 0, out, result)
                 self._probe_greedy(parts, dist, 0, out)
@@ -184,17 +189,6 @@ class Trainer:
         parts.producer.load_state_dict(checkpoint.load_rollouts(resume_from))
         self.last_saved = state["step"]
         return state["step"], state
-
-    def _reference_answers(self, parts, dist, start_step: int, out: RunOutputs) -> None:
-        """The starting model's answers, for a shaping that weighs prompts by them: drawn before step 1
-        of a new run, restored with the checkpoint otherwise (trainer/reference_answers.py)."""
-        shaping = self.recipe.algorithm.advantage_shaping
-        if not getattr(shaping, "wants_reference_answers", False):
-            return
-        if start_step == 0:
-            parts.advantage_state = reference_shares(parts, dist, out.say)
-        else:
-            check_restored(parts.advantage_state, (r.prompt_id for r in parts.stream.records), shaping.name)
 
     def _checkpoint_to_resume(self, rank: int) -> Path | None:
         run_dir = self.run_dir

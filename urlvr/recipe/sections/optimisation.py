@@ -22,9 +22,10 @@ class AlgorithmSection(Section):
     `rloo`, refuses a non-default value)."""
     advantage_shaping: Annotated[VariantSection, VariantOf("advantage_shaper", default="none")] = "none"
     """What acts on the advantages after the estimator, with per-prompt state across steps (saved
-    with checkpoints): `none`, or `ttrl_guard` (TTRL-Guard, arXiv 2605.19444: flip-rate scaling,
-    minority bonus, risky-update skipping; its knobs below; docs/rewards.md). Logs its metrics
-    under `ttrl_guard/`."""
+    with checkpoints): `none`, `ttrl_guard` (TTRL-Guard, arXiv 2605.19444: flip-rate scaling,
+    minority bonus, risky-update skipping) or `restrain` (RESTRAIN, arXiv 2510.02172: pseudo-label
+    weighting, negative rollout penalisation, prompt weights from the starting model); their knobs
+    below, docs/rewards.md. Logs its metrics under `ttrl_guard/` or `restrain/`."""
     loss: Annotated[VariantSection, VariantOf("policy_loss", default="ppo_clip")] = "ppo_clip"
     """Policy loss: a registered name, or a mapping `{name: ..., <its own knobs>}` (each loss's
     section is listed below; `ppo_clip` is PPO's clipped surrogate with clip-higher and dual clip,
