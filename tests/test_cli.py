@@ -47,6 +47,16 @@ def test_rewards_lists_builtins(capsys):
     assert "majority_vote" in out and "ground_truth" in out and "[oracle]" in out
 
 
+def test_rewards_of_a_name_registered_as_another_kind_points_there(capsys):
+    """`urlvr rewards restrain`: restrain sits beside the rewards in docs/rewards.md, but it is an
+    advantage shaper; the error says where it is instead of listing every reward."""
+    assert main(["rewards", "restrain"]) == 2
+    assert capsys.readouterr().err.strip() == ("urlvr: error: 'restrain' is not a reward: it is an entry of "
+                                               "advantage_shaper (urlvr list advantage_shaper)")
+    assert main(["rewards", "majorty_vote"]) == 2
+    assert "did you mean 'majority_vote'" in capsys.readouterr().err
+
+
 def test_probe_refuses_a_prompt_count_below_one(capsys):
     import pytest
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from urlvr.commands.listing import listing
+from urlvr.commands.listing import listing, registered_elsewhere
 from urlvr.commands.mcs import format_table, run_mcs
 from urlvr.commands.probe import print_table, run_probe
 from urlvr.commands.serve import run_server
@@ -160,7 +160,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "rewards":
         if args.name is not None:
             if args.name not in REWARDS.names():
-                print(f"urlvr: error: {REWARDS.unknown_name_message(args.name)}", file=sys.stderr)
+                elsewhere = registered_elsewhere(args.name, "reward")  # restrain: an advantage shaper
+                message = f"{args.name!r} is not a reward: {elsewhere}" if elsewhere else REWARDS.unknown_name_message(args.name)
+                print(f"urlvr: error: {message}", file=sys.stderr)
                 return 2
             print(describe_reward(REWARDS.get(args.name)))
             return 0

@@ -63,3 +63,10 @@ def listing(query: str | None = None) -> str:
         reg = found[key]
         blocks.append("\n".join([f"{key} ({len(reg.names())}):", *entry_lines(reg)]))
     return "\n\n".join(blocks)
+
+
+def registered_elsewhere(name: str, but: str) -> str:
+    """Where else `name` is registered when registry `but` lacks it (`urlvr rewards restrain`:
+    "it is an advantage_shaper (urlvr list advantage_shaper)"), or "" when nowhere."""
+    keys = [key for key, reg in sorted(catalog().items()) if key != but and name in reg.names()]
+    return "; ".join(f"it is an entry of {key} (urlvr list {key})" for key in keys)
