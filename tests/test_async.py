@@ -311,6 +311,22 @@ def test_a_server_that_never_comes_up_is_an_error_naming_its_log(random_tiny_mod
         ServerRolloutEngine.from_recipe(broken, model, tokenizer, CPU)
 
 
+def test_the_default_vllm_backend_without_vllm_is_one_line_before_a_server_starts(random_tiny_model, tmp_path):
+    """`rollout.engine: server` defaults to the vllm backend; without vLLM here the remedy was inside the
+    dead server's log excerpt. Now it is the error, and no server process is started."""
+    import importlib.util
+
+    from urlvr.errors import RecipeError
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed in this environment")
+    path, model, tokenizer = random_tiny_model
+    recipe = _engine_recipe(path, tmp_path / "run", backend="vllm")
+    with pytest.raises(RecipeError, match=r"^rollout.engine.backend vllm: .*rollout.engine.backend: transformers\)$"):
+        ServerRolloutEngine.from_recipe(recipe, model, tokenizer, CPU)
+    assert not (tmp_path / "run" / "server").exists()
+
+
 def test_attaching_to_something_that_never_answers_the_handshake_is_bounded(random_tiny_model, tmp_path):
     path, model, tokenizer = random_tiny_model
     with socket.socket() as mute:  # accepts connections, says nothing

@@ -22,6 +22,7 @@ failure raises GenerationServerError (one line on the console).
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import queue
 import re
@@ -45,11 +46,12 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from urlvr.dist import DistInfo, all_gather_objects, free_port
-from urlvr.errors import GenerationServerError
+from urlvr.errors import GenerationServerError, RecipeError
 from urlvr.progress import format_seconds
 from urlvr.recipe.variants import VariantOf
 from urlvr.rollout.base import ROLLOUT_ENGINES, Group, PromptInput, SamplingParams, Served, check_generate_request
 from urlvr.rollout.server import PROTOCOL
+from urlvr.rollout.vllm_engine import MISSING_VLLM
 from urlvr.rollout.weight_channel import TRAINER, TensorSpec, WeightChannel
 from urlvr.rollout.weight_sync import iter_weights, parameter_buckets
 from urlvr.section import VariantSection
@@ -163,6 +165,8 @@ class ServerRolloutEngine:
                 raise GenerationServerError("rollout.engine: a server urlvr starts listens on one node's loopback, and "
                                             "this run spans several nodes: start `urlvr serve` yourself and set "
                                             "rollout.engine.address (docs/async.md)")
+            if options.backend.name == "vllm" and importlib.util.find_spec("vllm") is None:  # here, not in the server's log
+                raise RecipeError(f"rollout.engine.backend vllm: {MISSING_VLLM}")
             launched = launch_server(recipe, Path(recipe.output_dir) / "server") if dist.is_main else None
             process, address, key, log_path = launched if launched else (None, None, None, None)
             address, key = all_gather_objects([(address, key)])[0]  # rank 0's server, for every rank

