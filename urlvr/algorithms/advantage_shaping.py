@@ -114,7 +114,26 @@ class RestrainShaping(VariantSection):
     training prompt (one extra generation pass over the data, with a progress line)."""
 
     def settings(self) -> RestrainSettings:
-        return RestrainSettings(sigma=self.sigma, center=self.center, kappa=self.kappa, delta=self.delta)
+        return RestrainSettings(**self.model_dump(exclude={"name", "prompt_weighting"}))
+
+    def check_recipe(self, recipe) -> None:
+        """Load time (the recipe's `_advantage_shaping_fits_the_recipe`): ValueError for what RESTRAIN
+        would leave inert. It replaces the vote's advantages, so any other reward term, and the vote
+        term's own weight, gate or kwargs, would only change the logged reward; dynamic sampling would
+        drop the low-consensus groups it penalises."""
+        names = [term.name for term in recipe.reward.terms]
+        if names != ["majority_vote"]:
+            raise ValueError(f"algorithm.advantage_shaping restrain makes every advantage from the group's answers, in "
+                             f"place of the reward's: reward.terms {names} would only be logged; use majority_vote alone")
+        idle = [f"reward.terms.0.{knob}" for knob in recipe.reward.terms[0].changed("weight", "gate", "kwargs")]
+        if idle:  # they shape the vote's reward only (ties, min_majority_ratio, ...): RESTRAIN never reads it
+            raise ValueError(f"algorithm.advantage_shaping restrain makes every advantage from the group's answers, in "
+                             f"place of the vote's reward: {' and '.join(idle)} would shape only the logged reward; "
+                             "drop them (RESTRAIN's own knobs are under algorithm.advantage_shaping)")
+        if recipe.rollout.dynamic_sampling.name != "none":
+            raise ValueError("algorithm.advantage_shaping restrain penalises low-consensus groups, which the majority "
+                             "vote often scores all alike, and rollout.dynamic_sampling drops such groups first: drop "
+                             "one of them")
 
     @property
     def wants_reference_answers(self) -> bool:

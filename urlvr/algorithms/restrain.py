@@ -30,7 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-Estimate = Callable[[torch.Tensor], torch.Tensor]  # rewards [1, G] float64 -> advantages [1, G]
+from urlvr.algorithms.voting import majority_ratios
+
+Estimate = Callable[[torch.Tensor], torch.Tensor]  # rewards [m, G] float64 -> advantages [m, G]
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,10 @@ def restrain_group(voters: Sequence[str | None], answers: Sequence[str | None], 
     """RESTRAIN's advantages of one group (arXiv 2510.02172, §3, the three parts above).
 
     `voters`: the n voting samples' answers (None = no answer), the trained ones first; `answers`:
-    the G trained samples'; `estimate`: the recipe's advantage estimator on one group's rewards
-    `[1, G]` float64; `reference_share`: c_ref / n of the starting model (None: no prompt-level
-    weighting, u_x = 1). Samples without an answer are never a pseudo-label (r_ij = 0 for all j).
+    the G trained samples'; `estimate`: the recipe's advantage estimator, here on one row of rewards
+    per pseudo-label `[m, G]` float64; `reference_share`: c_ref / n of the starting model (None: no
+    prompt-level weighting, u_x = 1). Samples without an answer are never a pseudo-label (r_ij = 0
+    for all j).
     """
     counts = Counter(a for a in voters if a is not None)
     n = len(voters)
@@ -95,16 +98,16 @@ def restrain_group(voters: Sequence[str | None], answers: Sequence[str | None], 
     # (0.28 · 25 = 7.000000000000001 penalised M = 7 = kappa · n); the quotient and kappa round alike
     if n and majority / n < settings.kappa:
         return RestrainGroup((-settings.delta * weight,) * size, True, weight, len(counts))
+    if not counts:  # nobody answered (kappa 0: not penalised): no pseudo-label, no signal
+        return RestrainGroup((0.0,) * size, False, weight, 0)
     labels = list(counts)
-    weights = label_weights([counts[a] / n for a in labels], settings)
-    total = torch.zeros(size, dtype=torch.float64)
-    for label, w in zip(labels, weights):
-        rewards = torch.tensor([[float(a == label) for a in answers]], dtype=torch.float64)  # [1, G]
-        total += w * estimate(rewards)[0]
+    weights = torch.tensor(label_weights([counts[a] / n for a in labels], settings), dtype=torch.float64)  # [m]
+    rewards = torch.tensor([[float(a == label) for a in answers] for label in labels], dtype=torch.float64)  # [m, G]
+    total = (weights[:, None] * estimate(rewards)).sum(dim=0)  # Σ_j w_j A_ij, one estimator call for every label
     return RestrainGroup(tuple((weight * total).tolist()), False, weight, len(counts))
 
 
 def reference_share(answers: Sequence[str | None]) -> float:
-    """c_ref / n: the majority's share among the starting model's n answers to a prompt (0 for none)."""
-    counts = Counter(a for a in answers if a is not None)
-    return max(counts.values(), default=0) / len(answers) if answers else 0.0
+    """c_ref / n: the majority's share among the starting model's n answers to a prompt (0 for
+    none): p_maj, as the voting module counts it for every other use."""
+    return float(majority_ratios([answers])[0])

@@ -70,6 +70,10 @@ class ServerState:
     idle_since: float = field(default_factory=time.monotonic)
     sync_timeout_s: float = 600.0
 
+    def release(self) -> None:
+        """The owning run is gone: its policy is nobody's, and the next run pushes its own first."""
+        self.owner, self.channel, self.version = None, None, -1
+
 
 def serve(listener: Listener, state: ServerState, *, key: bytes, exit_with_clients: bool,
           parent_pid: int | None = None, log: Callable[[str], None] = print) -> None:
@@ -97,8 +101,8 @@ def serve(listener: Listener, state: ServerState, *, key: bytes, exit_with_clien
             except (EOFError, OSError):
                 connections.remove(conn)
                 state.deferred = [(c, m) for c, m in state.deferred if c is not conn]
-                if conn is state.owner:  # its policy is nobody's now: the next trainer pushes its own first
-                    state.owner, state.channel, state.version = None, None, -1
+                if conn is state.owner:
+                    state.release()
                     log("urlvr serve: the trainer that owned the weights left; waiting for the next one's")
                 continue
             if message[0] == "stop":
@@ -169,8 +173,7 @@ def _handle(conn: Connection, message: tuple, state: ServerState, log: Callable[
         elif kind == "channel":
             _, session = message
             if state.owner is not None and state.owner is not conn and _hung_up(state.owner):
-                # the owner's end arrived after its successor's request: a finished run, not a rival
-                state.owner, state.channel, state.version = None, None, -1
+                state.release()  # the owner's end arrived after its successor's request: a finished run, not a rival
             if state.owner is not None and state.owner is not conn:
                 raise Refused("another training run holds this server's weights (one run per server: the policy "
                               "versions of two runs would mix); stop that run, or start another server")
@@ -184,8 +187,7 @@ def _handle(conn: Connection, message: tuple, state: ServerState, log: Callable[
             mismatch = layout_mismatch(layout, state.shapes)
             if mismatch:
                 if not confirm:  # the trainer is already broadcasting: take it, then say why
-                    for _ in state.channel.receive(layout):
-                        pass
+                    _drain(state.channel.receive(layout))
                 raise Refused(f"the trainer's model does not fit this server's ({state.model}): {mismatch}")
             if confirm:
                 _reply(conn, ("sync", "ready"))  # the trainer broadcasts only into a load that can take it
@@ -249,9 +251,14 @@ def _load(state: ServerState, layout: list[list[TensorSpec]]) -> None:
     try:
         state.load_weights(received)
     except Exception:
-        for _ in received:
-            pass
+        _drain(received)
         raise
+
+
+def _drain(received: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Take the rest of a broadcast without loading it: the trainer's send completes, and it hears why."""
+    for _ in received:
+        pass
 
 
 def _generate(conn: Connection, message: tuple, state: ServerState) -> None:

@@ -291,14 +291,14 @@ class ServerRolloutEngine:
                 answer = self._inbox.get(timeout=_POLL_S)
             except queue.Empty:
                 answer = None
-            if answer is not None and answer[0] == _CLOSED:
-                self._inbox.put(answer)  # every later wait fails the same way
-                raise GenerationServerError(f"the generation server closed the connection while the trainer waited for "
-                                            f"{what} ({answer[1]}){self._log_hint()}")
-            if answer is not None and answer[0] == "error" and not isinstance(answer[1], int):  # a failed sync or channel
-                failed = {"channel": "refused this trainer", "sync": "failed a weight sync"}.get(answer[1], answer[1])
-                raise GenerationServerError(f"the generation server {failed}: {answer[2]}{self._log_hint()}")
             if answer is not None:
+                if answer[0] == _CLOSED:
+                    self._inbox.put(answer)  # every later wait fails the same way
+                    raise GenerationServerError(f"the generation server closed the connection while the trainer "
+                                                f"waited for {what} ({answer[1]}){self._log_hint()}")
+                if answer[0] == "error" and not isinstance(answer[1], int):  # a failed sync or channel
+                    failed = {"channel": "refused this trainer", "sync": "failed a weight sync"}.get(answer[1], answer[1])
+                    raise GenerationServerError(f"the generation server {failed}: {answer[2]}{self._log_hint()}")
                 return answer
             if self.process is not None and self.process.poll() is not None:
                 raise GenerationServerError(f"the generation server exited (code {self.process.returncode}) while the "

@@ -92,7 +92,8 @@ class Trainer:
         recipe, run_dir = self.recipe, self.run_dir
         start_step, state = self._restore(parts, dist, resume_from)
         shaping = recipe.algorithm.advantage_shaping
-        if resume_from is not None and getattr(shaping, "wants_reference_answers", False):
+        wants_reference_answers = getattr(shaping, "wants_reference_answers", False)  # RESTRAIN's prompt weights
+        if resume_from is not None and wants_reference_answers:
             # refused before the resume is recorded or any output opens: a refused resume leaves the folder as it was
             check_restored(parts.advantage_state, (r.prompt_id for r in parts.stream.records), shaping.name)
         # every rank judges collapse from the same (rank-reduced) metrics, so all stop together
@@ -108,7 +109,7 @@ class Trainer:
                 if dist.is_main:
                     self._record_changes(start_step, out)
             if start_step == 0:  # the starting point: evaluation and greedy probe before any update
-                if getattr(shaping, "wants_reference_answers", False):
+                if wants_reference_answers:
                     parts.advantage_state = reference_shares(parts, dist, out.say)  # trainer/reference_answers.py
                 if recipe.eval.at_start:
                     self._evaluate(parts, 0, out, result)

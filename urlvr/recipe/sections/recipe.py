@@ -192,22 +192,13 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
-    def _restrain_replaces_the_vote(self) -> Recipe:
-        if self.algorithm.advantage_shaping.name != "restrain":
-            return self
-        names = [term.name for term in self.reward.terms]
-        if names != ["majority_vote"]:
-            raise ValueError(f"algorithm.advantage_shaping restrain makes every advantage from the group's answers, in "
-                             f"place of the reward's: reward.terms {names} would only be logged; use majority_vote alone")
-        idle = [f"reward.terms.0.{knob}" for knob in self.reward.terms[0].changed("weight", "gate", "kwargs")]
-        if idle:  # they shape the vote's reward only (ties, min_majority_ratio, ...): RESTRAIN never reads it
-            raise ValueError(f"algorithm.advantage_shaping restrain makes every advantage from the group's answers, in "
-                             f"place of the vote's reward: {' and '.join(idle)} would shape only the logged reward; "
-                             "drop them (RESTRAIN's own knobs are under algorithm.advantage_shaping)")
-        if self.rollout.dynamic_sampling.name != "none":
-            raise ValueError("algorithm.advantage_shaping restrain penalises low-consensus groups, which the majority "
-                             "vote often scores all alike, and rollout.dynamic_sampling drops such groups first: drop "
-                             "one of them")
+    def _advantage_shaping_fits_the_recipe(self) -> Recipe:
+        """An advantage shaping's optional `check_recipe(recipe)` refuses, at load time, what it cannot
+        work with or would leave inert (restrain: a reward besides the vote, the vote's own knobs,
+        dynamic sampling)."""
+        check = getattr(self.algorithm.advantage_shaping, "check_recipe", None)
+        if check is not None:
+            check(self)
         return self
 
     @model_validator(mode="after")
