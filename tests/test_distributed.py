@@ -119,6 +119,10 @@ def launch(launcher: str, args: list[str], work: Path, name: str, timeout: float
                 proc.wait()
                 codes.append("timeout")
     assert codes == [0] * len(cmds), f"{cmds} -> {codes}\n--- {log} ---\n{log.read_text()[-6000:]}"
+    # DeepSpeed's CPU shared-memory all-reduce names its per-rank segments after the master port
+    # and never unlinks them (urlvr.dist): a run that built it would leave RAM behind in /dev/shm
+    leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"{name} left shared memory behind: {[p.name for p in leaked]}"
     return log
 
 

@@ -5,11 +5,14 @@ Why the environment defaults: a single process started without a launcher has no
 WORLD_SIZE / MASTER_ADDR, and DeepSpeed then falls back to MPI discovery, which fails without
 mpi4py. DS_ACCELERATOR must be set before deepspeed is first imported.
 
-Why a world of one on CPU skips DeepSpeed's shared-memory op: DeepSpeed JIT-compiles it
-(``deepspeed_shm_comm``, a C++ build of minutes on a small machine) the first time its torch
-backend starts in each torch-extensions directory, and loads it (a compatibility probe of every
-op, then a build check) on every later start, to speed up all-reduce between processes on one
-host. A single process has no peer to share memory with, so urlvr's start-up does without it.
+Why CPU worlds start without DeepSpeed's shared-memory op (``deepspeed_shm_comm``): it serves
+only ``inference_all_reduce`` (DeepSpeed-Inference's tensor parallelism), which urlvr never
+calls; ZeRO training reduces through torch.distributed (gloo on CPU). Built, it costs a C++ JIT
+compile of minutes on a small machine the first time in each torch-extensions directory, and a
+compatibility probe of every op on every later start. Worse, under the deepspeed launcher (which
+sets LOCAL_SIZE) each rank creates a 69 MB ``/dev/shm/deepspeed_allreduce_buffer_*`` segment that
+DeepSpeed never unlinks: RAM held until reboot, 138 MB per two-rank run (16 GB on one test
+machine after a day of runs).
 """
 
 from __future__ import annotations
@@ -57,12 +60,11 @@ def init_distributed() -> DistInfo:
     import deepspeed  # heavy (about a second), loaded on demand: only a run or probe starts distributed
 
     if not torch.distributed.is_initialized():
-        alone_on_cpu = not use_cuda and os.environ.get("WORLD_SIZE") == "1"
         # DeepSpeed prints a build notice for its CPU shared-memory op even with verbose=False:
         # keep it off the console, and show it only if initialisation fails
         notice = io.StringIO()
         try:
-            with _no_shm_comm_op() if alone_on_cpu else contextlib.nullcontext(), contextlib.redirect_stdout(notice):
+            with _no_shm_comm_op() if not use_cuda else contextlib.nullcontext(), contextlib.redirect_stdout(notice):
                 deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
         except BaseException:
             sys.stdout.write(notice.getvalue())
