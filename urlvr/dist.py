@@ -13,6 +13,10 @@ compatibility probe of every op on every later start. Worse, under the deepspeed
 sets LOCAL_SIZE) each rank creates a 69 MB ``/dev/shm/deepspeed_allreduce_buffer_*`` segment that
 DeepSpeed never unlinks: RAM held until reboot, 138 MB per two-rank run (16 GB on one test
 machine after a day of runs).
+
+Why a launched rank watches its launcher: torchrun starts each rank in a session of its own and
+never ties it to its own life, so `kill -9` of torchrun (or an OOM kill of it) left the ranks
+training on as orphans, holding their memory and the run folder's lock, until the run ended.
 """
 
 from __future__ import annotations
@@ -23,10 +27,15 @@ import io
 import os
 import socket
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+
+_first_call = True  # init_distributed: the launcher watch starts once, from the environment it found
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,10 @@ def init_distributed() -> DistInfo:
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    global _first_call
+    if _first_call and "RANK" in os.environ:  # a launcher started this process (later calls see our own RANK)
+        threading.Thread(target=_exit_with_launcher, args=(os.getppid(),), daemon=True).start()
+    _first_call = False
     if "RANK" not in os.environ:  # no launcher: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -75,6 +88,19 @@ def init_distributed() -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(device)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def _exit_with_launcher(launcher_pid: int, poll_s: float = 0.5) -> None:
+    """End this rank within a second of the death of the process that launched it (torchrun's
+    agent, the deepspeed launcher's per-node process): with it gone, nothing else would stop a
+    rank that trains on. The last complete checkpoint stays valid (they are written atomically)."""
+    if launcher_pid <= 1:  # started by init, or the launcher was already gone: nothing to watch
+        return
+    while os.getppid() == launcher_pid:
+        time.sleep(poll_s)
+    print(f"urlvr: rank {os.environ.get('RANK', '?')}: its launcher (pid {launcher_pid}) is gone; stopping "
+          "(the last complete checkpoint is intact: --resume the run folder)", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 @contextlib.contextmanager
