@@ -521,36 +521,43 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process trees from /proc (Linux)")
-def test_ranks_end_with_their_launcher(random_tiny_model, work):
-    """`kill -9` of torchrun mid-run leaves no rank behind. torchrun starts each rank in a session
-    of its own and never ties it to its life: the ranks trained on as orphans (~430 MB each here),
-    holding the run folder's lock, until the run's last step."""
-    out = work / "orphans"
-    recipe = work / "orphans.yaml"
+@pytest.mark.parametrize("launcher, ending", [("torchrun", signal.SIGKILL), ("deepspeed", signal.SIGTERM)])
+def test_ranks_end_with_their_launcher(random_tiny_model, work, launcher, ending):
+    """A launcher killed mid-run (`kill -9`; a SIGTERM, which the `deepspeed` command passes on to
+    nobody on one node) leaves no rank behind. torchrun starts each rank in a session of its own
+    and never ties it to its life, and the deepspeed launcher's per-node process outlives the
+    command above it: the ranks trained on as orphans (~430 MB each here), holding the run
+    folder's lock, until the run's last step."""
+    name = f"orphans-{launcher}"
+    out, recipe, log = work / name, work / f"{name}.yaml", work / f"{name}.log"
     recipe.write_text(yaml.safe_dump(small_run_recipe(random_tiny_model[0], out, trainer={"total_steps": 100_000})))
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env.update(PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    command = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "-m", "urlvr.cli", "train", str(recipe)]
-    with open(work / "orphans.log", "w") as log:
-        launcher = subprocess.Popen(command, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    ranks: list[int] = []
+    port = str(free_port())
+    command = ([str(VENV_BIN / "torchrun"), "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
+                "--master_port", port, "-m", "urlvr.cli", "train", str(recipe)] if launcher == "torchrun" else
+               [str(VENV_BIN / "deepspeed"), "--num_gpus", str(WORLD), "--master_port", port, "--module", "urlvr.cli",
+                "train", str(recipe)])
+    with open(log, "w") as sink:
+        main = subprocess.Popen(command, env=env, cwd=work, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    started: list[int] = []  # every process under the launcher: its ranks (and the deepspeed per-node one)
     try:
         while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():  # training
-            assert launcher.poll() is None, (work / "orphans.log").read_text()[-3000:]
+            assert main.poll() is None, log.read_text()[-3000:]
             time.sleep(0.2)
-        ranks = _children(launcher.pid)
-        assert len(ranks) == WORLD, ranks
-        launcher.kill()
-        launcher.wait()
+        started = _children(main.pid)
+        started += [pid for parent in started for pid in _children(parent)]
+        assert len(started) == (WORLD if launcher == "torchrun" else WORLD + 1), started
+        main.send_signal(ending)
+        main.wait()
         for _ in range(1200):  # within a second or so; two minutes on a loaded host is still a pass
-            if not any(_alive(pid) for pid in ranks):
+            if not any(_alive(pid) for pid in started):
                 break
             time.sleep(0.1)
-        assert not [pid for pid in ranks if _alive(pid)], "ranks outlived their launcher"
-        assert "its launcher" in (work / "orphans.log").read_text()  # and said why they stopped
+        assert not [pid for pid in started if _alive(pid)], "processes outlived their launcher"
+        assert "its launcher" in log.read_text()  # and a rank said why it stopped
     finally:
-        launcher.kill()
-        for pid in ranks:
+        main.kill()
+        for pid in started:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
