@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -498,3 +499,65 @@ def test_restrain_draws_the_prompt_weights_on_uneven_shards_under_zero3_like_one
 
     assert len(shares(single)) == 9 and shares(work / "restrain") == shares(single)
     assert_metrics_close(read_metrics(single), read_metrics(work / "restrain"), "restrain, ZeRO-3 on 2 ranks vs one process")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Still running (a zombie waiting to be reaped counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process trees from /proc (Linux)")
+@pytest.mark.parametrize("launcher, ending", [("torchrun", signal.SIGKILL), ("deepspeed", signal.SIGTERM)])
+def test_ranks_end_with_their_launcher(random_tiny_model, work, launcher, ending):
+    """A launcher killed mid-run (`kill -9`; a SIGTERM, which the `deepspeed` command passes on to
+    nobody on one node) leaves no rank behind. torchrun starts each rank in a session of its own
+    and never ties it to its life, and the deepspeed launcher's per-node process outlives the
+    command above it: the ranks trained on as orphans (~430 MB each here), holding the run
+    folder's lock, until the run's last step."""
+    name = f"orphans-{launcher}"
+    out, recipe, log = work / name, work / f"{name}.yaml", work / f"{name}.log"
+    recipe.write_text(yaml.safe_dump(small_run_recipe(random_tiny_model[0], out, trainer={"total_steps": 100_000})))
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    port = str(free_port())
+    command = ([str(VENV_BIN / "torchrun"), "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
+                "--master_port", port, "-m", "urlvr.cli", "train", str(recipe)] if launcher == "torchrun" else
+               [str(VENV_BIN / "deepspeed"), "--num_gpus", str(WORLD), "--master_port", port, "--module", "urlvr.cli",
+                "train", str(recipe)])
+    with open(log, "w") as sink:
+        main = subprocess.Popen(command, env=env, cwd=work, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    started: list[int] = []  # every process under the launcher: its ranks (and the deepspeed per-node one)
+    try:
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():  # training
+            assert main.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        started = _children(main.pid)
+        started += [pid for parent in started for pid in _children(parent)]
+        assert len(started) == (WORLD if launcher == "torchrun" else WORLD + 1), started
+        main.send_signal(ending)
+        main.wait()
+        for _ in range(1200):  # within a second or so; two minutes on a loaded host is still a pass
+            if not any(_alive(pid) for pid in started):
+                break
+            time.sleep(0.1)
+        assert not [pid for pid in started if _alive(pid)], "processes outlived their launcher"
+        assert "its launcher" in log.read_text()  # and a rank said why it stopped
+    finally:
+        main.kill()
+        for pid in started:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -307,14 +307,15 @@ def test_zero_stages_train_like_zero0(stage, zero0_run, random_tiny_model, tmp_p
 
 
 def test_a_run_folder_takes_one_run_at_a_time(tmp_path):
-    """A second run (or a resume) into a folder a live run is writing is refused (the lock goes
-    with the process, so a killed run leaves none behind)."""
+    """A second run (or a resume) into a folder a live run is writing is refused, naming the pid
+    that holds it (the lock goes with the process, so a killed run leaves none behind)."""
     from urlvr.recipe import RecipeError
     from urlvr.trainer.checkpoint import lock_run_dir
 
     held = lock_run_dir(tmp_path / "run")
-    with pytest.raises(RecipeError, match="another urlvr process is running in this folder"):
-        lock_run_dir(tmp_path / "run")
+    for _ in range(2):  # a refused attempt keeps the holder's pid for the next one
+        with pytest.raises(RecipeError, match=rf"another urlvr process \(pid {os.getpid()}\) is running in this folder"):
+            lock_run_dir(tmp_path / "run")
     held.close()  # what the kernel does when the process ends
     lock_run_dir(tmp_path / "run").close()
 

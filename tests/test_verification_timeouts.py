@@ -8,8 +8,11 @@ sleeps only ever make a slow case slower. What must succeed has a generous timeo
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,6 +125,46 @@ def test_a_worker_that_cannot_start_is_an_error_not_a_verdict(tmp_path):
             verifier.compare("1/2", "0.5")
     finally:
         verifier.close()
+
+
+def _alive(pid: int) -> bool:
+    """Still running (a zombie waiting for init to reap it counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc (Linux)")
+@pytest.mark.parametrize("pred", ["STUCK", "SLOW"])
+@pytest.mark.timeout(300)
+def test_a_busy_worker_ends_with_its_trainer(tmp_path, pred):
+    """A trainer killed while a worker compares (STUCK: where no timer reaches; SLOW: without a
+    time limit) leaves no worker behind. An idle one always ended (its stdin closes); a busy one
+    lived on as an orphan, holding its memory (and a core, spinning) until the machine rebooted."""
+    log = tmp_path / "asked.log"
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from urlvr.rewards.math_workers import MathVerifier; "
+         f"v = MathVerifier(timeout_s=float('inf'), workers=1, command={fake_command(log)!r}); "
+         "v._all[0].start(); print(v._all[0].process.pid, flush=True); v.compare('1', sys.argv[1])", pred],
+        stdout=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        worker = int(trainer.stdout.readline())
+        while asked(log) != [f"1|{pred}"]:  # the worker is busy with the comparison
+            assert trainer.poll() is None, "the stand-in trainer ended before its comparison started"
+            time.sleep(0.1)
+        trainer.kill()
+        trainer.wait()
+        for _ in range(1200):  # within a second or so; two minutes on a loaded host is still a pass
+            if not _alive(worker):
+                break
+            time.sleep(0.1)
+        assert not _alive(worker), f"the math-verify worker (pid {worker}) outlived its trainer"
+    finally:
+        trainer.kill()
+        if worker is not None and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- the worker's own timer

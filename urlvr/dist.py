@@ -13,6 +13,12 @@ compatibility probe of every op on every later start. Worse, under the deepspeed
 sets LOCAL_SIZE) each rank creates a 69 MB ``/dev/shm/deepspeed_allreduce_buffer_*`` segment that
 DeepSpeed never unlinks: RAM held until reboot, 138 MB per two-rank run (16 GB on one test
 machine after a day of runs).
+
+Why a launched rank watches its launchers: torchrun starts each rank in a session of its own and
+never ties it to its own life, so `kill -9` of torchrun (or an OOM kill of it) left the ranks
+training on as orphans, holding their memory and the run folder's lock, until the run ended; the
+`deepspeed` command passes no SIGTERM on to its per-node process on one node, so a SIGTERM (or
+kill -9) of it left that process and its ranks the same way.
 """
 
 from __future__ import annotations
@@ -23,10 +29,15 @@ import io
 import os
 import socket
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+
+_first_call = True  # init_distributed: the launcher watch starts once, from the environment it found
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,13 @@ def init_distributed() -> DistInfo:
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    global _first_call
+    if _first_call and "RANK" in os.environ:  # a launcher started this process (later calls see our own RANK)
+        # under the deepspeed launcher (it sets LOCAL_SIZE) the parent is its per-node process, whose
+        # parent, the `deepspeed` command, passes no SIGTERM on to it on one node: watch both
+        depth = 2 if "LOCAL_SIZE" in os.environ else 1
+        threading.Thread(target=_exit_with_launcher, args=(_ancestors(depth),), daemon=True).start()
+    _first_call = False
     if "RANK" not in os.environ:  # no launcher: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -75,6 +93,33 @@ def init_distributed() -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(device)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def _ancestors(depth: int) -> list[int | None]:
+    """This process's parent, its parent, ... (`depth` of them; None where /proc cannot say)."""
+    chain: list[int | None] = [os.getppid()]
+    while len(chain) < depth:
+        try:
+            stat = open(f"/proc/{chain[-1]}/stat").read()
+            chain.append(int(stat.rsplit(")", 1)[1].split()[1]))  # the field after the state
+        except (OSError, ValueError, IndexError, TypeError):
+            chain.append(None)
+    return chain
+
+
+def _exit_with_launcher(launchers: list[int | None], poll_s: float = 0.5) -> None:
+    """End this rank within a second of the death of a process that launched it (`launchers`:
+    its parent -- torchrun's agent, the deepspeed launcher's per-node process -- and, under the
+    deepspeed launcher, the `deepspeed` command above that): with it gone, nothing else would
+    stop a rank that trains on. The last complete checkpoint stays valid (written atomically)."""
+    if not launchers[0] or launchers[0] <= 1:  # started by init, or the launcher was already gone
+        return
+    while (now := _ancestors(len(launchers))) == launchers:
+        time.sleep(poll_s)
+    gone = next(was for pid, was in zip(now, launchers) if pid != was)  # a changed parent: `was` died
+    print(f"urlvr: rank {os.environ.get('RANK', '?')}: its launcher (pid {gone}) is gone; stopping "
+          "(the last complete checkpoint is intact: --resume the run folder)", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 @contextlib.contextmanager

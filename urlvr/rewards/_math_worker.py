@@ -23,13 +23,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from functools import lru_cache
 
 MEMORY_LIMIT_BYTES = 4 * 1024**3  # a runaway sympy expression raises MemoryError, not OOM-kills the host
+PARENT_VARIABLE = "URLVR_MATH_WORKER_PARENT"  # the pid of the process that started this worker
+ORPHAN_POLL_S = 0.5
 READY = {"ok": True, "result": "ready"}
 
 
@@ -94,9 +99,24 @@ def answer(request: dict, compare: Callable[[str, str], bool]) -> dict:
     return {"ok": True, "result": bool(result)}
 
 
+def exit_when_orphaned(parent_pid: int) -> None:
+    """End this worker within a second of its parent's death, whatever it is doing. An idle worker
+    ends anyway (its stdin closes), but one busy with a comparison would not: a comparison stuck
+    where the timer cannot reach, or one without a time limit, kept an orphan (~150 MB, a core if
+    it spins) alive after its trainer was killed (kill -9, SIGTERM, an OOM kill), with no parent
+    left to enforce the deadline. (A comparison inside C code that holds the interpreter lock
+    delays this thread until it lets go.)"""
+    while os.getppid() == parent_pid:
+        time.sleep(ORPHAN_POLL_S)
+    os._exit(1)
+
+
 def serve(compare: Callable[[str, str], bool] = equal, warm_up: Callable[[], None] = start) -> None:
-    """Warm up, print the ready line, then answer requests from stdin until it closes.
+    """Warm up, print the ready line, then answer requests from stdin until it closes (or, when
+    started with PARENT_VARIABLE, until that parent is gone).
     (Tests serve a stand-in `compare` / `warm_up` through this same loop.)"""
+    if os.environ.get(PARENT_VARIABLE, "").isdigit():
+        threading.Thread(target=exit_when_orphaned, args=(int(os.environ[PARENT_VARIABLE]),), daemon=True).start()
     try:
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
     except (ValueError, OSError):  # not permitted here: the parent's deadline still applies

@@ -23,6 +23,7 @@ import atexit
 import importlib.util
 import json
 import math
+import os
 import queue
 import select
 import subprocess
@@ -32,6 +33,8 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+
+from urlvr.rewards._math_worker import PARENT_VARIABLE
 
 STARTUP_TIMEOUT_S = 60.0  # per worker start; longer means math-verify is broken (or the host hopelessly loaded)
 REPLY_GRACE_S = 1.0  # past a comparison's own timeout, for the worker's "timed out" reply to arrive
@@ -124,6 +127,7 @@ class _Worker:
     def spawn(self) -> None:
         self.process = subprocess.Popen(
             self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
+            env={**os.environ, PARENT_VARIABLE: str(os.getpid())},  # the worker ends when this process does
         )
         self.ready, self.spawned_at = False, time.monotonic()
 

@@ -239,16 +239,25 @@ def _fsync_dir(path: Path) -> None:
 def lock_run_dir(run_dir: Path):
     """An exclusive lock on `run_dir` for this process's lifetime (returned: keep it referenced):
     a second run (or a resume) started into a folder a run is still writing is refused, instead of
-    interleaving two runs' metrics and checkpoints. The kernel drops the lock when the process
-    ends, even on kill -9, so no stale lock survives a crash."""
+    interleaving two runs' metrics and checkpoints, naming the pid that holds it (written into the
+    lock file). The kernel drops the lock when the process ends, even on kill -9, so no stale
+    lock survives a crash."""
     import fcntl  # POSIX only, loaded on demand: importing urlvr elsewhere must not fail for want of it
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    handle = open(Path(run_dir) / ".urlvr.lock", "w")
+    handle = open(Path(run_dir) / ".urlvr.lock", "a+")  # not "w": a refused opener must not erase the holder's pid
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
         handle.close()
-        raise RecipeError(f"{run_dir}: another urlvr process is running in this folder; wait for it to finish "
+        # the pid, because the holder may be no run the user knows of: ranks a killed torchrun left
+        # behind keep training (and holding this lock) until they finish
+        who = f" (pid {holder})" if holder.isdigit() else ""
+        raise RecipeError(f"{run_dir}: another urlvr process{who} is running in this folder; wait for it to finish "
                           "(then --resume it) or set output_dir to a new folder") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
     return handle
