@@ -561,3 +561,18 @@ def test_ranks_end_with_their_launcher(random_tiny_model, work, launcher, ending
         for pid in started:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("variables, depth", [
+    ({}, 0), ({"RANK": "0", "WORLD_SIZE": "2"}, 0),  # a user's own RANK, srun, mpirun: a parent may exit on purpose
+    ({"RANK": "1", "TORCHELASTIC_RUN_ID": "none"}, 1),  # torchrun, accelerate launch: the agent
+    ({"RANK": "1", "LOCAL_SIZE": "2", "CROSS_RANK": "0", "CROSS_SIZE": "1"}, 2),  # deepspeed, one node: and the command
+    ({"RANK": "1", "LOCAL_SIZE": "2", "CROSS_RANK": "1", "CROSS_SIZE": "2"}, 1),  # deepspeed over nodes: its per-node process
+    ({"RANK": "1", "LOCAL_SIZE": "2"}, 0),  # deepspeed's MPI runners set LOCAL_SIZE too, without its launcher
+])
+def test_only_known_launchers_are_watched(monkeypatch, variables, depth):
+    for name in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert urlvr.dist._launchers_to_watch() == depth

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 
-_first_call = True  # init_distributed: the launcher watch starts once, from the environment it found
+_watching_launchers = False  # init_distributed starts the launcher watch once per process
 
 
 @dataclass(frozen=True)
@@ -64,13 +64,10 @@ def init_distributed() -> DistInfo:
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    global _first_call
-    if _first_call and "RANK" in os.environ:  # a launcher started this process (later calls see our own RANK)
-        # under the deepspeed launcher (it sets LOCAL_SIZE) the parent is its per-node process, whose
-        # parent, the `deepspeed` command, passes no SIGTERM on to it on one node: watch both
-        depth = 2 if "LOCAL_SIZE" in os.environ else 1
+    global _watching_launchers
+    if not _watching_launchers and (depth := _launchers_to_watch()):
         threading.Thread(target=_exit_with_launcher, args=(_ancestors(depth),), daemon=True).start()
-    _first_call = False
+        _watching_launchers = True
     if "RANK" not in os.environ:  # no launcher: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -93,6 +90,19 @@ def init_distributed() -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(device)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def _launchers_to_watch() -> int:
+    """How many processes above this rank to follow (0: none). Only the launchers known to leave
+    ranks behind, told by the variables they set: torchrun and `accelerate launch` (torch elastic's
+    agent, the parent) and the deepspeed launcher (its per-node process, the parent; on one node
+    also the `deepspeed` command above it, which passes no SIGTERM on). Under any other start (a
+    user's RANK, srun, mpirun) a parent's exit may be deliberate, as in `nohup ... &`."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return 1
+    if "CROSS_RANK" in os.environ:  # set only by deepspeed.launcher.launch
+        return 2 if os.environ.get("CROSS_SIZE") == "1" else 1
+    return 0
 
 
 def _ancestors(depth: int) -> list[int | None]:
