@@ -139,3 +139,11 @@ def small_run_recipe(model_path: Path, output_dir: Path, **sections) -> dict:
         else:
             recipe[section] = values
     return recipe
+
+
+def process_alive(pid: int) -> bool:
+    """Still running, read from /proc (Linux): a zombie waiting to be reaped counts as gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # no such process (FileNotFoundError, ProcessLookupError)
+        return False

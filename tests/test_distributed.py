@@ -27,7 +27,7 @@ import yaml
 from safetensors.torch import load_file
 
 import urlvr
-from conftest import small_run_recipe
+from conftest import process_alive, small_run_recipe
 from urlvr.dist import free_port
 
 pytestmark = pytest.mark.slow
@@ -512,13 +512,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    """Still running (a zombie waiting to be reaped counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process trees from /proc (Linux)")
 @pytest.mark.parametrize("launcher, ending", [("torchrun", signal.SIGKILL), ("deepspeed", signal.SIGTERM)])
@@ -551,15 +544,15 @@ def test_ranks_end_with_their_launcher(random_tiny_model, work, launcher, ending
         main.send_signal(ending)
         main.wait()
         for _ in range(1200):  # within a second or so; two minutes on a loaded host is still a pass
-            if not any(_alive(pid) for pid in started):
+            if not any(process_alive(pid) for pid in started):
                 break
             time.sleep(0.1)
-        assert not [pid for pid in started if _alive(pid)], "processes outlived their launcher"
+        assert not [pid for pid in started if process_alive(pid)], "processes outlived their launcher"
         assert "its launcher" in log.read_text()  # and a rank said why it stopped
     finally:
         main.kill()
         for pid in started:
-            if _alive(pid):
+            if process_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import process_alive
 import urlvr.builtins  # noqa: F401  (the built-in rewards)
 from urlvr.rewards import _math_worker
 from urlvr.rewards.base import RewardContext
@@ -127,13 +128,6 @@ def test_a_worker_that_cannot_start_is_an_error_not_a_verdict(tmp_path):
         verifier.close()
 
 
-def _alive(pid: int) -> bool:
-    """Still running (a zombie waiting for init to reap it counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc (Linux)")
 @pytest.mark.parametrize("pred", ["STUCK", "SLOW"])
@@ -157,13 +151,13 @@ def test_a_busy_worker_ends_with_its_trainer(tmp_path, pred):
         trainer.kill()
         trainer.wait()
         for _ in range(1200):  # within a second or so; two minutes on a loaded host is still a pass
-            if not _alive(worker):
+            if not process_alive(worker):
                 break
             time.sleep(0.1)
-        assert not _alive(worker), f"the math-verify worker (pid {worker}) outlived its trainer"
+        assert not process_alive(worker), f"the math-verify worker (pid {worker}) outlived its trainer"
     finally:
         trainer.kill()
-        if worker is not None and _alive(worker):
+        if worker is not None and process_alive(worker):
             os.kill(worker, signal.SIGKILL)
 
 

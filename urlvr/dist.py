@@ -18,7 +18,8 @@ Why a launched rank watches its launchers: torchrun starts each rank in a sessio
 never ties it to its own life, so `kill -9` of torchrun (or an OOM kill of it) left the ranks
 training on as orphans, holding their memory and the run folder's lock, until the run ended; the
 `deepspeed` command passes no SIGTERM on to its per-node process on one node, so a SIGTERM (or
-kill -9) of it left that process and its ranks the same way.
+kill -9) of it left that process and its ranks the same way. Only those launchers are followed
+(`_launchers_to_watch`): under any other start a parent may exit on purpose.
 """
 
 from __future__ import annotations
