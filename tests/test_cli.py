@@ -1,11 +1,17 @@
 """The command line: one-line errors with file and field, schema, validate, rewards."""
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
 
+from conftest import small_run_recipe
 from urlvr.cli import main
 from urlvr.registry import catalog
 from urlvr.rewards.base import REWARDS
@@ -188,3 +194,28 @@ def _defined_in_urlvr(entry) -> bool:
     """Registered by urlvr itself, not by a plugin an earlier test imported (a reward's spec is
     urlvr's class, its function the plugin's)."""
     return getattr(getattr(entry, "fn", entry), "__module__", "").startswith("urlvr.")
+
+
+def test_sigterm_ends_a_train_like_ctrl_c(random_tiny_model, tmp_path):
+    """`kill`, `timeout` or a scheduler's preemption (SIGTERM) ends a single-process run the way
+    Ctrl-C does: cleanup runs (trackers closed, a generation server stopped) and one line says how
+    to resume, exit 143. The default action killed it at once: exit -15, no line, wandb's run
+    marked crashed."""
+    out = tmp_path / "run"
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text(yaml.safe_dump(small_run_recipe(random_tiny_model[0], out, trainer={"total_steps": 100_000})))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
+    run = subprocess.Popen([sys.executable, "-m", "urlvr.cli", "train", str(recipe)], env={**env, "OMP_NUM_THREADS": "1"},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():  # training
+            assert run.poll() is None, run.stderr.read()[-3000:]
+            time.sleep(0.2)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=300)
+    finally:
+        run.kill()
+    assert run.returncode == 143, err[-3000:]
+    assert "urlvr: terminated (SIGTERM); the last complete checkpoint is intact" in err
+    assert "Traceback" not in err

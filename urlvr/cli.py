@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -115,14 +117,36 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (`kill`, `timeout`, a scheduler's preemption), raised where the program is, so that
+    the run ends as on Ctrl-C: trackers closed (wandb marks the run finished, not crashed), a
+    generation server stopped, and the line that says how to resume."""
+
+
+def _terminate_like_ctrl_c(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+def _handles_sigterm(command: str) -> bool:
+    """Only `train` in a process no launcher started. A launcher's ranks keep the default: a rank
+    blocked in a collective would run a Python handler only once the collective returns, and
+    their launcher stops them with SIGTERM (then SIGKILL) whatever they are doing. So does
+    `urlvr serve`: the trainer that started it stops it with SIGTERM, at once, and it has nothing
+    to resume."""
+    return command == "train" and "RANK" not in os.environ and threading.current_thread() is threading.main_thread()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate_like_ctrl_c) if _handles_sigterm(args.command) else None
     try:
         return _run(args)
-    except KeyboardInterrupt:
-        print("urlvr: interrupted; the last complete checkpoint is intact: continue with --resume <output_dir> (a run "
+    except KeyboardInterrupt as stop:
+        how, code = ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
+        print(f"urlvr: {how}; the last complete checkpoint is intact: continue with --resume <output_dir> (a run "
               "stopped before its first checkpoint has none: delete its folder to start over)", file=sys.stderr)
-        return 130
+        return code
     except BrokenPipeError:  # `urlvr schema | head`: the reader left; nothing to report
         sys.stderr.close()
         return 0
@@ -134,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(f"urlvr: {type(err).__name__}: {err}\n(run with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _quiet_libraries() -> None:
