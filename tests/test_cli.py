@@ -196,6 +196,14 @@ def _defined_in_urlvr(entry) -> bool:
     return getattr(getattr(entry, "fn", entry), "__module__", "").startswith("urlvr.")
 
 
+def _fresh_process_env() -> dict[str, str]:
+    """This environment without the process-group variables an in-process run of this session set
+    (init_distributed's RANK, MASTER_PORT, ...): a child must start its own world of one, not
+    join (or collide with) this process's."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+    return {**{k: v for k, v in os.environ.items() if k not in launcher}, "OMP_NUM_THREADS": "1"}
+
+
 def test_sigterm_ends_a_train_like_ctrl_c(random_tiny_model, tmp_path):
     """`kill`, `timeout` or a scheduler's preemption (SIGTERM) ends a single-process run the way
     Ctrl-C does: cleanup runs (trackers closed, a generation server stopped) and one line says how
@@ -204,9 +212,7 @@ def test_sigterm_ends_a_train_like_ctrl_c(random_tiny_model, tmp_path):
     out = tmp_path / "run"
     recipe = tmp_path / "long.yaml"
     recipe.write_text(yaml.safe_dump(small_run_recipe(random_tiny_model[0], out, trainer={"total_steps": 100_000})))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
-    run = subprocess.Popen([sys.executable, "-m", "urlvr.cli", "train", str(recipe)], env={**env, "OMP_NUM_THREADS": "1"},
+    run = subprocess.Popen([sys.executable, "-m", "urlvr.cli", "train", str(recipe)], env=_fresh_process_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():  # training
@@ -219,3 +225,19 @@ def test_sigterm_ends_a_train_like_ctrl_c(random_tiny_model, tmp_path):
     assert run.returncode == 143, err[-3000:]
     assert "urlvr: terminated (SIGTERM); the last complete checkpoint is intact" in err
     assert "Traceback" not in err
+
+
+def test_the_urlvr_command_ends_its_process_group_before_the_interpreter(random_tiny_model, tmp_path):
+    """After a successful `urlvr train` the command destroys the process group itself. Left to
+    interpreter exit, gloo's threads were torn down with the C++ statics and could abort a run
+    that had finished ("terminate called without an active exception", exit -6: the deepspeed
+    launcher then reported the run as failed; pytorch/pytorch #190489)."""
+    recipe = tmp_path / "short.yaml"
+    recipe.write_text(yaml.safe_dump(small_run_recipe(random_tiny_model[0], tmp_path / "run")))
+    script = ("import atexit, sys, torch; from urlvr.cli import run; "
+              "atexit.register(lambda: print('group alive at exit:', torch.distributed.is_initialized())); "
+              "sys.argv = ['urlvr', 'train', sys.argv[1]]; run()")
+    done = subprocess.run([sys.executable, "-c", script, str(recipe)], capture_output=True, text=True, timeout=600,
+                          env=_fresh_process_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "group alive at exit: False" in done.stdout

@@ -24,6 +24,7 @@ from urlvr.commands.serve import run_server
 from urlvr.rollout.server_engine import KEY_VARIABLE
 from urlvr.commands.sweep import launch_lines, load_sweep, run_sweep, validate_points
 from urlvr.data.loaders import DataError
+from urlvr.dist import close_distributed
 from urlvr.metrics.plots import plot_runs
 from urlvr.recipe import Recipe, RecipeError, load_recipe
 from urlvr.recipe.load import read_recipe_source
@@ -241,5 +242,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run() -> None:
+    """The `urlvr` command (and `python -m urlvr.cli`): `main`, then, after a success, the end of
+    any process group it started, before the interpreter's (`urlvr.dist.close_distributed`).
+    Not inside `main`, which scripts and tests call more than once in one process: DeepSpeed
+    keeps the groups of the first, and a second start after a teardown fails on them."""
+    code = main()
+    if code == 0:
+        close_distributed()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -31,12 +31,12 @@ import os
 import socket
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from urlvr.lifeline import ancestors, wait_until_gone
 
 _watching_launchers = False  # init_distributed starts the launcher watch once per process
 
@@ -67,7 +67,7 @@ def init_distributed() -> DistInfo:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     global _watching_launchers
     if not _watching_launchers and (depth := _launchers_to_watch()):
-        threading.Thread(target=_exit_with_launcher, args=(_ancestors(depth),), daemon=True).start()
+        threading.Thread(target=_exit_with_launcher, args=(ancestors(depth),), daemon=True).start()
         _watching_launchers = True
     if "RANK" not in os.environ:  # no launcher: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -93,6 +93,17 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
+def close_distributed() -> None:
+    """Destroy the default process group, if any, at the successful end of a process that ran one
+    (`urlvr.cli.run`; the last call of the process: DeepSpeed cannot start again after it). Left to interpreter exit, gloo's worker threads are torn down with the C++
+    statics and can abort the process after the run finished ("terminate called without an active
+    exception", exit -6, which the deepspeed launcher reports as a failed run; pytorch/pytorch
+    #190489). Not after an error: a rank that failed while its peers wait in a collective would
+    hang in a collective teardown (torchtitan calls it on success only, for the same reason)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _launchers_to_watch() -> int:
     """How many processes above this rank to follow (0: none). Only the launchers known to leave
     ranks behind, told by the variables they set: torchrun and `accelerate launch` (torch elastic's
@@ -106,28 +117,14 @@ def _launchers_to_watch() -> int:
     return 0
 
 
-def _ancestors(depth: int) -> list[int | None]:
-    """This process's parent, its parent, ... (`depth` of them; None where /proc cannot say)."""
-    chain: list[int | None] = [os.getppid()]
-    while len(chain) < depth:
-        try:
-            stat = open(f"/proc/{chain[-1]}/stat").read()
-            chain.append(int(stat.rsplit(")", 1)[1].split()[1]))  # the field after the state
-        except (OSError, ValueError, IndexError, TypeError):
-            chain.append(None)
-    return chain
-
-
-def _exit_with_launcher(launchers: list[int | None], poll_s: float = 0.5) -> None:
+def _exit_with_launcher(launchers: list[int | None]) -> None:
     """End this rank within a second of the death of a process that launched it (`launchers`:
     its parent -- torchrun's agent, the deepspeed launcher's per-node process -- and, under the
     deepspeed launcher, the `deepspeed` command above that): with it gone, nothing else would
     stop a rank that trains on. The last complete checkpoint stays valid (written atomically)."""
     if not launchers[0] or launchers[0] <= 1:  # started by init, or the launcher was already gone
         return
-    while (now := _ancestors(len(launchers))) == launchers:
-        time.sleep(poll_s)
-    gone = next(was for pid, was in zip(now, launchers) if pid != was)  # a changed parent: `was` died
+    gone = wait_until_gone(launchers)
     print(f"urlvr: rank {os.environ.get('RANK', '?')}: its launcher (pid {gone}) is gone; stopping "
           "(the last complete checkpoint is intact: --resume the run folder)", file=sys.stderr, flush=True)
     os._exit(1)

@@ -44,6 +44,7 @@ from multiprocessing.connection import Connection, Listener, answer_challenge, d
 import torch
 import torch.distributed as td
 
+from urlvr.lifeline import wait_until_gone
 from urlvr.rollout.base import RolloutEngine
 from urlvr.rollout.weight_channel import SERVER, TensorSpec, WeightChannel
 
@@ -151,8 +152,7 @@ def _exit_when_orphaned(parent_pid: int, log: Callable[[str], None]) -> None:
     only notices between requests, and a long generation (minutes) would hold the devices a
     resumed run's new server needs. A server urlvr started leads a session of its own
     (`launch_server`): its children (vLLM's engine processes) go with it."""
-    while not _orphaned(parent_pid):
-        time.sleep(0.5)
+    wait_until_gone([parent_pid])
     log("urlvr serve: the trainer is gone; stopping now")
     if os.getsid(0) == os.getpid():
         os.killpg(os.getpid(), signal.SIGKILL)
